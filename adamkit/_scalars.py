@@ -1,0 +1,85 @@
+"""Per-(group, step) scalars of the Adam family, computed once on the host in float64.
+
+Kernels never recompute these: they receive one :class:`StepScalars` per call. This
+mirrors AWS NKI's fused Adam kernel, which takes ``step_size``, ``inv_bc2_sqrt`` and
+the weight-decay factor as inputs, so that a compiled kernel does not depend on the
+learning rate or the step count.
+
+The weight-decay term is carried as two fields rather than one overloaded
+``wd_factor`` (which means ``1 - lr*λ`` for AdamW but ``λ`` for Adam's L2 in NKI):
+``decay`` multiplies the parameter, ``l2`` is added to the gradient. Exactly one of
+them is active, and a kernel can apply both unconditionally.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """Everything a kernel needs for one step of one bucket of tensors.
+
+    Attributes:
+        beta1: first-moment decay β1.
+        beta2: second-moment decay β2 (Adamax: decay of the infinity norm).
+        eps: ε, added to the denominator (Adamax: to ``|g|``).
+        step_size: ``lr / (1 - β1^t)``.
+        inv_bc2_sqrt: ``1 / sqrt(1 - β2^t)`` (1.0 for Adamax, which has no second
+            bias correction).
+        decay: multiplier applied to the parameter before the update: ``1 - lr·λ``
+            for decoupled weight decay (AdamW), 1.0 otherwise.
+        l2: coefficient of the coupled L2 term ``g ← g + λ·θ`` (Adam, Adamax), 0.0
+            for decoupled weight decay.
+    """
+
+    beta1: float
+    beta2: float
+    eps: float
+    step_size: float
+    inv_bc2_sqrt: float
+    decay: float
+    l2: float
+
+
+def adam_scalars(
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    step: float,
+) -> StepScalars:
+    """Scalars for Adam/AdamW at step ``t = step`` (t >= 1).
+
+    .. math::
+        \\text{step\\_size} = \\frac{\\gamma}{1-\\beta_1^t},\\qquad
+        \\text{inv\\_bc2\\_sqrt} = \\frac{1}{\\sqrt{1-\\beta_2^t}}
+    """
+    return StepScalars(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        step_size=lr / (1.0 - beta1**step),
+        inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2**step),
+        decay=1.0 - lr * weight_decay if decoupled else 1.0,
+        l2=0.0 if decoupled else weight_decay,
+    )
+
+
+def adamax_scalars(
+    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: float
+) -> StepScalars:
+    """Scalars for Adamax at step ``t``: bias correction on the first moment only."""
+    return StepScalars(
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        step_size=lr / (1.0 - beta1**step),
+        inv_bc2_sqrt=1.0,
+        decay=1.0,
+        l2=weight_decay,
+    )

@@ -1,0 +1,199 @@
+"""The reference implementation: pure torch, multi-tensor, any device.
+
+This module is the specification. Every fused kernel (Numba on the CPU, Triton on
+CUDA) is tested against it, and it is tested against ``torch.optim`` in float64.
+The rules are straight-line ``torch._foreach_*`` code in torch's notation; the
+per-step scalars arrive precomputed (:mod:`adamkit._scalars`).
+
+A kernel entry point has the signature::
+
+    kernel(params, grads, state, scalars, *, amsgrad, maximize, mask_nonfinite) -> int
+
+where ``state`` maps torch's state names (``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``, ``exp_inf``) to lists parallel to ``params``. All tensors of one
+call share a device, a parameter dtype and a state dtype. It returns the number of
+gradient elements it masked because they were not finite.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .._scalars import StepScalars
+from .registry import register
+
+TensorList = list[Tensor]
+
+
+def adam_rule_(
+    params: TensorList,
+    grads: TensorList,
+    exp_avgs: TensorList,
+    exp_avg_sqs: TensorList,
+    max_exp_avg_sqs: TensorList,
+    s: StepScalars,
+    *,
+    amsgrad: bool,
+    maximize: bool,
+) -> None:
+    """Adam / AdamW, as ``torch.optim.Adam``::
+
+    g ← -g if maximize;  g ← g + l2·θ;  θ ← decay·θ
+    m ← lerp(m, g, 1-β1);  v ← β2·v + (1-β2)·g²;  v_max ← max(v_max, v)
+    θ ← θ - step_size · m / (sqrt(v or v_max)·inv_bc2_sqrt + ε)
+    """
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if s.l2 != 0.0:
+        grads = torch._foreach_add(grads, params, alpha=s.l2)
+    if s.decay != 1.0:
+        torch._foreach_mul_(params, s.decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - s.beta1)
+    torch._foreach_mul_(exp_avg_sqs, s.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - s.beta2)
+    second = exp_avg_sqs
+    if amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        second = max_exp_avg_sqs
+    denom = torch._foreach_sqrt(second)
+    torch._foreach_mul_(denom, s.inv_bc2_sqrt)
+    torch._foreach_add_(denom, s.eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-s.step_size)
+
+
+def adamax_rule_(
+    params: TensorList,
+    grads: TensorList,
+    exp_avgs: TensorList,
+    exp_infs: TensorList,
+    s: StepScalars,
+    *,
+    maximize: bool,
+) -> None:
+    """Adamax, as ``torch.optim.Adamax`` (bias correction on ``m`` only)::
+
+    g ← -g if maximize;  g ← g + l2·θ
+    m ← lerp(m, g, 1-β1);  u ← max(β2·u, |g| + ε)
+    θ ← θ - step_size · m / u
+    """
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if s.l2 != 0.0:
+        grads = torch._foreach_add(grads, params, alpha=s.l2)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - s.beta1)
+    torch._foreach_mul_(exp_infs, s.beta2)
+    abs_g = torch._foreach_abs(grads)
+    torch._foreach_add_(abs_g, s.eps)
+    torch._foreach_maximum_(exp_infs, abs_g)
+    torch._foreach_addcdiv_(params, exp_avgs, exp_infs, value=-s.step_size)
+
+
+def nonfinite_indices(tensors: Sequence[Tensor]) -> list[int]:
+    """Indices of the tensors holding at least one NaN or ±inf (one read pass each).
+
+    The infinity norm propagates NaN, so one ``_foreach_norm`` per (device, dtype)
+    and one host sync answer for the whole list.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        if t.numel():  # the inf-norm of an empty tensor is undefined
+            groups[(t.device, t.dtype)].append(i)
+    bad: list[int] = []
+    for idx in groups.values():
+        norms = torch._foreach_norm([tensors[i] for i in idx], float("inf"))
+        finite = torch.stack(norms).isfinite().tolist()
+        bad.extend(i for i, ok in zip(idx, finite) if not ok)
+    return sorted(bad)
+
+
+def _real(t: Tensor) -> Tensor:
+    """Complex tensors are updated as pairs of reals, as torch does."""
+    return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
+
+
+def _run(
+    rule: Callable[[TensorList, TensorList, list[TensorList]], None],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    states: Sequence[Sequence[Tensor]],
+    mask_nonfinite: bool,
+) -> int:
+    """Apply ``rule(params, grads, states)`` with what every rule needs around it.
+
+    Complex tensors are viewed as real; parameters whose state has another dtype
+    (say bf16 params with fp32 moments) are updated in the state's dtype and stored
+    back; with ``mask_nonfinite``, elements whose gradient is not finite get their
+    parameter and state restored afterwards, and are counted (a complex element with
+    a NaN or infinite part is one element, restored whole).
+    """
+    ps = [_real(p) for p in params]
+    gs = [_real(g) for g in grads]
+    sts = [[_real(t) for t in ts] for ts in states]
+    work_dtype = sts[0][0].dtype if ps else None
+    upcast = bool(ps) and ps[0].dtype != work_dtype
+    work_ps = [p.to(work_dtype) for p in ps] if upcast else ps
+    work_gs = [g.to(work_dtype) for g in gs] if upcast else gs
+
+    bad = nonfinite_indices(gs) if mask_nonfinite else []
+    saved = {i: [work_ps[i].clone()] + [ts[i].clone() for ts in sts] for i in bad}
+    rule(work_ps, work_gs, sts)
+    masked = 0
+    for i, old in saved.items():
+        bad_elements = ~torch.isfinite(grads[i])  # a complex element counts once
+        keep = bad_elements.unsqueeze(-1).expand_as(gs[i]) if grads[i].is_complex() else bad_elements
+        for new, before in zip([work_ps[i]] + [ts[i] for ts in sts], old):
+            new.copy_(torch.where(keep, before, new))
+        masked += int(bad_elements.sum())
+    if upcast:
+        torch._foreach_copy_(ps, work_ps)
+    return masked
+
+
+@register("adam", backend="reference")
+def adam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    *,
+    amsgrad: bool,
+    maximize: bool,
+    mask_nonfinite: bool,
+) -> int:
+    """Reference Adam/AdamW step over one bucket; returns the masked element count."""
+    keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+    def rule(ps: TensorList, gs: TensorList, sts: list[TensorList]) -> None:
+        m, v, *vmax = sts
+        adam_rule_(ps, gs, m, v, vmax[0] if amsgrad else [], s, amsgrad=amsgrad, maximize=maximize)
+
+    return _run(rule, params, grads, [state[k] for k in keys], mask_nonfinite)
+
+
+@register("adamax", backend="reference")
+def adamax_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    *,
+    amsgrad: bool = False,
+    maximize: bool,
+    mask_nonfinite: bool,
+) -> int:
+    """Reference Adamax step over one bucket; returns the masked element count.
+
+    ``amsgrad`` is accepted for a uniform kernel signature and must be False.
+    """
+    if amsgrad:
+        raise ValueError("Adamax has no AMSGrad variant")
+
+    def rule(ps: TensorList, gs: TensorList, sts: list[TensorList]) -> None:
+        m, u = sts
+        adamax_rule_(ps, gs, m, u, s, maximize=maximize)
+
+    return _run(rule, params, grads, [state["exp_avg"], state["exp_inf"]], mask_nonfinite)

@@ -1,0 +1,113 @@
+"""(algorithm, device type, state format) → kernel, or a clear error saying why not.
+
+Backends register their kernels here; the optimizers only ever call :func:`resolve`.
+There is no ``if algorithm == ...`` anywhere else: a missing combination is a missing
+registry entry, and the error says which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+
+#: Backends in order of preference for ``backend="auto"`` (first available wins).
+BACKENDS: tuple[str, ...] = ("triton", "numba", "reference")
+#: Backends that are fused kernels (what ``fused=True`` asks for).
+FUSED_BACKENDS: frozenset[str] = frozenset({"triton", "numba"})
+#: Valid ``state_bits`` values; which of them a backend supports is in its entries.
+STATE_BITS: tuple[int, ...] = (32, 16, 8, 4)
+ALGORITHMS: tuple[str, ...] = ("adam", "adamax")
+
+
+class KernelUnavailableError(RuntimeError):
+    """No kernel fits the request: the message names the part that does not."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A registered kernel: what it computes, where it runs, and the function."""
+
+    algorithm: str
+    backend: str
+    device_types: frozenset[str] | None  # None: any device
+    state_bits: frozenset[int]
+    fn: Callable[..., int]
+
+    @property
+    def fused(self) -> bool:
+        return self.backend in FUSED_BACKENDS
+
+    def supports(self, device_type: str, state_bits: int) -> bool:
+        devices_ok = self.device_types is None or device_type in self.device_types
+        return devices_ok and state_bits in self.state_bits
+
+
+_KERNELS: list[Kernel] = []
+
+
+def register(
+    algorithm: str,
+    *,
+    backend: str,
+    device_types: tuple[str, ...] | None = None,
+    state_bits: tuple[int, ...] = (32,),
+) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorator: register ``fn`` as the ``backend`` kernel of ``algorithm``."""
+    if algorithm not in ALGORITHMS or backend not in BACKENDS:
+        raise ValueError(f"unknown algorithm {algorithm!r} or backend {backend!r}")
+
+    def deco(fn: Callable[..., int]) -> Callable[..., int]:
+        devices = None if device_types is None else frozenset(device_types)
+        _KERNELS.append(Kernel(algorithm, backend, devices, frozenset(state_bits), fn))
+        resolve.cache_clear()
+        return fn
+
+    return deco
+
+
+def check_backend_request(backend: str, fused: bool | None) -> None:
+    """Validate ``backend`` and ``fused`` on their own (before any device is known)."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if fused is False and backend in FUSED_BACKENDS:
+        raise ValueError(f"fused=False contradicts backend={backend!r}, a fused backend")
+    if fused is True and backend == "reference":
+        raise ValueError("fused=True contradicts backend='reference', which is not fused")
+
+
+@cache
+def resolve(
+    algorithm: str, device_type: str, state_bits: int, backend: str = "auto", fused: bool | None = None
+) -> Kernel:
+    """The kernel to use, or :class:`KernelUnavailableError` naming what is missing.
+
+    Args:
+        algorithm: ``"adam"`` (Adam and AdamW) or ``"adamax"``.
+        device_type: ``param.device.type`` (``"cpu"``, ``"cuda"``, ...).
+        state_bits: bits per optimizer-state element (32 = the parameter's dtype).
+        backend: ``"auto"`` or a name from :data:`BACKENDS`.
+        fused: torch's flag: None = best available, True = a fused kernel or an
+            error, False = the reference.
+    """
+    check_backend_request(backend, fused)
+    if state_bits not in STATE_BITS:
+        raise ValueError(f"state_bits must be one of {STATE_BITS}, got {state_bits!r}")
+    if backend != "auto":
+        wanted = [backend]
+    elif fused is True:
+        wanted = [b for b in BACKENDS if b in FUSED_BACKENDS]
+    elif fused is False:
+        wanted = ["reference"]
+    else:
+        wanted = list(BACKENDS)
+    for name in wanted:
+        for k in _KERNELS:
+            if k.algorithm == algorithm and k.backend == name and k.supports(device_type, state_bits):
+                return k
+    what = f"{' or '.join(wanted)} kernel for {algorithm} on {device_type!r} with state_bits={state_bits}"
+    have = sorted({(k.backend, str(sorted(k.state_bits))) for k in _KERNELS if k.algorithm == algorithm})
+    raise KernelUnavailableError(
+        f"no {what}; registered for {algorithm} (backend, state_bits): {have or 'none'}"
+        + (" (fused=True asks for a fused kernel)" if fused else "")
+    )

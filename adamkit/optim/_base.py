@@ -1,0 +1,380 @@
+"""The machinery shared by Adam, AdamW and Adamax.
+
+It validates arguments and inputs, creates state lazily, buckets the parameters of a
+param group by (device, dtype, state dtype, step), computes the step scalars and hands
+flat lists to a kernel from the registry. It does no arithmetic on tensors itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from copy import deepcopy
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .._scalars import StepScalars
+from ..kernels import reference
+from ..kernels.registry import STATE_BITS, check_backend_request, resolve
+
+#: What ``nonfinite=`` accepts; see :class:`AdamFamily`.
+NONFINITE_MODES = ("mask", "skip", "propagate", "raise")
+
+#: Group keys that choose an implementation rather than the math. ``load_state_dict``
+#: keeps this optimizer's values for them, so a checkpoint written by
+#: ``torch.optim.Adam(capturable=True)`` on a GPU still loads and steps here.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable", "backend", "state_bits")
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the caller of ``step()``."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _scalar_dtype() -> torch.dtype:
+    """torch's dtype for ``state["step"]``: float32, or float64 if that is the default."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _as_float(name: str, value: Any, where: str) -> float:
+    """A hyperparameter as a Python float (a 1-element tensor is allowed)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}{where}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a 1-element tensor, got {type(value).__name__}{where}")
+    return float(value)
+
+
+def check_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
+    """Raise ValueError/TypeError unless lr, betas, eps and weight_decay are valid.
+
+    Messages follow torch's (``Invalid learning rate: -1.0``) with the group named.
+    NaN and infinities are rejected too (torch lets NaN through).
+    """
+    lr = _as_float("lr", group["lr"], where)
+    if not (0.0 <= lr < math.inf):
+        raise ValueError(f"Invalid learning rate: {lr}{where}")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
+    for i, beta in enumerate(betas):
+        b = _as_float(f"betas[{i}]", beta, where)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}{where}")
+    eps = _as_float("eps", group["eps"], where)
+    if not (0.0 <= eps < math.inf):
+        raise ValueError(f"Invalid epsilon value: {eps}{where}")
+    wd = _as_float("weight_decay", group["weight_decay"], where)
+    if not (0.0 <= wd < math.inf):
+        raise ValueError(f"Invalid weight_decay value: {wd}{where}")
+
+
+class AdamFamily(Optimizer):
+    """Base class of :class:`~adamkit.Adam`, :class:`~adamkit.AdamW`, :class:`~adamkit.Adamax`.
+
+    Subclasses name their registry algorithm, their state tensors and their step
+    scalars; everything else — validation, lazy state, bucketing, the non-finite
+    policy, checkpoints — lives here.
+
+    Attributes:
+        nonfinite: the non-finite gradient policy (``"mask"``, ``"skip"``,
+            ``"propagate"`` or ``"raise"``).
+        nonfinite_count: gradient elements found NaN/±inf so far (masked under
+            ``"mask"``; seen in skipped steps under ``"skip"``). Not counted under
+            ``"propagate"``.
+        skipped_steps: steps skipped as a whole under ``"skip"``.
+    """
+
+    algorithm: ClassVar[str]
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "mask") -> None:
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        self.nonfinite_count = 0
+        self.skipped_steps = 0
+        self._warned_nonfinite = False
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- subclass API
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        """Names of the per-parameter state tensors (besides ``step``)."""
+        raise NotImplementedError
+
+    def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
+        """Host-side float64 scalars for ``group`` at step ``step``."""
+        raise NotImplementedError
+
+    def _normalize_loaded_group(self, group: dict[str, Any]) -> None:
+        """Hook for subclasses to fix up a group read from a checkpoint."""
+
+    # ------------------------------------------------------------------- validation
+    def _check_group(self, group: Mapping[str, Any], index: int, params: Iterable[Tensor]) -> None:
+        """Everything about a param group that can be wrong, before anything changes."""
+        where = f" (param group {index})"
+        check_hyperparameters(group, where)
+        for option in ("capturable", "differentiable"):
+            if group.get(option):
+                raise NotImplementedError(f"{type(self).__name__}: {option}=True is not supported yet{where}")
+        if group.get("foreach") and group.get("fused"):
+            raise ValueError(f"`fused` and `foreach` cannot be `True` together{where}")
+        check_backend_request(group["backend"], group["fused"])
+        if group["state_bits"] not in STATE_BITS:
+            raise ValueError(f"state_bits must be one of {STATE_BITS}, got {group['state_bits']!r}{where}")
+        for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
+            self._kernel(group, device_type)
+
+    def _kernel(self, group: Mapping[str, Any], device_type: str) -> Callable[..., int]:
+        kernel = resolve(self.algorithm, device_type, group["state_bits"], group["backend"], group["fused"])
+        return kernel.fn
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group (as torch), validating it first: a bad group adds nothing."""
+        params = param_group.get("params")
+        if isinstance(params, Tensor):
+            param_group["params"] = [params]
+        elif params is not None and not isinstance(params, (set, list)):
+            param_group["params"] = list(params)  # a generator must be read only once
+        merged = {**self.defaults, **param_group}
+        params = merged.get("params") or []
+        self._check_group(merged, len(self.param_groups), params if not isinstance(params, set) else [])
+        super().add_param_group(param_group)
+
+    def _collect(self, index: int, group: Mapping[str, Any]) -> list[tuple[Tensor, Tensor]]:
+        """The (param, grad) pairs of a group, every one checked; nothing is changed."""
+        where = f"param group {index}"
+        check_hyperparameters(group, f" ({where})")
+        pairs = []
+        name = type(self).__name__
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(f"{name} does not support sparse gradients ({where}, parameter {i})")
+            if g.shape != p.shape:
+                raise RuntimeError(
+                    f"gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)} "
+                    f"({where}, parameter {i})"
+                )
+            if g.dtype != p.dtype or g.device != p.device:
+                raise RuntimeError(
+                    f"gradient is {g.dtype} on {g.device} but the parameter is {p.dtype} on {p.device} "
+                    f"({where}, parameter {i})"
+                )
+            for key, t in self.state.get(p, {}).items():
+                if key != "step" and isinstance(t, Tensor) and t.shape != p.shape:
+                    raise RuntimeError(
+                        f"state {key!r} has shape {tuple(t.shape)} but the parameter has shape "
+                        f"{tuple(p.shape)} ({where}, parameter {i}); was the parameter resized?"
+                    )
+            pairs.append((p, g))
+        return pairs
+
+    # ------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the
+                loss; it runs with gradients enabled.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(g, self._collect(i, g)) for i, g in enumerate(self.param_groups)]
+        if self.nonfinite in ("skip", "raise") and self._screen(work):
+            return loss
+        masked = sum(self._step_group(group, pairs) for group, pairs in work)
+        if masked:
+            self._note_nonfinite(masked, "masked: their parameters and moments were left unchanged")
+        return loss
+
+    def _screen(self, work: list[tuple[Mapping[str, Any], list[tuple[Tensor, Tensor]]]]) -> bool:
+        """For "skip"/"raise": True if this step must be skipped (raise: raises)."""
+        grads = [g for _, pairs in work for _, g in pairs]
+        bad = reference.nonfinite_indices(grads)
+        if not bad:
+            return False
+        count = sum(int((~torch.isfinite(grads[i])).sum()) for i in bad)
+        if self.nonfinite == "raise":
+            first = [(gi, p) for gi, (_, pairs) in enumerate(work) for p, _ in pairs][bad[0]]
+            gi, pi = first[0], next(i for i, q in enumerate(work[first[0]][0]["params"]) if q is first[1])
+            raise FloatingPointError(
+                f"{type(self).__name__}: {count} non-finite gradient element(s) in {len(bad)} tensor(s), "
+                f"the first in param group {gi}, parameter {pi}; nothing was changed"
+            )
+        self.skipped_steps += 1
+        self._note_nonfinite(count, "seen: the whole step was skipped")
+        return True
+
+    def _note_nonfinite(self, count: int, what: str) -> None:
+        self.nonfinite_count += count
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: {count} non-finite gradient element(s) {what} "
+                f"(nonfinite={self.nonfinite!r}). Further occurrences are counted in "
+                "`.nonfinite_count` without warning.",
+                RuntimeWarning,
+                stacklevel=_user_stacklevel(),
+            )
+
+    def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
+        state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
+        for key in self._state_keys(group):
+            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _step_group(self, group: Mapping[str, Any], pairs: list[tuple[Tensor, Tensor]]) -> int:
+        """Advance every parameter of ``pairs`` one step; return the masked count."""
+        if not pairs:
+            return 0
+        keys = self._state_keys(group)
+        states = []
+        for p, _ in pairs:
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, group)
+            states.append(self.state[p])
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1.0)
+        step_values = torch.stack([s.to("cpu", torch.float64) for s in steps]).tolist()
+        buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, ((p, _), st, t) in enumerate(zip(pairs, states, step_values)):
+            buckets[(p.device, p.dtype, st[keys[0]].dtype, t)].append(i)
+        masked = 0
+        for (device, _, _, t), idx in buckets.items():
+            kernel = self._kernel(group, device.type)
+            masked += kernel(
+                [pairs[i][0] for i in idx],
+                [pairs[i][1] for i in idx],
+                {k: [states[i][k] for i in idx] for k in keys},
+                self._step_scalars(group, t),
+                amsgrad=bool(group.get("amsgrad", False)),
+                maximize=bool(group["maximize"]),
+                mask_nonfinite=self.nonfinite == "mask",
+            )
+        return masked
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a checkpoint of this optimizer or of ``torch.optim.Adam/AdamW/Adamax``.
+
+        Everything is validated first — group count, parameters per group, state
+        keys, shapes and dtypes, hyperparameters — and any mismatch raises
+        ValueError naming the group and parameter, leaving the optimizer as it was.
+
+        Unlike torch, state tensors are moved to the parameter's device but keep
+        their dtype (fp32 moments of a bf16 parameter stay fp32), and they are
+        copied, so the loaded optimizer never shares storage with ``state_dict``.
+        Group keys that choose an implementation (:data:`IMPLEMENTATION_KEYS`) keep
+        this optimizer's values; the math (lr, betas, eps, weight decay, amsgrad,
+        maximize) and any other keys (e.g. a scheduler's ``initial_lr``) come from
+        the checkpoint.
+        """
+        state_dict = dict(state_dict) if isinstance(state_dict, Mapping) else state_dict
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, state = self._validated(state_dict)
+        self.__setstate__({"state": state, "param_groups": groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _validated(self, state_dict: Any) -> tuple[list[dict[str, Any]], defaultdict[Tensor, dict]]:
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("a state_dict must be a mapping with 'state' and 'param_groups'")
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        id_map: dict[Any, tuple[int, int, Tensor]] = {}
+        groups = []
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi}: loaded state dict has {len(saved['params'])} parameters, "
+                    f"this optimizer's group has {len(group['params'])}"
+                )
+            id_map.update({sid: (gi, pi, p) for pi, (sid, p) in enumerate(zip(saved["params"], group["params"]))})
+            new = {k: deepcopy(v) for k, v in saved.items() if k != "params"}
+            new.update({k: group[k] for k in IMPLEMENTATION_KEYS if k in group})
+            for k, v in group.items():
+                new.setdefault(k, v)
+            new["params"] = group["params"]
+            self._normalize_loaded_group(new)
+            check_hyperparameters(new, f" (param group {gi} of the loaded state dict)")
+            groups.append(new)
+        state: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        for sid, saved in saved_state.items():
+            if sid not in id_map:
+                raise ValueError(f"loaded state dict has state for parameter id {sid!r}, which no group lists")
+            gi, pi, p = id_map[sid]
+            loaded = self._loaded_param_state(saved, p, groups[gi], f"param group {gi}, parameter {pi}")
+            if loaded:
+                state[p] = loaded
+        return groups, state
+
+    def _loaded_param_state(self, saved: Any, p: Tensor, group: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """One parameter's state from a checkpoint, checked and moved to its device."""
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"{where}: state must be a dict, got {type(saved).__name__}")
+        if not saved:
+            return {}
+        keys = self._state_keys(group)
+        missing = [k for k in ("step", *keys) if k not in saved]
+        if missing:
+            raise ValueError(
+                f"{where}: state lacks {missing} (has {sorted(saved)}); "
+                f"{type(self).__name__} with these settings needs {['step', *keys]}"
+            )
+        step = saved["step"]
+        if isinstance(step, Tensor) and step.numel() != 1:
+            raise ValueError(f"{where}: 'step' must be a single number, got shape {tuple(step.shape)}")
+        step = float(step)
+        if not (0.0 <= step < math.inf):
+            raise ValueError(f"{where}: 'step' must be finite and >= 0, got {step}")
+        out: dict[str, Any] = {"step": torch.tensor(step, dtype=_scalar_dtype())}
+        for key, value in saved.items():
+            if key == "step":
+                continue
+            if not isinstance(value, Tensor):
+                raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value).__name__}")
+            if value.shape != p.shape:
+                raise ValueError(
+                    f"{where}: state {key!r} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
+                )
+            if value.is_complex() != p.is_complex() or not (value.is_floating_point() or value.is_complex()):
+                raise ValueError(
+                    f"{where}: state {key!r} is {value.dtype}, which cannot hold a {p.dtype} parameter's state"
+                )
+            out[key] = value.detach().to(device=p.device, copy=True)
+        dtypes = {out[k].dtype for k in keys}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"{where}: state tensors {list(keys)} must share one dtype, got {sorted(map(str, dtypes))}"
+            )
+        return out

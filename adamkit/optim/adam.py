@@ -1,0 +1,181 @@
+"""Adam and AdamW: torch.optim's math and arguments, adamkit's kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .._scalars import StepScalars, adam_scalars
+from ._base import AdamFamily
+
+_MATH = r"""
+    .. math::
+        \begin{aligned}
+        & g_t \leftarrow \nabla f_t(\theta_{t-1}) \quad (\text{negated if } \textit{maximize}) \\
+        & \text{Adam: } g_t \leftarrow g_t + \lambda\theta_{t-1} \qquad
+          \text{AdamW: } \theta_{t-1} \leftarrow (1-\gamma\lambda)\,\theta_{t-1} \\
+        & m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+          v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        & \hat v_t \leftarrow \max(\hat v_{t-1}, v_t) \text{ if } \textit{amsgrad} \text{ else } v_t \\
+        & \theta_t \leftarrow \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
+          \frac{m_t}{\sqrt{\hat v_t}\,/\sqrt{1-\beta_2^t} + \epsilon}
+        \end{aligned}
+"""
+
+_ARGS = """
+    Args:
+        params: iterable of parameters or of param-group dicts.
+        lr: learning rate γ (a float or a 1-element tensor).
+        betas: (β1, β2), each in [0, 1).
+        eps: ε added to the denominator.
+        weight_decay: λ.
+        amsgrad: use the running maximum of ``v`` (AMSGrad).
+        foreach: accepted for compatibility; the reference is always multi-tensor.
+        maximize: maximize the objective instead of minimizing it.
+        capturable: not supported yet (NotImplementedError).
+        differentiable: not supported yet (NotImplementedError).
+        fused: None picks the fastest kernel available, True demands a fused kernel
+            (or raises), False forces the reference implementation.
+        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
+        state_bits: bits per element of the optimizer state (32: the parameter's
+            dtype, as torch).
+        nonfinite: what a NaN/±inf gradient element does: ``"mask"`` (default; that
+            element's parameter and moments stay unchanged, it is counted in
+            ``.nonfinite_count`` and a warning is issued once), ``"skip"`` (the whole
+            step is skipped for every parameter, steps not incremented),
+            ``"propagate"`` (torch's behaviour) or ``"raise"`` (FloatingPointError,
+            nothing changed).
+"""
+
+
+class Adam(AdamFamily):
+    __doc__ = (
+        """Adam with torch.optim's semantics: L2 weight decay coupled into the gradient,
+    unless ``decoupled_weight_decay=True`` (then it is AdamW).
+"""
+        + _MATH
+        + _ARGS
+        + """        decoupled_weight_decay: decay the parameter instead (AdamW).
+
+    Example:
+        >>> import torch, adamkit
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = adamkit.Adam(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).pow(2).mean().backward()
+        >>> opt.step(); opt.zero_grad()
+"""
+    )
+
+    algorithm = "adam"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str = "auto",
+        state_bits: int = 32,
+        nonfinite: str = "mask",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            backend=backend,
+            state_bits=state_bits,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        if group.get("amsgrad", False):
+            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+        return ("exp_avg", "exp_avg_sq")
+
+    def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
+        beta1, beta2 = group["betas"]
+        return adam_scalars(
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            decoupled=bool(group.get("decoupled_weight_decay", False)),
+            step=step,
+        )
+
+
+class AdamW(Adam):
+    __doc__ = (
+        """AdamW: Adam with decoupled weight decay, ``θ ← (1 - γλ)·θ`` before the update.
+
+    Same arguments as :class:`Adam` (``weight_decay`` defaults to 1e-2) and, like
+    ``torch.optim.AdamW``, always decoupled: a loaded checkpoint cannot turn that off.
+"""
+        + _MATH
+        + _ARGS
+        + """
+    Example:
+        >>> import torch, adamkit
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = adamkit.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
+"""
+    )
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+        state_bits: int = 32,
+        nonfinite: str = "mask",
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            backend=backend,
+            state_bits=state_bits,
+            nonfinite=nonfinite,
+        )
+
+    def _normalize_loaded_group(self, group: dict[str, Any]) -> None:
+        group["decoupled_weight_decay"] = True

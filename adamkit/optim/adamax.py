@@ -1,0 +1,97 @@
+"""Adamax: Adam with the infinity norm, torch.optim's math and arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from .._scalars import StepScalars, adamax_scalars
+from ._base import AdamFamily
+
+
+class Adamax(AdamFamily):
+    r"""Adamax with torch.optim's semantics (L2 weight decay coupled into the gradient).
+
+    .. math::
+        \begin{aligned}
+        & g_t \leftarrow \nabla f_t(\theta_{t-1}) \quad (\text{negated if } \textit{maximize}),
+          \qquad g_t \leftarrow g_t + \lambda\theta_{t-1} \\
+        & m_t \leftarrow \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+          u_t \leftarrow \max(\beta_2 u_{t-1}, |g_t| + \epsilon) \\
+        & \theta_t \leftarrow \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,\frac{m_t}{u_t}
+        \end{aligned}
+
+    Unlike MLX's Adamax, the first moment is bias-corrected, as in torch. ε is added
+    to ``|g|`` inside the max (torch), not to the denominator.
+
+    Args:
+        params: iterable of parameters or of param-group dicts.
+        lr: learning rate γ (default 2e-3; a float or a 1-element tensor).
+        betas: (β1, β2), each in [0, 1).
+        eps: ε.
+        weight_decay: λ (coupled L2).
+        foreach: accepted for compatibility (positional, as in torch).
+        maximize: maximize the objective instead of minimizing it.
+        differentiable: not supported yet (NotImplementedError).
+        capturable: not supported yet (NotImplementedError).
+        fused: None picks the fastest kernel available, True demands a fused kernel
+            (or raises), False forces the reference implementation.
+        backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
+        state_bits: bits per element of the optimizer state (32: the parameter's dtype).
+        nonfinite: ``"mask"`` (default), ``"skip"``, ``"propagate"`` or ``"raise"``;
+            see :class:`adamkit.Adam`.
+
+    Example:
+        >>> import torch, adamkit
+        >>> opt = adamkit.Adamax(torch.nn.Linear(4, 1).parameters())
+    """
+
+    algorithm = "adamax"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | Tensor = 2e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        foreach: bool | None = None,
+        *,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+        state_bits: int = 32,
+        nonfinite: str = "mask",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            foreach=foreach,
+            maximize=maximize,
+            differentiable=differentiable,
+            capturable=capturable,
+            fused=fused,
+            backend=backend,
+            state_bits=state_bits,
+        )
+        super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
+        return ("exp_avg", "exp_inf")
+
+    def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
+        beta1, beta2 = group["betas"]
+        return adamax_scalars(
+            lr=float(group["lr"]),
+            beta1=float(beta1),
+            beta2=float(beta2),
+            eps=float(group["eps"]),
+            weight_decay=float(group["weight_decay"]),
+            step=step,
+        )
