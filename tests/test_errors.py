@@ -1,0 +1,138 @@
+"""Bad input gets a clear error (matched by regex) before anything changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_unchanged, make_params, set_grads, snapshot
+from optim_db import OPTIM_IDS, OPTIMIZERS, OptimizerInfo
+
+import adamkit
+
+NAN, INF = float("nan"), float("inf")
+
+BAD_HYPERPARAMETERS = [
+    (dict(lr=-1e-3), r"Invalid learning rate: -0.001"),
+    (dict(lr=NAN), r"Invalid learning rate: nan"),
+    (dict(lr=INF), r"Invalid learning rate: inf"),
+    (dict(lr=torch.tensor([1e-3, 2e-3])), r"Tensor lr must be 1-element"),
+    (dict(betas=(-0.1, 0.999)), r"Invalid beta parameter at index 0: -0.1"),
+    (dict(betas=(0.9, 1.0)), r"Invalid beta parameter at index 1: 1.0"),
+    (dict(betas=(NAN, 0.9)), r"Invalid beta parameter at index 0: nan"),
+    (dict(betas=(0.9,)), r"betas must be a pair"),
+    (dict(eps=-1e-8), r"Invalid epsilon value: -1e-08"),
+    (dict(eps=NAN), r"Invalid epsilon value: nan"),
+    (dict(weight_decay=-0.1), r"Invalid weight_decay value: -0.1"),
+    (dict(weight_decay=NAN), r"Invalid weight_decay value: nan"),
+    (dict(nonfinite="ignore"), r"nonfinite must be one of"),
+    (dict(backend="cuda"), r"backend must be 'auto' or one of"),
+    (dict(state_bits=7), r"state_bits must be one of \(32, 16, 8, 4\), got 7"),
+    (dict(fused=False, backend="numba"), r"fused=False contradicts backend='numba'"),
+    (dict(fused=True, backend="reference"), r"fused=True contradicts backend='reference'"),
+    (dict(fused=True, foreach=True), r"`fused` and `foreach` cannot be `True` together"),
+]
+
+
+@pytest.mark.parametrize("kw,pattern", BAD_HYPERPARAMETERS, ids=[p for _, p in BAD_HYPERPARAMETERS])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_bad_hyperparameters(info: OptimizerInfo, kw: dict, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        info.cls(make_params(), **kw)
+
+
+@pytest.mark.parametrize("option", ["capturable", "differentiable"])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_unsupported_options_name_themselves(info: OptimizerInfo, option: str) -> None:
+    with pytest.raises(NotImplementedError, match=rf"{option}=True is not supported yet"):
+        info.cls(make_params(), **{option: True})
+
+
+@pytest.mark.parametrize(
+    "kw,pattern",
+    [
+        (dict(fused=True), r"no triton or numba kernel for .* on 'cpu'.*fused=True"),
+        (dict(backend="numba"), r"no numba kernel for .* on 'cpu' with state_bits=32"),
+        (dict(backend="triton"), r"no triton kernel"),
+        (dict(state_bits=8), r"no triton or numba or reference kernel for .* state_bits=8"),
+    ],
+)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_unavailable_kernels_raise_clearly(info: OptimizerInfo, kw: dict, pattern: str) -> None:
+    with pytest.raises(adamkit.KernelUnavailableError, match=pattern):
+        info.cls(make_params(), **kw)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_empty_parameter_list(info: OptimizerInfo) -> None:
+    with pytest.raises(ValueError, match=r"empty parameter list"):
+        info.cls([])
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_bad_param_group_adds_nothing(info: OptimizerInfo) -> None:
+    params = make_params()
+    opt = info.cls(params[:3])
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -1.0 \(param group 1\)"):
+        opt.add_param_group({"params": params[3:], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match=r"Invalid beta parameter at index 1: 2.0 \(param group 1\)"):
+        info.cls([{"params": params[:3]}, {"params": params[3:], "betas": (0.9, 2.0)}])
+
+
+def _trained(info: OptimizerInfo):
+    params = make_params()
+    opt = info.cls(params, weight_decay=0.01)
+    for step in range(3):
+        set_grads([params], step, frozen=lambda s, i: False)
+        opt.step()
+    set_grads([params], 3, frozen=lambda s, i: False)
+    return params, opt
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_sparse_gradient_changes_nothing(info: OptimizerInfo) -> None:
+    params, opt = _trained(info)
+    params[5].grad = params[5].grad.to_sparse()  # the params before it must stay untouched too
+    before = snapshot(opt, params)
+    with pytest.raises(
+        RuntimeError, match=rf"{info.name} does not support sparse gradients \(param group 0, parameter 5\)"
+    ):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_grad_shape_mismatch_changes_nothing(info: OptimizerInfo) -> None:
+    params, opt = _trained(info)
+    fresh = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    opt.add_param_group({"params": [fresh]})
+    fresh.grad = torch.ones(4, 4, dtype=torch.float64)
+    fresh.data = torch.zeros(3, dtype=torch.float64)  # the grad no longer fits
+    before = snapshot(opt, params)
+    with pytest.raises(
+        RuntimeError,
+        match=r"gradient shape \(4, 4\) differs from parameter shape \(3,\) \(param group 1, parameter 0\)",
+    ):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_resized_param_with_old_state_changes_nothing(info: OptimizerInfo) -> None:
+    params, opt = _trained(info)
+    params[6].data = torch.zeros(10, dtype=torch.float64)
+    params[6].grad = torch.ones(10, dtype=torch.float64)
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"state 'exp_avg' has shape \(300,\) .*parameter 6.*resized"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_invalid_hyperparameter_set_between_steps_changes_nothing(info: OptimizerInfo) -> None:
+    params, opt = _trained(info)
+    opt.param_groups[0]["eps"] = -1.0
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"Invalid epsilon value: -1.0 \(param group 0\)"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))

@@ -1,0 +1,64 @@
+"""Small units: step scalars, the kernel registry, the command line."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import adamkit
+from adamkit._scalars import adam_scalars, adamax_scalars
+from adamkit.kernels import reference
+from adamkit.kernels.registry import resolve
+
+
+def test_adam_scalars() -> None:
+    s = adam_scalars(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.5, decoupled=False, step=3)
+    assert s.step_size == pytest.approx(0.1 / (1 - 0.9**3), rel=1e-15)
+    assert s.inv_bc2_sqrt == pytest.approx(1 / math.sqrt(1 - 0.99**3), rel=1e-15)
+    assert (s.decay, s.l2) == (1.0, 0.5)
+    w = adam_scalars(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.5, decoupled=True, step=3)
+    assert (w.decay, w.l2) == (pytest.approx(0.95), 0.0)
+
+
+def test_adamax_scalars_have_no_second_bias_correction() -> None:
+    s = adamax_scalars(lr=0.2, beta1=0.5, beta2=0.9, eps=1e-8, weight_decay=0.1, step=2)
+    assert (s.step_size, s.inv_bc2_sqrt, s.decay, s.l2) == (0.2 / 0.75, 1.0, 1.0, 0.1)
+
+
+def test_auto_resolves_to_the_reference_until_fused_kernels_exist() -> None:
+    for algorithm in ("adam", "adamax"):
+        assert resolve(algorithm, "cpu", 32).fn is getattr(reference, f"{algorithm}_")
+        assert resolve(algorithm, "meta", 32, fused=False).backend == "reference"
+
+
+def test_nonfinite_indices() -> None:
+    ts = [
+        torch.ones(3),
+        torch.tensor([1.0, float("nan")]),
+        torch.empty(0),
+        torch.tensor([float("inf")], dtype=torch.float64),
+    ]
+    assert reference.nonfinite_indices(ts) == [1, 3]
+    assert reference.nonfinite_indices([torch.tensor([3e38, 3e38])]) == []  # large but finite
+
+
+def test_reference_runs_on_the_meta_device() -> None:
+    """The reference is pure torch: any device works, as far as its ops are implemented."""
+    p = torch.nn.Parameter(torch.zeros(4, device="meta"))
+    p.grad = torch.zeros(4, device="meta")
+    opt = adamkit.AdamW([p], nonfinite="propagate")
+    opt.step()
+    assert opt.state[p]["exp_avg"].device.type == "meta"
+
+
+def test_cli_demo_runs_and_agrees_with_torch() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "adamkit", "demo", "--steps", "30"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert "OK: largest parameter difference from torch.optim" in out.stdout
+    assert out.stdout.count("\n") >= 6
