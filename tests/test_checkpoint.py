@@ -91,6 +91,23 @@ def test_load_keeps_state_dtype_and_copies(info: OptimizerInfo) -> None:
     assert_close(p32, [r.float() for r in ref], torch.float32, "mixed dtypes")
 
 
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_load_moves_state_to_the_parameters_device(info: OptimizerInfo) -> None:
+    """State follows the parameter's device and keeps its dtype (meta stands in for a GPU)."""
+    params = make_params(complex_param=False)
+    opt = info.cls(params)
+    _train(opt, params, range(2))
+    on_meta = [torch.empty(p.shape, dtype=torch.float32, device="meta", requires_grad=True) for p in params]
+    moved = info.cls(on_meta)
+    moved.load_state_dict(opt.state_dict())
+    for p in on_meta:
+        for key, value in moved.state[p].items():
+            if key == "step":
+                assert value.device.type == "cpu" and value.dtype == torch.float32
+            else:
+                assert value.device.type == "meta" and value.dtype == torch.float64, key
+
+
 def test_adamw_stays_decoupled_when_loading_an_adam_checkpoint() -> None:
     params = make_params()
     adam = torch.optim.Adam(params, weight_decay=0.1)

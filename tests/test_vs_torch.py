@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -111,6 +112,7 @@ def test_lr_schedulers(info: OptimizerInfo, sched: str, tensor_lr: bool) -> None
     lr = torch.tensor(0.01, dtype=torch.float64) if tensor_lr else 0.01
     ours, theirs, a, b = _pair(info, {"lr": lr, "weight_decay": 0.05})
     sa, sb = SCHEDULERS[sched](a), SCHEDULERS[sched](b)
+    warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
     for step in range(STEPS):
         set_grads([ours, theirs], step)
         a.step()
@@ -180,3 +182,24 @@ def test_non_contiguous_params(info: OptimizerInfo) -> None:
         a.step()
         b.step()
     assert_close(ours, theirs, torch.float64, "non-contiguous")
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_grad_scaler_and_deepcopy(info: OptimizerInfo) -> None:
+    """torch.amp.GradScaler drives the optimizer as it drives torch's; deepcopy works."""
+    ours, theirs, a, b = _pair(info, {"lr": 0.01}, complex_param=False)  # GradScaler: no complex on CPU
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2)]
+    for step in range(6):
+        set_grads([ours, theirs], step, frozen=lambda s, i: False)
+        for params, opt, scaler in ((ours, a, scalers[0]), (theirs, b, scalers[1])):
+            scaler.scale(torch.ones((), dtype=torch.float64))  # as scaler.scale(loss) would
+            for p in params:
+                p.grad.mul_(2.0**10)
+                if step == 2:
+                    p.grad.fill_(float("inf"))  # the scaler must skip this step
+            scaler.step(opt)
+            scaler.update()
+    assert_close(ours, theirs, torch.float64, "GradScaler")
+    assert a.state[ours[0]]["step"].item() == 5 and a.nonfinite_count == 0
+    c = copy.deepcopy(a)
+    assert c.state_dict()["param_groups"] == a.state_dict()["param_groups"] and c.nonfinite == a.nonfinite

@@ -111,6 +111,25 @@ class AdamFamily(Optimizer):
         self._warned_nonfinite = False
         super().__init__(params, defaults)
 
+    _EXTRA_ATTRIBUTES: ClassVar[dict[str, Any]] = {
+        "nonfinite": "mask",
+        "nonfinite_count": 0,
+        "skipped_steps": 0,
+        "_warned_nonfinite": False,
+    }
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch pickles only defaults, state and groups; keep the non-finite policy too."""
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in self._EXTRA_ATTRIBUTES})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for key, default in self._EXTRA_ATTRIBUTES.items():
+            if not hasattr(self, key):
+                setattr(self, key, state.get(key, default))
+        super().__setstate__(state)
+
     # ----------------------------------------------------------------- subclass API
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         """Names of the per-parameter state tensors (besides ``step``)."""
