@@ -139,6 +139,13 @@ class AdamFamily(Optimizer):
         """Host-side float64 scalars for ``group`` at step ``step``."""
         raise NotImplementedError
 
+    @staticmethod
+    def _hyperparameters(group: Mapping[str, Any]) -> dict[str, float]:
+        """lr, beta1, beta2, eps and weight_decay of a group as Python floats."""
+        beta1, beta2 = group["betas"]
+        names = ("lr", "eps", "weight_decay")
+        return {"beta1": float(beta1), "beta2": float(beta2), **{k: float(group[k]) for k in names}}
+
     def _normalize_loaded_group(self, group: dict[str, Any]) -> None:
         """Hook for subclasses to fix up a group read from a checkpoint."""
 

@@ -112,16 +112,8 @@ class Adam(AdamFamily):
         return ("exp_avg", "exp_avg_sq")
 
     def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
-        beta1, beta2 = group["betas"]
-        return adam_scalars(
-            lr=float(group["lr"]),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            decoupled=bool(group.get("decoupled_weight_decay", False)),
-            step=step,
-        )
+        decoupled = bool(group.get("decoupled_weight_decay", False))
+        return adam_scalars(**self._hyperparameters(group), decoupled=decoupled, step=step)
 
 
 class AdamW(Adam):

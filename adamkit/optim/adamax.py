@@ -86,12 +86,4 @@ class Adamax(AdamFamily):
         return ("exp_avg", "exp_inf")
 
     def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
-        beta1, beta2 = group["betas"]
-        return adamax_scalars(
-            lr=float(group["lr"]),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            step=step,
-        )
+        return adamax_scalars(**self._hyperparameters(group), step=step)
