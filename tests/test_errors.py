@@ -50,9 +50,7 @@ def test_unsupported_options_name_themselves(info: OptimizerInfo, option: str) -
 @pytest.mark.parametrize(
     "kw,pattern",
     [
-        (dict(fused=True), r"no triton or numba kernel for .* on 'cpu'.*fused=True"),
-        (dict(backend="numba"), r"no numba kernel for .* on 'cpu' with state_bits=32"),
-        (dict(backend="triton"), r"no triton kernel"),
+        (dict(backend="triton"), r"no triton kernel for .* on 'cpu' with state_bits=32"),
         (dict(state_bits=8), r"no triton or numba or reference kernel for .* state_bits=8"),
     ],
 )
@@ -60,6 +58,38 @@ def test_unsupported_options_name_themselves(info: OptimizerInfo, option: str) -
 def test_unavailable_kernels_raise_clearly(info: OptimizerInfo, kw: dict, pattern: str) -> None:
     with pytest.raises(adamkit.KernelUnavailableError, match=pattern):
         info.cls(make_params(), **kw)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_fused_on_a_device_without_fused_kernels(info: OptimizerInfo) -> None:
+    p = torch.zeros(3, device="meta", requires_grad=True)
+    with pytest.raises(adamkit.KernelUnavailableError, match=r"no triton or numba kernel for .* on 'meta'.*fused=True"):
+        info.cls([p], fused=True)
+    info.cls([p])  # auto: the reference takes any device
+
+
+@pytest.mark.parametrize(
+    "kw,spoil,pattern",
+    [
+        (dict(fused=True), None, r"take .* parameters, not torch.complex128 \(param group 0, parameter 7\)"),
+        (dict(backend="numba"), "transpose", r"need contiguous .* \(param group 0, parameter 0\)"),
+        (dict(backend="numba"), "float16", r"take .* parameters, not torch.float16 \(param group 0, parameter 2\)"),
+    ],
+)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_forced_fused_kernel_that_cannot_take_a_tensor(info: OptimizerInfo, kw: dict, spoil: str, pattern: str) -> None:
+    """A forced backend says why it cannot take a tensor, before anything changes."""
+    params = make_params()
+    if spoil == "transpose":
+        params[0] = params[0].detach().t().requires_grad_()
+    elif spoil == "float16":
+        params[2] = params[2].detach().half().requires_grad_()
+    opt = info.cls(params, **kw)
+    set_grads([params], 0, frozen=lambda s, i: False)
+    before = snapshot(opt, params)
+    with pytest.raises(adamkit.KernelUnavailableError, match=pattern):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)

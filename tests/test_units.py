@@ -11,7 +11,7 @@ import torch
 
 import adamkit
 from adamkit._scalars import adam_scalars, adamax_scalars
-from adamkit.kernels import reference
+from adamkit.kernels import numba_cpu, reference
 from adamkit.kernels.registry import resolve
 
 
@@ -29,10 +29,11 @@ def test_adamax_scalars_have_no_second_bias_correction() -> None:
     assert (s.step_size, s.inv_bc2_sqrt, s.decay, s.l2) == (0.2 / 0.75, 1.0, 1.0, 0.1)
 
 
-def test_auto_resolves_to_the_reference_until_fused_kernels_exist() -> None:
+def test_auto_resolution() -> None:
     for algorithm in ("adam", "adamax"):
-        assert resolve(algorithm, "cpu", 32).fn is getattr(reference, f"{algorithm}_")
-        assert resolve(algorithm, "meta", 32, fused=False).backend == "reference"
+        assert resolve(algorithm, "cpu", 32).fn is getattr(numba_cpu, f"{algorithm}_")
+        assert resolve(algorithm, "cpu", 32, fused=False).fn is getattr(reference, f"{algorithm}_")
+        assert resolve(algorithm, "meta", 32).backend == "reference"
 
 
 def test_nonfinite_indices() -> None:

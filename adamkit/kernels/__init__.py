@@ -1,6 +1,6 @@
 """Kernels: the reference (pure torch, any device) and, later, fused backends."""
 
-from . import reference  # noqa: F401  (registers the reference kernels)
+from . import numba_cpu, reference  # noqa: F401  (register their kernels)
 from .registry import BACKENDS, Kernel, KernelUnavailableError, register, resolve
 
 __all__ = ["BACKENDS", "Kernel", "KernelUnavailableError", "register", "resolve"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 #: Backends in order of preference for ``backend="auto"`` (first available wins).
 BACKENDS: tuple[str, ...] = ("triton", "numba", "reference")
@@ -33,6 +34,9 @@ class Kernel:
     device_types: frozenset[str] | None  # None: any device
     state_bits: frozenset[int]
     fn: Callable[..., int]
+    #: (param dtype, state dtype, contiguous) -> why this kernel cannot take such
+    #: tensors, or None. None here: it takes anything (the reference).
+    unsupported: Callable[[Any, Any, bool], str | None] | None = None
 
     @property
     def fused(self) -> bool:
@@ -52,6 +56,7 @@ def register(
     backend: str,
     device_types: tuple[str, ...] | None = None,
     state_bits: tuple[int, ...] = (32,),
+    unsupported: Callable[[Any, Any, bool], str | None] | None = None,
 ) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorator: register ``fn`` as the ``backend`` kernel of ``algorithm``."""
     if algorithm not in ALGORITHMS or backend not in BACKENDS:
@@ -59,11 +64,16 @@ def register(
 
     def deco(fn: Callable[..., int]) -> Callable[..., int]:
         devices = None if device_types is None else frozenset(device_types)
-        _KERNELS.append(Kernel(algorithm, backend, devices, frozenset(state_bits), fn))
+        _KERNELS.append(Kernel(algorithm, backend, devices, frozenset(state_bits), fn, unsupported))
         resolve.cache_clear()
         return fn
 
     return deco
+
+
+def is_forced(backend: str, fused: bool | None) -> bool:
+    """Whether the request demands a fused kernel (rather than preferring one)."""
+    return fused is True or backend in FUSED_BACKENDS
 
 
 def check_backend_request(backend: str, fused: bool | None) -> None:

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 
 from .._scalars import StepScalars
 from ..kernels import reference
-from ..kernels.registry import STATE_BITS, check_backend_request, resolve
+from ..kernels.registry import STATE_BITS, KernelUnavailableError, check_backend_request, is_forced, resolve
 
 #: What ``nonfinite=`` accepts; see :class:`AdamFamily`.
 NONFINITE_MODES = ("mask", "skip", "propagate", "raise")
@@ -165,9 +165,26 @@ class AdamFamily(Optimizer):
         for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
             self._kernel(group, device_type)
 
-    def _kernel(self, group: Mapping[str, Any], device_type: str) -> Callable[..., int]:
+    def _kernel(
+        self,
+        group: Mapping[str, Any],
+        device_type: str,
+        tensors: tuple[torch.dtype, torch.dtype, bool] | None = None,
+        where: str = "",
+    ) -> Callable[..., int]:
+        """The kernel for a group's tensors on ``device_type``.
+
+        ``tensors`` is (param dtype, state dtype, contiguous). A kernel that cannot
+        take them gives way to the reference, unless the group demands a fused
+        kernel (``fused=True`` or a fused ``backend``): then it is an error.
+        """
         kernel = resolve(self.algorithm, device_type, group["state_bits"], group["backend"], group["fused"])
-        return kernel.fn
+        why = kernel.unsupported(*tensors) if tensors and kernel.unsupported else None
+        if why is None:
+            return kernel.fn
+        if is_forced(group["backend"], group["fused"]):
+            raise KernelUnavailableError(f"{why}{where}")
+        return resolve(self.algorithm, device_type, group["state_bits"], "reference").fn
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (as torch), validating it first: a bad group adds nothing."""
@@ -187,6 +204,7 @@ class AdamFamily(Optimizer):
         check_hyperparameters(group, f" ({where})")
         pairs = []
         name = type(self).__name__
+        forced = is_forced(group["backend"], group["fused"])
         for i, p in enumerate(group["params"]):
             g = p.grad
             if g is None:
@@ -203,12 +221,15 @@ class AdamFamily(Optimizer):
                     f"gradient is {g.dtype} on {g.device} but the parameter is {p.dtype} on {p.device} "
                     f"({where}, parameter {i})"
                 )
-            for key, t in self.state.get(p, {}).items():
+            state = self.state.get(p, {})
+            for key, t in state.items():
                 if key != "step" and isinstance(t, Tensor) and t.shape != p.shape:
                     raise RuntimeError(
                         f"state {key!r} has shape {tuple(t.shape)} but the parameter has shape "
                         f"{tuple(p.shape)} ({where}, parameter {i}); was the parameter resized?"
                     )
+            if forced:
+                self._kernel(group, p.device.type, self._layout(p, g, state), f" ({where}, parameter {i})")
             pairs.append((p, g))
         return pairs
 
@@ -266,6 +287,16 @@ class AdamFamily(Optimizer):
                 stacklevel=_user_stacklevel(),
             )
 
+    def _layout(self, p: Tensor, g: Tensor, state: Mapping[str, Any]) -> tuple[torch.dtype, torch.dtype, bool]:
+        """(param dtype, state dtype, all contiguous) of one parameter, for kernel choice.
+
+        A parameter without state yet will get ``zeros_like(p)``: its dtype and layout.
+        """
+        tensors = [v for k, v in state.items() if k != "step" and isinstance(v, Tensor)]
+        state_dtype = tensors[0].dtype if tensors else p.dtype
+        contiguous = p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in tensors)
+        return p.dtype, state_dtype, contiguous
+
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
         for key in self._state_keys(group):
@@ -286,11 +317,11 @@ class AdamFamily(Optimizer):
         torch._foreach_add_(steps, 1.0)
         step_values = torch.stack([s.to("cpu", torch.float64) for s in steps]).tolist()
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for i, ((p, _), st, t) in enumerate(zip(pairs, states, step_values)):
-            buckets[(p.device, p.dtype, st[keys[0]].dtype, t)].append(i)
+        for i, ((p, g), st, t) in enumerate(zip(pairs, states, step_values)):
+            buckets[(p.device, self._layout(p, g, st), t)].append(i)
         masked = 0
-        for (device, _, _, t), idx in buckets.items():
-            kernel = self._kernel(group, device.type)
+        for (device, layout, t), idx in buckets.items():
+            kernel = self._kernel(group, device.type, layout)
             masked += kernel(
                 [pairs[i][0] for i in idx],
                 [pairs[i][1] for i in idx],
