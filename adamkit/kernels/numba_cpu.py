@@ -52,7 +52,10 @@ def _view(typingctx, addr, like):  # noqa: ARG001
 @njit(inline="always")
 def _lerp(m, g, w):
     # torch's lerp: exact at both ends, the form chosen by the weight
-    return m + w * (g - m) if w < 0.5 else g - (g - m) * (1 - w)
+    # both forms, then a select: a branch here stopped vectorization (15% slower)
+    d = g - m
+    low, high = m + w * d, g - d * (1 - w)
+    return low if w < 0.5 else high
 
 
 @njit(inline="always")
@@ -62,25 +65,53 @@ def _nan_max(a, b):
 
 
 @njit(inline="always")
-def _adam_elements(p, g, m, v, x, lo, hi, b1w, b2, b2w, eps, lr_t, inv, decay, l2, amsgrad, maximize, mask):
+def _adam_rule(g, p, m, v, x, b1w, b2, b2w, eps, lr_t, inv, decay, l2, amsgrad, maximize, mask):
+    """One element of Adam/AdamW: new (p, m, v, v_max) and 1 if masked, else 0."""
+    g = -g if maximize else g
+    ok = (not mask) or (g - g == 0)  # False for NaN and ±inf
+    g = g + l2 * p
+    m1 = _lerp(m, g, b1w)
+    v1 = b2 * v + b2w * g * g
+    x1 = _nan_max(x, v1) if amsgrad else v1
+    p1 = p * decay - lr_t * (m1 / (np.sqrt(x1) * inv + eps))
+    # selects, not branches: the loop stays branch-free and vectorizes
+    return (p1 if ok else p), (m1 if ok else m), (v1 if ok else v), (x1 if ok else x), (not ok)
+
+
+# Two loops, so that without AMSGrad no fifth array is touched: a store to it, even
+# behind a branch that is never taken, stops LLVM vectorizing (measured 3.5x slower).
+# Both load every operand before storing (the right-hand side is evaluated first).
+@njit(inline="always")
+def _adam_loop(p, g, m, v, b1w, b2, b2w, eps, lr_t, inv, decay, l2, maximize, mask):
     bad = 0
-    for i in range(lo, hi):
-        gi = -g[i] if maximize else g[i]
-        ok = (not mask) or (gi - gi == 0)
-        pi = p[i]
-        gi = gi + l2 * pi
-        mi = _lerp(m[i], gi, b1w)
-        vi = b2 * v[i] + b2w * gi * gi
-        di = vi
-        if amsgrad:
-            di = _nan_max(x[i], vi)
-            x[i] = di if ok else x[i]
-        new_p = pi * decay - lr_t * (mi / (np.sqrt(di) * inv + eps))
-        p[i] = new_p if ok else pi
-        m[i] = mi if ok else m[i]
-        v[i] = vi if ok else v[i]
-        bad += not ok
+    for i in range(p.shape[0]):
+        p[i], m[i], v[i], _, b = _adam_rule(
+            g[i], p[i], m[i], v[i], v[i], b1w, b2, b2w, eps, lr_t, inv, decay, l2, False, maximize, mask
+        )
+        bad += b
     return bad
+
+
+@njit(inline="always")
+def _amsgrad_loop(p, g, m, v, x, b1w, b2, b2w, eps, lr_t, inv, decay, l2, maximize, mask):
+    bad = 0
+    for i in range(p.shape[0]):
+        p[i], m[i], v[i], x[i], b = _adam_rule(
+            g[i], p[i], m[i], v[i], x[i], b1w, b2, b2w, eps, lr_t, inv, decay, l2, True, maximize, mask
+        )
+        bad += b
+    return bad
+
+
+@njit(inline="always")
+def _chunk(ptrs, chunks, c, col, like):
+    """Column ``col`` of chunk ``c`` as an array: a view of just the chunk's elements.
+
+    Loops over such views from 0 vectorize; loops from ``lo`` to ``hi`` over the whole
+    tensor did not (measured 2x slower).
+    """
+    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+    return numba.carray(_view(ptrs[t, col] + lo * like.itemsize, like), hi - lo)
 
 
 @njit(parallel=True, cache=True)
@@ -88,32 +119,26 @@ def _adam_kernel(ptrs, chunks, like, b1w, b2, b2w, eps, lr_t, inv, decay, l2, am
     """ptrs: int64 [n_tensors, 5] (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)."""
     bad = np.zeros(chunks.shape[0], np.int64)
     for c in prange(chunks.shape[0]):
-        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p = numba.carray(_view(ptrs[t, 0], like), hi)
-        g = numba.carray(_view(ptrs[t, 1], like), hi)
-        m = numba.carray(_view(ptrs[t, 2], like), hi)
-        v = numba.carray(_view(ptrs[t, 3], like), hi)
-        x = numba.carray(_view(ptrs[t, 4], like), hi if amsgrad else 0)
-        bad[c] = _adam_elements(p, g, m, v, x, lo, hi, b1w, b2, b2w, eps, lr_t, inv, decay, l2, amsgrad, maximize, mask)
+        p, g = _chunk(ptrs, chunks, c, 0, like), _chunk(ptrs, chunks, c, 1, like)
+        m, v = _chunk(ptrs, chunks, c, 2, like), _chunk(ptrs, chunks, c, 3, like)
+        if amsgrad:
+            x = _chunk(ptrs, chunks, c, 4, like)
+            bad[c] = _amsgrad_loop(p, g, m, v, x, b1w, b2, b2w, eps, lr_t, inv, decay, l2, maximize, mask)
+        else:
+            bad[c] = _adam_loop(p, g, m, v, b1w, b2, b2w, eps, lr_t, inv, decay, l2, maximize, mask)
     return bad.sum()
 
 
 @njit(inline="always")
-def _adamax_elements(p, g, m, u, lo, hi, b1w, b2, eps, lr_t, l2, maximize, mask):
-    bad = 0
-    for i in range(lo, hi):
-        gi = -g[i] if maximize else g[i]
-        ok = (not mask) or (gi - gi == 0)
-        pi = p[i]
-        gi = gi + l2 * pi
-        mi = _lerp(m[i], gi, b1w)
-        ui = _nan_max(b2 * u[i], np.abs(gi) + eps)
-        new_p = pi - lr_t * (mi / ui)
-        p[i] = new_p if ok else pi
-        m[i] = mi if ok else m[i]
-        u[i] = ui if ok else u[i]
-        bad += not ok
-    return bad
+def _adamax_rule(g, p, m, u, b1w, b2, eps, lr_t, l2, maximize, mask):
+    """One element of Adamax: new (p, m, u) and 1 if masked, else 0."""
+    g = -g if maximize else g
+    ok = (not mask) or (g - g == 0)
+    g = g + l2 * p
+    m1 = _lerp(m, g, b1w)
+    u1 = _nan_max(b2 * u, np.abs(g) + eps)
+    p1 = p - lr_t * (m1 / u1)
+    return (p1 if ok else p), (m1 if ok else m), (u1 if ok else u), (not ok)
 
 
 @njit(parallel=True, cache=True)
@@ -121,12 +146,13 @@ def _adamax_kernel(ptrs, chunks, like, b1w, b2, eps, lr_t, l2, maximize, mask):
     """ptrs: int64 [n_tensors, 4] (param, grad, exp_avg, exp_inf)."""
     bad = np.zeros(chunks.shape[0], np.int64)
     for c in prange(chunks.shape[0]):
-        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        p = numba.carray(_view(ptrs[t, 0], like), hi)
-        g = numba.carray(_view(ptrs[t, 1], like), hi)
-        m = numba.carray(_view(ptrs[t, 2], like), hi)
-        u = numba.carray(_view(ptrs[t, 3], like), hi)
-        bad[c] = _adamax_elements(p, g, m, u, lo, hi, b1w, b2, eps, lr_t, l2, maximize, mask)
+        p, g = _chunk(ptrs, chunks, c, 0, like), _chunk(ptrs, chunks, c, 1, like)
+        m, u = _chunk(ptrs, chunks, c, 2, like), _chunk(ptrs, chunks, c, 3, like)
+        n_bad = 0
+        for i in range(p.shape[0]):
+            p[i], m[i], u[i], b = _adamax_rule(g[i], p[i], m[i], u[i], b1w, b2, eps, lr_t, l2, maximize, mask)
+            n_bad += b
+        bad[c] = n_bad
     return bad.sum()
 
 
