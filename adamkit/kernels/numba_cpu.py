@@ -1,17 +1,27 @@
 """Fused CPU kernels in Numba: one pass over memory, all cores, many tensors per call.
 
 One call covers every tensor of a bucket: a table of raw addresses (one row per
-tensor) and a table of chunks (tensor, start, stop) over which a ``prange`` loop runs,
-so a bucket of 20,000 small tensors costs one call, and one 16M tensor is split
-across all threads. Per element the kernel reads param, grad and the moments once
-and writes them once (28 bytes for fp32 Adam), with no temporaries.
+tensor: param, grad, then the state tensors) and a table of chunks (tensor, start,
+stop), split by element count over ``torch.get_num_threads()`` threads running
+``nogil`` kernels, so 20,000 small tensors cost one call per thread and one 16M
+tensor is shared by all threads. Per element the kernel reads param,
+grad and the moments once and writes them once (28 bytes for fp32 Adam), with no
+temporaries. The step-dependent scalars (``step_size``, ``inv_bc2_sqrt``) come per
+tensor, so parameters whose ``step`` lags (frozen for a while) share the call.
 
-The rule per element is written once per algorithm (``_adam_elements``,
-``_adamax_elements``), inlined into its kernel, and computes exactly
-:mod:`adamkit.kernels.reference`: torch's ``lerp`` formula for the first moment,
-``sqrt(v)·inv_bc2_sqrt + ε``, NaN-propagating maxima. With ``mask`` an element whose
-gradient is NaN/±inf is written back unchanged (a select, so the loop stays
-vectorized) and counted.
+Parameters may be fp32, bf16 or fp16 (half types travel as 16-bit integers: NumPy
+has no bfloat16; math in fp32, stores rounded to nearest even, or stochastically for
+bf16 parameters) with fp32, bf16 or fp16 state; fp64 parameters keep fp64 state.
+
+The rule per element is written once per algorithm (``_adam_rule``, ``_adamax_rule``)
+and computes exactly :mod:`adamkit.kernels.reference`: torch's ``lerp`` formula for
+the first moment, ``sqrt(v)·inv_bc2_sqrt + ε``, NaN-propagating maxima.
+
+Non-finite gradients (``mask``): an element whose gradient is NaN/±inf is written
+back unchanged (selects, so the loop stays branch-free and vectorized) and counted
+in an int32 (an int64 count cost 0.5 ms more on 16M elements; a separate scan of
+the gradient before the update cost 2.6 ms: it runs alone, not beside the other
+streams).
 
 No fastmath: it would let LLVM reassociate and drop NaN checks, and the loop is
 memory-bound anyway (measured: the same speed with and without on this machine).
@@ -19,25 +29,45 @@ memory-bound anyway (measured: the same speed with and without on this machine).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 import torch
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
 from torch import Tensor
 
 from .._scalars import StepScalars
 from .registry import register
 
 #: Elements per parallel work item: large enough to amortize the loop overhead,
-#: small enough that a 16M tensor gives every thread many items.
+#: small enough that a 16M tensor gives every thread many items and a chunk's
+#: gradient stays in L2 between the non-finite scan and the update.
 CHUNK = 1 << 15
-#: Parameter dtypes the kernels take; their state must have the same dtype.
-DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: torch dtype -> the NumPy dtype its elements travel as (bf16 and fp16 as bits).
+CARRIERS = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.bfloat16: np.uint16,
+    torch.float16: np.int16,
+}
+#: State dtypes the kernels take for each parameter dtype.
+STATE_DTYPES = {
+    torch.float32: (torch.float32, torch.bfloat16, torch.float16),
+    torch.bfloat16: (torch.float32, torch.bfloat16, torch.float16),
+    torch.float16: (torch.float32, torch.bfloat16, torch.float16),
+    torch.float64: (torch.float64,),
+}
+
+_U = np.uint64
+_M32 = _U(0xFFFFFFFF)
 
 
+# --------------------------------------------------------------------- primitives
 @intrinsic
 def _view(typingctx, addr, like):  # noqa: ARG001
     """A raw address as a pointer to ``like``'s dtype (numba has no int-to-pointer)."""
@@ -49,58 +79,146 @@ def _view(typingctx, addr, like):  # noqa: ARG001
     return ptr(types.int64, like), codegen
 
 
+@intrinsic
+def _bf16_to_f32(typingctx, h):  # noqa: ARG001
+    """bf16 bits (uint16) -> float32: the bits are the top half of a float32."""
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):  # noqa: ARG001
+    """The bits of a float32, zero-extended to uint64 (numba's arithmetic stays unsigned)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.zext(builder.bitcast(args[0], ir.IntType(32)), ir.IntType(64))
+
+    return types.uint64(types.float32), codegen
+
+
+@intrinsic
+def _f16_to_f32(typingctx, h):  # noqa: ARG001
+    """fp16 bits (int16) -> float32 (exact; LLVM's fpext, vcvtph2ps on x86)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@intrinsic
+def _f32_to_f16(typingctx, x):  # noqa: ARG001
+    """float32 -> fp16 bits (int16), rounded to nearest even as torch's ``.half()``."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
 @njit(inline="always")
-def _lerp(m, g, w):
-    # torch's lerp: exact at both ends, the form chosen by the weight
-    # both forms, then a select: a branch here stopped vectorization (15% slower)
-    d = g - m
-    low, high = m + w * d, g - d * (1 - w)
-    return low if w < 0.5 else high
+def _f32_to_bf16(x):
+    """float32 -> bf16 bits, rounded to nearest even as torch (NaN -> quiet NaN)."""
+    u = _f32_bits(x)
+    r = (u + _U(0x7FFF) + ((u >> _U(16)) & _U(1))) >> _U(16)
+    return np.uint16(0x7FC0) if x != x else np.uint16(r)
+
+
+@njit(inline="always")
+def _f32_to_bf16_sr(x, rnd):
+    """float32 -> bf16 bits, rounded stochastically: up with probability equal to the
+    dropped fraction, so the rounding is unbiased. ``rnd``: 16 random bits."""
+    u = _f32_bits(x)
+    r = (u + (rnd & _U(0xFFFF))) >> _U(16)
+    return np.uint16(0x7FC0) if x != x else np.uint16(r)
+
+
+@njit(inline="always")
+def _hash32(x):
+    """A 32-bit integer mixer (Wellons' lowbias32) on the low 32 bits of a uint64."""
+    x ^= x >> _U(16)
+    x = (x * _U(0x7FEB352D)) & _M32
+    x ^= x >> _U(15)
+    x = (x * _U(0x846CA68B)) & _M32
+    x ^= x >> _U(16)
+    return x
+
+
+@njit(inline="always")
+def _tensor_seed(seed, salt):
+    """Per-tensor stream of stochastic rounding: the step's seed and the tensor's salt."""
+    return _hash32((_U(seed) + _hash32(_U(salt) & _M32)) & _M32)
+
+
+@njit(inline="always")
+def _random_bits(stream, j):
+    """Random bits for element ``j`` of a tensor (Weyl step, then the mixer)."""
+    return _hash32((stream + ((_U(j) * _U(0x9E3779B1)) & _M32)) & _M32)
+
+
+def _load(a, i):
+    raise NotImplementedError  # replaced by the overload in jitted code
+
+
+def _store(a, i, x):
+    raise NotImplementedError
+
+
+def _store_param(a, i, x, sr, stream, j):
+    raise NotImplementedError
+
+
+@overload(_load, inline="always")
+def _load_ol(a, i):
+    """Element ``i`` of ``a`` as a float (half types widened to float32)."""
+    if a.dtype == types.uint16:
+        return lambda a, i: _bf16_to_f32(a[i])
+    if a.dtype == types.int16:
+        return lambda a, i: _f16_to_f32(a[i])
+    return lambda a, i: a[i]
+
+
+@overload(_store, inline="always")
+def _store_ol(a, i, x):
+    """Store a float into ``a[i]``, rounding to nearest even for half types."""
+    if a.dtype == types.uint16:
+
+        def impl(a, i, x):
+            a[i] = _f32_to_bf16(x)
+
+    elif a.dtype == types.int16:
+
+        def impl(a, i, x):
+            a[i] = _f32_to_f16(x)
+
+    else:
+
+        def impl(a, i, x):
+            a[i] = x
+
+    return impl
+
+
+@overload(_store_param, inline="always")
+def _store_param_ol(a, i, x, sr, stream, j):
+    """Store a parameter element: stochastic rounding when asked, for bf16 only."""
+    if a.dtype == types.uint16:
+
+        def impl(a, i, x, sr, stream, j):
+            a[i] = _f32_to_bf16_sr(x, _random_bits(stream, j)) if sr else _f32_to_bf16(x)
+
+        return impl
+    return lambda a, i, x, sr, stream, j: _store(a, i, x)
 
 
 @njit(inline="always")
 def _nan_max(a, b):
     # torch.maximum: NaN wins
     return a if (a > b or a != a) else b
-
-
-@njit(inline="always")
-def _adam_rule(g, p, m, v, x, b1w, b2, b2w, eps, lr_t, inv, decay, l2, amsgrad, maximize, mask):
-    """One element of Adam/AdamW: new (p, m, v, v_max) and 1 if masked, else 0."""
-    g = -g if maximize else g
-    ok = (not mask) or (g - g == 0)  # False for NaN and ±inf
-    g = g + l2 * p
-    m1 = _lerp(m, g, b1w)
-    v1 = b2 * v + b2w * g * g
-    x1 = _nan_max(x, v1) if amsgrad else v1
-    p1 = p * decay - lr_t * (m1 / (np.sqrt(x1) * inv + eps))
-    # selects, not branches: the loop stays branch-free and vectorizes
-    return (p1 if ok else p), (m1 if ok else m), (v1 if ok else v), (x1 if ok else x), (not ok)
-
-
-# Two loops, so that without AMSGrad no fifth array is touched: a store to it, even
-# behind a branch that is never taken, stops LLVM vectorizing (measured 3.5x slower).
-# Both load every operand before storing (the right-hand side is evaluated first).
-@njit(inline="always")
-def _adam_loop(p, g, m, v, b1w, b2, b2w, eps, lr_t, inv, decay, l2, maximize, mask):
-    bad = 0
-    for i in range(p.shape[0]):
-        p[i], m[i], v[i], _, b = _adam_rule(
-            g[i], p[i], m[i], v[i], v[i], b1w, b2, b2w, eps, lr_t, inv, decay, l2, False, maximize, mask
-        )
-        bad += b
-    return bad
-
-
-@njit(inline="always")
-def _amsgrad_loop(p, g, m, v, x, b1w, b2, b2w, eps, lr_t, inv, decay, l2, maximize, mask):
-    bad = 0
-    for i in range(p.shape[0]):
-        p[i], m[i], v[i], x[i], b = _adam_rule(
-            g[i], p[i], m[i], v[i], x[i], b1w, b2, b2w, eps, lr_t, inv, decay, l2, True, maximize, mask
-        )
-        bad += b
-    return bad
 
 
 @njit(inline="always")
@@ -114,72 +232,282 @@ def _chunk(ptrs, chunks, c, col, like):
     return numba.carray(_view(ptrs[t, col] + lo * like.itemsize, like), hi - lo)
 
 
-@njit(parallel=True, cache=True)
-def _adam_kernel(ptrs, chunks, like, b1w, b2, b2w, eps, lr_t, inv, decay, l2, amsgrad, maximize, mask):
-    """ptrs: int64 [n_tensors, 5] (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)."""
-    bad = np.zeros(chunks.shape[0], np.int64)
-    for c in prange(chunks.shape[0]):
-        p, g = _chunk(ptrs, chunks, c, 0, like), _chunk(ptrs, chunks, c, 1, like)
-        m, v = _chunk(ptrs, chunks, c, 2, like), _chunk(ptrs, chunks, c, 3, like)
+# -------------------------------------------------------------------- Adam / AdamW
+@njit(inline="always")
+def _adam_rule(g, p, m, v, x, low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, amsgrad, mask):
+    """One element of Adam/AdamW: new (p, m, v, v_max) and 1 if masked, else 0.
+
+    torch's lerp is ``m + w·(g-m)`` for ``w < 0.5`` and ``g - (g-m)·(1-w)`` otherwise;
+    ``c1`` is ``w`` or ``-(1-w)`` and ``low`` says which base: both forms in one.
+    """
+    g = g * gsign  # ±1: exact, and no branch on maximize
+    ok = (not mask) or (g - g == 0)  # False for NaN and ±inf
+    g = g + l2 * p
+    m1 = (m if low else g) + c1 * (g - m)
+    v1 = b2 * v + b2w * g * g
+    x1 = _nan_max(x, v1) if amsgrad else v1
+    p1 = p * decay - lr_t * (m1 / (np.sqrt(x1) * inv + eps))
+    # selects, not branches: the loop stays branch-free and vectorizes
+    return (p1 if ok else p), (m1 if ok else m), (v1 if ok else v), (x1 if ok else x), (not ok)
+
+
+# Without AMSGrad no fifth array may be touched: a store to it, even behind a branch
+# that is never taken, stops LLVM vectorizing (measured 3.5x slower). So ``amsgrad``
+# and ``mask`` are literals at each call site, and the rule is inlined into loops
+# that differ only in them. Every operand is loaded before anything is stored.
+@njit(inline="always")
+def _adam_loop(p, g, m, v, x, j0, sc, stream, amsgrad, mask):
+    low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, sr = sc
+    bad = np.int32(0)
+    for i in range(p.shape[0]):
+        xi = _load(x, i) if amsgrad else _load(v, i)
+        p1, m1, v1, x1, b = _adam_rule(
+            _load(g, i), _load(p, i), _load(m, i), _load(v, i), xi,
+            low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, amsgrad, mask,
+        )  # fmt: skip
+        _store_param(p, i, p1, sr, stream, j0 + i)
+        _store(m, i, m1)
+        _store(v, i, v1)
         if amsgrad:
-            x = _chunk(ptrs, chunks, c, 4, like)
-            bad[c] = _amsgrad_loop(p, g, m, v, x, b1w, b2, b2w, eps, lr_t, inv, decay, l2, maximize, mask)
-        else:
-            bad[c] = _adam_loop(p, g, m, v, b1w, b2, b2w, eps, lr_t, inv, decay, l2, maximize, mask)
-    return bad.sum()
+            _store(x, i, x1)
+        bad = np.int32(bad + np.int32(b))
+    return bad
 
 
 @njit(inline="always")
-def _adamax_rule(g, p, m, u, b1w, b2, eps, lr_t, l2, maximize, mask):
+def _adam_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed, amsgrad, mask):
+    """Adam/AdamW over chunks ``c_lo:c_hi`` of ``chunks``; returns the masked count.
+
+    ptrs: int64 [n_tensors, 4 or 5] (param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq]);
+    chunks: int64 [n_chunks, 3] (tensor, start, stop); scal: [n_tensors, 2]
+    (step_size, inv_bc2_sqrt) in the math dtype; salts: int64 [n_tensors] (stochastic
+    rounding streams); consts: (low, b1w, c1, b2, b2w, eps, decay, l2, gsign).
+    """
+    low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
+    bad = 0
+    for c in range(c_lo, c_hi):
+        t, j0 = chunks[c, 0], chunks[c, 1]
+        p, g = _chunk(ptrs, chunks, c, 0, plike), _chunk(ptrs, chunks, c, 1, plike)
+        m, v = _chunk(ptrs, chunks, c, 2, slike), _chunk(ptrs, chunks, c, 3, slike)
+        x = _chunk(ptrs, chunks, c, 4, slike) if amsgrad else v
+        stream = _tensor_seed(seed, salts[t]) if sr else _U(0)
+        sc = (low, b1w, c1, b2, b2w, eps, scal[t, 0], scal[t, 1], decay, l2, gsign, sr)
+        bad += _adam_loop(p, g, m, v, x, j0, sc, stream, amsgrad, mask)
+    return bad
+
+
+# One compiled function per (amsgrad, mask): the first step compiles only the one it
+# needs. Serial and nogil, run on a thread pool (see _launch): numba's parallel=True
+# took 6.7 s to compile all four variants in one function, these ~1 s each.
+# error_model="numpy": with numba's default ("python") every division checks for a
+# zero divisor and may raise, and that branch stopped LLVM vectorizing (4x slower).
+@njit(nogil=True, cache=True, error_model="numpy")
+def _adam_plain(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed):
+    return _adam_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed, False, False)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _adam_masked(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed):
+    return _adam_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed, False, True)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _amsgrad_plain(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed):
+    return _adam_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed, True, False)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _amsgrad_masked(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed):
+    return _adam_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed, True, True)
+
+
+_ADAM_KERNELS = {
+    (False, False): _adam_plain,
+    (False, True): _adam_masked,
+    (True, False): _amsgrad_plain,
+    (True, True): _amsgrad_masked,
+}
+
+
+# -------------------------------------------------------------------------- Adamax
+@njit(inline="always")
+def _adamax_rule(g, p, m, u, low, c1, b2, eps, lr_t, l2, gsign, mask):
     """One element of Adamax: new (p, m, u) and 1 if masked, else 0."""
-    g = -g if maximize else g
+    g = g * gsign
     ok = (not mask) or (g - g == 0)
     g = g + l2 * p
-    m1 = _lerp(m, g, b1w)
+    m1 = (m if low else g) + c1 * (g - m)
     u1 = _nan_max(b2 * u, np.abs(g) + eps)
     p1 = p - lr_t * (m1 / u1)
     return (p1 if ok else p), (m1 if ok else m), (u1 if ok else u), (not ok)
 
 
-@njit(parallel=True, cache=True)
-def _adamax_kernel(ptrs, chunks, like, b1w, b2, eps, lr_t, l2, maximize, mask):
-    """ptrs: int64 [n_tensors, 4] (param, grad, exp_avg, exp_inf)."""
-    bad = np.zeros(chunks.shape[0], np.int64)
-    for c in prange(chunks.shape[0]):
-        p, g = _chunk(ptrs, chunks, c, 0, like), _chunk(ptrs, chunks, c, 1, like)
-        m, u = _chunk(ptrs, chunks, c, 2, like), _chunk(ptrs, chunks, c, 3, like)
-        n_bad = 0
-        for i in range(p.shape[0]):
-            p[i], m[i], u[i], b = _adamax_rule(g[i], p[i], m[i], u[i], b1w, b2, eps, lr_t, l2, maximize, mask)
-            n_bad += b
-        bad[c] = n_bad
-    return bad.sum()
+@njit(inline="always")
+def _adamax_loop(p, g, m, u, j0, sc, stream, mask):
+    low, c1, b2, eps, lr_t, l2, gsign, sr = sc
+    bad = np.int32(0)
+    for i in range(p.shape[0]):
+        p1, m1, u1, b = _adamax_rule(
+            _load(g, i), _load(p, i), _load(m, i), _load(u, i), low, c1, b2, eps, lr_t, l2, gsign, mask
+        )
+        _store_param(p, i, p1, sr, stream, j0 + i)
+        _store(m, i, m1)
+        _store(u, i, u1)
+        bad = np.int32(bad + np.int32(b))
+    return bad
 
 
+@njit(inline="always")
+def _adamax_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed, mask):
+    """Adamax; ptrs: int64 [n_tensors, 4] (param, grad, exp_avg, exp_inf);
+    consts: (low, c1, b2, eps, l2, gsign); the rest as :func:`_adam_chunks`."""
+    low, c1, b2, eps, l2, gsign = consts
+    bad = 0
+    for c in range(c_lo, c_hi):
+        t, j0 = chunks[c, 0], chunks[c, 1]
+        p, g = _chunk(ptrs, chunks, c, 0, plike), _chunk(ptrs, chunks, c, 1, plike)
+        m, u = _chunk(ptrs, chunks, c, 2, slike), _chunk(ptrs, chunks, c, 3, slike)
+        stream = _tensor_seed(seed, salts[t]) if sr else _U(0)
+        sc = (low, c1, b2, eps, scal[t, 0], l2, gsign, sr)
+        bad += _adamax_loop(p, g, m, u, j0, sc, stream, mask)
+    return bad
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _adamax_plain(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed):
+    return _adamax_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed, False)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _adamax_masked(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed):
+    return _adamax_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed, True)
+
+
+_ADAMAX_KERNELS = {False: _adamax_plain, True: _adamax_masked}
+
+
+# ------------------------------------------------------------------------ launchers
 def unsupported(param_dtype: torch.dtype, state_dtype: torch.dtype, contiguous: bool) -> str | None:
     """Why these kernels cannot take such a tensor, or None if they can."""
-    if param_dtype not in DTYPES:
-        return f"the numba kernels take {sorted(map(str, DTYPES))} parameters, not {param_dtype}"
-    if state_dtype != param_dtype:
-        return f"the numba kernels keep state in the parameter's dtype, not {state_dtype}"
+    if param_dtype not in STATE_DTYPES:
+        return f"the numba kernels take {sorted(map(str, STATE_DTYPES))} parameters, not {param_dtype}"
+    if state_dtype not in STATE_DTYPES[param_dtype]:
+        allowed = sorted(map(str, STATE_DTYPES[param_dtype]))
+        return f"the numba kernels keep the state of {param_dtype} parameters in {allowed}, not {state_dtype}"
     if not contiguous:
         return "the numba kernels need contiguous parameters, gradients and state"
     return None
 
 
-def _tables(columns: Sequence[Sequence[Tensor]]) -> tuple[np.ndarray, np.ndarray]:
-    """Address table [n_tensors, len(columns)] and chunk table [n_chunks, 3]."""
+@dataclass
+class Tables:
+    """Everything that locates one call's tensors: see :func:`_adam_kernel`.
+
+    ``ptrs`` columns: param, grad, then the state tensors in the algorithm's order.
+    ``scal`` is float64 [n_tensors, 2]: (step_size, inv_bc2_sqrt) per tensor.
+    """
+
+    ptrs: np.ndarray
+    chunks: np.ndarray
+    scal: np.ndarray
+    salts: np.ndarray
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype
+
+
+def chunk_table(numels: Sequence[int] | np.ndarray) -> np.ndarray:
+    """int64 [n_chunks, 3]: (tensor, start, stop) covering every tensor in CHUNK pieces."""
+    numels = np.asarray(numels, dtype=np.int64).reshape(-1)
+    pieces = (numels + CHUNK - 1) // CHUNK
+    tensor = np.repeat(np.arange(numels.size, dtype=np.int64), pieces)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    start = (np.arange(tensor.size, dtype=np.int64) - first) * CHUNK
+    stop = np.minimum(start + CHUNK, numels[tensor])
+    return np.stack([tensor, start, stop], axis=1)
+
+
+def tables_for(columns: Sequence[Sequence[Tensor]], s: StepScalars, salts: Sequence[int] | None) -> Tables:
+    """Tables for lists of tensors (param, grad, state...), one step's scalars for all."""
     ptrs = np.array([[t.data_ptr() for t in row] for row in zip(*columns)], dtype=np.int64)
-    sizes = [t.numel() for t in columns[0]]
-    chunks = [(i, lo, min(lo + CHUNK, n)) for i, n in enumerate(sizes) for lo in range(0, n, CHUNK)]
-    return ptrs.reshape(len(sizes), len(columns)), np.array(chunks, dtype=np.int64).reshape(-1, 3)
+    n = len(columns[0])
+    scal = np.empty((n, 2))
+    scal[:] = (s.step_size, s.inv_bc2_sqrt)
+    salt = np.arange(n, dtype=np.int64) if salts is None else np.asarray(salts, dtype=np.int64)
+    return Tables(
+        ptrs.reshape(n, len(columns)),
+        chunk_table([t.numel() for t in columns[0]]),
+        scal,
+        salt,
+        columns[0][0].dtype,
+        columns[2][0].dtype,
+    )
 
 
-def _threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
-@register("adam", backend="numba", device_types=("cpu",), unsupported=unsupported)
+def _launch(kernel: Callable[..., int], tab: Tables, work: type, consts: tuple, sr_seed: int | None) -> int:
+    """Run ``kernel`` over all chunks, split by element count over torch.get_num_threads()
+    threads (the calling thread takes the first share); returns the summed count."""
+    global _pool, _pool_size
+    plike, slike = np.empty(0, CARRIERS[tab.param_dtype]), np.empty(0, CARRIERS[tab.state_dtype])
+    args = (tab.scal.astype(work), tab.salts, plike, slike, consts, sr_seed is not None, sr_seed or 0)
+    chunks = tab.chunks
+    threads = max(1, min(torch.get_num_threads(), chunks.shape[0]))
+    if threads == 1:
+        return int(kernel(tab.ptrs, chunks, 0, chunks.shape[0], *args))
+    work_done = np.cumsum(chunks[:, 2] - chunks[:, 1])
+    cuts = np.searchsorted(work_done, work_done[-1] * np.arange(1, threads) / threads, side="right")
+    bounds = np.concatenate([[0], cuts, [chunks.shape[0]]]).tolist()
+    if _pool is None or _pool_size != threads - 1:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(threads - 1, thread_name_prefix="adamkit"), threads - 1
+    futures = [_pool.submit(kernel, tab.ptrs, chunks, lo, hi, *args) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    total = int(kernel(tab.ptrs, chunks, bounds[0], bounds[1], *args))
+    return total + sum(int(f.result()) for f in futures)
+
+
+def _work_dtype(tab: Tables) -> type:
+    return np.float64 if tab.param_dtype == torch.float64 else np.float32
+
+
+def _lerp_consts(beta1: float, work: type) -> tuple[bool, object, object]:
+    w = 1.0 - beta1
+    return w < 0.5, work(w), work(w if w < 0.5 else -(1.0 - work(w)))
+
+
+def adam_tables_(
+    tab: Tables, s: StepScalars, *, amsgrad: bool, maximize: bool, mask_nonfinite: bool, sr_seed: int | None = None
+) -> int:
+    """Fused Adam/AdamW over tables (see :class:`Tables`); returns the masked count."""
+    if tab.chunks.shape[0] == 0:
+        return 0
+    work = _work_dtype(tab)
+    low, b1w, c1 = _lerp_consts(s.beta1, work)
+    consts = (low, b1w, c1, work(s.beta2), work(1 - s.beta2), work(s.eps), work(s.decay), work(s.l2))
+    consts += (work(-1.0 if maximize else 1.0),)
+    return _launch(_ADAM_KERNELS[amsgrad, mask_nonfinite], tab, work, consts, sr_seed)
+
+
+def adamax_tables_(
+    tab: Tables, s: StepScalars, *, amsgrad: bool, maximize: bool, mask_nonfinite: bool, sr_seed: int | None = None
+) -> int:
+    """Fused Adamax over tables (see :class:`Tables`); returns the masked count."""
+    if amsgrad:
+        raise ValueError("Adamax has no AMSGrad variant")
+    if tab.chunks.shape[0] == 0:
+        return 0
+    work = _work_dtype(tab)
+    low, _, c1 = _lerp_consts(s.beta1, work)
+    consts = (low, c1, work(s.beta2), work(s.eps), work(s.l2), work(-1.0 if maximize else 1.0))
+    return _launch(_ADAMAX_KERNELS[mask_nonfinite], tab, work, consts, sr_seed)
+
+
+@register(
+    "adam", backend="numba", device_types=("cpu",), state_bits=(32, 16), unsupported=unsupported, tables=adam_tables_
+)
 def adam_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -189,23 +517,25 @@ def adam_(
     amsgrad: bool,
     maximize: bool,
     mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
 ) -> int:
-    """Fused Adam/AdamW over one bucket (contiguous fp32/fp64, state in the same dtype)."""
+    """Fused Adam/AdamW over one bucket of tensors (see :func:`unsupported` for which)."""
     if not params:
         return 0
-    vmax = state["max_exp_avg_sq"] if amsgrad else state["exp_avg_sq"]
-    ptrs, chunks = _tables([params, grads, state["exp_avg"], state["exp_avg_sq"], vmax])
-    f = DTYPES[params[0].dtype]
-    _threads()
-    return int(
-        _adam_kernel(
-            ptrs, chunks, np.empty(0, f), f(1 - s.beta1), f(s.beta2), f(1 - s.beta2), f(s.eps),
-            f(s.step_size), f(s.inv_bc2_sqrt), f(s.decay), f(s.l2), amsgrad, maximize, mask_nonfinite,
-        )
-    )  # fmt: skip
+    columns = [params, grads, state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
+    tab = tables_for(columns, s, salts)
+    return adam_tables_(tab, s, amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed)
 
 
-@register("adamax", backend="numba", device_types=("cpu",), unsupported=unsupported)
+@register(
+    "adamax",
+    backend="numba",
+    device_types=("cpu",),
+    state_bits=(32, 16),
+    unsupported=unsupported,
+    tables=adamax_tables_,
+)
 def adamax_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -215,18 +545,13 @@ def adamax_(
     amsgrad: bool = False,
     maximize: bool,
     mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
 ) -> int:
-    """Fused Adamax over one bucket (contiguous fp32/fp64, state in the same dtype)."""
+    """Fused Adamax over one bucket of tensors (see :func:`unsupported` for which)."""
     if amsgrad:
         raise ValueError("Adamax has no AMSGrad variant")
     if not params:
         return 0
-    ptrs, chunks = _tables([params, grads, state["exp_avg"], state["exp_inf"]])
-    f = DTYPES[params[0].dtype]
-    _threads()
-    return int(
-        _adamax_kernel(
-            ptrs, chunks, np.empty(0, f), f(1 - s.beta1), f(s.beta2), f(s.eps), f(s.step_size), f(s.l2),
-            maximize, mask_nonfinite,
-        )
-    )  # fmt: skip
+    tab = tables_for([params, grads, state["exp_avg"], state["exp_inf"]], s, salts)
+    return adamax_tables_(tab, s, amsgrad=False, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed)

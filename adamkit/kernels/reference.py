@@ -115,45 +115,104 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``(x · c) mod 2^32`` for int64 ``x < 2^32`` without int64 overflow (16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """Wellons' lowbias32 mixer on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def random_bits(seed: int, salt: int, n: int, device: torch.device | str = "cpu") -> Tensor:
+    """32 random bits per element ``j < n`` of the tensor with ``salt`` at step seed ``seed``.
+
+    A counter-based stream (no state, any order, any thread count): the tensor's
+    stream is ``hash(seed + hash(salt))`` and element ``j`` draws
+    ``hash(stream + j·0x9E3779B1)``, all modulo 2^32. The numba kernels compute the
+    same integers, so stochastic rounding is reproducible and testable bit for bit.
+    """
+    salt_hash = int(_hash32(torch.tensor(salt & _M32, dtype=torch.int64)))
+    stream = _hash32(torch.tensor((seed + salt_hash) & _M32, dtype=torch.int64))
+    j = torch.arange(n, dtype=torch.int64, device=device) & _M32
+    return _hash32((stream.to(device) + _mul32(j, 0x9E3779B1)) & _M32)
+
+
+def stochastic_round_bf16_(dst: Tensor, src: Tensor, seed: int, salt: int) -> None:
+    """``dst`` (bf16) ← ``src`` (fp32) rounded up with probability equal to the dropped
+    fraction of the mantissa, so ``E[dst] = src``; NaN stays NaN."""
+    bits = src.detach().reshape(-1).view(torch.int32).to(torch.int64) & _M32
+    noise = random_bits(seed, salt, bits.numel(), bits.device) & 0xFFFF
+    rounded = ((bits + noise) >> 16).to(torch.int32).to(torch.int16)  # wraps like a uint16
+    out = rounded.view(torch.bfloat16).view(dst.shape)
+    dst.copy_(torch.where(src.isnan(), src.to(torch.bfloat16), out))
+
+
+def _work_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
+    """The math dtype: at least float32 (half types are widened, as torch's opmath)."""
+    return torch.promote_types(torch.promote_types(param_dtype, state_dtype), torch.float32)
+
+
 def _run(
     rule: Callable[[TensorList, TensorList, list[TensorList]], None],
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     states: Sequence[Sequence[Tensor]],
     mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
 ) -> int:
     """Apply ``rule(params, grads, states)`` with what every rule needs around it.
 
-    Complex tensors are viewed as real; parameters whose state has another dtype
-    (say bf16 params with fp32 moments) are updated in the state's dtype and stored
-    back; with ``mask_nonfinite``, elements whose gradient is not finite get their
-    parameter and state restored afterwards, and are counted (a complex element with
-    a NaN or infinite part is one element, restored whole).
+    Complex tensors are viewed as real. The math runs in at least float32: bf16/fp16
+    parameters or state are widened and stored back rounded to nearest even (bf16
+    parameters stochastically when ``sr_seed`` is given; ``salts`` name the tensors'
+    random streams, by default their positions). With ``mask_nonfinite``, elements
+    whose gradient is not finite get their parameter and state restored afterwards,
+    and are counted (a complex element with a NaN or infinite part is one element,
+    restored whole).
     """
+    if not params:
+        return 0
     ps = [_real(p) for p in params]
     gs = [_real(g) for g in grads]
     sts = [[_real(t) for t in ts] for ts in states]
-    work_dtype = sts[0][0].dtype if ps else None
-    upcast = bool(ps) and ps[0].dtype != work_dtype
-    work_ps = [p.to(work_dtype) for p in ps] if upcast else ps
-    work_gs = [g.to(work_dtype) for g in gs] if upcast else gs
+    work = _work_dtype(ps[0].dtype, sts[0][0].dtype)
+    work_ps = [p.to(work) for p in ps] if ps[0].dtype != work else ps
+    work_gs = [g.to(work) for g in gs] if gs[0].dtype != work else gs
+    work_sts = [[t.to(work) for t in ts] for ts in sts] if sts[0][0].dtype != work else sts
 
     bad = nonfinite_indices(gs) if mask_nonfinite else []
-    saved = {i: [work_ps[i].clone()] + [ts[i].clone() for ts in sts] for i in bad}
-    rule(work_ps, work_gs, sts)
+    saved = {i: [work_ps[i].clone()] + [ts[i].clone() for ts in work_sts] for i in bad}
+    rule(work_ps, work_gs, work_sts)
     masked = 0
     for i, old in saved.items():
         bad_elements = ~torch.isfinite(grads[i])  # a complex element counts once
         keep = bad_elements.unsqueeze(-1).expand_as(gs[i]) if grads[i].is_complex() else bad_elements
-        for new, before in zip([work_ps[i]] + [ts[i] for ts in sts], old):
+        for new, before in zip([work_ps[i]] + [ts[i] for ts in work_sts], old):
             new.copy_(torch.where(keep, before, new))
         masked += int(bad_elements.sum())
-    if upcast:
-        torch._foreach_copy_(ps, work_ps)
+    if work_ps is not ps:
+        if sr_seed is not None and ps[0].dtype == torch.bfloat16:
+            for i, (p, w) in enumerate(zip(ps, work_ps)):
+                stochastic_round_bf16_(p, w, sr_seed, i if salts is None else salts[i])
+        else:
+            torch._foreach_copy_(ps, work_ps)
+    if work_sts is not sts:
+        for ts, ws in zip(sts, work_sts):
+            torch._foreach_copy_(ts, ws)
     return masked
 
 
-@register("adam", backend="reference")
+@register("adam", backend="reference", state_bits=(32, 16))
 def adam_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -163,6 +222,8 @@ def adam_(
     amsgrad: bool,
     maximize: bool,
     mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
 ) -> int:
     """Reference Adam/AdamW step over one bucket; returns the masked element count."""
     keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
@@ -171,10 +232,10 @@ def adam_(
         m, v, *vmax = sts
         adam_rule_(ps, gs, m, v, vmax[0] if amsgrad else [], s, amsgrad=amsgrad, maximize=maximize)
 
-    return _run(rule, params, grads, [state[k] for k in keys], mask_nonfinite)
+    return _run(rule, params, grads, [state[k] for k in keys], mask_nonfinite, sr_seed, salts)
 
 
-@register("adamax", backend="reference")
+@register("adamax", backend="reference", state_bits=(32, 16))
 def adamax_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -184,6 +245,8 @@ def adamax_(
     amsgrad: bool = False,
     maximize: bool,
     mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
 ) -> int:
     """Reference Adamax step over one bucket; returns the masked element count.
 
@@ -196,4 +259,4 @@ def adamax_(
         m, u = sts
         adamax_rule_(ps, gs, m, u, s, maximize=maximize)
 
-    return _run(rule, params, grads, [state["exp_avg"], state["exp_inf"]], mask_nonfinite)
+    return _run(rule, params, grads, [state["exp_avg"], state["exp_inf"]], mask_nonfinite, sr_seed, salts)

@@ -37,6 +37,9 @@ class Kernel:
     #: (param dtype, state dtype, contiguous) -> why this kernel cannot take such
     #: tensors, or None. None here: it takes anything (the reference).
     unsupported: Callable[[Any, Any, bool], str | None] | None = None
+    #: The same kernel over address tables (pointer-based backends): the optimizers
+    #: cache the tables across steps, so 20,000 small tensors cost one cheap call.
+    tables: Callable[..., int] | None = None
 
     @property
     def fused(self) -> bool:
@@ -57,6 +60,7 @@ def register(
     device_types: tuple[str, ...] | None = None,
     state_bits: tuple[int, ...] = (32,),
     unsupported: Callable[[Any, Any, bool], str | None] | None = None,
+    tables: Callable[..., int] | None = None,
 ) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorator: register ``fn`` as the ``backend`` kernel of ``algorithm``."""
     if algorithm not in ALGORITHMS or backend not in BACKENDS:
@@ -64,7 +68,7 @@ def register(
 
     def deco(fn: Callable[..., int]) -> Callable[..., int]:
         devices = None if device_types is None else frozenset(device_types)
-        _KERNELS.append(Kernel(algorithm, backend, devices, frozenset(state_bits), fn, unsupported))
+        _KERNELS.append(Kernel(algorithm, backend, devices, frozenset(state_bits), fn, unsupported, tables))
         resolve.cache_clear()
         return fn
 

@@ -14,6 +14,9 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
+from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import torch
@@ -22,7 +25,15 @@ from torch.optim import Optimizer
 
 from .._scalars import StepScalars
 from ..kernels import reference
-from ..kernels.registry import STATE_BITS, KernelUnavailableError, check_backend_request, is_forced, resolve
+from ..kernels.registry import (
+    STATE_BITS,
+    Kernel,
+    KernelUnavailableError,
+    check_backend_request,
+    is_forced,
+    resolve,
+)
+from ._plan import GroupPlan, TrackedState, _Launch
 
 #: What ``nonfinite=`` accepts; see :class:`AdamFamily`.
 NONFINITE_MODES = ("mask", "skip", "propagate", "raise")
@@ -30,7 +41,37 @@ NONFINITE_MODES = ("mask", "skip", "propagate", "raise")
 #: Group keys that choose an implementation rather than the math. ``load_state_dict``
 #: keeps this optimizer's values for them, so a checkpoint written by
 #: ``torch.optim.Adam(capturable=True)`` on a GPU still loads and steps here.
-IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable", "backend", "state_bits")
+IMPLEMENTATION_KEYS = (
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+    "backend",
+    "state_bits",
+    "stochastic_rounding",
+)
+
+_GRAD = attrgetter("grad")
+
+
+@dataclass
+class _Work:
+    """One group's step, validated: how it will run."""
+
+    index: int
+    group: Mapping[str, Any]
+    launch: _Launch | None = None  # the cached-plan path, with the group's grads (None included)
+    all_grads: list[Tensor | None] | None = None
+    triples: list[tuple[int, Tensor, Tensor]] | None = None  # or the general path
+
+    def grads(self) -> list[tuple[int, Tensor]]:
+        """(position in the group, gradient) of every parameter with one (for screening).
+
+        Built only when asked: 20,000 tuples per step would wake the garbage collector.
+        """
+        if self.triples is not None:
+            return [(i, g) for i, _, g in self.triples]
+        return [(i, g) for i, g in enumerate(self.all_grads or []) if g is not None]
 
 
 _INTERNAL_DIRS = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
@@ -109,7 +150,9 @@ class AdamFamily(Optimizer):
         self.nonfinite_count = 0
         self.skipped_steps = 0
         self._warned_nonfinite = False
+        self._plans: dict[int, GroupPlan] = {}
         super().__init__(params, defaults)
+        self.state: TrackedState = TrackedState(self.state)
 
     _EXTRA_ATTRIBUTES: ClassVar[dict[str, Any]] = {
         "nonfinite": "mask",
@@ -125,10 +168,23 @@ class AdamFamily(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self._plans = {}  # new state: plans are rebuilt from it on the next step
         for key, default in self._EXTRA_ATTRIBUTES.items():
             if not hasattr(self, key):
                 setattr(self, key, state.get(key, default))
         super().__setstate__(state)
+        if not isinstance(self.state, TrackedState):
+            self.state = TrackedState(self.state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict``, with plain dicts (loadable with ``weights_only=True``).
+
+        For parameters stepped by a fused CPU kernel the state tensors are views into
+        per-group flat buffers; saving writes each buffer once.
+        """
+        out = super().state_dict()
+        out["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in out["state"].items()}
+        return out
 
     # ----------------------------------------------------------------- subclass API
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
@@ -171,7 +227,7 @@ class AdamFamily(Optimizer):
         device_type: str,
         tensors: tuple[torch.dtype, torch.dtype, bool] | None = None,
         where: str = "",
-    ) -> Callable[..., int]:
+    ) -> Kernel:
         """The kernel for a group's tensors on ``device_type``.
 
         ``tensors`` is (param dtype, state dtype, contiguous). A kernel that cannot
@@ -181,10 +237,10 @@ class AdamFamily(Optimizer):
         kernel = resolve(self.algorithm, device_type, group["state_bits"], group["backend"], group["fused"])
         why = kernel.unsupported(*tensors) if tensors and kernel.unsupported else None
         if why is None:
-            return kernel.fn
+            return kernel
         if is_forced(group["backend"], group["fused"]):
             raise KernelUnavailableError(f"{why}{where}")
-        return resolve(self.algorithm, device_type, group["state_bits"], "reference").fn
+        return resolve(self.algorithm, device_type, group["state_bits"], "reference")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (as torch), validating it first: a bad group adds nothing."""
@@ -198,11 +254,10 @@ class AdamFamily(Optimizer):
         self._check_group(merged, len(self.param_groups), params if not isinstance(params, set) else [])
         super().add_param_group(param_group)
 
-    def _collect(self, index: int, group: Mapping[str, Any]) -> list[tuple[Tensor, Tensor]]:
-        """The (param, grad) pairs of a group, every one checked; nothing is changed."""
+    def _collect(self, index: int, group: Mapping[str, Any]) -> list[tuple[int, Tensor, Tensor]]:
+        """(position, param, grad) of every parameter with a gradient, each checked."""
         where = f"param group {index}"
-        check_hyperparameters(group, f" ({where})")
-        pairs = []
+        triples = []
         name = type(self).__name__
         forced = is_forced(group["backend"], group["fused"])
         for i, p in enumerate(group["params"]):
@@ -229,14 +284,17 @@ class AdamFamily(Optimizer):
                         f"{tuple(p.shape)} ({where}, parameter {i}); was the parameter resized?"
                     )
             if forced:
-                self._kernel(group, p.device.type, self._layout(p, g, state), f" ({where}, parameter {i})")
-            pairs.append((p, g))
-        return pairs
+                self._kernel(group, p.device.type, self._layout(p, g, state, group), f" ({where}, parameter {i})")
+            triples.append((i, p, g))
+        return triples
 
     # ------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
+
+        Every group is checked before anything changes; then each group's
+        parameters are updated by one kernel call per (dtype, state dtype).
 
         Args:
             closure: optional callable that re-evaluates the model and returns the
@@ -249,24 +307,82 @@ class AdamFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [(g, self._collect(i, g)) for i, g in enumerate(self.param_groups)]
+        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
         if self.nonfinite in ("skip", "raise") and self._screen(work):
             return loss
-        masked = sum(self._step_group(group, pairs) for group, pairs in work)
+        seed = None
+        if any(group.get("stochastic_rounding") for group in self.param_groups):
+            seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))  # torch.manual_seed reproduces it
+        masked = sum(self._run(w, seed if w.group.get("stochastic_rounding") else None) for w in work)
         if masked:
             self._note_nonfinite(masked, "masked: their parameters and moments were left unchanged")
         return loss
 
-    def _screen(self, work: list[tuple[Mapping[str, Any], list[tuple[Tensor, Tensor]]]]) -> bool:
+    def _prepare(self, index: int, group: Mapping[str, Any]) -> _Work:
+        """Validate one group's step (nothing changes) and say how it will run."""
+        check_hyperparameters(group, f" (param group {index})")
+        plan = self._plan_for(index, group)
+        if plan is not None:
+            grads = list(map(_GRAD, group["params"]))
+            launch = plan.prepare(grads)
+            if launch is not None:
+                return _Work(index, group, launch=launch, all_grads=grads)
+        return _Work(index, group, triples=self._collect(index, group))
+
+    def _run(self, work: _Work, sr_seed: int | None) -> int:
+        group = work.group
+        flags = dict(
+            amsgrad=bool(group.get("amsgrad", False)),
+            maximize=bool(group["maximize"]),
+            mask_nonfinite=self.nonfinite == "mask",
+            sr_seed=sr_seed,
+        )
+        if work.launch is not None:
+            return work.launch.run(self.state, partial(self._step_scalars, group), **flags)
+        return self._step_group(group, work.triples, **flags)
+
+    def _plan_for(self, index: int, group: Mapping[str, Any]) -> GroupPlan | None:
+        """The cached plan of a group whose parameters a table kernel takes, else None."""
+        params = group["params"]
+        keys = self._state_keys(group)
+        signature = (keys, group["backend"], group["fused"], group["state_bits"], _scalar_dtype())
+        plan = self._plans.get(index)
+        if plan is not None and plan.intact(params, self.state, signature):
+            return plan
+        self._plans.pop(index, None)
+        if not params:
+            return None
+        kernels, state_dtypes = [], []
+        for p in params:
+            state = self.state.get(p) or {}
+            if p.device.type != "cpu" or any(
+                not isinstance(t, Tensor) or (k != "step" and t.shape != p.shape) for k, t in state.items()
+            ):
+                return None  # the general path handles (or explains) it
+            layout = self._layout(p, None, state, group)
+            try:
+                kernel = self._kernel(group, "cpu", layout)
+            except KernelUnavailableError:
+                return None  # the general path raises it, naming the parameter
+            if kernel.tables is None:
+                return None
+            kernels.append(kernel)
+            state_dtypes.append(layout[1])
+        plan = GroupPlan(params, kernels, self.state, keys, state_dtypes, _scalar_dtype(), signature)
+        self._plans[index] = plan
+        return plan
+
+    def _screen(self, work: list[_Work]) -> bool:
         """For "skip"/"raise": True if this step must be skipped (raise: raises)."""
-        grads = [g for _, pairs in work for _, g in pairs]
+        pairs = [(w.index, i, g) for w in work for i, g in w.grads()]
+        where = [(gi, pi) for gi, pi, _ in pairs]
+        grads = [g for _, _, g in pairs]
         bad = reference.nonfinite_indices(grads)
         if not bad:
             return False
         count = sum(int((~torch.isfinite(grads[i])).sum()) for i in bad)
         if self.nonfinite == "raise":
-            first = [(gi, p) for gi, (_, pairs) in enumerate(work) for p, _ in pairs][bad[0]]
-            gi, pi = first[0], next(i for i, q in enumerate(work[first[0]][0]["params"]) if q is first[1])
+            gi, pi = where[bad[0]]
             raise FloatingPointError(
                 f"{type(self).__name__}: {count} non-finite gradient element(s) in {len(bad)} tensor(s), "
                 f"the first in param group {gi}, parameter {pi}; nothing was changed"
@@ -287,49 +403,80 @@ class AdamFamily(Optimizer):
                 stacklevel=_user_stacklevel(),
             )
 
-    def _layout(self, p: Tensor, g: Tensor, state: Mapping[str, Any]) -> tuple[torch.dtype, torch.dtype, bool]:
+    def _state_dtype(self, p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        """The dtype of a new parameter's state.
+
+        ``state_bits=32``: float32 for bf16/fp16 parameters (torch keeps their dtype;
+        fp32 moments cost nothing extra on a memory-bound step and keep small updates
+        from vanishing), the parameter's dtype otherwise. ``state_bits=16``: bfloat16
+        (fp16 would underflow the second moment) — except for complex parameters,
+        whose state keeps their dtype.
+        """
+        if p.is_complex() or not p.is_floating_point():
+            return p.dtype
+        if group["state_bits"] == 16:
+            return torch.bfloat16
+        return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+    def _layout(
+        self, p: Tensor, g: Tensor | None, state: Mapping[str, Any], group: Mapping[str, Any]
+    ) -> tuple[torch.dtype, torch.dtype, bool]:
         """(param dtype, state dtype, all contiguous) of one parameter, for kernel choice.
 
-        A parameter without state yet will get ``zeros_like(p)``: its dtype and layout.
+        A parameter without state yet gets state of :meth:`_state_dtype`, contiguous.
         """
         tensors = [v for k, v in state.items() if k != "step" and isinstance(v, Tensor)]
-        state_dtype = tensors[0].dtype if tensors else p.dtype
-        contiguous = p.is_contiguous() and g.is_contiguous() and all(t.is_contiguous() for t in tensors)
+        state_dtype = tensors[0].dtype if tensors else self._state_dtype(p, group)
+        contiguous = p.is_contiguous() and (g is None or g.is_contiguous()) and all(t.is_contiguous() for t in tensors)
         return p.dtype, state_dtype, contiguous
 
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
         for key in self._state_keys(group):
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, group), memory_format=torch.preserve_format)
         return state
 
-    def _step_group(self, group: Mapping[str, Any], pairs: list[tuple[Tensor, Tensor]]) -> int:
-        """Advance every parameter of ``pairs`` one step; return the masked count."""
-        if not pairs:
+    def _step_group(
+        self,
+        group: Mapping[str, Any],
+        triples: list[tuple[int, Tensor, Tensor]],
+        *,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+        sr_seed: int | None,
+    ) -> int:
+        """The general path: advance each parameter one step, bucketed by layout and step."""
+        if not triples:
             return 0
         keys = self._state_keys(group)
         states = []
-        for p, _ in pairs:
+        for _, p, _ in triples:
             if not self.state[p]:
                 self.state[p] = self._init_state(p, group)
-            states.append(self.state[p])
+            state = self.state[p]
+            for key in keys:  # e.g. amsgrad switched on mid-run: its maximum starts at zero
+                if key not in state:
+                    state[key] = torch.zeros_like(state[keys[0]])
+            states.append(state)
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1.0)
         step_values = torch.stack([s.to("cpu", torch.float64) for s in steps]).tolist()
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for i, ((p, g), st, t) in enumerate(zip(pairs, states, step_values)):
-            buckets[(p.device, self._layout(p, g, st), t)].append(i)
+        for i, ((_, p, g), st, t) in enumerate(zip(triples, states, step_values)):
+            buckets[(p.device, self._layout(p, g, st, group), t)].append(i)
         masked = 0
         for (device, layout, t), idx in buckets.items():
-            kernel = self._kernel(group, device.type, layout)
-            masked += kernel(
-                [pairs[i][0] for i in idx],
-                [pairs[i][1] for i in idx],
+            masked += self._kernel(group, device.type, layout).fn(
+                [triples[i][1] for i in idx],
+                [triples[i][2] for i in idx],
                 {k: [states[i][k] for i in idx] for k in keys},
                 self._step_scalars(group, t),
-                amsgrad=bool(group.get("amsgrad", False)),
-                maximize=bool(group["maximize"]),
-                mask_nonfinite=self.nonfinite == "mask",
+                amsgrad=amsgrad,
+                maximize=maximize,
+                mask_nonfinite=mask_nonfinite,
+                sr_seed=sr_seed,
+                salts=[triples[i][0] for i in idx],
             )
         return masked
 

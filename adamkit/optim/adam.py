@@ -39,8 +39,13 @@ _ARGS = """
         fused: None picks the fastest kernel available, True demands a fused kernel
             (or raises), False forces the reference implementation.
         backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
-        state_bits: bits per element of the optimizer state (32: the parameter's
-            dtype, as torch).
+        state_bits: bits per element of the optimizer state. 32: float32 (float64
+            for float64 parameters) — for bf16/fp16 parameters too, where torch keeps
+            their dtype; 16: bfloat16 moments (math still in float32).
+        stochastic_rounding: store bf16 parameters rounded stochastically (unbiased,
+            reproducible under ``torch.manual_seed``: one draw from torch's generator
+            per step) instead of to nearest, so that updates smaller than half a bf16
+            ulp are not lost in pure-bf16 training. Other dtypes ignore it.
         nonfinite: what a NaN/±inf gradient element does: ``"mask"`` (default; that
             element's parameter and moments stay unchanged, it is counted in
             ``.nonfinite_count`` and a warning is issued once), ``"skip"`` (the whole
@@ -87,6 +92,7 @@ class Adam(AdamFamily):
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
         state_bits: int = 32,
+        stochastic_rounding: bool = False,
         nonfinite: str = "mask",
     ) -> None:
         defaults = dict(
@@ -103,6 +109,7 @@ class Adam(AdamFamily):
             decoupled_weight_decay=decoupled_weight_decay,
             backend=backend,
             state_bits=state_bits,
+            stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -149,6 +156,7 @@ class AdamW(Adam):
         fused: bool | None = None,
         backend: str = "auto",
         state_bits: int = 32,
+        stochastic_rounding: bool = False,
         nonfinite: str = "mask",
     ) -> None:
         super().__init__(
@@ -166,6 +174,7 @@ class AdamW(Adam):
             decoupled_weight_decay=True,
             backend=backend,
             state_bits=state_bits,
+            stochastic_rounding=stochastic_rounding,
             nonfinite=nonfinite,
         )
 

@@ -39,7 +39,10 @@ class Adamax(AdamFamily):
         fused: None picks the fastest kernel available, True demands a fused kernel
             (or raises), False forces the reference implementation.
         backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
-        state_bits: bits per element of the optimizer state (32: the parameter's dtype).
+        state_bits: 32 (float32 state; float64 for float64 parameters) or 16
+            (bfloat16); see :class:`adamkit.Adam`.
+        stochastic_rounding: stochastic rounding of bf16 parameters; see
+            :class:`adamkit.Adam`.
         nonfinite: ``"mask"`` (default), ``"skip"``, ``"propagate"`` or ``"raise"``;
             see :class:`adamkit.Adam`.
 
@@ -65,6 +68,7 @@ class Adamax(AdamFamily):
         fused: bool | None = None,
         backend: str = "auto",
         state_bits: int = 32,
+        stochastic_rounding: bool = False,
         nonfinite: str = "mask",
     ) -> None:
         defaults = dict(
@@ -79,6 +83,7 @@ class Adamax(AdamFamily):
             fused=fused,
             backend=backend,
             state_bits=state_bits,
+            stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
