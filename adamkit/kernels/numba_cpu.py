@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
@@ -120,21 +121,44 @@ def _f32_to_f16(typingctx, x):  # noqa: ARG001
     return types.int16(types.float32), codegen
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):  # noqa: ARG001
+    """``a·b + c`` rounded once (llvm.fma; one instruction with FMA3/AVX-512).
+
+    torch's lerp is fused this way on the CPU; without it the first moment differed
+    from torch's in cancellations (m + w·(g-m) ≈ 0).
+    """
+    sig = a(a, a, a)
+
+    def codegen(context, builder, signature, args):
+        ty = context.get_value_type(signature.return_type)
+        name = "llvm.fma.f64" if isinstance(ty, ir.DoubleType) else "llvm.fma.f32"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]), name)
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _nan_to_bf16(x, r):
+    """``r``, or bf16's quiet NaN where ``x`` is NaN: an arithmetic select (a ternary
+    here made numba's inliner emit a phi out of scope)."""
+    ok = _U(x == x)
+    return np.uint16(r * ok + _U(0x7FC0) * (_U(1) - ok))
+
+
 @njit(inline="always")
 def _f32_to_bf16(x):
     """float32 -> bf16 bits, rounded to nearest even as torch (NaN -> quiet NaN)."""
     u = _f32_bits(x)
-    r = (u + _U(0x7FFF) + ((u >> _U(16)) & _U(1))) >> _U(16)
-    return np.uint16(0x7FC0) if x != x else np.uint16(r)
+    return _nan_to_bf16(x, (u + _U(0x7FFF) + ((u >> _U(16)) & _U(1))) >> _U(16))
 
 
 @njit(inline="always")
 def _f32_to_bf16_sr(x, rnd):
     """float32 -> bf16 bits, rounded stochastically: up with probability equal to the
     dropped fraction, so the rounding is unbiased. ``rnd``: 16 random bits."""
-    u = _f32_bits(x)
-    r = (u + (rnd & _U(0xFFFF))) >> _U(16)
-    return np.uint16(0x7FC0) if x != x else np.uint16(r)
+    return _nan_to_bf16(x, (_f32_bits(x) + (rnd & _U(0xFFFF))) >> _U(16))
 
 
 @njit(inline="always")
@@ -209,7 +233,10 @@ def _store_param_ol(a, i, x, sr, stream, j):
     if a.dtype == types.uint16:
 
         def impl(a, i, x, sr, stream, j):
-            a[i] = _f32_to_bf16_sr(x, _random_bits(stream, j)) if sr else _f32_to_bf16(x)
+            if sr:
+                a[i] = _f32_to_bf16_sr(x, _random_bits(stream, j))
+            else:
+                a[i] = _f32_to_bf16(x)
 
         return impl
     return lambda a, i, x, sr, stream, j: _store(a, i, x)
@@ -238,12 +265,13 @@ def _adam_rule(g, p, m, v, x, low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, 
     """One element of Adam/AdamW: new (p, m, v, v_max) and 1 if masked, else 0.
 
     torch's lerp is ``m + w·(g-m)`` for ``w < 0.5`` and ``g - (g-m)·(1-w)`` otherwise;
-    ``c1`` is ``w`` or ``-(1-w)`` and ``low`` says which base: both forms in one.
+    ``c1`` is ``w`` or ``-(1-w)`` and ``low`` says which base: both forms in one,
+    fused as torch's CPU lerp is.
     """
     g = g * gsign  # ±1: exact, and no branch on maximize
     ok = (not mask) or (g - g == 0)  # False for NaN and ±inf
     g = g + l2 * p
-    m1 = (m if low else g) + c1 * (g - m)
+    m1 = _fma(c1, g - m, m if low else g)
     v1 = b2 * v + b2w * g * g
     x1 = _nan_max(x, v1) if amsgrad else v1
     p1 = p * decay - lr_t * (m1 / (np.sqrt(x1) * inv + eps))
@@ -336,7 +364,7 @@ def _adamax_rule(g, p, m, u, low, c1, b2, eps, lr_t, l2, gsign, mask):
     g = g * gsign
     ok = (not mask) or (g - g == 0)
     g = g + l2 * p
-    m1 = (m if low else g) + c1 * (g - m)
+    m1 = _fma(c1, g - m, m if low else g)
     u1 = _nan_max(b2 * u, np.abs(g) + eps)
     p1 = p - lr_t * (m1 / u1)
     return (p1 if ok else p), (m1 if ok else m), (u1 if ok else u), (not ok)
