@@ -336,3 +336,27 @@ def test_steps_lag_per_tensor_in_one_call() -> None:
             ro.step()
     assert [float(fo.state[p]["step"]) for p in fp] == [4.0, 2.0, 2.0, 2.0, 2.0]
     assert [float(fo.state[p]["step"]) for p in fp] == [float(ro.state[p]["step"]) for p in rp]
+
+
+def test_gradients_kept_across_steps_take_the_cached_path() -> None:
+    """zero_grad(set_to_none=False)-style training: the same gradient tensors every step,
+    refilled in place; then one is replaced by a non-contiguous tensor and one by None."""
+    fp, rp, fo, ro = _twins()
+    for p, q in zip(fp, rp):
+        p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    for seed in range(6):
+        gen = torch.Generator().manual_seed(seed)
+        for p, q in zip(fp, rp):
+            g = torch.randn(p.shape, generator=gen)
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        if seed == 4:
+            g = torch.randn(2 * fp[2].numel())[::2]
+            fp[2].grad, rp[2].grad = g.clone(), g.clone()
+        if seed == 5:
+            fp[3].grad = rp[3].grad = None
+        fo.step()
+        ro.step()
+        for p, q in zip(fp, rp):
+            torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+    assert fo._plans[0]._grad_refs is None or len(fo._plans[0]._grad_refs) == len(fp)

@@ -139,19 +139,32 @@ def _fma(typingctx, a, b, c):  # noqa: ARG001
     return sig, codegen
 
 
+@intrinsic
+def _f32_to_bf16(typingctx, x):  # noqa: ARG001
+    """float32 -> bf16 bits (uint16), rounded to nearest even as torch; NaN -> 0x7FC0.
+
+    In 32-bit integer IR: written with numba's integers it ran in 64-bit lanes (half
+    the SIMD width) and made bf16 state compute-bound (12.1 ms vs 8.8 on 16M).
+    """
+
+    def codegen(context, builder, signature, args):
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+        bits = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF)))
+        top = builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), i16)
+        isnan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.select(isnan, ir.Constant(i16, 0x7FC0), top)
+
+    return types.uint16(types.float32), codegen
+
+
 @njit(inline="always")
 def _nan_to_bf16(x, r):
     """``r``, or bf16's quiet NaN where ``x`` is NaN: an arithmetic select (a ternary
     here made numba's inliner emit a phi out of scope)."""
     ok = _U(x == x)
     return np.uint16(r * ok + _U(0x7FC0) * (_U(1) - ok))
-
-
-@njit(inline="always")
-def _f32_to_bf16(x):
-    """float32 -> bf16 bits, rounded to nearest even as torch (NaN -> quiet NaN)."""
-    u = _f32_bits(x)
-    return _nan_to_bf16(x, (u + _U(0x7FFF) + ((u >> _U(16)) & _U(1))) >> _U(16))
 
 
 @njit(inline="always")

@@ -1,0 +1,398 @@
+"""``adamkit bench``: optimizer step times of adamkit and its peers, in one process.
+
+Every contender steps the same parameters' shapes with the same gradients,
+round-robin (one step of each, repeated), because this machine is shared and noisy:
+what matters is the ratio measured side by side. Reported per contender: the median
+step time, elements per second, the ratio against ``torch.optim.AdamW(fused=True)``
+and the share of the memory roofline — the bandwidth a streaming kernel that reads 4
+arrays and writes 3 (fp32 AdamW's traffic) reaches over the same number of
+elements in the same run.
+
+Workloads: ``flat-16M`` (one 16M tensor), ``gpt2`` (GPT-2 small: 124M parameters in
+148 tensors), ``small`` (20,000 tensors of 1,000). ``--quick`` runs scaled-down ones
+in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from numba import njit
+
+import adamkit
+
+# ------------------------------------------------------------------------ workloads
+
+
+def gpt2_shapes(layers: int = 12, d: int = 768, vocab: int = 50257, ctx: int = 1024) -> list[tuple[int, ...]]:
+    """GPT-2 small's parameter shapes (HF layout): 124,439,808 elements in 148 tensors."""
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+WORKLOADS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "flat-16M": lambda: [(16 * 1024 * 1024,)],
+    "gpt2": gpt2_shapes,
+    "small": lambda: [(1000,)] * 20_000,
+    # --quick
+    "flat-1M": lambda: [(1024 * 1024,)],
+    "gpt2-mini": lambda: gpt2_shapes(layers=2, d=256, vocab=8192, ctx=256),
+    "small-2k": lambda: [(1000,)] * 2000,
+}
+DEFAULT_WORKLOADS = ("flat-16M", "gpt2", "small")
+QUICK_WORKLOADS = ("flat-1M", "gpt2-mini", "small-2k")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------- contenders
+@dataclass(frozen=True)
+class Contender:
+    """An optimizer to time: how to build it and what one step moves per element."""
+
+    name: str
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    #: bytes read + written per element (param, grad, moments) for this dtype
+    bytes_per_element: Callable[[torch.dtype], int]
+    #: optimizer-state bytes per parameter element
+    state_bytes: Callable[[torch.dtype], float]
+    slow: bool = False  # skipped with --quick
+
+
+def _adam_bytes(state_size: Callable[[torch.dtype], int]) -> Callable[[torch.dtype], int]:
+    # read p, g, m, v; write p, m, v
+    return lambda dt: 2 * dt.itemsize + dt.itemsize + 2 * 2 * state_size(dt)
+
+
+def _fp32_state(dt: torch.dtype) -> int:
+    return 8 if dt == torch.float64 else 4
+
+
+def _param_dtype_state(dt: torch.dtype) -> int:
+    return dt.itemsize
+
+
+def _bf16_state(dt: torch.dtype) -> int:
+    return 2
+
+
+def contenders() -> list[Contender]:
+    """adamkit's configurations, torch's three implementations, and installed peers."""
+    out = [
+        Contender(
+            "adamkit",
+            lambda ps: adamkit.AdamW(ps),
+            _adam_bytes(_fp32_state),
+            lambda dt: 2.0 * _fp32_state(dt),
+        ),
+        Contender(
+            "adamkit state_bits=16",
+            lambda ps: adamkit.AdamW(ps, state_bits=16),
+            _adam_bytes(_bf16_state),
+            lambda dt: 4.0,
+        ),
+        Contender(
+            "torch fused",
+            lambda ps: torch.optim.AdamW(ps, fused=True),
+            _adam_bytes(_param_dtype_state),
+            lambda dt: 2.0 * dt.itemsize,
+        ),
+        Contender(
+            "torch foreach",
+            lambda ps: torch.optim.AdamW(ps, foreach=True),
+            _adam_bytes(_param_dtype_state),
+            lambda dt: 2.0 * dt.itemsize,
+        ),
+        Contender(
+            "torch for-loop",
+            lambda ps: torch.optim.AdamW(ps, foreach=False),
+            _adam_bytes(_param_dtype_state),
+            lambda dt: 2.0 * dt.itemsize,
+            slow=True,
+        ),
+    ]
+    try:  # optional peer: pip install 'adamkit[bench]'
+        import bitsandbytes as bnb  # noqa: F401
+
+        out.append(
+            Contender(
+                "bitsandbytes AdamW32bit",
+                lambda ps: bnb.optim.AdamW32bit(ps, weight_decay=1e-2),
+                _adam_bytes(_fp32_state),
+                lambda dt: 8.0,
+                slow=True,
+            )
+        )
+    except Exception:  # noqa: BLE001 - any import failure means "not installed"
+        pass
+    return out
+
+
+REFERENCE = "torch fused"
+
+
+# ------------------------------------------------------------------------ roofline
+@njit(nogil=True, cache=True, error_model="numpy")
+def _stream(p, g, m, v, lo, hi):  # pragma: no cover - jitted
+    """Read 4 arrays, write 3, as fp32 AdamW does, with the least arithmetic."""
+    p, g, m, v = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]  # loops over views from 0 vectorize
+    for i in range(p.shape[0]):
+        gi = g[i]
+        p[i] = p[i] + gi
+        m[i] = m[i] + gi
+        v[i] = v[i] + gi
+    return 0
+
+
+def roofline(n: int) -> tuple[float, Callable[[], None]]:
+    """(bytes per element, a step that streams them over ``n`` fp32 elements on all threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    arrays = [np.zeros(n, np.float32) for _ in range(4)]
+    threads = max(1, torch.get_num_threads())
+    cuts = np.linspace(0, n, threads + 1).astype(np.int64).tolist()
+    pool = ThreadPoolExecutor(max(1, threads - 1))
+
+    def step() -> None:
+        futures = [pool.submit(_stream, *arrays, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
+        _stream(*arrays, cuts[0], cuts[1])
+        for f in futures:
+            f.result()
+
+    return 28.0, step
+
+
+# ----------------------------------------------------------------------- measuring
+@dataclass
+class Result:
+    workload: str
+    dtype: str
+    optimizer: str
+    elements: int
+    tensors: int
+    median_ms: float
+    elements_per_s: float
+    vs_torch_fused: float | None
+    roofline_share: float
+    state_bytes_per_param: float
+    samples_ms: list[float] = field(default_factory=list)
+
+
+def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    ps = [torch.zeros(s, dtype=dtype).requires_grad_() for s in shapes]
+    for p, g in zip(ps, grads):
+        p.grad = g  # shared: optimizers only read gradients
+    return ps
+
+
+def run_workload(
+    workload: str, dtype_name: str, reps: int, chosen: list[Contender], progress: Callable[[], None]
+) -> tuple[list[Result], float]:
+    """Time every contender on one workload, round-robin, plus the roofline stream.
+
+    Returns the results and the roofline bandwidth (bytes/s) measured beside them.
+    """
+    shapes = WORKLOADS[workload]()
+    dtype = DTYPES[dtype_name]
+    n = sum(int(np.prod(s)) for s in shapes)
+    gen = torch.Generator().manual_seed(0)
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(dtype) for s in shapes]
+    steps: dict[str, Callable[[], Any]] = {}
+    for c in chosen:
+        try:
+            steps[c.name] = c.make(_params(shapes, dtype, grads)).step
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot take this case is reported, not fatal
+            print(f"  {c.name}: skipped on {workload}/{dtype_name} ({type(exc).__name__}: {exc})", file=sys.stderr)
+    stream_bytes, stream = roofline(n)
+    steps["roofline"] = stream
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for rep in range(reps + 1):  # one warm-up round: compilation, first touch of the state
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            dt = time.perf_counter() - t0
+            if rep:
+                times[name].append(dt)
+            progress()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    bandwidth = stream_bytes * n / med.pop("roofline")
+    out = []
+    for c in chosen:
+        if c.name not in med:
+            continue
+        t = med[c.name]
+        out.append(
+            Result(
+                workload=workload,
+                dtype=dtype_name,
+                optimizer=c.name,
+                elements=n,
+                tensors=len(shapes),
+                median_ms=t * 1e3,
+                elements_per_s=n / t,
+                vs_torch_fused=(med[REFERENCE] / t) if REFERENCE in med else None,
+                roofline_share=c.bytes_per_element(dtype) * n / t / bandwidth,
+                state_bytes_per_param=c.state_bytes(dtype),
+                samples_ms=[x * 1e3 for x in times[c.name]],
+            )
+        )
+    return out, bandwidth
+
+
+_COMPILE_PROBE = """
+import time, torch, adamkit
+p = torch.zeros({n}, dtype=torch.{dtype}).requires_grad_()
+p.grad = torch.ones_like(p)
+opt = adamkit.AdamW([p])
+t0 = time.perf_counter(); opt.step(); print(time.perf_counter() - t0)
+"""
+
+
+def compile_times(dtype: str = "float32") -> dict[str, float]:
+    """First-step time in a fresh process: with an empty numba cache, then from it."""
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        out = {}
+        for label in ("cold", "cached"):
+            code = _COMPILE_PROBE.format(n=1000, dtype=dtype)
+            done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            out[label] = float(done.stdout.strip().splitlines()[-1])
+        return out
+
+
+# -------------------------------------------------------------------------- output
+def _table(results: list[Result], meta: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"optimizer step, AdamW, median of {meta['reps']} ({meta['threads']} threads)")
+    for col in ("workload", "dtype", "optimizer", "state B/param", "ms/step", "G el/s", "vs fused", "roofline"):
+        table.add_column(col, justify="left" if col in ("workload", "dtype", "optimizer") else "right")
+    for r in results:
+        ratio = "" if r.vs_torch_fused is None else f"{r.vs_torch_fused:.2f}x"
+        table.add_row(
+            r.workload,
+            r.dtype,
+            r.optimizer,
+            f"{r.state_bytes_per_param:g}",
+            f"{r.median_ms:.2f}",
+            f"{r.elements_per_s / 1e9:.2f}",
+            ratio,
+            f"{r.roofline_share:.0%}",
+        )
+    console = Console(width=max(132, Console().width))
+    console.print(table)
+    if meta.get("compile_s"):
+        c = meta["compile_s"]
+        console.print(
+            f"first step in a fresh process: {c['cold']:.2f} s cold (empty numba cache), {c['cached']:.2f} s cached"
+        )
+    bw = ", ".join(f"{k} {v:.1f} GB/s" for k, v in meta["roofline_GBps"].items())
+    console.print(f"roofline (stream 4 reads + 3 writes, fp32): {bw}")
+
+
+def _plot(results: list[Result], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r.workload, r.dtype) for r in results}, key=lambda c: (c[1], c[0]))
+    names = list(dict.fromkeys(r.optimizer for r in results))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) + 2), 4.5))
+    for k, name in enumerate(names):
+        ys = []
+        for case in cases:
+            match = [r for r in results if (r.workload, r.dtype) == case and r.optimizer == name]
+            ys.append(match[0].vs_torch_fused if match and match[0].vs_torch_fused else 0.0)
+        ax.bar([i + k * width for i in range(len(cases))], ys, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cases))], [f"{w}\n{d}" for w, d in cases])
+    ax.set_ylabel("speed vs torch.optim.AdamW(fused=True)")
+    ax.set_yscale("log")
+    ax.set_title("adamkit bench: optimizer step speed (higher is better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adamkit bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="scaled-down workloads, 3 reps, no slow peers: seconds")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), help="default: flat-16M gpt2 small")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--reps", type=int, help="timed rounds per workload (default 9; --quick 3)")
+    parser.add_argument("--optimizers", nargs="+", help="only these contenders (names as printed)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the cold/cached first-step measurement")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot the ratios against torch fused (matplotlib)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    workloads = args.workloads or (QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS)
+    reps = args.reps or (3 if args.quick else 9)
+    chosen = [c for c in contenders() if not (args.quick and c.slow)]
+    if args.optimizers:
+        unknown = set(args.optimizers) - {c.name for c in chosen}
+        if unknown:
+            raise SystemExit(f"unknown optimizers {sorted(unknown)}; choose from {[c.name for c in chosen]}")
+        chosen = [c for c in chosen if c.name in args.optimizers or c.name == REFERENCE]
+    meta: dict[str, Any] = {
+        "adamkit": adamkit.__version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "reps": reps,
+        "roofline_GBps": {},
+    }
+    results: list[Result] = []
+    cases = [(w, d) for d in args.dtypes for w in workloads]
+    total = sum((reps + 1) * (len(chosen) + 1) for _ in cases)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("benchmarking", total=total)
+        for workload, dtype in cases:
+            bar.update(task, description=f"{workload} {dtype}")
+            rows, bandwidth = run_workload(workload, dtype, reps, chosen, lambda: bar.advance(task))
+            results += rows
+            meta["roofline_GBps"][f"{workload}/{dtype}"] = bandwidth / 1e9
+    if not args.no_compile:
+        meta["compile_s"] = compile_times()
+    _table(results, meta)
+    if args.json:
+        payload = json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
+        if args.json == "-":
+            print(payload)
+        else:
+            with open(args.json, "w") as f:
+                f.write(payload + "\n")
+    if args.plot:
+        _plot(results, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
