@@ -50,21 +50,7 @@ def _sync(dst_opt, dst_params, src_opt, src_params):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS, ids=ALL_CONFIG_IDS)
 def test_numba_matches_reference_in_lockstep(info: OptimizerInfo, kw: dict, dtype: torch.dtype) -> None:
-    fused_params = _params(dtype)
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    fused = info.cls(fused_params, **copy.deepcopy(kw), backend="numba")
-    ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference")
-    for step in range(STEPS):
-        for p, q, g in zip(fused_params, ref_params, _grads(fused_params, step, dtype)):
-            p.grad = None if g is None else g.clone()
-            q.grad = None if g is None else g.clone()
-        fused.step()
-        ref.step()
-        for i, (p, q) in enumerate(zip(fused_params, ref_params)):
-            torch.testing.assert_close(p.detach(), q.detach(), **TOL[dtype], msg=f"step {step} param {i}")
-            for key, value in ref.state[q].items():
-                torch.testing.assert_close(fused.state[p][key], value, **TOL[dtype], msg=f"step {step} param {i} {key}")
-        _sync(fused, fused_params, ref, ref_params)
+    _lockstep(info, kw, dtype)
 
 
 @pytest.mark.parametrize("mode", ["mask", "propagate"])
