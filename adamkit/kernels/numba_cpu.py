@@ -159,6 +159,26 @@ def _f32_to_bf16(typingctx, x):  # noqa: ARG001
     return types.uint16(types.float32), codegen
 
 
+@intrinsic
+def _wide_vectors(typingctx):
+    """Let LLVM vectorize the calling function with 512-bit registers.
+
+    LLVM's x86 cost model prefers 256-bit vectors on AVX-512 CPUs (clock throttling on
+    old Xeons) unless a function says otherwise with ``"prefer-vector-width"="512"``,
+    as clang's ``-mprefer-vector-width=512`` does. Measured on a 16M tensor here: fp32
+    state 0.97x -> 1.02x torch fused, bf16 state 1.06x -> 1.24x (fewer instructions per
+    element leave the core free to keep more memory requests in flight). Ignored on CPUs
+    without AVX-512. llvmlite only lets known attributes through ``add``; the string
+    attribute is valid LLVM and goes into the function's definition as written.
+    """
+
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, '"prefer-vector-width"="512"')
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 @njit(inline="always")
 def _nan_to_bf16(x, r):
     """``r``, or bf16's quiet NaN where ``x`` is NaN: an arithmetic select (a ternary
@@ -324,6 +344,7 @@ def _adam_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr
     (step_size, inv_bc2_sqrt) in the math dtype; salts: int64 [n_tensors] (stochastic
     rounding streams); consts: (low, b1w, c1, b2, b2w, eps, decay, l2, gsign).
     """
+    _wide_vectors()
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
     bad = 0
     for c in range(c_lo, c_hi):
@@ -402,6 +423,7 @@ def _adamax_loop(p, g, m, u, j0, sc, stream, mask):
 def _adamax_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr, seed, mask):
     """Adamax; ptrs: int64 [n_tensors, 4] (param, grad, exp_avg, exp_inf);
     consts: (low, c1, b2, eps, l2, gsign); the rest as :func:`_adam_chunks`."""
+    _wide_vectors()
     low, c1, b2, eps, l2, gsign = consts
     bad = 0
     for c in range(c_lo, c_hi):
