@@ -49,6 +49,16 @@ from .registry import register
 #: small enough that a 16M tensor gives every thread many items and a chunk's
 #: gradient stays in L2 between the non-finite scan and the update.
 CHUNK = 1 << 15
+#: Software prefetch: a chunk is updated in blocks of BLOCK elements, and before each
+#: block the kernel asks for the cache lines of the block AHEAD elements further on.
+#: The hardware prefetchers alone left the loop waiting on memory between its
+#: divisions; measured on 16M elements, 2 threads: fp32 1.02x -> 1.08x torch fused,
+#: bf16 state 1.21x -> 1.40x (block 128 / ahead 512 beat 256/1024, 64/256, 256/none).
+BLOCK = 128
+AHEAD = 512
+#: Tensors of at most this many elements run in one block, without prefetching: it
+#: cost more than it gained on 20k x 1,000 elements (15 -> 18 ms).
+BLOCKED = 4096
 #: torch dtype -> the NumPy dtype its elements travel as (bf16 and fp16 as bits).
 CARRIERS = {
     torch.float32: np.float32,
@@ -179,6 +189,31 @@ def _wide_vectors(typingctx):
     return types.void(), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, addr):  # noqa: ARG001
+    """Ask for the cache line at a raw address (llvm.prefetch: a read, kept in all levels)."""
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        read, keep, data = ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)
+        builder.call(fn, [builder.inttoptr(args[0], i8p), read, keep, data])
+        return context.get_dummy_value()
+
+    return types.void(types.int64), codegen
+
+
+@njit(inline="always")
+def _ahead(ptrs, t, lo, hi, plike, slike):
+    """Prefetch every column's lines of tensor ``t``'s elements ``lo : min(lo + BLOCK, hi)``."""
+    for col in range(ptrs.shape[1]):
+        size = plike.itemsize if col < 2 else slike.itemsize
+        base = ptrs[t, col]
+        for off in range(lo * size, min(lo + BLOCK, hi) * size, 64):
+            _prefetch(base + off)
+
+
 @njit(inline="always")
 def _nan_to_bf16(x, r):
     """``r``, or bf16's quiet NaN where ``x`` is NaN: an arithmetic select (a ternary
@@ -282,14 +317,20 @@ def _nan_max(a, b):
 
 
 @njit(inline="always")
-def _chunk(ptrs, chunks, c, col, like):
-    """Column ``col`` of chunk ``c`` as an array: a view of just the chunk's elements.
+def _piece(ptrs, t, col, lo, hi, like):
+    """Elements ``lo:hi`` of column ``col`` of tensor ``t`` as an array view.
 
     Loops over such views from 0 vectorize; loops from ``lo`` to ``hi`` over the whole
     tensor did not (measured 2x slower).
     """
-    t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
     return numba.carray(_view(ptrs[t, col] + lo * like.itemsize, like), hi - lo)
+
+
+@njit(inline="always")
+def _blocks(lo, hi):
+    """(step, prefetch?) for a chunk: blocks of BLOCK with prefetching, or one piece."""
+    blocked = hi - lo > BLOCKED
+    return (BLOCK if blocked else max(hi - lo, 1)), blocked
 
 
 # -------------------------------------------------------------------- Adam / AdamW
@@ -348,13 +389,18 @@ def _adam_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
     bad = 0
     for c in range(c_lo, c_hi):
-        t, j0 = chunks[c, 0], chunks[c, 1]
-        p, g = _chunk(ptrs, chunks, c, 0, plike), _chunk(ptrs, chunks, c, 1, plike)
-        m, v = _chunk(ptrs, chunks, c, 2, slike), _chunk(ptrs, chunks, c, 3, slike)
-        x = _chunk(ptrs, chunks, c, 4, slike) if amsgrad else v
+        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         stream = _tensor_seed(seed, salts[t]) if sr else _U(0)
         sc = (low, b1w, c1, b2, b2w, eps, scal[t, 0], scal[t, 1], decay, l2, gsign, sr)
-        bad += _adam_loop(p, g, m, v, x, j0, sc, stream, amsgrad, mask)
+        step, blocked = _blocks(lo, hi)
+        for b in range(lo, hi, step):
+            e = min(b + step, hi)
+            if blocked:
+                _ahead(ptrs, t, b + AHEAD, hi, plike, slike)
+            p, g = _piece(ptrs, t, 0, b, e, plike), _piece(ptrs, t, 1, b, e, plike)
+            m, v = _piece(ptrs, t, 2, b, e, slike), _piece(ptrs, t, 3, b, e, slike)
+            x = _piece(ptrs, t, 4, b, e, slike) if amsgrad else v
+            bad += _adam_loop(p, g, m, v, x, b, sc, stream, amsgrad, mask)
     return bad
 
 
@@ -427,12 +473,17 @@ def _adamax_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, 
     low, c1, b2, eps, l2, gsign = consts
     bad = 0
     for c in range(c_lo, c_hi):
-        t, j0 = chunks[c, 0], chunks[c, 1]
-        p, g = _chunk(ptrs, chunks, c, 0, plike), _chunk(ptrs, chunks, c, 1, plike)
-        m, u = _chunk(ptrs, chunks, c, 2, slike), _chunk(ptrs, chunks, c, 3, slike)
+        t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
         stream = _tensor_seed(seed, salts[t]) if sr else _U(0)
         sc = (low, c1, b2, eps, scal[t, 0], l2, gsign, sr)
-        bad += _adamax_loop(p, g, m, u, j0, sc, stream, mask)
+        step, blocked = _blocks(lo, hi)
+        for b in range(lo, hi, step):
+            e = min(b + step, hi)
+            if blocked:
+                _ahead(ptrs, t, b + AHEAD, hi, plike, slike)
+            p, g = _piece(ptrs, t, 0, b, e, plike), _piece(ptrs, t, 1, b, e, plike)
+            m, u = _piece(ptrs, t, 2, b, e, slike), _piece(ptrs, t, 3, b, e, slike)
+            bad += _adamax_loop(p, g, m, u, b, sc, stream, mask)
     return bad
 
 
