@@ -63,3 +63,21 @@ def test_cli_demo_runs_and_agrees_with_torch() -> None:
     assert out.returncode == 0, out.stderr
     assert "OK: largest parameter difference from torch.optim" in out.stdout
     assert out.stdout.count("\n") >= 6
+
+
+def test_bench_ratio_pairs_rounds_and_run_workload_reports_every_contender() -> None:
+    from adamkit import bench
+
+    # a slow spell (rounds 2-3) hits both contenders: paired ratios stay 2.0
+    torch_times, ours = [2.0, 20.0, 30.0, 2.0, 2.0], [1.0, 10.0, 15.0, 1.0, 1.0]
+    assert bench._paired_ratio(torch_times, ours) == 2.0
+    chosen = [c for c in bench.contenders() if c.name in ("adamkit", "torch fused")]
+    ticks = []
+    results, bandwidth = bench.run_workload("small-2k", "fp32", 2, chosen, lambda: ticks.append(1))
+    assert [r.optimizer for r in results] == ["adamkit", "torch fused"]
+    assert len(ticks) == 3 * 3  # (reps + warm-up) x (contenders + roofline)
+    assert bandwidth > 0
+    for r in results:
+        assert len(r.samples_ms) == 2 and r.median_ms > 0 and r.elements_per_s > 0
+        assert r.vs_torch_fused is not None and r.vs_torch_fused > 0
+    assert results[1].vs_torch_fused == 1.0

@@ -527,6 +527,9 @@ class Tables:
     salts: np.ndarray
     param_dtype: torch.dtype
     state_dtype: torch.dtype
+    #: optional cache of how the chunks split over threads (thread count -> bounds),
+    #: kept by callers whose chunk table does not change between steps
+    splits: dict[int, list[int]] | None = None
 
 
 def chunk_table(numels: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -571,9 +574,13 @@ def _launch(kernel: Callable[..., int], tab: Tables, work: type, consts: tuple, 
     threads = max(1, min(torch.get_num_threads(), chunks.shape[0]))
     if threads == 1:
         return int(kernel(tab.ptrs, chunks, 0, chunks.shape[0], *args))
-    work_done = np.cumsum(chunks[:, 2] - chunks[:, 1])
-    cuts = np.searchsorted(work_done, work_done[-1] * np.arange(1, threads) / threads, side="right")
-    bounds = np.concatenate([[0], cuts, [chunks.shape[0]]]).tolist()
+    bounds = None if tab.splits is None else tab.splits.get(threads)
+    if bounds is None:
+        work_done = np.cumsum(chunks[:, 2] - chunks[:, 1])
+        cuts = np.searchsorted(work_done, work_done[-1] * np.arange(1, threads) / threads, side="right")
+        bounds = np.concatenate([[0], cuts, [chunks.shape[0]]]).tolist()
+        if tab.splits is not None:
+            tab.splits[threads] = bounds
     if _pool is None or _pool_size != threads - 1:
         if _pool is not None:
             _pool.shutdown(wait=False)

@@ -46,7 +46,6 @@ from ..kernels.registry import Kernel
 _GRAD = attrgetter("grad")
 _NBYTES = attrgetter("nbytes")
 _ref = weakref.ref
-_deref = weakref.ref.__call__
 _IS_CPU = attrgetter("is_cpu")
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
@@ -144,6 +143,19 @@ def _rebuild_state(counter: Counter, items: list[tuple[Any, Any]]) -> TrackedSta
     return state
 
 
+class _KeptGrads:
+    """The ids of one step's gradients, and whether any of them has been freed since."""
+
+    def __init__(self, grads: list[Tensor]) -> None:
+        self.freed = False
+        self.ids = list(map(id, grads))
+        callback = self._freed
+        self._refs = [_ref(g, callback) for g in grads]  # kept alive: their callbacks fire
+
+    def _freed(self, _ref: weakref.ref) -> None:
+        self.freed = True
+
+
 class _Segment:
     """The parameters of a plan that share (param dtype, state dtype): one kernel call."""
 
@@ -153,6 +165,9 @@ class _Segment:
         self.kernel = kernel
         self.state_dtype = state_dtype
         self.members = members  # indices into the group's params
+        # all of them, in order (the usual single-dtype group): slices instead of gathers
+        self.whole = members.size == len(params) and bool((members == np.arange(members.size)).all())
+        self.splits: dict[int, list[int]] = {}  # thread count -> chunk bounds (see _launch)
         self.numels = np.array([params[i].numel() for i in members], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.numels)])
         self.chunks = chunk_table(self.numels)
@@ -191,7 +206,7 @@ class GroupPlan:
         self.nbytes = [p.nbytes for p in params]
         self.steps = torch.zeros(len(params), dtype=step_dtype)
         self.pptrs = np.full(len(params), -1, dtype=np.int64)  # parameter addresses last seen
-        self._grad_refs: list[weakref.ref] | None = None  # last step's gradients, and
+        self._kept: _KeptGrads | None = None  # last step's gradients, and
         self._gptrs = np.zeros(0, dtype=np.int64)  # their addresses
         self._fresh_grads = 0  # steps whose gradients were new tensors
         self.views: list[dict[str, Tensor]] = [{"step": self.steps[i]} for i in range(len(params))]
@@ -236,13 +251,19 @@ class GroupPlan:
 
     def _same_grads(self, grads: list[Tensor | None]) -> bool:
         """Whether ``grads`` are the very tensors checked last step (gradients kept
-        across steps: ``zero_grad(set_to_none=False)``, accumulation). Weak references,
-        so gradients the user drops are freed as usual."""
-        refs = self._grad_refs
-        if refs is None or len(refs) != len(grads):
-            return False
-        alive = list(map(_deref, refs))  # a dead reference gives None: it must not match a None grad
-        return all(map(is_, grads, alive)) and not any(map(is_, alive, repeat(None)))
+        across steps: ``zero_grad(set_to_none=False)``, accumulation).
+
+        Compared by ``id``: while none of last step's gradients has been freed (their
+        weak references' callbacks say so), no other live object can have the same id.
+        Cheaper than dereferencing 20,000 weak references; gradients the user drops are
+        freed as usual.
+        """
+        kept = self._kept
+        return kept is not None and not kept.freed and list(map(id, grads)) == kept.ids
+
+    def _remember(self, grads: list[Tensor], gptrs: np.ndarray) -> None:
+        self._kept = _KeptGrads(grads)
+        self._gptrs = gptrs
 
     def prepare(self, grads: list[Tensor | None]) -> _Launch | None:
         """Check this step's gradients and parameters; None sends it to the general path.
@@ -260,7 +281,7 @@ class GroupPlan:
             except RuntimeError:
                 return None
             if not np.array_equal(pptrs, self.pptrs):
-                self._grad_refs = None
+                self._kept = None
                 return self.prepare(grads)
             return _Launch(self, active, None, self._gptrs, pptrs)
         active = np.fromiter(map(is_not, grads, repeat(None)), dtype=bool, count=n)
@@ -293,10 +314,10 @@ class GroupPlan:
             if not (p.is_cpu and p.is_contiguous() and p.numel() == numels[k] and p.dtype == dtypes[k]):
                 return None
         if idx is None and self._fresh_grads < 2:  # remember them, unless they are new every step
-            self._fresh_grads += self._grad_refs is not None
-            self._grad_refs, self._gptrs = list(map(_ref, grads)), gptrs
+            self._fresh_grads += self._kept is not None
+            self._remember(grads, gptrs)
         else:
-            self._grad_refs = None
+            self._kept = None
         return _Launch(self, active, idx, gptrs, pptrs)
 
 
@@ -333,35 +354,40 @@ class _Launch:
         if fresh.size:
             plan.has_state[fresh] = True
             plan.version = state.version
-        if self.idx is None:
+        everyone = self.idx is None
+        if everyone:
             plan.steps.add_(1)
+            plan.pptrs[:] = self.pptrs
+            values = plan.steps.numpy()
         else:
             plan.steps[torch.from_numpy(self.idx)] += 1
-        plan.pptrs[self.active] = self.pptrs[self.active]
-        values = plan.steps.numpy().astype(np.float64)
-        if self.idx is not None:
-            values = values[self.idx]
+            plan.pptrs[self.active] = self.pptrs[self.active]
+            values = plan.steps.numpy()[self.idx]
         if values.size == 0:
             return 0
         scal = np.zeros((len(plan.params), 2))
-        rows = scal if self.idx is None else np.zeros((values.size, 2))
-        if values.min() == values.max():  # the usual case: every parameter at the same step
-            per_step = [scalars(float(values[0]))]
+        rows = scal if everyone else np.zeros((values.size, 2))
+        low, high = values.min(), values.max()
+        if low == high:  # the usual case: every parameter at the same step
+            per_step = [scalars(float(low))]
             rows[:] = (per_step[0].step_size, per_step[0].inv_bc2_sqrt)
         else:  # some parameters' steps lag (they had no gradient for a while)
-            uniq, inverse = np.unique(values, return_inverse=True)
+            uniq, inverse = np.unique(values.astype(np.float64), return_inverse=True)
             per_step = [scalars(float(t)) for t in uniq]
             rows[:] = np.array([(s.step_size, s.inv_bc2_sqrt) for s in per_step])[inverse.reshape(-1)]
-        if self.idx is not None:
+        if not everyone:
             scal[self.idx] = rows
         masked = 0
         for seg in plan.segments:
-            seg.ptrs[:, 0] = self.pptrs[seg.members]
-            seg.ptrs[:, 1] = self.gptrs[seg.members]
-            chunks = seg.chunks
-            if self.idx is not None:
-                chunks = chunks[self.active[seg.members][chunks[:, 0]]]
-            tab = Tables(seg.ptrs, chunks, scal[seg.members], seg.members, seg.param_dtype, seg.state_dtype)
+            chunks, splits = seg.chunks, seg.splits
+            if seg.whole:
+                seg.ptrs[:, 0], seg.ptrs[:, 1], seg_scal = self.pptrs, self.gptrs, scal
+            else:
+                members = seg.members
+                seg.ptrs[:, 0], seg.ptrs[:, 1], seg_scal = self.pptrs[members], self.gptrs[members], scal[members]
+            if not everyone:
+                chunks, splits = chunks[self.active[seg.members][chunks[:, 0]]], None
+            tab = Tables(seg.ptrs, chunks, seg_scal, seg.members, seg.param_dtype, seg.state_dtype, splits)
             masked += seg.kernel.tables(
                 tab, per_step[0], amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed
             )
