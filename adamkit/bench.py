@@ -144,6 +144,11 @@ def contenders() -> list[Contender]:
 
 
 REFERENCE = "torch fused"
+#: Pause before each timed step. torch's OpenMP threads keep spinning for ~2 ms after
+#: a parallel region; a step started inside that window shares its cores with them
+#: (measured: adamkit on flat-16M 2.5 ms slower right after a torch step), so
+#: without the pause the round-robin order decided who paid for whom.
+PAUSE_S = 0.005
 
 
 # ------------------------------------------------------------------------ roofline
@@ -223,6 +228,7 @@ def run_workload(
     times: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(reps + 1):  # one warm-up round: compilation, first touch of the state
         for name, step in steps.items():
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             step()
             dt = time.perf_counter() - t0
