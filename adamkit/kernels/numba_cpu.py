@@ -406,7 +406,7 @@ def _adam_chunks(ptrs, chunks, c_lo, c_hi, scal, salts, plike, slike, consts, sr
 
 # One compiled function per (amsgrad, mask): the first step compiles only the one it
 # needs. Serial and nogil, run on a thread pool (see _launch): numba's parallel=True
-# took 6.7 s to compile all four variants in one function, these ~1 s each.
+# took 6.7 s to compile all four variants in one function, these 1.3-1.7 s each.
 # error_model="numpy": with numba's default ("python") every division checks for a
 # zero divisor and may raise, and that branch stopped LLVM vectorizing (4x slower).
 @njit(nogil=True, cache=True, error_model="numpy")
