@@ -14,6 +14,7 @@ import torch
 from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo
 
 import adamkit
+from adamkit.kernels import metadata
 
 # sizes 0, 1, ragged SIMD tails, > one chunk (32768), and many small tensors
 SIZES = [0, 1, 255, 256, 4097, 70_001] + [
@@ -348,12 +349,17 @@ def test_gradients_kept_across_steps_take_the_cached_path() -> None:
     assert fo._plans[0]._kept is None or len(fo._plans[0]._kept.ids) == len(fp)
 
 
-def test_a_kept_gradient_freed_and_replaced_at_the_same_id_is_noticed() -> None:
-    """Kept gradients are compared by id while none was freed: a gradient dropped and a
-    new one created at the same address (CPython often reuses it at once) must not
-    reuse last step's address table. The reuse is made certain by recording the new
-    gradient's id as if the allocator had handed out the old address."""
+@pytest.mark.parametrize("walk", [True, False], ids=["walker", "ids"])
+def test_a_kept_gradient_freed_and_replaced_at_the_same_id_is_noticed(walk: bool, monkeypatch) -> None:
+    """Kept gradients are compared by id (or TensorImpl address, found by the metadata
+    walker) while none was freed: a gradient dropped and a new one created at the same
+    address (CPython often reuses it at once) must not reuse last step's address table.
+    The reuse is made certain by recording the new gradient's id and TensorImpl as if
+    the allocator had handed out the old addresses."""
+    if not walk:
+        monkeypatch.setattr(metadata, "layout", lambda: None)
     fp, rp, fo, ro = _twins()
+    assert fo._plans.get(0) is None
     for p, q in zip(fp, rp):
         p.grad, q.grad = torch.randn(p.shape), torch.zeros_like(q)
         q.grad.copy_(p.grad)
@@ -366,7 +372,8 @@ def test_a_kept_gradient_freed_and_replaced_at_the_same_id_is_noticed() -> None:
     fp[1].grad = None  # the only reference: freed now
     assert kept.freed
     fp[1].grad, rp[1].grad = replacement, replacement.clone()
-    kept.ids[1] = id(fp[1].grad)  # the same id as last step's gradient
+    kept.ids[1] = id(fp[1].grad)  # the same id and TensorImpl as last step's gradient
+    kept.impls[1] = fp[1].grad._cdata
     fo.step()
     ro.step()
     for p, q in zip(fp, rp):

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Mapping
 from copy import deepcopy
 from dataclasses import dataclass
 from functools import partial
-from operator import attrgetter
 from typing import Any, ClassVar
 
 import torch
@@ -51,8 +50,6 @@ IMPLEMENTATION_KEYS = (
     "stochastic_rounding",
 )
 
-_GRAD = attrgetter("grad")
-
 
 @dataclass
 class _Work:
@@ -60,8 +57,8 @@ class _Work:
 
     index: int
     group: Mapping[str, Any]
-    launch: _Launch | None = None  # the cached-plan path, with the group's grads (None included)
-    all_grads: list[Tensor | None] | None = None
+    launch: _Launch | None = None  # the cached-plan path, with
+    all_grads: list[Tensor | None] | None = None  # the group's grads (None included), if read
     triples: list[tuple[int, Tensor, Tensor]] | None = None  # or the general path
 
     def grads(self) -> list[tuple[int, Tensor]]:
@@ -71,7 +68,8 @@ class _Work:
         """
         if self.triples is not None:
             return [(i, g) for i, _, g in self.triples]
-        return [(i, g) for i, g in enumerate(self.all_grads or []) if g is not None]
+        grads = self.all_grads if self.all_grads is not None else [p.grad for p in self.group["params"]]
+        return [(i, g) for i, g in enumerate(grads) if g is not None]
 
 
 _INTERNAL_DIRS = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
@@ -323,8 +321,7 @@ class AdamFamily(Optimizer):
         check_hyperparameters(group, f" (param group {index})")
         plan = self._plan_for(index, group)
         if plan is not None:
-            grads = list(map(_GRAD, group["params"]))
-            launch = plan.prepare(grads)
+            launch, grads = plan.prepare()
             if launch is not None:
                 return _Work(index, group, launch=launch, all_grads=grads)
         return _Work(index, group, triples=self._collect(index, group))

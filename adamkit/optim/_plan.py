@@ -40,10 +40,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..kernels.metadata import SLICE, Walker
 from ..kernels.numba_cpu import Tables, chunk_table
 from ..kernels.registry import Kernel
 
 _GRAD = attrgetter("grad")
+_CDATA = attrgetter("_cdata")
 _NBYTES = attrgetter("nbytes")
 _ref = weakref.ref
 _IS_CPU = attrgetter("is_cpu")
@@ -149,6 +151,7 @@ class _KeptGrads:
     def __init__(self, grads: list[Tensor]) -> None:
         self.freed = False
         self.ids = list(map(id, grads))
+        self.impls = np.fromiter(map(_CDATA, grads), dtype=np.int64, count=len(grads))  # their TensorImpls
         callback = self._freed
         self._refs = [_ref(g, callback) for g in grads]  # kept alive: their callbacks fire
 
@@ -206,6 +209,7 @@ class GroupPlan:
         self.nbytes = [p.nbytes for p in params]
         self.steps = torch.zeros(len(params), dtype=step_dtype)
         self.pptrs = np.full(len(params), -1, dtype=np.int64)  # parameter addresses last seen
+        self._walker = Walker(self.params)
         self._kept: _KeptGrads | None = None  # last step's gradients, and
         self._gptrs = np.zeros(0, dtype=np.int64)  # their addresses
         self._fresh_grads = 0  # steps whose gradients were new tensors
@@ -261,33 +265,98 @@ class GroupPlan:
         kept = self._kept
         return kept is not None and not kept.freed and list(map(id, grads)) == kept.ids
 
+    def _kept_grads(self) -> np.ndarray | None:
+        """The parameter addresses, if the gradients are the very tensors checked last
+        step (as :meth:`_same_grads`), found without reading ``.grad``; else None.
+
+        The metadata walker finds each gradient's TensorImpl, compared with those of
+        last step's gradients: while none of them has been freed, no other tensor can
+        have one of their TensorImpls. On 20,000 parameters this replaced reading
+        ``.grad`` (5-6 ms after a large step) by a ~1.5 ms walk.
+        """
+        kept, walker, params = self._kept, self._walker, self.params
+        if kept is None or kept.freed or not walker.finds_grads:
+            return None
+        n = len(params)
+        pptrs = np.empty(n, dtype=np.int64)
+        for lo in range(0, n, SLICE):
+            hi = min(lo + SLICE, n)
+            if not np.array_equal(walker.grads(lo, hi), kept.impls[lo:hi]):
+                return None
+            pptrs[lo:hi] = np.fromiter(map(_data_ptr, params[lo:hi]), dtype=np.int64, count=hi - lo)
+        return pptrs
+
     def _remember(self, grads: list[Tensor], gptrs: np.ndarray) -> None:
         self._kept = _KeptGrads(grads)
         self._gptrs = gptrs
 
-    def prepare(self, grads: list[Tensor | None]) -> _Launch | None:
-        """Check this step's gradients and parameters; None sends it to the general path.
+    def read(self, check_grads: bool) -> tuple[list[Tensor | None], np.ndarray, np.ndarray | None]:
+        """This step's gradients, parameter addresses and, with ``check_grads``, the
+        gradients' addresses if every parameter has a gradient that passes the checks
+        of :meth:`prepare` (else None: :meth:`prepare` checks them itself). Raises
+        RuntimeError for a tensor without storage.
+
+        Slice by slice behind the metadata prefetcher (see
+        :mod:`adamkit.kernels.metadata`) when it is on, so every pass over a slice finds
+        its metadata in L2. 20,000 parameters after a large step: 10.1 -> 8 ms for
+        ``.grad`` and addresses; 18.7 -> 14 ms with new gradients to check.
+        """
+        params, n, walker = self.params, len(self.params), self._walker
+        if not walker.active:
+            return list(map(_GRAD, params)), np.fromiter(map(_data_ptr, params), dtype=np.int64, count=n), None
+        grads: list[Tensor | None] = []
+        pptrs = np.empty(n, dtype=np.int64)
+        gptrs = np.empty(n, dtype=np.int64) if check_grads else None
+        for lo in range(0, n, SLICE):
+            hi = min(lo + SLICE, n)
+            walker.warm(lo, hi)
+            part = params[lo:hi]
+            grads += map(_GRAD, part)
+            pptrs[lo:hi] = np.fromiter(map(_data_ptr, part), dtype=np.int64, count=hi - lo)
+            if gptrs is not None:
+                live = grads[lo:hi]
+                if (
+                    all(map(is_not, live, repeat(None)))  # not ``in``: that would call Tensor.__eq__
+                    and list(map(_NBYTES, live)) == self.nbytes[lo:hi]
+                    and all(map(_is_contiguous, live))
+                    and all(map(_IS_CPU, live))
+                ):
+                    gptrs[lo:hi] = np.fromiter(map(_data_ptr, live), dtype=np.int64, count=hi - lo)
+                else:
+                    gptrs = None
+        return grads, pptrs, gptrs
+
+    def prepare(self) -> tuple[_Launch | None, list[Tensor | None] | None]:
+        """Check this step's gradients and parameters: (the launch, the gradients), or
+        (None, ...) to send the step to the general path.
 
         Gradients that are the same tensor objects as last step's keep last step's
-        checks and addresses (3 of the 6 passes over the group); a gradient resized in
+        checks and addresses (4 of the 6 passes over the group); a gradient resized in
         place (``resize_``, ``set_``) behind torch's back between steps goes unnoticed
         then.
         """
         n = len(self.params)
-        if self._same_grads(grads):
-            active = np.ones(n, dtype=bool)
-            try:
-                pptrs = np.fromiter(map(_data_ptr, self.params), dtype=np.int64, count=n)
-            except RuntimeError:
-                return None
-            if not np.array_equal(pptrs, self.pptrs):
+        try:
+            kept_pptrs = self._kept_grads()
+            if kept_pptrs is not None and np.array_equal(kept_pptrs, self.pptrs):
+                return _Launch(self, np.ones(n, dtype=bool), None, self._gptrs, kept_pptrs), None
+            kept = self._kept
+            fresh = kept is None or kept.freed or self._walker.finds_grads  # else maybe kept, by id
+            grads, all_pptrs, all_gptrs = self.read(check_grads=fresh)
+        except RuntimeError:  # e.g. a tensor without storage
+            return None, None
+        if not fresh and self._same_grads(grads):
+            if not np.array_equal(all_pptrs, self.pptrs):
                 self._kept = None
-                return self.prepare(grads)
-            return _Launch(self, active, None, self._gptrs, pptrs)
+                return self.prepare()
+            return _Launch(self, np.ones(n, dtype=bool), None, self._gptrs, all_pptrs), grads
+        if all_gptrs is not None:  # every gradient present and checked
+            active, idx, params, numels, dtypes = np.ones(n, dtype=bool), None, self.params, self.numels, self.dtypes
+            return self._launch_fresh(grads, active, idx, params, numels, dtypes, all_gptrs, all_pptrs)
         active = np.fromiter(map(is_not, grads, repeat(None)), dtype=bool, count=n)
         if active.all():
             idx, params, live_grads, numels, dtypes = None, self.params, grads, self.numels, self.dtypes
-            nbytes = self.nbytes
+            nbytes, pptrs = self.nbytes, all_pptrs
         else:
             idx = np.flatnonzero(active)
             params = [self.params[i] for i in idx]
@@ -295,6 +364,7 @@ class GroupPlan:
             numels = [self.numels[i] for i in idx]
             dtypes = [self.dtypes[i] for i in idx]
             nbytes = [self.nbytes[i] for i in idx]
+            pptrs = all_pptrs[idx]
         try:
             ok = (
                 list(map(_NBYTES, live_grads)) == nbytes
@@ -302,23 +372,36 @@ class GroupPlan:
                 and all(map(_IS_CPU, live_grads))
             )
             if not ok:
-                return None
+                return None, grads
             gptrs = np.fromiter(map(_data_ptr, live_grads), dtype=np.int64, count=len(live_grads))
-            pptrs = np.fromiter(map(_data_ptr, params), dtype=np.int64, count=len(params))
         except RuntimeError:  # e.g. a tensor without storage
-            return None
+            return None, grads
+        return self._launch_fresh(grads, active, idx, params, numels, dtypes, gptrs, pptrs)
+
+    def _launch_fresh(
+        self,
+        grads: list[Tensor | None],
+        active: np.ndarray,
+        idx: np.ndarray | None,
+        params: list[Tensor],
+        numels: list[int],
+        dtypes: list[torch.dtype],
+        gptrs: np.ndarray,
+        pptrs: np.ndarray,
+    ) -> tuple[_Launch | None, list[Tensor | None]]:
+        """The launch for checked new gradients, once moved parameters are checked too."""
         # a parameter whose storage moved (``p.data = ...``) is checked in full
         known = self.pptrs if idx is None else self.pptrs[idx]
         for k in np.flatnonzero(pptrs != known):
             p = params[k]
             if not (p.is_cpu and p.is_contiguous() and p.numel() == numels[k] and p.dtype == dtypes[k]):
-                return None
+                return None, grads
         if idx is None and self._fresh_grads < 2:  # remember them, unless they are new every step
             self._fresh_grads += self._kept is not None
-            self._remember(grads, gptrs)
+            self._remember(grads, gptrs)  # type: ignore[arg-type]
         else:
             self._kept = None
-        return _Launch(self, active, idx, gptrs, pptrs)
+        return _Launch(self, active, idx, gptrs, pptrs), grads
 
 
 class _Launch:
