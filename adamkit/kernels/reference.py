@@ -174,7 +174,8 @@ def _run(
 
     Complex tensors are viewed as real. The math runs in at least float32: bf16/fp16
     parameters or state are widened and stored back rounded to nearest even (bf16
-    parameters stochastically when ``sr_seed`` is given; ``salts`` name the tensors'
+    state with subnormals flushed to zero; bf16 parameters stochastically when
+    ``sr_seed`` is given; ``salts`` name the tensors'
     random streams, by default their positions). With ``mask_nonfinite``, elements
     whose gradient is not finite get their parameter and state restored afterwards,
     and are counted (a complex element with a NaN or infinite part is one element,
@@ -208,8 +209,18 @@ def _run(
             torch._foreach_copy_(ps, work_ps)
     if work_sts is not sts:
         for ts, ws in zip(sts, work_sts):
+            if ts[0].dtype == torch.bfloat16:
+                flush_subnormals_(ws)
             torch._foreach_copy_(ts, ws)
     return masked
+
+
+def flush_subnormals_(tensors: TensorList) -> None:
+    """Replace values below float32's smallest normal (2^-126, ~1.2e-38) in magnitude by
+    zeros of the same sign: bf16 state is stored so (see the numba kernels'
+    ``_f32_to_bf16_ftz``), as x86's one-instruction conversion does."""
+    for t in tensors:
+        t.mul_(~(t.abs() < 2.0**-126))  # NaN and inf compare False: kept
 
 
 @register("adam", backend="reference", state_bits=(32, 16))
