@@ -357,6 +357,7 @@ def test_a_kept_gradient_freed_and_replaced_at_the_same_id_is_noticed(walk: bool
     address (CPython often reuses it at once) must not reuse last step's address table.
     The reuse is made certain by recording the new gradient's id and TensorImpl as if
     the allocator had handed out the old addresses."""
+    monkeypatch.setattr(metadata, "MIN_PARAMS", 1)
     if not walk:
         monkeypatch.setattr(metadata, "layout", lambda: None)
     fp, rp, fo, ro = _twins()

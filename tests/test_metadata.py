@@ -17,6 +17,18 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 LINUX = sys.platform.startswith("linux")
 
 
+@pytest.fixture(autouse=True)
+def _walk_small_groups(monkeypatch):
+    """The walker skips groups of fewer than MIN_PARAMS parameters; these tests use few."""
+    monkeypatch.setattr(metadata, "MIN_PARAMS", 1)
+
+
+def test_small_groups_are_not_walked(monkeypatch) -> None:
+    monkeypatch.setattr(metadata, "MIN_PARAMS", 512)
+    assert not Walker([torch.zeros(3).requires_grad_() for _ in range(511)]).active
+    assert Walker([torch.zeros(3).requires_grad_() for _ in range(512)]).active == (metadata.layout() is not None)
+
+
 @pytest.mark.skipif(not LINUX, reason="/proc/self/mem is Linux's")
 def test_layout_is_found_on_this_torch() -> None:
     offs = metadata.layout()

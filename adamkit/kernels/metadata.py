@@ -50,6 +50,9 @@ from .numba_cpu import _prefetch
 
 #: Parameters per slice: their metadata lines (~10 per parameter) fit in L2.
 SLICE = 512
+#: Groups with fewer parameters are read from Python alone: their reads cost little,
+#: and the walker's compilation (~0.3 s with an empty Numba cache) is not paid.
+MIN_PARAMS = 512
 #: Cache lines of a TensorImpl to prefetch (its fields span ~200 bytes, unaligned).
 IMPL_LINES = 4
 _WORDS = 32  # words searched in each object when calibrating
@@ -71,18 +74,26 @@ def _lines(addr, n):
         _prefetch(addr + 64 * k)
 
 
+#: what a walk does: the first hop only (checking the layout), find the gradients, or
+#: find and prefetch them
+FIRST, FIND, WARM = 0, 1, 2
+
+
 @njit(cache=True)  # holds the GIL: see the module docstring
-def _walk(objs, lo, hi, offs, hops, grads_too):
-    """Bring the metadata of ``objs[lo:hi]`` (Python objects of parameters) into cache;
-    ``hops[2, lo:hi]``: the addresses of their gradients' TensorImpls (see ``Walker.grads``).
+def _walk(objs, lo, hi, offs, hops, mode):
+    """Walk the metadata of ``objs[lo:hi]`` (Python objects of parameters), bringing it
+    into cache. ``hops[0]``: the TensorImpl addresses; ``hops[2]`` (unless ``mode`` is
+    FIRST): those of the gradients (see ``Walker.grads``).
 
     offs: (impl in object, storage in impl, autograd meta in impl, grad in meta,
-    Python object in impl); hops: int64 [3, len(objs)] scratch; grads_too: prefetch
-    the gradients' metadata as well (else only find them).
+    Python object in impl); hops: int64 [3, len(objs)]; mode: FIRST, FIND or WARM
+    (prefetch the gradients' metadata too).
     """
     o_impl, o_storage, o_meta, o_grad, o_pyobj = offs[0], offs[1], offs[2], offs[3], offs[4]
     for i in range(lo, hi):  # each loop's loads are independent: many misses in flight
         hops[0, i] = _word(objs[i] + o_impl)
+    if mode == FIRST:
+        return
     for i in range(lo, hi):
         impl = hops[0, i]
         _lines(impl, IMPL_LINES)
@@ -91,22 +102,13 @@ def _walk(objs, lo, hi, offs, hops, grads_too):
     for i in range(lo, hi):
         meta = hops[1, i]
         hops[2, i] = _word(meta + o_grad) if meta != 0 else 0
-    if grads_too:
+    if mode == WARM:
         for i in range(lo, hi):
             grad = hops[2, i]
             if grad != 0:
                 _lines(grad, IMPL_LINES)
                 _prefetch(_word(grad + o_storage))
                 _prefetch(_word(grad + o_pyobj))
-
-
-@njit(cache=True)
-def _firsts(objs, o_impl):
-    """The word at ``o_impl`` in each object (its TensorImpl, if the layout holds)."""
-    out = np.empty_like(objs)
-    for i in range(objs.size):
-        out[i] = _word(objs[i] + o_impl)
-    return out
 
 
 def _peek(fd: int, addr: int, n: int) -> list[int] | None:
@@ -166,13 +168,14 @@ class Walker:
     """Walks the metadata of a fixed list of parameters (see the module docstring)."""
 
     def __init__(self, params: list[torch.Tensor]) -> None:
-        offs = layout()
+        offs = layout() if len(params) >= MIN_PARAMS else None
         self.params = list(params)  # the walk reads these objects: they must stay alive
         self.objs = np.fromiter(map(id, params), dtype=np.int64, count=len(params))
         self.hops = np.zeros((3, len(params)), dtype=np.int64)
         if offs is not None:  # every parameter's first hop must be its TensorImpl
             impls = np.fromiter((p._cdata for p in params), dtype=np.int64, count=len(params))
-            if not np.array_equal(_firsts(self.objs, offs[0]), impls):
+            _walk(self.objs, 0, len(params), offs, self.hops, FIRST)
+            if not np.array_equal(self.hops[0], impls):
                 offs = None
         self.offs = offs
         #: whether :meth:`grads` may stand in for reading ``.grad``: plain tensors only
@@ -185,12 +188,12 @@ class Walker:
 
     def warm(self, lo: int, hi: int) -> None:
         """Prefetch parameters ``lo:hi``'s metadata and their gradients'."""
-        _walk(self.objs, lo, hi, self.offs, self.hops, True)
+        _walk(self.objs, lo, hi, self.offs, self.hops, WARM)
 
     def grads(self, lo: int, hi: int) -> np.ndarray:
         """Prefetch parameters ``lo:hi``'s metadata; the TensorImpl address of each one's
         gradient (``._cdata`` of ``.grad``), a view valid until the next call. Without a
         gradient: the address of torch's undefined-tensor singleton, or 0 for a tensor
         without autograd metadata; neither is a live gradient's."""
-        _walk(self.objs, lo, hi, self.offs, self.hops, False)
+        _walk(self.objs, lo, hi, self.offs, self.hops, FIND)
         return self.hops[2, lo:hi]
