@@ -206,9 +206,19 @@ def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype, grads: list[torch
 
 
 def run_workload(
-    workload: str, dtype_name: str, reps: int, chosen: list[Contender], progress: Callable[[], None]
+    workload: str,
+    dtype_name: str,
+    reps: int,
+    chosen: list[Contender],
+    progress: Callable[[], None],
+    new_grads: bool = False,
 ) -> tuple[list[Result], float]:
     """Time every contender on one workload, round-robin, plus the roofline stream.
+
+    ``new_grads``: every round gives every parameter a new gradient tensor (as
+    ``zero_grad()`` then ``backward()`` do), untimed, then streams the roofline arrays
+    once so that no contender finds the tensors' metadata in cache; by default the
+    gradients are the same tensors every step.
 
     Returns the results and the roofline bandwidth (bytes/s) measured beside them.
     """
@@ -217,16 +227,25 @@ def run_workload(
     n = sum(int(np.prod(s)) for s in shapes)
     gen = torch.Generator().manual_seed(0)
     grads = [(torch.randn(s, generator=gen) * 1e-3).to(dtype) for s in shapes]
+    grad_sets = [grads, [g.clone() for g in grads]] if new_grads else [grads]
     steps: dict[str, Callable[[], Any]] = {}
+    params: list[list[torch.Tensor]] = []
     for c in chosen:
         try:
-            steps[c.name] = c.make(_params(shapes, dtype, grads)).step
+            ps = _params(shapes, dtype, grads)
+            steps[c.name] = c.make(ps).step
+            params.append(ps)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot take this case is reported, not fatal
             print(f"  {c.name}: skipped on {workload}/{dtype_name} ({type(exc).__name__}: {exc})", file=sys.stderr)
     stream_bytes, stream = roofline(n)
     steps["roofline"] = stream
     times: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(reps + 1):  # one warm-up round: compilation, first touch of the state
+        if new_grads:
+            for ps in params:
+                for p, g in zip(ps, grad_sets[rep % 2]):
+                    p.grad = g
+            stream()
         for name, step in steps.items():
             time.sleep(PAUSE_S)
             t0 = time.perf_counter()
@@ -296,7 +315,8 @@ def _table(results: list[Result], meta: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"optimizer step, AdamW, median of {meta['reps']} ({meta['threads']} threads)")
+    grads = "new gradient tensors every step" if meta.get("new_grads") else "gradients kept"
+    table = Table(title=f"optimizer step, AdamW, median of {meta['reps']} ({meta['threads']} threads; {grads})")
     for col in ("workload", "dtype", "optimizer", "state B/param", "ms/step", "G el/s", "vs fused", "roofline"):
         table.add_column(col, justify="left" if col in ("workload", "dtype", "optimizer") else "right")
     for r in results:
@@ -362,6 +382,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reps", type=int, help="timed rounds per workload (default 9; --quick 3)")
     parser.add_argument("--optimizers", nargs="+", help="only these contenders (names as printed)")
     parser.add_argument("--no-compile", action="store_true", help="skip the cold/cached first-step measurement")
+    parser.add_argument(
+        "--new-grads",
+        action="store_true",
+        help="a new gradient tensor per parameter every step (zero_grad's set_to_none), not kept ones",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="FILE.png", help="plot the ratios against torch fused (matplotlib)")
 
@@ -383,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "reps": reps,
+        "new_grads": args.new_grads,
         "roofline_GBps": {},
     }
     results: list[Result] = []
@@ -392,7 +418,9 @@ def run(args: argparse.Namespace) -> int:
         task = bar.add_task("benchmarking", total=total)
         for workload, dtype in cases:
             bar.update(task, description=f"{workload} {dtype}")
-            rows, bandwidth = run_workload(workload, dtype, reps, chosen, lambda: bar.advance(task))
+            rows, bandwidth = run_workload(
+                workload, dtype, reps, chosen, lambda: bar.advance(task), new_grads=args.new_grads
+            )
             results += rows
             meta["roofline_GBps"][f"{workload}/{dtype}"] = bandwidth / 1e9
     if not args.no_compile:

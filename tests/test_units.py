@@ -81,3 +81,44 @@ def test_bench_ratio_pairs_rounds_and_run_workload_reports_every_contender() -> 
         assert len(r.samples_ms) == 2 and r.median_ms > 0 and r.elements_per_s > 0
         assert r.vs_torch_fused is not None and r.vs_torch_fused > 0
     assert results[1].vs_torch_fused == 1.0
+
+
+def test_bench_new_grads_gives_every_parameter_a_new_gradient_each_round(monkeypatch) -> None:
+    """--new-grads: each round assigns new gradient tensors (alternating two sets)."""
+    import dataclasses
+
+    from adamkit import bench
+
+    seen: list[list[int]] = []
+    real_params = bench._params
+
+    def spy(shapes, dtype, grads):
+        ps = real_params(shapes, dtype, grads)
+        seen.append(ps)
+        return ps
+
+    monkeypatch.setattr(bench, "_params", spy)
+    ids_per_step: list[list[int]] = []
+
+    def spying(make):
+        def make_spy(ps):
+            opt = make(ps)
+            step = opt.step
+
+            def stepped():
+                ids_per_step.append([id(p.grad) for p in ps])
+                return step()
+
+            opt.step = stepped
+            return opt
+
+        return make_spy
+
+    chosen = [
+        dataclasses.replace(c, make=spying(c.make)) for c in bench.contenders() if c.name in ("adamkit", "torch fused")
+    ]
+    results, _ = bench.run_workload("small-2k", "fp32", 2, chosen, lambda: None, new_grads=True)
+    assert len(results) == 2 and len(seen) == 2
+    adamkit_steps = ids_per_step[0::2]
+    assert adamkit_steps[0] != adamkit_steps[1] and adamkit_steps[0] == adamkit_steps[2]  # two sets, alternating
+    assert set(adamkit_steps[0]).isdisjoint(adamkit_steps[1])
