@@ -159,15 +159,20 @@ def _f32_to_bf16(typingctx, x):  # noqa: ARG001
     """
 
     def codegen(context, builder, signature, args):
-        i32, i16 = ir.IntType(32), ir.IntType(16)
-        bits = builder.bitcast(args[0], i32)
-        lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-        rounded = builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF)))
-        top = builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), i16)
-        isnan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.select(isnan, ir.Constant(i16, 0x7FC0), top)
+        return _bf16_rne_ir(builder, args[0])
 
     return types.uint16(types.float32), codegen
+
+
+def _bf16_rne_ir(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """IR: float32 ``x`` -> bf16 bits, round to nearest even, NaN -> 0x7FC0."""
+    i32, i16 = ir.IntType(32), ir.IntType(16)
+    bits = builder.bitcast(x, i32)
+    lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+    rounded = builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF)))
+    top = builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), i16)
+    isnan = builder.fcmp_unordered("uno", x, x)
+    return builder.select(isnan, ir.Constant(i16, 0x7FC0), top)
 
 
 class _BFloat(ir.Type):
@@ -206,11 +211,7 @@ def _f32_to_bf16_ftz(typingctx, x):  # noqa: ARG001
             return builder.bitcast(builder.fptrunc(args[0], _BFloat()), ir.IntType(16))
         i32, i16 = ir.IntType(32), ir.IntType(16)
         bits = builder.bitcast(args[0], i32)
-        lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-        rounded = builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF)))
-        top = builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), i16)
-        isnan = builder.fcmp_unordered("uno", args[0], args[0])
-        top = builder.select(isnan, ir.Constant(i16, 0x7FC0), top)
+        top = _bf16_rne_ir(builder, args[0])
         magnitude = builder.and_(bits, ir.Constant(i32, 0x7FFFFFFF))
         tiny = builder.icmp_unsigned("<", magnitude, ir.Constant(i32, 0x00800000))
         sign = builder.trunc(builder.lshr(bits, ir.Constant(i32, 16)), i16)
