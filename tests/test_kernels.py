@@ -8,6 +8,7 @@ discrepancy cannot hide in accumulated drift and every step tests the rule afres
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -165,6 +166,65 @@ def test_bf16_nonfinite_masking_leaves_elements_unchanged() -> None:
     assert torch.equal(p.detach()[[3, 500]], before[[3, 500]])
     assert not torch.equal(p.detach()[:3], before[:3])
     assert opt.state[p]["exp_avg"][[3, 500]].eq(0).all()
+
+
+def _grads_with_nonfinite(params, step, dtype):
+    """_grads with NaN/±inf at both ends, at block (128) and chunk (32768) boundaries
+    and at a place that moves every step."""
+    out = _grads(params, step, dtype)
+    bad = [float("nan"), float("inf"), -float("inf")]
+    for i, g in enumerate(out):
+        if g is None or g.numel() == 0:
+            continue
+        n = g.numel()
+        spots = sorted({0, n - 1, (step * 131 + i) % n, 127 % n, 128 % n, 4096 % n, 32_767 % n, 40_000 % n})
+        for k, j in enumerate(spots):
+            g[j] = bad[(k + step) % 3]
+    return out
+
+
+MASK_LAYOUTS = {  # (param dtype, state_bits, stochastic rounding)
+    "fp32": (torch.float32, 32, False),
+    "fp32-state16": (torch.float32, 16, False),
+    "bf16": (torch.bfloat16, 32, False),
+    "bf16-sr": (torch.bfloat16, 16, True),
+    "fp16-state16": (torch.float16, 16, False),
+    "fp64": (torch.float64, 32, False),
+}
+
+
+@pytest.mark.parametrize("layout", MASK_LAYOUTS)
+@pytest.mark.parametrize("info,kw", ALL_CONFIGS[::3], ids=ALL_CONFIG_IDS[::3])
+def test_masking_matches_reference(info: OptimizerInfo, kw: dict, layout: str) -> None:
+    """Blocks with a non-finite gradient take the kernels' rare path (element by element
+    from the first such block of a chunk on); the result is the reference's, the count
+    the number of NaN/±inf elements."""
+    dtype, state_bits, sr = MASK_LAYOUTS[layout]
+    fused_params = _params(dtype)
+    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
+    kw = {**copy.deepcopy(kw), "state_bits": state_bits, "stochastic_rounding": sr}
+    fused = info.cls(fused_params, **kw, backend="numba")
+    ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference")
+    expected = 0
+    for step in range(4):
+        grads = _grads_with_nonfinite(fused_params, step, None)
+        expected += sum(int((~torch.isfinite(g)).sum()) for g in grads if g is not None)
+        for p, q, g in zip(fused_params, ref_params, grads):
+            p.grad = None if g is None else g.clone()
+            q.grad = None if g is None else g.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            torch.manual_seed(step)
+            fused.step()
+            torch.manual_seed(step)
+            ref.step()
+        for i, (p, q) in enumerate(zip(fused_params, ref_params)):
+            _assert_close_any(p.detach(), q.detach(), f"step {step} param {i}")
+            for key, value in ref.state[q].items():
+                _assert_close_any(fused.state[p][key], value, f"step {step} param {i} {key}")
+        _sync(fused, fused_params, ref, ref_params)
+    assert expected > 0
+    assert fused.nonfinite_count == ref.nonfinite_count == expected
 
 
 # ---------------------------------------------------------------- stochastic rounding

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _memory
 from ..kernels.metadata import SLICE, Walker
-from ..kernels.numba_cpu import Tables, chunk_table
+from ..kernels.numba_cpu import Tables, chunk_table, unit_table
 from ..kernels.registry import Kernel
 
 _GRAD = attrgetter("grad")
@@ -170,10 +171,10 @@ class _Segment:
         self.members = members  # indices into the group's params
         # all of them, in order (the usual single-dtype group): slices instead of gathers
         self.whole = members.size == len(params) and bool((members == np.arange(members.size)).all())
-        self.splits: dict[int, list[int]] = {}  # thread count -> chunk bounds (see _launch)
         self.numels = np.array([params[i].numel() for i in members], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.numels)])
         self.chunks = chunk_table(self.numels)
+        self.units = unit_table(self.chunks)
         self.ptrs = np.zeros((len(members), 2 + n_state), dtype=np.int64)
         self.param_dtype = params[members[0]].dtype
 
@@ -222,7 +223,7 @@ class GroupPlan:
         for (_, sd, _), idx in by_layout.items():
             seg = _Segment(kernels[idx[0]], np.array(idx, dtype=np.int64), params, len(keys), sd)
             for col, key in enumerate(keys):
-                flat = torch.zeros(int(seg.offsets[-1]), dtype=sd)
+                flat = _memory.zeros(int(seg.offsets[-1]), sd)  # on huge pages where possible
                 self._buffers.append(flat)
                 for row, i in enumerate(idx):
                     view = flat[seg.offsets[row] : seg.offsets[row + 1]].view(params[i].shape)
@@ -462,15 +463,15 @@ class _Launch:
             scal[self.idx] = rows
         masked = 0
         for seg in plan.segments:
-            chunks, splits = seg.chunks, seg.splits
+            chunks, units = seg.chunks, seg.units
             if seg.whole:
                 seg.ptrs[:, 0], seg.ptrs[:, 1], seg_scal = self.pptrs, self.gptrs, scal
             else:
                 members = seg.members
                 seg.ptrs[:, 0], seg.ptrs[:, 1], seg_scal = self.pptrs[members], self.gptrs[members], scal[members]
             if not everyone:
-                chunks, splits = chunks[self.active[seg.members][chunks[:, 0]]], None
-            tab = Tables(seg.ptrs, chunks, seg_scal, seg.members, seg.param_dtype, seg.state_dtype, splits)
+                chunks, units = chunks[self.active[seg.members][chunks[:, 0]]], None
+            tab = Tables(seg.ptrs, chunks, seg_scal, seg.members, seg.param_dtype, seg.state_dtype, units)
             masked += seg.kernel.tables(
                 tab, per_step[0], amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed
             )
