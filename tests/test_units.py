@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import adamkit
+from adamkit import _memory
 from adamkit._scalars import adam_scalars, adamax_scalars
 from adamkit.kernels import numba_cpu, reference
 from adamkit.kernels.registry import resolve
@@ -122,3 +124,23 @@ def test_bench_new_grads_gives_every_parameter_a_new_gradient_each_round(monkeyp
     adamkit_steps = ids_per_step[0::2]
     assert adamkit_steps[0] != adamkit_steps[1] and adamkit_steps[0] == adamkit_steps[2]  # two sets, alternating
     assert set(adamkit_steps[0]).isdisjoint(adamkit_steps[1])
+
+
+def test_state_buffers_are_zeros_on_huge_pages_where_linux_allows() -> None:
+    big = _memory.zeros(3 * _memory.HUGE_PAGE // 4 + 5, torch.float32)  # 6 MiB and a bit
+    assert big.dtype == torch.float32 and big.numel() == 3 * _memory.HUGE_PAGE // 4 + 5
+    assert not big.any()
+    like = _memory.zeros_like(torch.ones(4, 1 << 20, dtype=torch.bfloat16).t(), torch.float32)
+    assert like.shape == (1 << 20, 4) and like.stride() == (1, 1 << 20) and not like.any()
+    small = torch.ones(10)
+    assert _memory.advise_huge_pages(small) is False  # under MIN_BYTES: left alone
+    if sys.platform.startswith("linux") and _memory._madvise is not None:
+        # the 2 MiB-aligned part of a 12 MiB buffer spans huge pages: advised
+        assert _memory.advise_huge_pages(torch.empty(3 * _memory.HUGE_PAGE // 4, dtype=torch.float64))
+
+
+def test_huge_pages_can_be_switched_off() -> None:
+    code = "from adamkit import _memory; print(_memory._madvise is None)"
+    env = {**os.environ, "ADAMKIT_HUGE_PAGES": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

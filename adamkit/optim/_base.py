@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .. import _memory
 from .._scalars import StepScalars
 from ..kernels import reference
 from ..kernels.registry import (
@@ -430,7 +431,7 @@ class AdamFamily(Optimizer):
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
         state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
         for key in self._state_keys(group):
-            state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, group), memory_format=torch.preserve_format)
+            state[key] = _memory.zeros_like(p, self._state_dtype(p, group))
         return state
 
     def _step_group(
@@ -454,7 +455,7 @@ class AdamFamily(Optimizer):
             state = self.state[p]
             for key in keys:  # e.g. amsgrad switched on mid-run: its maximum starts at zero
                 if key not in state:
-                    state[key] = torch.zeros_like(state[keys[0]])
+                    state[key] = _memory.zeros_like(state[keys[0]], state[keys[0]].dtype)
             states.append(state)
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1.0)
