@@ -168,7 +168,9 @@ def roofline(n: int) -> tuple[float, Callable[[], None]]:
     """(bytes per element, a step that streams them over ``n`` fp32 elements on all threads)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    arrays = [np.zeros(n, np.float32) for _ in range(4)]
+    # numpy puts arrays this large on huge pages (the machine's best case); the values
+    # are not zero: streams of zeros ran 20% faster here (7.5 vs 9.3 ms on 16M)
+    arrays = [np.full(n, 1.0 if i != 1 else 1e-3, np.float32) for i in range(4)]
     threads = max(1, torch.get_num_threads())
     cuts = np.linspace(0, n, threads + 1).astype(np.int64).tolist()
     pool = ThreadPoolExecutor(max(1, threads - 1))

@@ -62,8 +62,11 @@ UNIT = CHUNK
 #: The hardware prefetchers alone left the loop waiting on memory between its
 #: divisions; measured on 16M elements, 2 threads: fp32 1.02x -> 1.08x torch fused,
 #: bf16 state 1.21x -> 1.40x (block 128 / ahead 512 beat 256/1024, 64/256, 256/none).
-BLOCK = 128
-AHEAD = 512
+#: With the state on huge pages (see adamkit._memory) the best distance shrank:
+#: block 64 / ahead 256 gave fp32 0.98-1.00x -> 1.03-1.05x, bf16 state 1.23x -> 1.28x,
+#: bf16 params 0.94x -> 0.95x (ahead 128, 384, 1024, 2048 and block 32 were slower).
+BLOCK = 64
+AHEAD = 256
 #: Tensors of at most this many elements run in one block, without prefetching: it
 #: cost more than it gained on 20k x 1,000 elements (15 -> 18 ms).
 BLOCKED = 4096
@@ -74,6 +77,8 @@ CARRIERS = {
     torch.bfloat16: np.uint16,
     torch.float16: np.int16,
 }
+#: Empty arrays of each carrier: the kernels' dtype arguments.
+_LIKE = {dtype: np.empty(0, carrier) for dtype, carrier in CARRIERS.items()}
 #: State dtypes the kernels take for each parameter dtype.
 STATE_DTYPES = {
     torch.float32: (torch.float32, torch.bfloat16, torch.float16),
@@ -393,7 +398,7 @@ def _fetch_add(typingctx, addr):  # noqa: ARG001
         ptr = builder.inttoptr(args[0], i64.as_pointer())
         return builder.atomic_rmw("add", ptr, ir.Constant(i64, 1), "monotonic")
 
-    return types.int64(types.int64), codegen
+    return types.int64(addr), codegen
 
 
 @njit(inline="always")
@@ -401,10 +406,10 @@ def _claim(units, counter):
     """The next work unit's chunks ``(c_lo, c_hi)``, or ``(0, 0)`` when none is left.
 
     ``units`` (int64 [n_units + 1]) cuts the chunk table into runs of about UNIT
-    elements; ``counter`` is the address of an int64 that every thread of the call
-    increments, so threads take units as they become free and finish together.
+    elements; ``counter`` (int64 [1]) is incremented by every thread of the call, so
+    threads take units as they become free and finish together.
     """
-    u = _fetch_add(counter)
+    u = _fetch_add(counter.ctypes.data)
     if u >= units.shape[0] - 1:
         return 0, 0
     return units[u], units[u + 1]
@@ -733,12 +738,13 @@ def unit_table(chunks: np.ndarray) -> np.ndarray:
     """int64 [n_units + 1]: chunk bounds of work units of about UNIT elements each
     (runs of whole chunks; a chunk is never split)."""
     n = chunks.shape[0]
-    if n == 0:
-        return np.zeros(1, dtype=np.int64)
     done = np.cumsum(chunks[:, 2] - chunks[:, 1])
-    # after which chunk each multiple of UNIT is reached; a unit ends there
-    ends = np.searchsorted(done, np.arange(1, -(-int(done[-1]) // UNIT)) * UNIT, side="left") + 1
-    return np.unique(np.concatenate([[0], ends, [n]])).astype(np.int64)
+    if n == 0 or done[-1] <= UNIT:
+        return np.array([0, n] if n else [0], dtype=np.int64)
+    # a unit ends after the chunk that reaches each multiple of UNIT (chunks hold at
+    # most UNIT elements, so no two multiples fall in one chunk)
+    ends = np.searchsorted(done, np.arange(UNIT, done[-1], UNIT), side="left") + 1
+    return np.concatenate([[0], ends[ends < n], [n]]).astype(np.int64)
 
 
 def tables_for(columns: Sequence[Sequence[Tensor]], s: StepScalars, salts: Sequence[int] | None) -> Tables:
@@ -774,13 +780,13 @@ def _launch(
     claiming work units from one counter; then ``rest`` (the masking kernels' rare path)
     over the chunks they left. Returns the number of elements masked."""
     global _pool, _pool_size
-    plike, slike = np.empty(0, CARRIERS[tab.param_dtype]), np.empty(0, CARRIERS[tab.state_dtype])
+    plike, slike = _LIKE[tab.param_dtype], _LIKE[tab.state_dtype]
     units = unit_table(tab.chunks) if tab.units is None else tab.units
     counter = np.zeros(1, dtype=np.int64)
     stops = np.full(tab.chunks.shape[0] if rest is not None else 0, -1, dtype=np.int64)
     scal = tab.scal.astype(work)
     tail = (plike, slike, consts, sr_seed is not None, sr_seed or 0)
-    args = (tab.ptrs, tab.chunks, units, counter.ctypes.data, stops, scal, tab.salts, *tail)
+    args = (tab.ptrs, tab.chunks, units, counter, stops, scal, tab.salts, *tail)
     threads = max(1, min(torch.get_num_threads(), units.size - 1))
     if threads == 1:
         stopped = int(kernel(*args))
