@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,3 +145,17 @@ def test_huge_pages_can_be_switched_off() -> None:
     env = {**os.environ, "ADAMKIT_HUGE_PAGES": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize(
+    "numels", [[16_777_216], [1000] * 20_000, [5], [40_000, 10, 70_000, 0, 3], [numba_cpu.UNIT] * 3, []]
+)
+def test_work_units_cover_every_chunk_once_in_runs_of_about_unit_elements(numels) -> None:
+    chunks = numba_cpu.chunk_table(numels)
+    units = numba_cpu.unit_table(chunks)
+    assert units[0] == 0 and units[-1] == chunks.shape[0]
+    assert (np.diff(units) > 0).all()  # no empty unit, none claimed twice
+    sizes = [int((chunks[a:b, 2] - chunks[a:b, 1]).sum()) for a, b in zip(units[:-1], units[1:])]
+    assert sum(sizes) == sum(numels)
+    assert all(s <= numba_cpu.UNIT + numba_cpu.CHUNK for s in sizes)
+    assert all(s > numba_cpu.UNIT - numba_cpu.CHUNK for s in sizes[:-1])  # only the last one is short
