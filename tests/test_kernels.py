@@ -120,12 +120,17 @@ def _lockstep(info, kw, dtypes, steps=STEPS, sizes=SIZES, grads=_grads):
             q.grad = None if g is None else g.clone()
         fused.step()
         ref.step()
-        for i, (p, q) in enumerate(zip(fused_params, ref_params)):
-            _assert_close_any(p.detach(), q.detach(), f"step {step} param {i} ({p.dtype})")
-            for key, value in ref.state[q].items():
-                _assert_close_any(fused.state[p][key], value, f"step {step} param {i} {key}")
-        _sync(fused, fused_params, ref, ref_params)
+        _compare_and_resync(fused, fused_params, ref, ref_params, step)
     return fused, fused_params
+
+
+def _compare_and_resync(fused, fused_params, ref, ref_params, step):
+    """Parameters and every state tensor within tolerance, then the reference's copied back."""
+    for i, (p, q) in enumerate(zip(fused_params, ref_params)):
+        _assert_close_any(p.detach(), q.detach(), f"step {step} param {i} ({p.dtype})")
+        for key, value in ref.state[q].items():
+            _assert_close_any(fused.state[p][key], value, f"step {step} param {i} {key}")
+    _sync(fused, fused_params, ref, ref_params)
 
 
 HALF_CONFIGS = [c for c in ALL_CONFIGS if not c[1].get("maximize")][::2]
@@ -218,11 +223,7 @@ def test_masking_matches_reference(info: OptimizerInfo, kw: dict, layout: str) -
             fused.step()
             torch.manual_seed(step)
             ref.step()
-        for i, (p, q) in enumerate(zip(fused_params, ref_params)):
-            _assert_close_any(p.detach(), q.detach(), f"step {step} param {i}")
-            for key, value in ref.state[q].items():
-                _assert_close_any(fused.state[p][key], value, f"step {step} param {i} {key}")
-        _sync(fused, fused_params, ref, ref_params)
+        _compare_and_resync(fused, fused_params, ref, ref_params, step)
     assert expected > 0
     assert fused.nonfinite_count == ref.nonfinite_count == expected
 
