@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .._scalars import StepScalars
+from ..quant import QUANT_BITS, QuantFormat, dequantize, quantize
 from .registry import register
 
 TensorList = list[Tensor]
@@ -271,3 +272,50 @@ def adamax_(
         adamax_rule_(ps, gs, m, u, s, maximize=maximize)
 
     return _run(rule, params, grads, [state["exp_avg"], state["exp_inf"]], mask_nonfinite, sr_seed, salts)
+
+
+# ---------------------------------------------------------------- quantized state
+def _quantized_step(dense_kernel: Callable[..., int]) -> Callable[..., int]:
+    """The reference step on quantized state: decode every state tensor to float32, run
+    ``dense_kernel`` (the rule above, masking included), encode the results with new
+    block absmax values. Fused kernels do the same in one pass per block."""
+
+    def step(
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        state: Mapping[str, Sequence[Tensor]],
+        s: StepScalars,
+        *,
+        fmt: QuantFormat,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+        sr_seed: int | None = None,
+        salts: Sequence[int] | None = None,
+    ) -> int:
+        keys = [k[: -len("_codes")] for k in state if k.endswith("_codes")]
+        dense = {
+            k: [
+                dequantize(c, a, fmt, fmt.codebook(k), p.numel()).view(p.shape)
+                for p, c, a in zip(params, state[f"{k}_codes"], state[f"{k}_absmax"])
+            ]
+            for k in keys
+        }
+        masked = dense_kernel(
+            params, grads, dense, s, amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite,
+            sr_seed=sr_seed, salts=salts,
+        )  # fmt: skip
+        for k in keys:
+            book = fmt.codebook(k)
+            for x, c, a in zip(dense[k], state[f"{k}_codes"], state[f"{k}_absmax"]):
+                codes, absmax = quantize(x, fmt, book)
+                c.copy_(codes)
+                a.copy_(absmax)
+        return masked
+
+    step.__doc__ = f"Reference step on block-quantized state around :func:`{dense_kernel.__name__}`."
+    return step
+
+
+adam_quantized_ = register("adam", backend="reference", state_bits=QUANT_BITS)(_quantized_step(adam_))
+adamax_quantized_ = register("adamax", backend="reference", state_bits=QUANT_BITS)(_quantized_step(adamax_))

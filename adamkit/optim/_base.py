@@ -33,6 +33,7 @@ from ..kernels.registry import (
     is_forced,
     resolve,
 )
+from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat, dequantize, quantize
 from ._plan import GroupPlan, TrackedState, _Launch
 
 #: What ``nonfinite=`` accepts; see :class:`AdamFamily`.
@@ -49,7 +50,44 @@ IMPLEMENTATION_KEYS = (
     "backend",
     "state_bits",
     "stochastic_rounding",
+    "block_size",
+    "block_wise",
+    "min_quant_size",
 )
+
+#: Per-parameter state entries of quantized state that are not tensors: the format.
+QUANT_META = ("quant_bits", "quant_block")
+
+#: A parameter's state format: a dtype (dense state) or a :class:`QuantFormat`.
+StateFormat = torch.dtype | QuantFormat
+
+
+def quant_format_of(state: Mapping[str, Any]) -> QuantFormat | None:
+    """The format of a parameter's quantized state, or None for dense state."""
+    if "quant_bits" not in state:
+        return None
+    return QuantFormat.from_key(int(state["quant_bits"]), int(state["quant_block"]))
+
+
+def state_columns(keys: Iterable[str], fmt: StateFormat) -> list[str]:
+    """The state entries holding tensors: ``keys`` themselves for dense state,
+    ``<key>_codes`` and ``<key>_absmax`` for each key of quantized state."""
+    if isinstance(fmt, QuantFormat):
+        return [f"{k}_{part}" for k in keys for part in ("codes", "absmax")]
+    return list(keys)
+
+
+#: State entries besides the moments, and their shapes: percentile clipping's history.
+EXTRA_STATE = {"gnorm_vec": (100,)}
+
+
+def _expected_shape(column: str, p: Tensor, fmt: StateFormat) -> tuple[int, ...]:
+    if column in EXTRA_STATE:
+        return EXTRA_STATE[column]
+    if not isinstance(fmt, QuantFormat):
+        return tuple(p.shape)
+    n = p.numel()
+    return (fmt.code_bytes(n),) if column.endswith("_codes") else (fmt.blocks(n),)
 
 
 @dataclass
@@ -217,6 +255,17 @@ class AdamFamily(Optimizer):
         check_backend_request(group["backend"], group["fused"])
         if group["state_bits"] not in STATE_BITS:
             raise ValueError(f"state_bits must be one of {STATE_BITS}, got {group['state_bits']!r}{where}")
+        block = group.get("block_size")
+        if block is not None:
+            QuantFormat(group["state_bits"] if group["state_bits"] in QUANT_BITS else 8, block)  # raises if bad
+        if not isinstance(group.get("block_wise", True), bool):
+            raise TypeError(f"block_wise must be a bool, got {group['block_wise']!r}{where}")
+        size = group.get("min_quant_size", 0)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"min_quant_size must be an int >= 0, got {size!r}{where}")
+        pc = group.get("percentile_clipping", 100)
+        if isinstance(pc, bool) or not isinstance(pc, int) or not 0 <= pc <= 100:
+            raise ValueError(f"percentile_clipping must be an int in [0, 100] (100 = off), got {pc!r}{where}")
         for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
             self._kernel(group, device_type)
 
@@ -233,13 +282,16 @@ class AdamFamily(Optimizer):
         take them gives way to the reference, unless the group demands a fused
         kernel (``fused=True`` or a fused ``backend``): then it is an error.
         """
-        kernel = resolve(self.algorithm, device_type, group["state_bits"], group["backend"], group["fused"])
+        bits = group["state_bits"]
+        if tensors is not None:  # this parameter's own format (small tensors keep 32-bit state)
+            bits = tensors[1].bits if isinstance(tensors[1], QuantFormat) else 16 if bits == 16 else 32
+        kernel = resolve(self.algorithm, device_type, bits, group["backend"], group["fused"])
         why = kernel.unsupported(*tensors) if tensors and kernel.unsupported else None
         if why is None:
             return kernel
         if is_forced(group["backend"], group["fused"]):
             raise KernelUnavailableError(f"{why}{where}")
-        return resolve(self.algorithm, device_type, group["state_bits"], "reference")
+        return resolve(self.algorithm, device_type, bits, "reference")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (as torch), validating it first: a bad group adds nothing."""
@@ -276,8 +328,9 @@ class AdamFamily(Optimizer):
                     f"({where}, parameter {i})"
                 )
             state = self.state.get(p, {})
+            fmt = quant_format_of(state) or p.dtype
             for key, t in state.items():
-                if key != "step" and isinstance(t, Tensor) and t.shape != p.shape:
+                if key != "step" and isinstance(t, Tensor) and tuple(t.shape) != _expected_shape(key, p, fmt):
                     raise RuntimeError(
                         f"state {key!r} has shape {tuple(t.shape)} but the parameter has shape "
                         f"{tuple(p.shape)} ({where}, parameter {i}); was the parameter resized?"
@@ -351,6 +404,8 @@ class AdamFamily(Optimizer):
         if not params:
             return None
         kernels, state_dtypes = [], []
+        if group.get("percentile_clipping", 100) < 100:
+            return None  # per-parameter gradient norms: the general path
         for p in params:
             state = self.state.get(p) or {}
             if p.device.type != "cpu" or any(
@@ -358,6 +413,8 @@ class AdamFamily(Optimizer):
             ):
                 return None  # the general path handles (or explains) it
             layout = self._layout(p, None, state, group)
+            if isinstance(layout[1], QuantFormat):
+                return None  # quantized state steps on the general path (plans hold dense state)
             try:
                 kernel = self._kernel(group, "cpu", layout)
             except KernelUnavailableError:
@@ -401,6 +458,16 @@ class AdamFamily(Optimizer):
                 stacklevel=_user_stacklevel(),
             )
 
+    def _state_format(self, p: Tensor, group: Mapping[str, Any]) -> StateFormat:
+        """The format of a new parameter's state: quantized for ``state_bits`` 8 or 4 and
+        a real floating-point parameter of at least ``min_quant_size`` elements; else the
+        dtype of :meth:`_state_dtype`."""
+        bits = group["state_bits"]
+        if bits in QUANT_BITS and p.is_floating_point() and p.numel() >= group.get("min_quant_size", 4096):
+            block = group.get("block_size") or DEFAULT_BLOCK[bits]
+            return QuantFormat(bits, block if group.get("block_wise", True) else None)
+        return self._state_dtype(p, group)
+
     def _state_dtype(self, p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
         """The dtype of a new parameter's state.
 
@@ -418,21 +485,35 @@ class AdamFamily(Optimizer):
 
     def _layout(
         self, p: Tensor, g: Tensor | None, state: Mapping[str, Any], group: Mapping[str, Any]
-    ) -> tuple[torch.dtype, torch.dtype, bool]:
-        """(param dtype, state dtype, all contiguous) of one parameter, for kernel choice.
+    ) -> tuple[torch.dtype, StateFormat, bool]:
+        """(param dtype, state format, all contiguous) of one parameter, for kernel choice.
 
-        A parameter without state yet gets state of :meth:`_state_dtype`, contiguous.
+        A parameter without state yet gets state of :meth:`_state_format`, contiguous.
         """
-        tensors = [v for k, v in state.items() if k != "step" and isinstance(v, Tensor)]
-        state_dtype = tensors[0].dtype if tensors else self._state_dtype(p, group)
+        tensors = [v for k, v in state.items() if k != "step" and k not in EXTRA_STATE and isinstance(v, Tensor)]
+        fmt = quant_format_of(state) or (tensors[0].dtype if tensors else self._state_format(p, group))
         contiguous = p.is_contiguous() and (g is None or g.is_contiguous()) and all(t.is_contiguous() for t in tensors)
-        return p.dtype, state_dtype, contiguous
+        return p.dtype, fmt, contiguous
 
-    def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Tensor]:
-        state = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
-        for key in self._state_keys(group):
-            state[key] = _memory.zeros_like(p, self._state_dtype(p, group))
+    def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
+        self._add_missing_state(p, state, self._state_format(p, group), group)
         return state
+
+    def _add_missing_state(self, p: Tensor, state: dict[str, Any], fmt: StateFormat, group: Mapping[str, Any]) -> None:
+        """Zero state for every key the group needs and ``state`` lacks (all of them for a
+        new parameter; AMSGrad's maximum when amsgrad is switched on mid-run)."""
+        if isinstance(fmt, QuantFormat):
+            state.setdefault("quant_bits", fmt.bits)
+            state.setdefault("quant_block", fmt.block_key)
+            for column in state_columns(self._state_keys(group), fmt):
+                if column not in state:
+                    dtype = torch.uint8 if column.endswith("_codes") else torch.float32
+                    state[column] = torch.zeros(_expected_shape(column, p, fmt), dtype=dtype, device=p.device)
+            return
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = _memory.zeros_like(p, fmt)
 
     def _step_group(
         self,
@@ -453,23 +534,27 @@ class AdamFamily(Optimizer):
             if not self.state[p]:
                 self.state[p] = self._init_state(p, group)
             state = self.state[p]
-            for key in keys:  # e.g. amsgrad switched on mid-run: its maximum starts at zero
-                if key not in state:
-                    state[key] = _memory.zeros_like(state[keys[0]], state[keys[0]].dtype)
+            existing = quant_format_of(state) or state[keys[0]].dtype
+            self._add_missing_state(p, state, existing, group)  # e.g. amsgrad switched on mid-run
             states.append(state)
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1.0)
         step_values = torch.stack([s.to("cpu", torch.float64) for s in steps]).tolist()
+        if group.get("percentile_clipping", 100) < 100:
+            triples = self._clip_percentile(triples, states, step_values, group["percentile_clipping"])
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, ((_, p, g), st, t) in enumerate(zip(triples, states, step_values)):
             buckets[(p.device, self._layout(p, g, st, group), t)].append(i)
         masked = 0
         for (device, layout, t), idx in buckets.items():
+            fmt = layout[1]
+            extra = {"fmt": fmt} if isinstance(fmt, QuantFormat) else {}
             masked += self._kernel(group, device.type, layout).fn(
                 [triples[i][1] for i in idx],
                 [triples[i][2] for i in idx],
-                {k: [states[i][k] for i in idx] for k in keys},
+                {k: [states[i][k] for i in idx] for k in state_columns(keys, fmt)},
                 self._step_scalars(group, t),
+                **extra,
                 amsgrad=amsgrad,
                 maximize=maximize,
                 mask_nonfinite=mask_nonfinite,
@@ -477,6 +562,35 @@ class AdamFamily(Optimizer):
                 salts=[triples[i][0] for i in idx],
             )
         return masked
+
+    @staticmethod
+    def _clip_percentile(
+        triples: list[tuple[int, Tensor, Tensor]], states: list[dict[str, Any]], steps: list[float], percentile: int
+    ) -> list[tuple[int, Tensor, Tensor]]:
+        """bitsandbytes' percentile clipping, per parameter: record the squared L2 norm of
+        the gradient at ``step % 100`` of a 100-entry history (``state["gnorm_vec"]``; the
+        first step fills every entry), and scale the gradient down to the norm at the
+        ``percentile``-th place of the sorted history when it exceeds it. The gradient
+        itself is not modified (the kernel gets a scaled copy). A non-finite norm is
+        neither recorded nor used: the non-finite policy deals with that gradient."""
+        norms = torch._foreach_norm([g for _, _, g in triples])
+        out = []
+        for (i, p, g), st, t, norm in zip(triples, states, steps, norms):
+            sq = float(norm) ** 2
+            vec = st.get("gnorm_vec")
+            if vec is None:
+                vec = st["gnorm_vec"] = torch.zeros(100, dtype=torch.float32)
+            if not math.isfinite(sq):
+                out.append((i, p, g))
+                continue
+            if int(t) == 1:
+                vec.fill_(sq)
+            else:
+                vec[int(t) % 100] = sq
+            current = math.sqrt(float(vec[int(t) % 100]))
+            clip = math.sqrt(float(vec.sort().values[min(percentile, 99)]))
+            out.append((i, p, g * (clip / current) if current > clip else g))
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -547,11 +661,13 @@ class AdamFamily(Optimizer):
         if not saved:
             return {}
         keys = self._state_keys(group)
-        missing = [k for k in ("step", *keys) if k not in saved]
+        saved_fmt = self._saved_format(saved, where)
+        columns = state_columns(keys, saved_fmt or p.dtype)
+        missing = [k for k in ("step", *columns) if k not in saved]
         if missing:
             raise ValueError(
                 f"{where}: state lacks {missing} (has {sorted(saved)}); "
-                f"{type(self).__name__} with these settings needs {['step', *keys]}"
+                f"{type(self).__name__} with these settings needs {['step', *columns]}"
             )
         step = saved["step"]
         if isinstance(step, Tensor) and step.numel() != 1:
@@ -560,23 +676,70 @@ class AdamFamily(Optimizer):
         if not (0.0 <= step < math.inf):
             raise ValueError(f"{where}: 'step' must be finite and >= 0, got {step}")
         out: dict[str, Any] = {"step": torch.tensor(step, dtype=_scalar_dtype())}
+        dense: dict[str, Tensor] = {}
         for key, value in saved.items():
-            if key == "step":
+            if key == "step" or key in QUANT_META:
                 continue
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value).__name__}")
-            if value.shape != p.shape:
-                raise ValueError(
-                    f"{where}: state {key!r} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}"
-                )
+            want = _expected_shape(key, p, saved_fmt or p.dtype)
+            if tuple(value.shape) != want:
+                raise ValueError(f"{where}: state {key!r} has shape {tuple(value.shape)}, expected {want}")
+            if key in EXTRA_STATE or saved_fmt is not None:
+                kind = torch.float32 if key in EXTRA_STATE or key.endswith("_absmax") else torch.uint8
+                if value.dtype != kind:
+                    raise ValueError(f"{where}: state {key!r} is {value.dtype}, expected {kind}")
+                out[key] = value.detach().to(device=p.device, copy=True)
+                continue
             if value.is_complex() != p.is_complex() or not (value.is_floating_point() or value.is_complex()):
                 raise ValueError(
                     f"{where}: state {key!r} is {value.dtype}, which cannot hold a {p.dtype} parameter's state"
                 )
-            out[key] = value.detach().to(device=p.device, copy=True)
-        dtypes = {out[k].dtype for k in keys}
+            dense[key] = value.detach().to(device=p.device, copy=True)
+        dtypes = {dense[k].dtype for k in keys if k in dense}
         if len(dtypes) > 1:
             raise ValueError(
                 f"{where}: state tensors {list(keys)} must share one dtype, got {sorted(map(str, dtypes))}"
             )
+        return self._converted(out, dense, saved_fmt, keys, p, group)
+
+    @staticmethod
+    def _saved_format(saved: Mapping[str, Any], where: str) -> QuantFormat | None:
+        """The quantized format a checkpoint's parameter state names, checked."""
+        if not any(k in saved for k in QUANT_META):
+            return None
+        try:
+            return QuantFormat.from_key(int(saved["quant_bits"]), int(saved["quant_block"]))
+        except (KeyError, TypeError, ValueError) as err:
+            got = {k: saved.get(k) for k in QUANT_META}
+            raise ValueError(f"{where}: bad quantized-state format {got}: {err}") from None
+
+    def _converted(
+        self,
+        out: dict[str, Any],
+        dense: dict[str, Tensor],
+        saved_fmt: QuantFormat | None,
+        keys: tuple[str, ...],
+        p: Tensor,
+        group: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Loaded state in the format this optimizer gives ``p``: quantized state of the
+        same format is kept code for code; otherwise it is decoded (to float32) and, for a
+        quantized target, encoded again. Dense state for a dense target keeps its dtype."""
+        target = self._state_format(p, group)
+        if saved_fmt is not None and saved_fmt == target:
+            out.update({k: int(v) for k, v in (("quant_bits", target.bits), ("quant_block", target.block_key))})
+            return out
+        if saved_fmt is not None:  # decode
+            n = p.numel()
+            for key in keys:
+                book = saved_fmt.codebook(key)
+                flat = dequantize(out.pop(f"{key}_codes"), out.pop(f"{key}_absmax"), saved_fmt, book, n)
+                dense[key] = flat.view(p.shape)
+        if isinstance(target, QuantFormat):
+            out.update({"quant_bits": target.bits, "quant_block": target.block_key})
+            for key in keys:
+                codes, absmax = quantize(dense.pop(key).real, target, target.codebook(key))
+                out[f"{key}_codes"], out[f"{key}_absmax"] = codes, absmax
+        out.update(dense)
         return out

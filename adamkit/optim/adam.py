@@ -41,7 +41,11 @@ _ARGS = """
         backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
         state_bits: bits per element of the optimizer state. 32: float32 (float64
             for float64 parameters) — for bf16/fp16 parameters too, where torch keeps
-            their dtype; 16: bfloat16 moments (math still in float32).
+            their dtype; 16: bfloat16 moments (math still in float32); 8 and 4:
+            block-wise quantized moments (see :mod:`adamkit.quant`): one code per
+            element (two per byte at 4 bits) plus one float32 absmax per block, for
+            real floating-point parameters of at least ``min_quant_size`` elements
+            (smaller ones keep 32-bit state, as bitsandbytes does).
         stochastic_rounding: store bf16 parameters rounded stochastically (unbiased,
             reproducible under ``torch.manual_seed``: one draw from torch's generator
             per step) instead of to nearest, so that updates smaller than half a bf16
@@ -52,6 +56,17 @@ _ARGS = """
             step is skipped for every parameter, steps not incremented),
             ``"propagate"`` (torch's behaviour) or ``"raise"`` (FloatingPointError,
             nothing changed).
+        block_size: elements per absmax of quantized state (default 256 at 8 bits,
+            128 at 4 bits).
+        block_wise: False keeps one absmax per tensor (bitsandbytes'
+            ``block_wise=False``): less accurate, and stepped by the reference (two
+            passes), not the fused kernels.
+        min_quant_size: tensors with fewer elements keep 32-bit state (default 4096,
+            bitsandbytes' ``min_8bit_size``).
+        percentile_clipping: bitsandbytes' adaptive clipping: each parameter keeps the
+            squared norms of its last 100 gradients and a gradient whose norm exceeds
+            the ``percentile_clipping``-th smallest of them is scaled down to it. 100
+            (default) turns it off.
 """
 
 
@@ -94,6 +109,10 @@ class Adam(AdamFamily):
         state_bits: int = 32,
         stochastic_rounding: bool = False,
         nonfinite: str = "mask",
+        block_size: int | None = None,
+        block_wise: bool = True,
+        min_quant_size: int = 4096,
+        percentile_clipping: int = 100,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -110,6 +129,10 @@ class Adam(AdamFamily):
             backend=backend,
             state_bits=state_bits,
             stochastic_rounding=stochastic_rounding,
+            block_size=block_size,
+            block_wise=block_wise,
+            min_quant_size=min_quant_size,
+            percentile_clipping=percentile_clipping,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
@@ -158,6 +181,10 @@ class AdamW(Adam):
         state_bits: int = 32,
         stochastic_rounding: bool = False,
         nonfinite: str = "mask",
+        block_size: int | None = None,
+        block_wise: bool = True,
+        min_quant_size: int = 4096,
+        percentile_clipping: int = 100,
     ) -> None:
         super().__init__(
             params,
@@ -176,6 +203,10 @@ class AdamW(Adam):
             state_bits=state_bits,
             stochastic_rounding=stochastic_rounding,
             nonfinite=nonfinite,
+            block_size=block_size,
+            block_wise=block_wise,
+            min_quant_size=min_quant_size,
+            percentile_clipping=percentile_clipping,
         )
 
     def _normalize_loaded_group(self, group: dict[str, Any]) -> None:

@@ -39,12 +39,14 @@ class Adamax(AdamFamily):
         fused: None picks the fastest kernel available, True demands a fused kernel
             (or raises), False forces the reference implementation.
         backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
-        state_bits: 32 (float32 state; float64 for float64 parameters) or 16
-            (bfloat16); see :class:`adamkit.Adam`.
+        state_bits: 32 (float32 state; float64 for float64 parameters), 16
+            (bfloat16), 8 or 4 (block-wise quantized); see :class:`adamkit.Adam`.
         stochastic_rounding: stochastic rounding of bf16 parameters; see
             :class:`adamkit.Adam`.
         nonfinite: ``"mask"`` (default), ``"skip"``, ``"propagate"`` or ``"raise"``;
             see :class:`adamkit.Adam`.
+        block_size, block_wise, min_quant_size, percentile_clipping: quantized state
+            and clipping; see :class:`adamkit.Adam`.
 
     Example:
         >>> import torch, adamkit
@@ -70,6 +72,10 @@ class Adamax(AdamFamily):
         state_bits: int = 32,
         stochastic_rounding: bool = False,
         nonfinite: str = "mask",
+        block_size: int | None = None,
+        block_wise: bool = True,
+        min_quant_size: int = 4096,
+        percentile_clipping: int = 100,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -84,6 +90,10 @@ class Adamax(AdamFamily):
             backend=backend,
             state_bits=state_bits,
             stochastic_rounding=stochastic_rounding,
+            block_size=block_size,
+            block_wise=block_wise,
+            min_quant_size=min_quant_size,
+            percentile_clipping=percentile_clipping,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
 
