@@ -770,6 +770,21 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
+def on_threads(kernel: Callable[..., int], args: tuple, n_units: int) -> list[int]:
+    """``kernel(*args)`` on up to torch.get_num_threads() threads (the caller is one of
+    them, the rest from a kept pool), no more than there are work units; the results."""
+    global _pool, _pool_size
+    threads = max(1, min(torch.get_num_threads(), n_units))
+    if threads == 1:
+        return [int(kernel(*args))]
+    if _pool is None or _pool_size != threads - 1:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(threads - 1, thread_name_prefix="adamkit"), threads - 1
+    futures = [_pool.submit(kernel, *args) for _ in range(threads - 1)]
+    return [int(kernel(*args))] + [int(f.result()) for f in futures]
+
+
 def _launch(
     kernel: Callable[..., int],
     rest: Callable[..., int] | None,
@@ -781,7 +796,6 @@ def _launch(
     """Run ``kernel`` on torch.get_num_threads() threads (the caller is one of them), all
     claiming work units from one counter; then ``rest`` (the masking kernels' rare path)
     over the chunks they left. Returns the number of elements masked."""
-    global _pool, _pool_size
     plike, slike = _LIKE[tab.param_dtype], _LIKE[tab.state_dtype]
     units = unit_table(tab.chunks) if tab.units is None else tab.units
     counter = np.zeros(1, dtype=np.int64)
@@ -789,16 +803,7 @@ def _launch(
     scal = tab.scal.astype(work)
     tail = (plike, slike, consts, sr_seed is not None, sr_seed or 0)
     args = (tab.ptrs, tab.chunks, units, counter, stops, scal, tab.salts, *tail)
-    threads = max(1, min(torch.get_num_threads(), units.size - 1))
-    if threads == 1:
-        stopped = int(kernel(*args))
-    else:
-        if _pool is None or _pool_size != threads - 1:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(threads - 1, thread_name_prefix="adamkit"), threads - 1
-        futures = [_pool.submit(kernel, *args) for _ in range(threads - 1)]
-        stopped = int(kernel(*args)) + sum(int(f.result()) for f in futures)
+    stopped = sum(on_threads(kernel, args, units.size - 1))
     if not stopped:
         return 0
     return int(rest(tab.ptrs, tab.chunks, stops, scal, tab.salts, *tail))

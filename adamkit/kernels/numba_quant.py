@@ -1,0 +1,442 @@
+"""Fused CPU kernels for block-quantized state (``state_bits`` 8 and 4), in Numba.
+
+Same launch as :mod:`adamkit.kernels.numba_cpu` (address tables, chunks claimed from a
+shared counter by ``torch.get_num_threads()`` threads, one call for many tensors), same
+per-element rules (``_adam_rule``, ``_adamax_rule``). Per block of ``block_size``
+elements, in one pass over memory:
+
+1. decode each state element (``codebook[code] · absmax``; squared for a ``root``
+   codebook), apply the rule, store the parameter, keep the new state values in a
+   per-thread scratch row (L1) and their largest magnitude (an integer max over the
+   float bits, which vectorizes);
+2. encode the scratch row with the block's new absmax and store codes and absmax.
+
+Encoding is :func:`adamkit.quant.encoder_table`'s search-free form: the float's bits
+pick a table slice, one load gives a candidate, one compare with a midpoint finishes:
+the same codes as the reference's binary search (both count the midpoints below).
+
+Chunks hold whole blocks (``CHUNK`` is a multiple of ``block_size``; other block
+sizes and one absmax per tensor go to the reference). Masked non-finite gradients
+(``mask``) use selects in the loop: the bad element keeps its parameter and its
+decoded state, re-encoded with the block's new absmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+from torch import Tensor
+
+from .._scalars import StepScalars
+from ..quant import QUANT_BITS, QuantFormat
+from ..quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS, encoder_table
+from . import numba_cpu as nc
+from .numba_cpu import _U, _adam_rule, _adamax_rule, _claim, _load, _store_param, _tensor_seed, _view, _wide_vectors
+from .registry import register
+
+_SHIFT = 23 - TABLE_BITS
+_HALF = ((_ONE_BITS - _LOW_BITS) >> _SHIFT) + 1
+
+
+@intrinsic
+def _slot(typingctx, y):  # noqa: ARG001
+    """The encoder-table slice of a normalized float32 (32-bit integer IR, so the loop
+    keeps 16 lanes; numba's integers are 64-bit)."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        mag = builder.and_(bits, ir.Constant(i32, 0x7FFFFFFF))
+        low, one = ir.Constant(i32, _LOW_BITS), ir.Constant(i32, _ONE_BITS)
+        mag = builder.select(builder.icmp_unsigned("<", mag, low), low, mag)
+        mag = builder.select(builder.icmp_unsigned(">", mag, one), one, mag)
+        index = builder.lshr(builder.sub(mag, low), ir.Constant(i32, _SHIFT))
+        sign = builder.lshr(bits, ir.Constant(i32, 31))
+        return builder.add(index, builder.mul(sign, ir.Constant(i32, _HALF)))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _magnitude_bits(typingctx, x):  # noqa: ARG001
+    """``|x|``'s float32 bits as an int32: their integer max is the largest magnitude
+    (NaN above +inf)."""
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        return builder.and_(builder.bitcast(args[0], i32), ir.Constant(i32, 0x7FFFFFFF))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _from_bits(typingctx, b):  # noqa: ARG001
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@intrinsic
+def _put_f32(typingctx, addr, x):  # noqa: ARG001
+    """Store a float32 at a raw address (an unordered atomic store: a plain store into a
+    ``carray`` view, never read afterwards in the kernel, was dropped by LLVM as dead)."""
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.FloatType().as_pointer())
+        builder.store_atomic(args[1], ptr, ordering="unordered", align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.float32), codegen
+
+
+@intrinsic
+def _put_u8(typingctx, addr, x):  # noqa: ARG001
+    """Store the low byte of an integer at a raw address (unordered atomic, as
+    :func:`_put_f32`: the odd last code of a tensor was dropped the same way)."""
+
+    def codegen(context, builder, signature, args):
+        i8 = ir.IntType(8)
+        ptr = builder.inttoptr(args[0], i8.as_pointer())
+        builder.store_atomic(builder.trunc(args[1], i8), ptr, ordering="unordered", align=1)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, x), codegen
+
+
+@njit(inline="always")
+def _encode(y, cand, mids):
+    c = cand[_slot(y)]
+    return c + np.int32(y > mids[c])
+
+
+@njit(inline="always")
+def _code(codes, i, bits):
+    if bits == 8:
+        return codes[i]
+    return (codes[i >> 1] >> ((i & 1) << 2)) & 15
+
+
+@njit(inline="always")
+def _decode(codes, i, vals, scale, bits, root):
+    x = vals[_code(codes, i, bits)] * scale
+    return x * x if root else x
+
+
+@njit(inline="always")
+def _encode_block(codes, absmax_at, row, n, top, book, bits):
+    """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``."""
+    cand, mids = book[1], book[2]
+    inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
+    if bits == 8:
+        for i in range(n):
+            codes[i] = _encode(row[i] * inv, cand, mids)
+    else:
+        for i in range(n >> 1):
+            lo = _encode(row[2 * i] * inv, cand, mids)
+            hi = _encode(row[2 * i + 1] * inv, cand, mids)
+            codes[i] = lo | (hi << 4)
+        if n & 1:
+            _put_u8(codes.ctypes.data + (n >> 1), _encode(row[n - 1] * inv, cand, mids))
+    _put_f32(absmax_at, top)
+
+
+@njit(inline="always")
+def _col(ptrs, t, col, lo, n, like):
+    return numba.carray(_view(ptrs[t, col] + lo * like.itemsize, like), n)
+
+
+@njit(inline="always")
+def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, bits, algo, mask):
+    """Adam (``algo`` 0), AMSGrad (1) or Adamax (2) on quantized state, over the work
+    units this thread claims. ptrs: int64 [n, 2 + 2·keys]: param, grad, then (codes,
+    absmax) per state key; ``books``: (values, candidates, midpoints, root) per key.
+    Returns the number of masked elements."""
+    _wide_vectors()
+    amsgrad = algo == 1
+    u8 = np.empty(0, np.uint8)
+    f32 = np.empty(0, np.float32)
+    rows = np.empty((4, block), np.float32)
+    bad = 0
+    while True:
+        c_lo, c_hi = _claim(units, counter)
+        if c_lo == c_hi:
+            break
+        for c in range(c_lo, c_hi):
+            t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            stream = _tensor_seed(seed, salts[t]) if sr else _U(0)
+            for b in range(lo, hi, block):
+                n = min(b + block, hi) - b
+                k = b // block
+                first = b if bits == 8 else b >> 1
+                nbytes = n if bits == 8 else (n + 1) >> 1
+                p, g = _col(ptrs, t, 0, b, n, plike), _col(ptrs, t, 1, b, n, plike)
+                mc, ma = _col(ptrs, t, 2, first, nbytes, u8), _col(ptrs, t, 3, 0, k + 1, f32)
+                sc, sa = _col(ptrs, t, 4, first, nbytes, u8), _col(ptrs, t, 5, 0, k + 1, f32)
+                if amsgrad:
+                    xc, xa = _col(ptrs, t, 6, first, nbytes, u8), _col(ptrs, t, 7, 0, k + 1, f32)
+                else:
+                    xc, xa = sc, sa
+                bad += _q_block(
+                    p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
+                    consts, sr, stream, b, bits, algo, mask,
+                )  # fmt: skip
+                mtop = _from_bits(_max_bits(rows[0], n))
+                _encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, mtop, books[0], bits)
+                stop = _from_bits(_max_bits(rows[1], n))
+                _encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, stop, books[1], bits)
+                if amsgrad:
+                    xtop = _from_bits(_max_bits(rows[2], n))
+                    _encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, xtop, books[2], bits)
+    return bad
+
+
+@njit(inline="always")
+def _max_bits(row, n):
+    worst = np.int32(0)
+    for i in range(n):
+        worst = max(worst, _magnitude_bits(row[i]))
+    return worst
+
+
+@njit(inline="always")
+def _q_block(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0, bits, algo,
+             mask):  # fmt: skip
+    """Decode, update; new state (roots for root codebooks) into ``rows[:3]``, new
+    parameters into ``rows[3]``, then stored. Returns the number of masked elements."""
+    # tables out of the tuple once: a tuple access in the loop costs a reference-count
+    # call per element, and calls stop LLVM vectorizing
+    mvals, svals, xvals = books[0][0], books[1][0], books[2][0]
+    sroot, xroot = books[1][3], books[2][3]
+    bad = 0
+    if algo == 2:
+        low, c1, b2, eps, l2, gsign = consts
+        for i in range(n):
+            gi, pi = _load(g, i), _load(p, i)
+            mi = _decode(mc, i, mvals, mscale, bits, False)
+            ui = _decode(sc, i, svals, sscale, bits, sroot)
+            p1, m1, u1 = _adamax_rule(gi, pi, mi, ui, low, c1, b2, eps, lr_t, l2, gsign)
+            if mask:
+                ok = gi - gi == 0
+                bad += not ok
+                p1 = p1 if ok else pi
+                m1 = m1 if ok else mi
+                u1 = u1 if ok else ui
+            rows[3, i] = p1
+            rows[0, i] = m1
+            rows[1, i] = np.sqrt(u1) if sroot else u1
+        _put_params(p, rows[3], n, sr, stream, j0)
+        return bad
+    amsgrad = algo == 1
+    low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
+    for i in range(n):
+        gi, pi = _load(g, i), _load(p, i)
+        mi = _decode(mc, i, mvals, mscale, bits, False)
+        vi = _decode(sc, i, svals, sscale, bits, sroot)
+        xi = _decode(xc, i, xvals, xscale, bits, xroot) if amsgrad else vi
+        p1, m1, v1, x1 = _adam_rule(
+            gi, pi, mi, vi, xi, low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, amsgrad
+        )  # fmt: skip
+        if mask:
+            ok = gi - gi == 0
+            bad += not ok
+            p1 = p1 if ok else pi
+            m1 = m1 if ok else mi
+            v1 = v1 if ok else vi
+            x1 = x1 if ok else xi
+        rows[3, i] = p1
+        rows[0, i] = m1
+        rows[1, i] = np.sqrt(v1) if sroot else v1
+        if amsgrad:
+            rows[2, i] = np.sqrt(x1) if xroot else x1
+    _put_params(p, rows[3], n, sr, stream, j0)
+    return bad
+
+
+@njit(inline="always")
+def _put_params(p, row, n, sr, stream, j0):
+    """The new parameters from the scratch row: the update loop stores only into the
+    scratch rows, so LLVM needs few runtime alias checks and vectorizes it (with the
+    parameter stored there too it stayed scalar: 0.2x torch fused on 16M elements)."""
+    for i in range(n):
+        _store_param(p, i, row[i], sr, stream, j0 + i)
+
+
+# One compiled function per (algorithm, bits, mask), each compiled the first time it is
+# needed (see numba_cpu for why not parallel=True; error_model="numpy" keeps the
+# divisions free of zero checks, which stopped LLVM vectorizing there).
+_J = dict(nogil=True, cache=True, error_model="numpy")
+
+
+@njit(**_J)
+def _adam8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 0, False)
+
+
+@njit(**_J)
+def _adam8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 0, True)
+
+
+@njit(**_J)
+def _adam4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 0, False)
+
+
+@njit(**_J)
+def _adam4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 0, True)
+
+
+@njit(**_J)
+def _amsgrad8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 1, False)
+
+
+@njit(**_J)
+def _amsgrad8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 1, True)
+
+
+@njit(**_J)
+def _amsgrad4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 1, False)
+
+
+@njit(**_J)
+def _amsgrad4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 1, True)
+
+
+@njit(**_J)
+def _adamax8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 2, False)
+
+
+@njit(**_J)
+def _adamax8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 2, True)
+
+
+@njit(**_J)
+def _adamax4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 2, False)
+
+
+@njit(**_J)
+def _adamax4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 2, True)
+
+
+_KERNELS = {
+    (0, 8, False): _adam8, (0, 8, True): _adam8_masked, (0, 4, False): _adam4, (0, 4, True): _adam4_masked,
+    (1, 8, False): _amsgrad8, (1, 8, True): _amsgrad8_masked, (1, 4, False): _amsgrad4, (1, 4, True): _amsgrad4_masked,
+    (2, 8, False): _adamax8, (2, 8, True): _adamax8_masked, (2, 4, False): _adamax4, (2, 4, True): _adamax4_masked,
+}  # fmt: skip
+
+#: Parameter dtypes the quantized kernels take (math in float32; float64 parameters
+#: go to the reference, which computes in float64).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str | None:
+    """Why these kernels cannot take such a parameter, or None if they can."""
+    if not isinstance(fmt, QuantFormat):
+        return f"the quantized numba kernels take quantized state, not {fmt}"
+    if param_dtype not in PARAM_DTYPES:
+        return f"the quantized numba kernels take {[str(d) for d in PARAM_DTYPES]} parameters, not {param_dtype}"
+    if fmt.block_size is None or nc.CHUNK % fmt.block_size:
+        return f"the quantized numba kernels need a block_size dividing {nc.CHUNK}, not {fmt.block_size}"
+    if not contiguous:
+        return "the quantized numba kernels need contiguous parameters and gradients"
+    return None
+
+
+def _books(fmt: QuantFormat, keys: Sequence[str]) -> tuple:
+    books = []
+    for key in keys:
+        book = fmt.codebook(key)
+        cand, mids, values = encoder_table(book.name)
+        books.append((values, cand, mids, book.root))
+    while len(books) < 3:
+        books.append(books[-1])
+    return tuple(books)
+
+
+def _step(
+    algo: int,
+    keys: tuple[str, ...],
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    fmt: QuantFormat,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None,
+    salts: Sequence[int] | None,
+) -> int:
+    if not params:
+        return 0
+    columns = [params, grads] + [state[f"{k}_{part}"] for k in keys for part in ("codes", "absmax")]
+    tab = nc.tables_for(columns, s, salts)
+    if tab.chunks.shape[0] == 0:
+        return 0
+    w = np.float32
+    low, b1w, c1 = nc._lerp_consts(s.beta1, w)
+    sign = w(-1.0 if maximize else 1.0)
+    if algo == 2:
+        consts = (low, c1, w(s.beta2), w(s.eps), w(s.l2), sign)
+    else:
+        consts = (low, b1w, c1, w(s.beta2), w(1 - s.beta2), w(s.eps), w(s.decay), w(s.l2), sign)
+    kernel = _KERNELS[algo, fmt.bits, mask_nonfinite]
+    units = nc.unit_table(tab.chunks)
+    counter = np.zeros(1, dtype=np.int64)
+    args = (tab.ptrs, tab.chunks, units, counter, tab.scal.astype(w), tab.salts, nc._LIKE[tab.param_dtype], consts,
+            sr_seed is not None, sr_seed or 0, _books(fmt, keys), fmt.block_size)  # fmt: skip
+    return sum(nc.on_threads(kernel, args, units.size - 1))
+
+
+@register("adam", backend="numba", device_types=("cpu",), state_bits=QUANT_BITS, unsupported=unsupported)
+def adam_quantized_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    *,
+    fmt: QuantFormat,
+    amsgrad: bool,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
+) -> int:
+    """Fused Adam/AdamW on quantized state; returns the masked element count."""
+    keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
+    return _step(int(amsgrad), keys, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts)
+
+
+@register("adamax", backend="numba", device_types=("cpu",), state_bits=QUANT_BITS, unsupported=unsupported)
+def adamax_quantized_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    *,
+    fmt: QuantFormat,
+    amsgrad: bool = False,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
+) -> int:
+    """Fused Adamax on quantized state; returns the masked element count."""
+    if amsgrad:
+        raise ValueError("Adamax has no AMSGrad variant")
+    return _step(2, ("exp_avg", "exp_inf"), params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts)
