@@ -4,9 +4,43 @@ Drop-in replacements for ``torch.optim.Adam``, ``AdamW`` and ``Adamax`` with the
 math, arguments and checkpoints.
 """
 
+from . import bnb
+from .bnb import (
+    Adam8bit,
+    Adam32bit,
+    AdamW8bit,
+    AdamW32bit,
+    GlobalOptimManager,
+    PagedAdam,
+    PagedAdam8bit,
+    PagedAdam32bit,
+    PagedAdamW,
+    PagedAdamW8bit,
+    PagedAdamW32bit,
+)
 from .kernels import KernelUnavailableError
 from .optim import NONFINITE_MODES, Adam, Adamax, AdamFamily, AdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["NONFINITE_MODES", "Adam", "AdamFamily", "AdamW", "Adamax", "KernelUnavailableError", "__version__"]
+__all__ = [
+    "NONFINITE_MODES",
+    "Adam",
+    "Adam8bit",
+    "Adam32bit",
+    "AdamFamily",
+    "AdamW",
+    "AdamW8bit",
+    "AdamW32bit",
+    "Adamax",
+    "GlobalOptimManager",
+    "KernelUnavailableError",
+    "PagedAdam",
+    "PagedAdam8bit",
+    "PagedAdam32bit",
+    "PagedAdamW",
+    "PagedAdamW8bit",
+    "PagedAdamW32bit",
+    "__version__",
+    "bnb",
+]

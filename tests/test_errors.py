@@ -51,7 +51,7 @@ def test_unsupported_options_name_themselves(info: OptimizerInfo, option: str) -
     "kw,pattern",
     [
         (dict(backend="triton"), r"no triton kernel for .* on 'cpu' with state_bits=32"),
-        (dict(state_bits=8), r"no triton or numba or reference kernel for .* state_bits=8"),
+        (dict(state_bits=8, backend="triton"), r"no triton kernel for .* on 'cpu' with state_bits=8"),
     ],
 )
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)

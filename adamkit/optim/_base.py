@@ -462,11 +462,19 @@ class AdamFamily(Optimizer):
         """The format of a new parameter's state: quantized for ``state_bits`` 8 or 4 and
         a real floating-point parameter of at least ``min_quant_size`` elements; else the
         dtype of :meth:`_state_dtype`."""
+        overrides = self._param_overrides(p)
+        if overrides:
+            group = {**group, **overrides}
         bits = group["state_bits"]
         if bits in QUANT_BITS and p.is_floating_point() and p.numel() >= group.get("min_quant_size", 4096):
             block = group.get("block_size") or DEFAULT_BLOCK[bits]
             return QuantFormat(bits, block if group.get("block_wise", True) else None)
         return self._state_dtype(p, group)
+
+    def _param_overrides(self, p: Tensor) -> Mapping[str, Any]:
+        """Group keys overridden for one parameter's state format (hook: see
+        :class:`adamkit.bnb.GlobalOptimManager`)."""
+        return {}
 
     def _state_dtype(self, p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
         """The dtype of a new parameter's state.
