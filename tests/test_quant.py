@@ -1,0 +1,400 @@
+"""Quantized state (state_bits 8 and 4): codebooks, the reference codec, the fused
+kernels against the reference, accuracy against fp32, checkpoints, bitsandbytes names."""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from helpers import round_trip
+
+import adamkit
+from adamkit.quant import CODEBOOKS, QuantFormat, codebook, dequantize, encoder_table, quantize, unpack
+from adamkit.quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS
+
+BOOKS = sorted({name for names in CODEBOOKS.values() for name in names} | {"dynamic4"})
+
+
+# ------------------------------------------------------------------- codebooks
+def test_dynamic8_is_bitsandbytes_map() -> None:
+    """Facts of bitsandbytes' create_dynamic_map(signed=True/False) (0.49): 256 sorted
+    values, 0 and 1 included, smallest magnitude 10^-6·0.55, largest negative -0.99297."""
+    signed, unsigned = codebook("dynamic8").values, codebook("udynamic8").values
+    for v in (signed, unsigned):
+        assert v.numel() == 256 and bool((v[1:] >= v[:-1]).all()) and v.max() == 1.0
+    assert signed.min().item() == pytest.approx(-0.99296875, abs=1e-7)
+    assert (signed == 0).sum() == 1 and (unsigned == 0).sum() == 1
+    assert signed[signed > 0].min().item() == pytest.approx(5.5e-7, rel=1e-5)
+    assert unsigned[1].item() == pytest.approx(3.25e-7, rel=1e-5)  # 2 fraction items in the lowest decade
+    assert signed.sum().item() == pytest.approx(0.99296875 - 0.99296875 + 1.0, abs=1e-5)  # symmetric but for +1
+
+
+def test_4bit_maps() -> None:
+    normal, linear = codebook("normal4").values, codebook("sqrt_linear4").values
+    assert normal.numel() == 16 and normal[0] == -1 and normal[-1] == 1 and (normal == 0).sum() == 1
+    assert torch.equal(linear, torch.arange(1, 17, dtype=torch.float32) / 16)
+    assert codebook("sqrt_linear4").root and not codebook("linear4").root
+    assert codebook("normal4").zero_code == 7
+
+
+@pytest.mark.parametrize("name", BOOKS)
+def test_encoder_table_equals_binary_search(name: str) -> None:
+    cand, mids, _ = encoder_table(name)
+    gen = np.random.default_rng(0)
+    y = np.concatenate(
+        [gen.uniform(-1, 1, 50_000), gen.standard_normal(20_000) * 1e-4, gen.standard_normal(2_000) * 1e-9,
+         [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 1.0000001], mids[:-1], np.nextafter(mids[:-1], 2)]
+    ).astype(np.float32)  # fmt: skip
+    if not codebook(name).signed:
+        y = np.abs(y)
+    bits = y.view(np.uint32).astype(np.int64)
+    mag = np.clip(bits & 0x7FFFFFFF, _LOW_BITS, _ONE_BITS)
+    half = ((_ONE_BITS - _LOW_BITS) >> (23 - TABLE_BITS)) + 1
+    c = cand[((mag - _LOW_BITS) >> (23 - TABLE_BITS)) + (bits >> 31) * half]
+    codes = c + (y > mids[c])
+    np.testing.assert_array_equal(codes, np.searchsorted(mids[:-1], y, side="left"))
+
+
+# ----------------------------------------------------------------- reference codec
+@pytest.mark.parametrize("bits,block", [(8, 256), (8, 64), (4, 128), (4, 2), (8, None), (4, None)])
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 4097])
+def test_codec_round_trip(bits: int, block: int | None, n: int) -> None:
+    fmt = QuantFormat(bits, block)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    for key in ("exp_avg", "exp_avg_sq"):
+        book = fmt.codebook(key)
+        data = x if book.signed else x.abs()
+        codes, absmax = quantize(data, fmt, book)
+        assert codes.dtype == torch.uint8 and codes.numel() == fmt.code_bytes(n)
+        assert absmax.dtype == torch.float32 and absmax.numel() == fmt.blocks(n)
+        back = dequantize(codes, absmax, fmt, book, n)
+        if n:
+            scale = data.abs().max()
+            assert (back - data).abs().max() <= scale * (0.3 if bits == 4 else 0.05)
+            # the absmax element decodes exactly (the signed 8-bit map's lowest value is -0.993)
+            assert back.abs().max() == pytest.approx(float(scale), rel=1e-2 if book.signed else 1e-6)
+            # re-encoding decoded values gives the same codes, give or take one where the
+            # block's absmax moved (a negative extreme decodes to -0.993 of it)
+            again, _ = quantize(back, fmt, book)
+            assert (unpack(again, fmt, n) - unpack(codes, fmt, n)).abs().max() <= 1
+
+
+def test_4bit_packing_order() -> None:
+    fmt = QuantFormat(4, 4)
+    book = fmt.codebook("exp_avg_sq")  # sqrt_linear4: sqrt(x) / absmax -> (i + 1) / 16
+    x = torch.tensor([1.0, 4 / 16, 9 / 16, 0.0, 1.0]) ** 2  # roots 1, 1/4, 9/16, 0 | 1
+    codes, absmax = quantize(x, fmt, book)
+    assert codes.tolist() == [15 | (3 << 4), 8 | (0 << 4), 15]
+    assert absmax.tolist() == [1.0, 1.0]
+
+
+def test_format_validation() -> None:
+    with pytest.raises(ValueError, match="block_size must be even"):
+        QuantFormat(4, 3)
+    with pytest.raises(ValueError, match="block_size must be an int >= 2"):
+        QuantFormat(8, 1)
+    with pytest.raises(ValueError, match="has \\(8, 4\\) bits"):
+        QuantFormat(2, 64)
+
+
+# ----------------------------------------------------- fused kernels vs reference
+QCONFIGS = [
+    (adamkit.AdamW, {}),
+    (adamkit.Adam, dict(lr=0.02, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, amsgrad=True, maximize=True)),
+    (adamkit.AdamW, dict(weight_decay=0.1, amsgrad=True)),
+    (adamkit.Adamax, dict(weight_decay=0.05)),
+    (adamkit.Adamax, dict(maximize=True, betas=(0.5, 0.9))),
+]
+QIDS = ["AdamW", "Adam-ams-max", "AdamW-ams", "Adamax", "Adamax-max"]
+SIZES = [4096, 4097, 300, 70_001]  # one block's multiple, ragged, tiny, several chunks
+
+
+def _pair(cls, kw, bits, dtype=torch.float32, sizes=SIZES, **extra):
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in sizes]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    common = dict(state_bits=bits, min_quant_size=0, **kw, **extra)
+    return params, twins, cls(params, backend="numba", **common), cls(twins, backend="reference", **common)
+
+
+def _lockstep(cls, kw, bits, dtype=torch.float32, steps=7, bad=None, **extra):
+    """Step kernel and reference together; compare after every step (codes within one,
+    on rounding ties only), then copy the kernel's state into the reference."""
+    params, twins, fused, ref = _pair(cls, kw, bits, dtype, **extra)
+    gen = torch.Generator().manual_seed(11)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    off_by_one = total = 0
+    for step in range(steps):
+        for i, (p, q) in enumerate(zip(params, twins)):
+            g = (torch.randn(p.shape, generator=gen) * 10.0 ** (i - 3)).to(dtype)
+            if bad is not None and step % 2 == 1:
+                g[bad % g.numel()] = float("nan")
+                g[(bad * 7) % g.numel()] = float("inf")
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+        assert fused.nonfinite_count == ref.nonfinite_count
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p.detach(), q.detach(), **tol)
+            sf, sr = fused.state[p], ref.state[q]
+            assert sf.keys() == sr.keys()
+            fmt = QuantFormat.from_key(sf["quant_bits"], sf["quant_block"])
+            for key, value in sf.items():
+                if key.endswith("_codes"):
+                    d = (unpack(value, fmt, p.numel()) - unpack(sr[key], fmt, p.numel())).abs()
+                    assert int(d.max()) <= 1, key
+                    off_by_one += int(d.sum())
+                    total += p.numel()
+                elif key.endswith("_absmax"):
+                    torch.testing.assert_close(value, sr[key], atol=0, rtol=2e-6)
+            with torch.no_grad():
+                q.copy_(p)
+            for key, value in sf.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    sr[key].copy_(value)
+    assert off_by_one <= 1e-3 * total, (off_by_one, total)  # ties and float rounding are rare
+    return params
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cls,kw", QCONFIGS, ids=QIDS)
+def test_kernels_match_reference(cls, kw, bits) -> None:
+    _lockstep(cls, kw, bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernels_half_params(dtype, bits) -> None:
+    _lockstep(adamkit.AdamW, {}, bits, dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cls,kw", QCONFIGS[::2], ids=QIDS[::2])
+def test_kernels_mask_nonfinite_like_reference(cls, kw, bits) -> None:
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        params = _lockstep(cls, kw, bits, bad=4097)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("block", [64, 2048])
+def test_kernels_other_block_sizes(block) -> None:
+    _lockstep(adamkit.AdamW, {}, 8, block_size=block)
+
+
+def test_kernel_choice_and_fallbacks() -> None:
+    p, small = torch.zeros(5000, requires_grad=True), torch.zeros(10, requires_grad=True)
+    opt = adamkit.AdamW([p, small], state_bits=8)
+    g = opt.param_groups[0]
+    assert opt._kernel(g, "cpu", opt._layout(p, None, {}, g)).backend == "numba"
+    assert isinstance(opt._layout(p, None, {}, g)[1], QuantFormat)
+    assert opt._layout(small, None, {}, g)[1] == torch.float32  # below min_quant_size: 32-bit
+    for kw in (dict(block_wise=False), dict(block_size=100)):  # the reference takes these
+        o = adamkit.AdamW([p], state_bits=8, **kw)
+        assert o._kernel(o.param_groups[0], "cpu", o._layout(p, None, {}, o.param_groups[0])).backend == "reference"
+    with pytest.raises(adamkit.KernelUnavailableError, match="block_size dividing"):
+        o = adamkit.AdamW([p], state_bits=8, block_size=100, backend="numba")
+        p.grad = torch.ones_like(p)
+        o.step()
+
+
+def test_block_wise_false_keeps_one_absmax() -> None:
+    p = torch.randn(5000, requires_grad=True)
+    opt = adamkit.AdamW([p], state_bits=8, block_wise=False)
+    p.grad = torch.randn(5000)
+    opt.step()
+    assert opt.state[p]["exp_avg_absmax"].shape == (1,) and opt.state[p]["quant_block"] == 0
+
+
+@pytest.mark.parametrize("bits,limit", [(8, 2.05), (4, 1.1)])
+def test_state_bytes_per_parameter(bits: int, limit: float) -> None:
+    p = torch.zeros(1 << 20, requires_grad=True)
+    opt = adamkit.AdamW([p], state_bits=bits)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    nbytes = sum(v.nbytes for k, v in opt.state[p].items() if isinstance(v, torch.Tensor) and k != "step")
+    assert nbytes / p.numel() <= limit
+
+
+# ------------------------------------------------------------- accuracy budgets
+def _updates(bits: int | None, steps: int = 60) -> torch.Tensor:
+    """Total AdamW update of a 256x512 parameter whose rows' gradient scales spread
+    from 1e-4 to 1e-1 (persistent signal plus fresh noise), as in ``adamkit bench``."""
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-4, -1, 256)[:, None]
+    signal = torch.randn(256, 512, generator=gen)
+    p = torch.nn.Parameter(torch.randn(256, 512, generator=gen) * 0.02)
+    start = p.detach().clone()
+    opt = adamkit.AdamW([p], **({} if bits is None else dict(state_bits=bits)))
+    for _ in range(steps):
+        p.grad = scales * (signal + torch.randn(256, 512, generator=gen))
+        opt.step()
+    return p.detach() - start
+
+
+def test_update_error_against_fp32() -> None:
+    exact = _updates(None)
+    errors = {bits: float((_updates(bits) - exact).norm() / exact.norm()) for bits in (8, 4)}
+    assert errors[8] < 0.03, errors  # bitsandbytes' maps and blocks: 0.02 in the bench workload
+    assert errors[4] < 0.2, errors  # torchao's AdamW4bit: 0.24 there
+
+
+# -------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("bits", [8, 4])
+def test_save_load_continue_bit_identical(bits: int) -> None:
+    params, twins, opt, _ = _pair(adamkit.AdamW, {}, bits)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    saved = round_trip(opt.state_dict())
+    assert all(isinstance(saved["state"][0][k], int) for k in ("quant_bits", "quant_block"))
+    clones = [p.detach().clone().requires_grad_() for p in params]
+    other = adamkit.AdamW(clones, state_bits=bits, min_quant_size=0)
+    other.load_state_dict(saved)
+    for _ in range(2):
+        grads = [torch.randn_like(p) for p in params]
+        for p, c, g in zip(params, clones, grads):
+            p.grad, c.grad = g.clone(), g.clone()
+        opt.step()
+        other.step()
+    for p, c in zip(params, clones):
+        assert torch.equal(p, c)
+        for key, value in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(other.state[c][key])), key
+
+
+def test_checkpoints_convert_between_formats() -> None:
+    p = torch.randn(5000, requires_grad=True)
+    dense = torch.optim.AdamW([p])
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        dense.step()
+    torch_sd = round_trip(dense.state_dict())
+    q8 = adamkit.AdamW8bit([p])
+    q8.load_state_dict(torch_sd)
+    st = q8.state[p]
+    assert st["exp_avg_codes"].dtype == torch.uint8 and st["quant_bits"] == 8
+    fmt = QuantFormat(8, 256)
+    m = dequantize(st["exp_avg_codes"], st["exp_avg_absmax"], fmt, fmt.codebook("exp_avg"), p.numel())
+    ref_m = dense.state[p]["exp_avg"]
+    assert float((m - ref_m).norm() / ref_m.norm()) < 0.02
+    back = adamkit.AdamW([p])  # and back: 32-bit state decoded from the codes
+    back.load_state_dict(round_trip(q8.state_dict()))
+    assert torch.equal(back.state[p]["exp_avg"], m)
+    assert back.state[p]["exp_avg"].shape == p.shape
+    q4 = adamkit.AdamW([p], state_bits=4)  # 8-bit -> 4-bit
+    q4.load_state_dict(round_trip(q8.state_dict()))
+    assert q4.state[p]["quant_bits"] == 4 and q4.state[p]["exp_avg_codes"].numel() == 2500
+    torch.optim.AdamW([p]).load_state_dict(back.state_dict())  # torch takes the converted state
+
+
+def test_load_rejects_bad_quantized_state() -> None:
+    p = torch.randn(5000, requires_grad=True)
+    opt = adamkit.AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    good = opt.state_dict()
+    for mutate, pattern in [
+        (lambda st: st.update(exp_avg_codes=st["exp_avg_codes"][:10]), "exp_avg_codes.*shape"),
+        (lambda st: st.update(quant_bits=3), "bad quantized-state format"),
+        (lambda st: st.pop("exp_avg_sq_absmax"), "lacks"),
+        (lambda st: st.update(exp_avg_absmax=st["exp_avg_absmax"].double()), "expected torch.float32"),
+    ]:
+        sd = copy.deepcopy(good)
+        mutate(sd["state"][0])
+        before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+        with pytest.raises(ValueError, match=pattern):
+            opt.load_state_dict(sd)
+        for k, v in before.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt.state[p][k]))
+
+
+# ------------------------------------------------------------ percentile clipping
+def test_percentile_clipping_follows_bitsandbytes() -> None:
+    p = torch.zeros(1000, requires_grad=True)
+    q = torch.zeros(1000, requires_grad=True)
+    opt = adamkit.Adam([p], percentile_clipping=5, backend="reference")
+    plain = adamkit.Adam([q], backend="reference")
+    history = torch.zeros(100)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 30):
+        g = torch.randn(1000, generator=gen) * (100.0 if step in (12, 20) else 1.0)
+        sq = float(g.norm()) ** 2
+        if step == 1:
+            history.fill_(sq)
+        else:
+            history[step % 100] = sq
+        current, clip = math.sqrt(sq), math.sqrt(float(history.sort().values[5]))
+        p.grad = g.clone()
+        q.grad = g * (clip / current) if current > clip else g.clone()
+        opt.step()
+        plain.step()
+        torch.testing.assert_close(p, q, atol=1e-7, rtol=1e-6)
+        assert torch.equal(p.grad, g)  # the user's gradient is left alone
+    torch.testing.assert_close(opt.state[p]["gnorm_vec"], history)
+
+
+def test_option_validation_changes_nothing() -> None:
+    p = torch.zeros(10, requires_grad=True)
+    for kw, pattern in [
+        (dict(percentile_clipping=101), "percentile_clipping must be an int in \\[0, 100\\]"),
+        (dict(min_quant_size=-1), "min_quant_size must be an int >= 0"),
+        (dict(state_bits=4, block_size=3), "block_size must be even"),
+        (dict(block_wise="no"), "block_wise must be a bool"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=pattern):
+            adamkit.AdamW([p], **kw)
+
+
+# ------------------------------------------------------------- bitsandbytes names
+def test_bnb_signatures_and_mapping() -> None:
+    p = torch.zeros(5000, requires_grad=True)
+    # bitsandbytes' positional order: params, lr, betas, eps, weight_decay, amsgrad, optim_bits, args, ...
+    opt = adamkit.bnb.Adam([p], 1e-2, (0.8, 0.9), 1e-6, 0.1, True, 8, None, 100, 95, False)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["betas"], g["eps"], g["weight_decay"], g["amsgrad"]) == (1e-2, (0.8, 0.9), 1e-6, 0.1, True)
+    assert (g["state_bits"], g["min_quant_size"], g["percentile_clipping"], g["block_wise"]) == (8, 100, 95, False)
+    assert adamkit.AdamW8bit([p], optim_bits=32).param_groups[0]["state_bits"] == 8
+    assert adamkit.AdamW8bit([p]).param_groups[0]["weight_decay"] == 1e-2
+    assert adamkit.Adam32bit([p]).param_groups[0]["state_bits"] == 32
+    args = SimpleNamespace(optim_bits=8, min_8bit_size=16, percentile_clipping=50, block_wise=True)
+    assert adamkit.bnb.AdamW([p], args=args).param_groups[0]["min_quant_size"] == 16
+    assert isinstance(adamkit.AdamW8bit([p]), adamkit.AdamW)
+    for cls in (adamkit.PagedAdamW8bit, adamkit.PagedAdam, adamkit.PagedAdamW32bit):
+        with pytest.raises(NotImplementedError, match="paged optimizer state"):
+            cls([p])
+    with pytest.raises(NotImplementedError, match="paged"):
+        adamkit.AdamW8bit([p], is_paged=True)
+
+
+@pytest.fixture
+def manager():
+    mng = adamkit.GlobalOptimManager.get_instance()
+    mng.initialize()
+    yield mng
+    mng.initialize()
+
+
+def test_global_optim_manager_overrides(manager) -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 64), torch.nn.Linear(64, 128), torch.nn.Linear(128, 128))
+    with pytest.raises(RuntimeError, match="get_instance"):
+        adamkit.GlobalOptimManager()
+    manager.register_parameters(model.parameters())
+    opt = adamkit.Adam8bit(model.parameters())
+    manager.override_config(model[0].weight, "optim_bits", 32)
+    manager.register_module_override(model[2], "weight", {"optim_bits": 32})
+    with pytest.raises(ValueError, match="param group"):
+        manager.override_config(model[1].weight, "lr", 0.1)
+    model(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    assert "exp_avg" in opt.state[model[0].weight] and "exp_avg" in opt.state[model[2].weight]
+    assert "exp_avg_codes" in opt.state[model[1].weight]
+    # the native way: a param group
+    native = adamkit.Adam([{"params": model[0].parameters(), "state_bits": 32}, {"params": model[1].parameters()}],
+                          state_bits=8)  # fmt: skip
+    native.step()
+    assert "exp_avg" in native.state[model[0].weight] and "exp_avg_codes" in native.state[model[1].weight]
