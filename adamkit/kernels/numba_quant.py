@@ -23,6 +23,7 @@ decoded state, re-encoded with the block's new absmax.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import numba
@@ -37,6 +38,7 @@ from .._scalars import StepScalars
 from ..quant import QUANT_BITS, QuantFormat
 from ..quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS, encoder_table
 from . import numba_cpu as nc
+from ._avx512_codes import HAS_AVX512, decode16_4, decode16_8, encode16_4, encode16_8, simd_table
 from .numba_cpu import _U, _adam_rule, _adamax_rule, _claim, _load, _store_param, _tensor_seed, _view, _wide_vectors
 from .registry import register
 
@@ -131,14 +133,25 @@ def _decode(codes, i, vals, scale, bits, root):
 
 @njit(inline="always")
 def _encode_block(codes, absmax_at, row, n, top, book, bits):
-    """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``."""
+    """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``.
+    With AVX-512 16 codes at a time by permutes (see ``_avx512_codes``), the rest by
+    the table of :func:`adamkit.quant.encoder_table`."""
     cand, mids = book[1], book[2]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
+    done = 0
+    if HAS_AVX512:
+        done = n & ~15
+        table, row_at, codes_at = book[4].ctypes.data, row.ctypes.data, codes.ctypes.data
+        for i in range(0, done, 16):
+            if bits == 8:
+                encode16_8(row_at + 4 * i, inv, table, codes_at + i)
+            else:
+                encode16_4(row_at + 4 * i, inv, table, codes_at + (i >> 1))
     if bits == 8:
-        for i in range(n):
+        for i in range(done, n):
             codes[i] = _encode(row[i] * inv, cand, mids)
     else:
-        for i in range(n >> 1):
+        for i in range(done >> 1, n >> 1):
             lo = _encode(row[2 * i] * inv, cand, mids)
             hi = _encode(row[2 * i + 1] * inv, cand, mids)
             codes[i] = lo | (hi << 4)
@@ -162,7 +175,7 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
     amsgrad = algo == 1
     u8 = np.empty(0, np.uint8)
     f32 = np.empty(0, np.float32)
-    rows = np.empty((4, block), np.float32)
+    rows = np.empty((3, block), np.float32)
     bad = 0
     while True:
         c_lo, c_hi = _claim(units, counter)
@@ -206,21 +219,39 @@ def _max_bits(row, n):
 
 
 @njit(inline="always")
+def _decode_row(row, codes, book, scale, n, bits):
+    """``row[:n]`` = the decoded ``codes`` (16 at a time by permutes with AVX-512)."""
+    vals, root = book[0], book[3]
+    done = 0
+    if HAS_AVX512:
+        done = n & ~15
+        table, row_at, codes_at = book[4].ctypes.data, row.ctypes.data, codes.ctypes.data
+        for i in range(0, done, 16):
+            if bits == 8:
+                decode16_8(codes_at + i, table, scale, root, row_at + 4 * i)
+            else:
+                decode16_4(codes_at + (i >> 1), table, scale, root, row_at + 4 * i)
+    for i in range(done, n):
+        row[i] = _decode(codes, i, vals, scale, bits, root)
+
+
+@njit(inline="always")
 def _q_block(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0, bits, algo,
              mask):  # fmt: skip
-    """Decode, update; new state (roots for root codebooks) into ``rows[:3]``, new
-    parameters into ``rows[3]``, then stored. Returns the number of masked elements."""
-    # tables out of the tuple once: a tuple access in the loop costs a reference-count
+    """Decode the state into ``rows`` (table loads: scalar code), then update from and
+    into the rows and store the parameters (contiguous floats: this loop vectorizes);
+    rows of root codebooks end up holding roots. Returns the number of masked elements."""
+    # tables out of the tuple once: a tuple access in a loop costs a reference-count
     # call per element, and calls stop LLVM vectorizing
-    mvals, svals, xvals = books[0][0], books[1][0], books[2][0]
     sroot, xroot = books[1][3], books[2][3]
+    m, v, x = rows[0], rows[1], rows[2]
+    _decode_row(m, mc, books[0], mscale, n, bits)
+    _decode_row(v, sc, books[1], sscale, n, bits)
     bad = 0
     if algo == 2:
         low, c1, b2, eps, l2, gsign = consts
         for i in range(n):
-            gi, pi = _load(g, i), _load(p, i)
-            mi = _decode(mc, i, mvals, mscale, bits, False)
-            ui = _decode(sc, i, svals, sscale, bits, sroot)
+            gi, pi, mi, ui = _load(g, i), _load(p, i), m[i], v[i]
             p1, m1, u1 = _adamax_rule(gi, pi, mi, ui, low, c1, b2, eps, lr_t, l2, gsign)
             if mask:
                 ok = gi - gi == 0
@@ -228,18 +259,17 @@ def _q_block(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv
                 p1 = p1 if ok else pi
                 m1 = m1 if ok else mi
                 u1 = u1 if ok else ui
-            rows[3, i] = p1
-            rows[0, i] = m1
-            rows[1, i] = np.sqrt(u1) if sroot else u1
-        _put_params(p, rows[3], n, sr, stream, j0)
+            _store_param(p, i, p1, sr, stream, j0 + i)
+            m[i] = m1
+            v[i] = np.sqrt(u1) if sroot else u1
         return bad
     amsgrad = algo == 1
+    if amsgrad:
+        _decode_row(x, xc, books[2], xscale, n, bits)
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
     for i in range(n):
-        gi, pi = _load(g, i), _load(p, i)
-        mi = _decode(mc, i, mvals, mscale, bits, False)
-        vi = _decode(sc, i, svals, sscale, bits, sroot)
-        xi = _decode(xc, i, xvals, xscale, bits, xroot) if amsgrad else vi
+        gi, pi, mi, vi = _load(g, i), _load(p, i), m[i], v[i]
+        xi = x[i] if amsgrad else vi
         p1, m1, v1, x1 = _adam_rule(
             gi, pi, mi, vi, xi, low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, amsgrad
         )  # fmt: skip
@@ -250,22 +280,12 @@ def _q_block(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv
             m1 = m1 if ok else mi
             v1 = v1 if ok else vi
             x1 = x1 if ok else xi
-        rows[3, i] = p1
-        rows[0, i] = m1
-        rows[1, i] = np.sqrt(v1) if sroot else v1
+        _store_param(p, i, p1, sr, stream, j0 + i)
+        m[i] = m1
+        v[i] = np.sqrt(v1) if sroot else v1
         if amsgrad:
-            rows[2, i] = np.sqrt(x1) if xroot else x1
-    _put_params(p, rows[3], n, sr, stream, j0)
+            x[i] = np.sqrt(x1) if xroot else x1
     return bad
-
-
-@njit(inline="always")
-def _put_params(p, row, n, sr, stream, j0):
-    """The new parameters from the scratch row: the update loop stores only into the
-    scratch rows, so LLVM needs few runtime alias checks and vectorizes it (with the
-    parameter stored there too it stayed scalar: 0.2x torch fused on 16M elements)."""
-    for i in range(n):
-        _store_param(p, i, row[i], sr, stream, j0 + i)
 
 
 # One compiled function per (algorithm, bits, mask), each compiled the first time it is
@@ -358,12 +378,18 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
     return None
 
 
+@functools.cache
+def _book_tables(name: str, bits: int) -> tuple:
+    """(values, candidates, midpoints, root, SIMD table) of a codebook, for the kernels."""
+    cand, mids, values = encoder_table(name)
+    return values, cand, mids, name.startswith("sqrt_"), simd_table(values, mids[:-1], bits)
+
+
 def _books(fmt: QuantFormat, keys: Sequence[str]) -> tuple:
     books = []
     for key in keys:
         book = fmt.codebook(key)
-        cand, mids, values = encoder_table(book.name)
-        books.append((values, cand, mids, book.root))
+        books.append(_book_tables(book.name, fmt.bits))
     while len(books) < 3:
         books.append(books[-1])
     return tuple(books)

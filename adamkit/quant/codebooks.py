@@ -201,3 +201,4 @@ def encoder_table(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         candidates[part * half : (part + 1) * half] = first
     padded = np.concatenate([mids, [np.inf]]).astype(np.float32)
     return candidates, padded, book.values.numpy().astype(np.float32)
+
