@@ -69,9 +69,11 @@ class Contender:
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     #: bytes read + written per element (param, grad, moments) for this dtype
     bytes_per_element: Callable[[torch.dtype], int]
-    #: optimizer-state bytes per parameter element
+    #: optimizer-state bytes per parameter element, nominal (the bench reports what
+    #: the optimizer's state actually holds when it can read it)
     state_bytes: Callable[[torch.dtype], float]
     slow: bool = False  # skipped with --quick
+    dtypes: tuple[str, ...] = ("fp32", "bf16")  # parameter dtypes it is timed with
 
 
 def _adam_bytes(state_size: Callable[[torch.dtype], int]) -> Callable[[torch.dtype], int]:
@@ -91,6 +93,53 @@ def _bf16_state(dt: torch.dtype) -> int:
     return 2
 
 
+def _quant_bytes(bits: int) -> Callable[[torch.dtype], int]:
+    # read p, g and two moments' codes; write p and the codes (absmax: 1/64 of that)
+    return lambda dt: 3 * dt.itemsize + 2 * 2 * bits // 8
+
+
+def _quant_state(bits: int) -> Callable[[torch.dtype], float]:
+    block = 256 if bits == 8 else 128
+    return lambda dt: 2 * (bits / 8 + 4 / block)
+
+
+def _quant_peers() -> list[Contender]:
+    """bitsandbytes' and torchao's 8/4-bit AdamW, where installed (fp32 only: slow)."""
+    out = []
+    try:
+        import bitsandbytes as bnb
+
+        out.append(
+            Contender(
+                "bitsandbytes AdamW8bit",
+                lambda ps: bnb.optim.AdamW8bit(ps),
+                _quant_bytes(8),
+                _quant_state(8),
+                slow=True,
+                dtypes=("fp32",),
+            )
+        )
+    except Exception:  # noqa: BLE001 - any import failure means "not installed"
+        pass
+    try:
+        from torchao.optim import AdamW4bit, AdamW8bit
+
+        for bits, cls in ((8, AdamW8bit), (4, AdamW4bit)):
+            out.append(
+                Contender(
+                    f"torchao AdamW{bits}bit",
+                    cls,
+                    _quant_bytes(bits),
+                    _quant_state(bits),
+                    slow=True,
+                    dtypes=("fp32",),
+                )
+            )
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
 def contenders() -> list[Contender]:
     """adamkit's configurations, torch's three implementations, and installed peers."""
     out = [
@@ -105,6 +154,18 @@ def contenders() -> list[Contender]:
             lambda ps: adamkit.AdamW(ps, state_bits=16),
             _adam_bytes(_bf16_state),
             lambda dt: 4.0,
+        ),
+        Contender(
+            "adamkit 8-bit",
+            lambda ps: adamkit.AdamW(ps, state_bits=8),
+            _quant_bytes(8),
+            _quant_state(8),
+        ),
+        Contender(
+            "adamkit 4-bit",
+            lambda ps: adamkit.AdamW(ps, state_bits=4),
+            _quant_bytes(4),
+            _quant_state(4),
         ),
         Contender(
             "torch fused",
@@ -140,7 +201,7 @@ def contenders() -> list[Contender]:
         )
     except Exception:  # noqa: BLE001 - any import failure means "not installed"
         pass
-    return out
+    return out + _quant_peers()
 
 
 REFERENCE = "torch fused"
@@ -232,10 +293,13 @@ def run_workload(
     grad_sets = [grads, [g.clone() for g in grads]] if new_grads else [grads]
     steps: dict[str, Callable[[], Any]] = {}
     params: list[list[torch.Tensor]] = []
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    chosen = [c for c in chosen if dtype_name in c.dtypes]
     for c in chosen:
         try:
             ps = _params(shapes, dtype, grads)
-            steps[c.name] = c.make(ps).step
+            optimizers[c.name] = c.make(ps)
+            steps[c.name] = optimizers[c.name].step
             params.append(ps)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot take this case is reported, not fatal
             print(f"  {c.name}: skipped on {workload}/{dtype_name} ({type(exc).__name__}: {exc})", file=sys.stderr)
@@ -274,11 +338,28 @@ def run_workload(
                 elements_per_s=n / t,
                 vs_torch_fused=_paired_ratio(times[REFERENCE], times[c.name]) if REFERENCE in med else None,
                 roofline_share=c.bytes_per_element(dtype) * n / t / bandwidth,
-                state_bytes_per_param=c.state_bytes(dtype),
+                state_bytes_per_param=state_bytes(optimizers[c.name], n) or c.state_bytes(dtype),
                 samples_ms=[x * 1e3 for x in times[c.name]],
             )
         )
     return out, bandwidth
+
+
+def state_bytes(opt: torch.optim.Optimizer, n: int) -> float | None:
+    """Optimizer-state bytes per parameter element, read from ``opt.state`` (codes,
+    absmax and maps included; ``step`` counters not), or None if it cannot be read."""
+    total = 0
+    try:
+        for st in opt.state.values():
+            for key, value in st.items():
+                if key == "step" or not isinstance(value, torch.Tensor):
+                    continue
+                inner = getattr(value, "__tensor_flatten__", None)  # torchao's quantized subclasses
+                parts = [getattr(value, a) for a in inner()[0]] if inner else [value]
+                total += sum(t.nbytes for t in parts)
+    except Exception:  # noqa: BLE001 - a peer's state we cannot read: fall back to nominal
+        return None
+    return total / n if total else None
 
 
 def _paired_ratio(reference: list[float], ours: list[float]) -> float:
@@ -289,6 +370,50 @@ def _paired_ratio(reference: list[float], ours: list[float]) -> float:
     different rounds does not cancel it.
     """
     return statistics.median(r / o for r, o in zip(reference, ours))
+
+
+# ------------------------------------------------------------------------ accuracy
+def accuracy_contenders() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]]:
+    """Low-bit AdamWs whose total update is compared with fp32 AdamW's."""
+    out: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
+        "adamkit 8-bit": lambda ps: adamkit.AdamW(ps, state_bits=8),
+        "adamkit 4-bit": lambda ps: adamkit.AdamW(ps, state_bits=4),
+    }
+    for c in _quant_peers():
+        out[c.name] = c.make
+    return out
+
+
+def accuracy(rows: int = 2048, cols: int = 512, steps: int = 100) -> dict[str, float]:
+    """Relative L2 error of the total parameter update after ``steps`` AdamW steps
+    (defaults, lr 1e-3) against fp32 AdamW, per low-bit optimizer.
+
+    The parameter's rows have gradient scales spread log-evenly from 1e-4 to 1e-1 and
+    each gradient is ``scale · (signal + noise)``: a persistent signal plus fresh
+    standard-normal noise every step, the same for every contender.
+    """
+    gen = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-4, -1, rows)[:, None]
+    signal = torch.randn(rows, cols, generator=gen)
+    start = torch.randn(rows, cols, generator=gen) * 0.02
+    makers = {"fp32": lambda ps: torch.optim.AdamW(ps), **accuracy_contenders()}
+    params = {name: torch.nn.Parameter(start.clone()) for name in makers}
+    opts = {}
+    for name, make in makers.items():
+        try:
+            opts[name] = make([params[name]])
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal
+            print(f"  accuracy: {name} skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+    noise = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        g = scales * (signal + torch.randn(rows, cols, generator=noise))
+        for name, opt in opts.items():
+            params[name].grad = g.clone()
+            opt.step()
+    exact = params["fp32"].detach() - start
+    return {
+        name: float((params[name].detach() - start - exact).norm() / exact.norm()) for name in opts if name != "fp32"
+    }
 
 
 _COMPILE_PROBE = """
@@ -340,6 +465,13 @@ def _table(results: list[Result], meta: dict[str, Any]) -> None:
         console.print(
             f"first step in a fresh process: {c['cold']:.2f} s cold (empty numba cache), {c['cached']:.2f} s cached"
         )
+    if meta.get("accuracy"):
+        acc = meta["accuracy"]
+        errors = ", ".join(f"{k} {v:.3f}" for k, v in acc["relative_update_error"].items())
+        console.print(
+            f"update error vs fp32 AdamW after {acc['steps']} steps on {acc['rows']}x{acc['cols']} "
+            f"(relative L2, lower is better): {errors}"
+        )
     bw = ", ".join(f"{k} {v:.1f} GB/s" for k, v in meta["roofline_GBps"].items())
     console.print(f"roofline (stream 4 reads + 3 writes, fp32): {bw}")
 
@@ -385,6 +517,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizers", nargs="+", help="only these contenders (names as printed)")
     parser.add_argument("--no-compile", action="store_true", help="skip the cold/cached first-step measurement")
     parser.add_argument(
+        "--no-accuracy", action="store_true", help="skip the low-bit update-error measurement (see accuracy())"
+    )
+    parser.add_argument(
         "--new-grads",
         action="store_true",
         help="a new gradient tensor per parameter every step (zero_grad's set_to_none), not kept ones",
@@ -415,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
     }
     results: list[Result] = []
     cases = [(w, d) for d in args.dtypes for w in workloads]
-    total = sum((reps + 1) * (len(chosen) + 1) for _ in cases)
+    total = sum((reps + 1) * (len([c for c in chosen if d in c.dtypes]) + 1) for _, d in cases)
     with Progress(transient=True) as bar:
         task = bar.add_task("benchmarking", total=total)
         for workload, dtype in cases:
@@ -427,6 +562,9 @@ def run(args: argparse.Namespace) -> int:
             meta["roofline_GBps"][f"{workload}/{dtype}"] = bandwidth / 1e9
     if not args.no_compile:
         meta["compile_s"] = compile_times()
+    if not args.no_accuracy:
+        shape = dict(rows=256, cols=512, steps=20) if args.quick else dict(rows=2048, cols=512, steps=100)
+        meta["accuracy"] = {"relative_update_error": accuracy(**shape), **shape}
     _table(results, meta)
     if args.json:
         payload = json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
