@@ -152,12 +152,13 @@ def main() -> None:
     ax.set_xlabel("step")
     ax.set_ylabel(f"training loss (nats/char, mean of {k + 1} steps)")
     ax.set_title("char-level transformer on Python's stdlib source")
-    ax.set_ylim(top=min(4.0, max(max(c[k:]) for c in curves.values())))
+    low = min(min(c) for c in curves.values())
+    ax.set_ylim(bottom=low - 0.1, top=min(4.0, max(max(c[k:]) for c in curves.values())))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
     with open(pathlib.Path(args.out).with_suffix(".json"), "w") as f:
-        json.dump({"args": vars(args), "parameters": n_params, "results": results}, f, indent=2)
+        json.dump({"args": vars(args), "parameters": n_params, "results": results, "losses": curves}, f, indent=1)
     print(f"plot written to {args.out}")
 
 

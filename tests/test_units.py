@@ -159,3 +159,21 @@ def test_work_units_cover_every_chunk_once_in_runs_of_about_unit_elements(numels
     assert sum(sizes) == sum(numels)
     assert all(s <= numba_cpu.UNIT + numba_cpu.CHUNK for s in sizes)
     assert all(s > numba_cpu.UNIT - numba_cpu.CHUNK for s in sizes[:-1])  # only the last one is short
+
+
+def test_bench_reads_state_bytes_and_measures_low_bit_accuracy() -> None:
+    from adamkit import bench
+
+    p = torch.zeros(1 << 16, requires_grad=True)
+    p.grad = torch.ones_like(p)
+    for bits, want in ((32, 8.0), (8, 2 * (1 + 4 / 256)), (4, 2 * (0.5 + 4 / 128))):
+        opt = adamkit.AdamW([p], state_bits=bits)
+        opt.step()
+        assert bench.state_bytes(opt, p.numel()) == pytest.approx(want)
+    errors = bench.accuracy(rows=64, cols=256, steps=5)
+    assert {"adamkit 8-bit", "adamkit 4-bit"} <= errors.keys()
+    assert 0 < errors["adamkit 8-bit"] < errors["adamkit 4-bit"] < 0.5
+    chosen = [c for c in bench.contenders() if c.name in ("adamkit 8-bit", "torch fused")]
+    results, _ = bench.run_workload("flat-1M", "fp32", 1, chosen, lambda: None)
+    assert [r.optimizer for r in results] == ["adamkit 8-bit", "torch fused"]
+    assert results[0].state_bytes_per_param == pytest.approx(2 * (1 + 4 / 256))

@@ -38,8 +38,19 @@ from .._scalars import StepScalars
 from ..quant import QUANT_BITS, QuantFormat
 from ..quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS, encoder_table
 from . import numba_cpu as nc
-from ._avx512_codes import HAS_AVX512, decode16_4, decode16_8, encode16_4, encode16_8, simd_table
-from .numba_cpu import _U, _adam_rule, _adamax_rule, _claim, _load, _store_param, _tensor_seed, _view, _wide_vectors
+from ._avx512_codes import HAS_AVX512, decode16_4, decode16_8, encode16_4, encode16_8
+from .numba_cpu import (
+    _U,
+    _adam_rule,
+    _adamax_rule,
+    _claim,
+    _load,
+    _prefetch,
+    _store_param,
+    _tensor_seed,
+    _view,
+    _wide_vectors,
+)
 from .registry import register
 
 _SHIFT = 23 - TABLE_BITS
@@ -134,19 +145,20 @@ def _decode(codes, i, vals, scale, bits, root):
 @njit(inline="always")
 def _encode_block(codes, absmax_at, row, n, top, book, bits):
     """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``.
-    With AVX-512 16 codes at a time by permutes (see ``_avx512_codes``), the rest by
-    the table of :func:`adamkit.quant.encoder_table`."""
+    With AVX-512 16 codes at a time by gathers (see ``_avx512_codes``), the rest by
+    scalar loads from the same tables (:func:`adamkit.quant.encoder_table`)."""
     cand, mids = book[1], book[2]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        table, row_at, codes_at = book[4].ctypes.data, row.ctypes.data, codes.ctypes.data
+        cand_at, mids_at = cand.ctypes.data, mids.ctypes.data
+        row_at, codes_at = row.ctypes.data, codes.ctypes.data
         for i in range(0, done, 16):
             if bits == 8:
-                encode16_8(row_at + 4 * i, inv, table, codes_at + i)
+                encode16_8(row_at + 4 * i, inv, cand_at, mids_at, codes_at + i)
             else:
-                encode16_4(row_at + 4 * i, inv, table, codes_at + (i >> 1))
+                encode16_4(row_at + 4 * i, inv, cand_at, mids_at, codes_at + (i >> 1))
     if bits == 8:
         for i in range(done, n):
             codes[i] = _encode(row[i] * inv, cand, mids)
@@ -163,6 +175,26 @@ def _encode_block(codes, absmax_at, row, n, top, book, bits):
 @njit(inline="always")
 def _col(ptrs, t, col, lo, n, like):
     return numba.carray(_view(ptrs[t, col] + lo * like.itemsize, like), n)
+
+
+#: Elements ahead of the current block whose lines are prefetched (parameters,
+#: gradients, codes), as the 32-bit kernels do.
+AHEAD = 512
+
+
+@njit(inline="always")
+def _ahead(ptrs, t, start, n, size, bits, amsgrad):
+    if n <= 0:
+        return
+    for off in range(0, n * size, 64):
+        _prefetch(ptrs[t, 0] + start * size + off)
+        _prefetch(ptrs[t, 1] + start * size + off)
+    first = start if bits == 8 else start >> 1
+    for off in range(0, n if bits == 8 else (n + 1) >> 1, 64):
+        _prefetch(ptrs[t, 2] + first + off)
+        _prefetch(ptrs[t, 4] + first + off)
+        if amsgrad:
+            _prefetch(ptrs[t, 6] + first + off)
 
 
 @njit(inline="always")
@@ -187,6 +219,7 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
             for b in range(lo, hi, block):
                 n = min(b + block, hi) - b
                 k = b // block
+                _ahead(ptrs, t, b + AHEAD, min(n, hi - b - AHEAD), plike.itemsize, bits, algo == 1)
                 first = b if bits == 8 else b >> 1
                 nbytes = n if bits == 8 else (n + 1) >> 1
                 p, g = _col(ptrs, t, 0, b, n, plike), _col(ptrs, t, 1, b, n, plike)
@@ -220,12 +253,12 @@ def _max_bits(row, n):
 
 @njit(inline="always")
 def _decode_row(row, codes, book, scale, n, bits):
-    """``row[:n]`` = the decoded ``codes`` (16 at a time by permutes with AVX-512)."""
+    """``row[:n]`` = the decoded ``codes`` (16 at a time with AVX-512)."""
     vals, root = book[0], book[3]
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        table, row_at, codes_at = book[4].ctypes.data, row.ctypes.data, codes.ctypes.data
+        table, row_at, codes_at = vals.ctypes.data, row.ctypes.data, codes.ctypes.data
         for i in range(0, done, 16):
             if bits == 8:
                 decode16_8(codes_at + i, table, scale, root, row_at + 4 * i)
@@ -380,9 +413,9 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
 
 @functools.cache
 def _book_tables(name: str, bits: int) -> tuple:
-    """(values, candidates, midpoints, root, SIMD table) of a codebook, for the kernels."""
+    """(values, candidates, midpoints, root) of a codebook, for the kernels."""
     cand, mids, values = encoder_table(name)
-    return values, cand, mids, name.startswith("sqrt_"), simd_table(values, mids[:-1], bits)
+    return values, cand, mids, name.startswith("sqrt_")
 
 
 def _books(fmt: QuantFormat, keys: Sequence[str]) -> tuple:
