@@ -43,19 +43,22 @@ def test_4bit_maps() -> None:
 
 @pytest.mark.parametrize("name", BOOKS)
 def test_encoder_table_equals_binary_search(name: str) -> None:
-    cand, mids, _ = encoder_table(name)
+    packed, mids, _ = encoder_table(name)
     gen = np.random.default_rng(0)
     y = np.concatenate(
         [gen.uniform(-1, 1, 50_000), gen.standard_normal(20_000) * 1e-4, gen.standard_normal(2_000) * 1e-9,
-         [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 1.0000001], mids[:-1], np.nextafter(mids[:-1], 2)]
+         [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 1.0000001, -1.5, 2.0], mids[:-1], -mids[:-1],
+         np.nextafter(mids[:-1], 2), np.nextafter(mids[:-1], -2)]
     ).astype(np.float32)  # fmt: skip
     if not codebook(name).signed:
         y = np.abs(y)
     bits = y.view(np.uint32).astype(np.int64)
     mag = np.clip(bits & 0x7FFFFFFF, _LOW_BITS, _ONE_BITS)
     half = ((_ONE_BITS - _LOW_BITS) >> (23 - TABLE_BITS)) + 1
-    c = cand[((mag - _LOW_BITS) >> (23 - TABLE_BITS)) + (bits >> 31) * half]
-    codes = c + (y > mids[c])
+    negative = (bits >> 31) == 1
+    entry = packed[((mag - _LOW_BITS) >> (23 - TABLE_BITS)) + negative * half].astype(np.int64)
+    ylow, tlow = mag & 0xFFFF, entry & 0xFFFF
+    codes = (entry >> 16) + np.where(negative, ylow < tlow, ylow > tlow)
     np.testing.assert_array_equal(codes, np.searchsorted(mids[:-1], y, side="left"))
 
 

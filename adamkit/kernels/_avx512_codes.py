@@ -9,9 +9,11 @@ instructions themselves are fast enough, so these intrinsics call them directly
 ``vgatherdps``/``vpgatherdd``), per 16 elements:
 
 * **encode** (:func:`adamkit.quant.encoder_table`'s search-free form): the float's bits
-  give a table slice; one gather fetches the candidate code, one its midpoint, one
-  compare finishes: 1.7 -> 0.7 ns per element (8 bits; a binary search over the
-  midpoints by ``vpermi2ps`` permutes, one level per bit, took 1.4);
+  give a table slice; one gather fetches the slice's packed entry (candidate code and
+  the low bits of the midpoint inside the slice), one integer compare finishes. 8 bits:
+  1.7 ns per element scalar; 1.4 by a binary search over the midpoints with
+  ``vpermi2ps`` permutes (one level per bit); 0.7 with two dependent gathers (candidate,
+  then its midpoint); the packed table needs one;
 * **decode** at 8 bits: one gather from the 256 values; at 4 bits the 16 values fit
   one register and one ``vpermps`` looks them up.
 
@@ -123,26 +125,31 @@ def _make_decode(bits: int):
 
 def _make_encode(bits: int):
     @intrinsic
-    def encode16(typingctx, row_addr, inv, cand_addr, mids_addr, codes_addr):  # noqa: ARG001
-        """codes[0:16] = the nearest codes of row[0:16] · inv (ties to the lower code)."""
+    def encode16(typingctx, row_addr, inv, table_addr, codes_addr):  # noqa: ARG001
+        """codes[0:16] = the nearest codes of row[0:16] · inv (ties to the lower code),
+        from the packed table of :func:`adamkit.quant.encoder_table`."""
 
         def codegen(context, builder, signature, args):
-            row_at, inv_v, cand_at, mids_at, codes_at = args
+            row_at, inv_v, table_at, codes_at = args
             row = builder.load(builder.inttoptr(row_at, _F16.as_pointer()), align=4)
             y = builder.fmul(row, _broadcast(builder, inv_v))
             ybits = builder.bitcast(y, _I16)
             mag = builder.and_(ybits, _splat(0x7FFFFFFF))
             mag = builder.select(builder.icmp_unsigned("<", mag, _splat(_LOW_BITS)), _splat(_LOW_BITS), mag)
             mag = builder.select(builder.icmp_unsigned(">", mag, _splat(_ONE_BITS)), _splat(_ONE_BITS), mag)
+            negative = builder.icmp_signed("<", ybits, _splat(0))
             slot = builder.lshr(builder.sub(mag, _splat(_LOW_BITS)), _splat(_SHIFT))
-            slot = builder.add(slot, builder.mul(builder.lshr(ybits, _splat(31)), _splat(_HALF)))
-            cand = _gather(builder, _I16, cand_at, slot)
-            mid = _gather(builder, _F16, mids_at, cand)
-            codes = builder.add(cand, builder.zext(builder.fcmp_ordered(">", y, mid), _I16))
+            slot = builder.add(slot, builder.select(negative, _splat(_HALF), _splat(0)))
+            entry = _gather(builder, _I16, table_at, slot)
+            ylow, tlow = builder.and_(mag, _splat(0xFFFF)), builder.and_(entry, _splat(0xFFFF))
+            above = builder.select(
+                negative, builder.icmp_unsigned("<", ylow, tlow), builder.icmp_unsigned(">", ylow, tlow)
+            )
+            codes = builder.add(builder.lshr(entry, _splat(16)), builder.zext(above, _I16))
             _codes_out(builder, codes_at, codes, bits)
             return context.get_dummy_value()
 
-        return types.void(types.int64, types.float32, types.int64, types.int64, types.int64), codegen
+        return types.void(types.int64, types.float32, types.int64, types.int64), codegen
 
     return encode16
 

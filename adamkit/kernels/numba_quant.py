@@ -58,9 +58,9 @@ _HALF = ((_ONE_BITS - _LOW_BITS) >> _SHIFT) + 1
 
 
 @intrinsic
-def _slot(typingctx, y):  # noqa: ARG001
-    """The encoder-table slice of a normalized float32 (32-bit integer IR, so the loop
-    keeps 16 lanes; numba's integers are 64-bit)."""
+def _encode(typingctx, y, table):  # noqa: ARG001
+    """The nearest code of a normalized float32 from the packed encoder table (see
+    :func:`adamkit.quant.encoder_table`), in 32-bit integer IR (numba's are 64-bit)."""
 
     def codegen(context, builder, signature, args):
         i32 = ir.IntType(32)
@@ -70,10 +70,17 @@ def _slot(typingctx, y):  # noqa: ARG001
         mag = builder.select(builder.icmp_unsigned("<", mag, low), low, mag)
         mag = builder.select(builder.icmp_unsigned(">", mag, one), one, mag)
         index = builder.lshr(builder.sub(mag, low), ir.Constant(i32, _SHIFT))
-        sign = builder.lshr(bits, ir.Constant(i32, 31))
-        return builder.add(index, builder.mul(sign, ir.Constant(i32, _HALF)))
+        negative = builder.icmp_signed("<", bits, ir.Constant(i32, 0))
+        index = builder.add(index, builder.select(negative, ir.Constant(i32, _HALF), ir.Constant(i32, 0)))
+        array = context.make_array(signature.args[1])(context, builder, args[1])
+        entry = builder.load(builder.gep(array.data, [builder.zext(index, ir.IntType(64))]))
+        cand = builder.lshr(entry, ir.Constant(i32, 16))
+        mask = ir.Constant(i32, 0xFFFF)
+        ylow, tlow = builder.and_(mag, mask), builder.and_(entry, mask)
+        above = builder.select(negative, builder.icmp_unsigned("<", ylow, tlow), builder.icmp_unsigned(">", ylow, tlow))
+        return builder.add(cand, builder.zext(above, i32))
 
-    return types.int32(types.float32), codegen
+    return types.int32(types.float32, table), codegen
 
 
 @intrinsic
@@ -124,12 +131,6 @@ def _put_u8(typingctx, addr, x):  # noqa: ARG001
 
 
 @njit(inline="always")
-def _encode(y, cand, mids):
-    c = cand[_slot(y)]
-    return c + np.int32(y > mids[c])
-
-
-@njit(inline="always")
 def _code(codes, i, bits):
     if bits == 8:
         return codes[i]
@@ -147,28 +148,27 @@ def _encode_block(codes, absmax_at, row, n, top, book, bits):
     """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``.
     With AVX-512 16 codes at a time by gathers (see ``_avx512_codes``), the rest by
     scalar loads from the same tables (:func:`adamkit.quant.encoder_table`)."""
-    cand, mids = book[1], book[2]
+    packed = book[1]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        cand_at, mids_at = cand.ctypes.data, mids.ctypes.data
-        row_at, codes_at = row.ctypes.data, codes.ctypes.data
+        table_at, row_at, codes_at = packed.ctypes.data, row.ctypes.data, codes.ctypes.data
         for i in range(0, done, 16):
             if bits == 8:
-                encode16_8(row_at + 4 * i, inv, cand_at, mids_at, codes_at + i)
+                encode16_8(row_at + 4 * i, inv, table_at, codes_at + i)
             else:
-                encode16_4(row_at + 4 * i, inv, cand_at, mids_at, codes_at + (i >> 1))
+                encode16_4(row_at + 4 * i, inv, table_at, codes_at + (i >> 1))
     if bits == 8:
         for i in range(done, n):
-            codes[i] = _encode(row[i] * inv, cand, mids)
+            codes[i] = _encode(row[i] * inv, packed)
     else:
         for i in range(done >> 1, n >> 1):
-            lo = _encode(row[2 * i] * inv, cand, mids)
-            hi = _encode(row[2 * i + 1] * inv, cand, mids)
+            lo = _encode(row[2 * i] * inv, packed)
+            hi = _encode(row[2 * i + 1] * inv, packed)
             codes[i] = lo | (hi << 4)
         if n & 1:
-            _put_u8(codes.ctypes.data + (n >> 1), _encode(row[n - 1] * inv, cand, mids))
+            _put_u8(codes.ctypes.data + (n >> 1), _encode(row[n - 1] * inv, packed))
     _put_f32(absmax_at, top)
 
 
@@ -254,7 +254,7 @@ def _max_bits(row, n):
 @njit(inline="always")
 def _decode_row(row, codes, book, scale, n, bits):
     """``row[:n]`` = the decoded ``codes`` (16 at a time with AVX-512)."""
-    vals, root = book[0], book[3]
+    vals, root = book[0], book[2]
     done = 0
     if HAS_AVX512:
         done = n & ~15
@@ -276,7 +276,7 @@ def _q_block(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv
     rows of root codebooks end up holding roots. Returns the number of masked elements."""
     # tables out of the tuple once: a tuple access in a loop costs a reference-count
     # call per element, and calls stop LLVM vectorizing
-    sroot, xroot = books[1][3], books[2][3]
+    sroot, xroot = books[1][2], books[2][2]
     m, v, x = rows[0], rows[1], rows[2]
     _decode_row(m, mc, books[0], mscale, n, bits)
     _decode_row(v, sc, books[1], sscale, n, bits)
@@ -413,9 +413,9 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
 
 @functools.cache
 def _book_tables(name: str, bits: int) -> tuple:
-    """(values, candidates, midpoints, root) of a codebook, for the kernels."""
-    cand, mids, values = encoder_table(name)
-    return values, cand, mids, name.startswith("sqrt_")
+    """(values, packed encoder table, root) of a codebook, for the kernels."""
+    packed, _, values = encoder_table(name)
+    return values, packed, name.startswith("sqrt_")
 
 
 def _books(fmt: QuantFormat, keys: Sequence[str]) -> tuple:

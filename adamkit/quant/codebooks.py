@@ -169,19 +169,25 @@ _ONE_BITS = 127 << 23
 
 @cache
 def encoder_table(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Tables for encoding without a search: (candidates int32, midpoints float32 padded
-    with +inf, values float32).
+    """Tables for encoding without a search: (packed int32, midpoints float32 padded with
+    +inf, values float32).
 
     A normalized value ``y ∈ [-1, 1]`` is located by its float32 bits: the magnitude's
     bits are clamped to ``[2^LOWEST_EXPONENT, 1]``, offset and shifted right by
     ``23 - TABLE_BITS``, giving one of ``2^TABLE_BITS`` slices per binade; the sign picks
-    one of two halves. ``candidates[slice]`` is the number of midpoints below the
-    slice's lowest value, and no slice holds more than one midpoint (asserted), so::
+    one of two halves. No slice holds more than one midpoint (asserted). Each entry packs
 
-        code = candidates[slice] + (y > midpoints[candidates[slice]])
+    * ``candidate << 16``: the number of midpoints below the slice's lowest value, and
+    * the low 16 bits of the magnitude of the midpoint inside the slice, if any.
+
+    All magnitudes in a slice share their top 16 bits, so comparing the low 16 bits of
+    ``|y|`` with the entry's decides ``y > midpoint`` exactly (reversed below zero); a
+    slice without a midpoint stores 0xFFFF (0 below zero), which no value passes::
+
+        code = candidate + (low16(|y|) > low) if y >= 0 else candidate + (low16(|y|) < low)
 
     is the nearest code (ties to the lower one), exactly as a binary search over the
-    midpoints: two table loads instead of eight dependent ones.
+    midpoints, in one table load instead of eight dependent ones.
     """
     book = codebook(name)
     mids = book.midpoints.numpy().astype(np.float32)
@@ -190,15 +196,16 @@ def encoder_table(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     starts = (_LOW_BITS + (np.arange(half, dtype=np.int64) << shift)).astype(np.uint32)
     ends = starts + np.uint32((1 << shift) - 1)  # the slice's largest magnitude
     lo_mag, hi_mag = starts.view(np.float32), ends.view(np.float32)
-    lo_mag = lo_mag.copy()
-    lo_mag[0] = 0.0  # the first slice also takes everything smaller (clamped up)
-    candidates = np.empty(2 * half, dtype=np.int32)
+    packed = np.empty(2 * half, dtype=np.int64)
     for part, (lowest, highest) in enumerate(((lo_mag, hi_mag), (-hi_mag, -lo_mag))):
         first = np.searchsorted(mids, lowest, side="left")  # midpoints < lowest
-        last = np.searchsorted(mids, highest, side="left")  # midpoints < highest
-        if (last - first).max() > 1:
+        inside = np.searchsorted(mids, highest, side="right") - first  # lowest <= midpoint <= highest
+        if inside.max() > 1:
             raise AssertionError(f"{name}: a table slice holds more than one midpoint")
-        candidates[part * half : (part + 1) * half] = first
+        if inside[0]:  # the first slice also takes every smaller magnitude (clamped up)
+            raise AssertionError(f"{name}: a midpoint lies in the lowest slice")
+        mid_bits = np.abs(mids[np.minimum(first, mids.size - 1)]).view(np.uint32).astype(np.int64) & 0xFFFF
+        low = np.where(inside == 1, mid_bits, 0xFFFF if part == 0 else 0)
+        packed[part * half : (part + 1) * half] = (first << 16) | low
     padded = np.concatenate([mids, [np.inf]]).astype(np.float32)
-    return candidates, padded, book.values.numpy().astype(np.float32)
-
+    return packed.astype(np.int32), padded, book.values.numpy().astype(np.float32)
