@@ -44,6 +44,7 @@ from .numba_cpu import (
     _adam_rule,
     _adamax_rule,
     _claim,
+    _finite,
     _load,
     _prefetch,
     _store_param,
@@ -229,10 +230,18 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                     xc, xa = _col(ptrs, t, 6, first, nbytes, u8), _col(ptrs, t, 7, 0, k + 1, f32)
                 else:
                     xc, xa = sc, sa
-                bad += _q_block(
-                    p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                    consts, sr, stream, b, bits, algo, mask,
-                )  # fmt: skip
+                # masking costs selects in the update loop (8 bits: 0.6 ms, 4 bits: 2 ms on
+                # 16M elements): only blocks whose gradient has a NaN/±inf pay them
+                if mask and not _finite(g):
+                    bad += _q_block(
+                        p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
+                        consts, sr, stream, b, bits, algo, True,
+                    )  # fmt: skip
+                else:
+                    _q_block(
+                        p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
+                        consts, sr, stream, b, bits, algo, False,
+                    )  # fmt: skip
                 mtop = _from_bits(_max_bits(rows[0], n))
                 _encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, mtop, books[0], bits)
                 stop = _from_bits(_max_bits(rows[1], n))
