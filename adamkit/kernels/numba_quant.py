@@ -145,10 +145,10 @@ def _decode(codes, i, vals, scale, bits, root):
 
 
 @njit(inline="always")
-def _encode_block(codes, absmax_at, row, n, top, book, bits):
+def _encode_block8(codes, absmax_at, row, n, top, book):
     """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``.
     With AVX-512 16 codes at a time by gathers (see ``_avx512_codes``), the rest by
-    scalar loads from the same tables (:func:`adamkit.quant.encoder_table`)."""
+    scalar loads from the same table (:func:`adamkit.quant.encoder_table`)."""
     packed = book[1]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
     done = 0
@@ -156,20 +156,29 @@ def _encode_block(codes, absmax_at, row, n, top, book, bits):
         done = n & ~15
         table_at, row_at, codes_at = packed.ctypes.data, row.ctypes.data, codes.ctypes.data
         for i in range(0, done, 16):
-            if bits == 8:
-                encode16_8(row_at + 4 * i, inv, table_at, codes_at + i)
-            else:
-                encode16_4(row_at + 4 * i, inv, table_at, codes_at + (i >> 1))
-    if bits == 8:
-        for i in range(done, n):
-            codes[i] = _encode(row[i] * inv, packed)
-    else:
-        for i in range(done >> 1, n >> 1):
-            lo = _encode(row[2 * i] * inv, packed)
-            hi = _encode(row[2 * i + 1] * inv, packed)
-            codes[i] = lo | (hi << 4)
-        if n & 1:
-            _put_u8(codes.ctypes.data + (n >> 1), _encode(row[n - 1] * inv, packed))
+            encode16_8(row_at + 4 * i, inv, table_at, codes_at + i)
+    for i in range(done, n):
+        codes[i] = _encode(row[i] * inv, packed)
+    _put_f32(absmax_at, top)
+
+
+@njit(inline="always")
+def _encode_block4(codes, absmax_at, row, n, top, book):
+    """:func:`_encode_block8` for 4-bit codes, two per byte (low nibble first)."""
+    packed = book[1]
+    inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
+    done = 0
+    if HAS_AVX512:
+        done = n & ~15
+        table_at, row_at, codes_at = packed.ctypes.data, row.ctypes.data, codes.ctypes.data
+        for i in range(0, done, 16):
+            encode16_4(row_at + 4 * i, inv, table_at, codes_at + (i >> 1))
+    for i in range(done >> 1, n >> 1):
+        lo = _encode(row[2 * i] * inv, packed)
+        hi = _encode(row[2 * i + 1] * inv, packed)
+        codes[i] = lo | (hi << 4)
+    if n & 1:
+        _put_u8(codes.ctypes.data + (n >> 1), _encode(row[n - 1] * inv, packed))
     _put_f32(absmax_at, top)
 
 
@@ -199,13 +208,18 @@ def _ahead(ptrs, t, start, n, size, bits, amsgrad):
 
 
 @njit(inline="always")
-def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, bits, algo, mask):
-    """Adam (``algo`` 0), AMSGrad (1) or Adamax (2) on quantized state, over the work
-    units this thread claims. ptrs: int64 [n, 2 + 2·keys]: param, grad, then (codes,
-    absmax) per state key; ``books``: (values, candidates, midpoints, root) per key.
+def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, bits, update,
+              decode_row, encode_block, amsgrad, mask):  # fmt: skip
+    """One algorithm on quantized state, over the work units this thread claims.
+
+    ptrs: int64 [n, 2 + 2·keys]: param, grad, then (codes, absmax) per state key;
+    ``books``: (values, packed encoder table, root) per key. ``update`` (the
+    algorithm's block), ``decode_row`` and ``encode_block`` (the bit width's) are
+    functions passed in, so each compiled variant holds only its own code: with flags
+    and branches instead, numba typed every variant's code in each (its dead-branch
+    pruning runs before inlining) and the first 8-bit step compiled for 10.5 s.
     Returns the number of masked elements."""
     _wide_vectors()
-    amsgrad = algo == 1
     u8 = np.empty(0, np.uint8)
     f32 = np.empty(0, np.float32)
     rows = np.empty((3, block), np.float32)
@@ -220,7 +234,7 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
             for b in range(lo, hi, block):
                 n = min(b + block, hi) - b
                 k = b // block
-                _ahead(ptrs, t, b + AHEAD, min(n, hi - b - AHEAD), plike.itemsize, bits, algo == 1)
+                _ahead(ptrs, t, b + AHEAD, min(n, hi - b - AHEAD), plike.itemsize, bits, amsgrad)
                 first = b if bits == 8 else b >> 1
                 nbytes = n if bits == 8 else (n + 1) >> 1
                 p, g = _col(ptrs, t, 0, b, n, plike), _col(ptrs, t, 1, b, n, plike)
@@ -233,22 +247,22 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                 # masking costs selects in the update loop (8 bits: 0.6 ms, 4 bits: 2 ms on
                 # 16M elements): only blocks whose gradient has a NaN/±inf pay them
                 if mask and not _finite(g):
-                    bad += _q_block(
+                    bad += update(
                         p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                        consts, sr, stream, b, bits, algo, True,
+                        consts, sr, stream, b, decode_row, amsgrad, True,
                     )  # fmt: skip
                 else:
-                    _q_block(
+                    update(
                         p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                        consts, sr, stream, b, bits, algo, False,
+                        consts, sr, stream, b, decode_row, amsgrad, False,
                     )  # fmt: skip
                 mtop = _from_bits(_max_bits(rows[0], n))
-                _encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, mtop, books[0], bits)
+                encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, mtop, books[0])
                 stop = _from_bits(_max_bits(rows[1], n))
-                _encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, stop, books[1], bits)
+                encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, stop, books[1])
                 if amsgrad:
                     xtop = _from_bits(_max_bits(rows[2], n))
-                    _encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, xtop, books[2], bits)
+                    encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, xtop, books[2])
     return bad
 
 
@@ -261,53 +275,48 @@ def _max_bits(row, n):
 
 
 @njit(inline="always")
-def _decode_row(row, codes, book, scale, n, bits):
-    """``row[:n]`` = the decoded ``codes`` (16 at a time with AVX-512)."""
+def _decode_row8(row, codes, book, scale, n):
+    """``row[:n]`` = the decoded 8-bit ``codes`` (16 at a time with AVX-512)."""
     vals, root = book[0], book[2]
     done = 0
     if HAS_AVX512:
         done = n & ~15
         table, row_at, codes_at = vals.ctypes.data, row.ctypes.data, codes.ctypes.data
         for i in range(0, done, 16):
-            if bits == 8:
-                decode16_8(codes_at + i, table, scale, root, row_at + 4 * i)
-            else:
-                decode16_4(codes_at + (i >> 1), table, scale, root, row_at + 4 * i)
+            decode16_8(codes_at + i, table, scale, root, row_at + 4 * i)
     for i in range(done, n):
-        row[i] = _decode(codes, i, vals, scale, bits, root)
+        row[i] = _decode(codes, i, vals, scale, 8, root)
 
 
 @njit(inline="always")
-def _q_block(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0, bits, algo,
-             mask):  # fmt: skip
-    """Decode the state into ``rows`` (table loads: scalar code), then update from and
-    into the rows and store the parameters (contiguous floats: this loop vectorizes);
-    rows of root codebooks end up holding roots. Returns the number of masked elements."""
+def _decode_row4(row, codes, book, scale, n):
+    """``row[:n]`` = the decoded 4-bit ``codes``."""
+    vals, root = book[0], book[2]
+    done = 0
+    if HAS_AVX512:
+        done = n & ~15
+        table, row_at, codes_at = vals.ctypes.data, row.ctypes.data, codes.ctypes.data
+        for i in range(0, done, 16):
+            decode16_4(codes_at + (i >> 1), table, scale, root, row_at + 4 * i)
+    for i in range(done, n):
+        row[i] = _decode(codes, i, vals, scale, 4, root)
+
+
+@njit(inline="always")
+def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0,
+                  decode_row, amsgrad, mask):  # fmt: skip
+    """Decode the state into ``rows`` with ``decode_row``, then update from and into the
+    rows and store the parameters (contiguous floats: this loop vectorizes); rows of
+    root codebooks end up holding roots. Returns the number of masked elements."""
     # tables out of the tuple once: a tuple access in a loop costs a reference-count
     # call per element, and calls stop LLVM vectorizing
     sroot, xroot = books[1][2], books[2][2]
     m, v, x = rows[0], rows[1], rows[2]
-    _decode_row(m, mc, books[0], mscale, n, bits)
-    _decode_row(v, sc, books[1], sscale, n, bits)
-    bad = 0
-    if algo == 2:
-        low, c1, b2, eps, l2, gsign = consts
-        for i in range(n):
-            gi, pi, mi, ui = _load(g, i), _load(p, i), m[i], v[i]
-            p1, m1, u1 = _adamax_rule(gi, pi, mi, ui, low, c1, b2, eps, lr_t, l2, gsign)
-            if mask:
-                ok = gi - gi == 0
-                bad += not ok
-                p1 = p1 if ok else pi
-                m1 = m1 if ok else mi
-                u1 = u1 if ok else ui
-            _store_param(p, i, p1, sr, stream, j0 + i)
-            m[i] = m1
-            v[i] = np.sqrt(u1) if sroot else u1
-        return bad
-    amsgrad = algo == 1
+    decode_row(m, mc, books[0], mscale, n)
+    decode_row(v, sc, books[1], sscale, n)
     if amsgrad:
-        _decode_row(x, xc, books[2], xscale, n, bits)
+        decode_row(x, xc, books[2], xscale, n)
+    bad = 0
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
     for i in range(n):
         gi, pi, mi, vi = _load(g, i), _load(p, i), m[i], v[i]
@@ -330,6 +339,31 @@ def _q_block(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv
     return bad
 
 
+@njit(inline="always")
+def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0,
+                    decode_row, amsgrad, mask):  # fmt: skip
+    """Adamax's :func:`_q_block_adam` (``xc``, ``xscale``, ``inv``, ``amsgrad`` unused)."""
+    sroot = books[1][2]
+    m, v = rows[0], rows[1]
+    decode_row(m, mc, books[0], mscale, n)
+    decode_row(v, sc, books[1], sscale, n)
+    bad = 0
+    low, c1, b2, eps, l2, gsign = consts
+    for i in range(n):
+        gi, pi, mi, ui = _load(g, i), _load(p, i), m[i], v[i]
+        p1, m1, u1 = _adamax_rule(gi, pi, mi, ui, low, c1, b2, eps, lr_t, l2, gsign)
+        if mask:
+            ok = gi - gi == 0
+            bad += not ok
+            p1 = p1 if ok else pi
+            m1 = m1 if ok else mi
+            u1 = u1 if ok else ui
+        _store_param(p, i, p1, sr, stream, j0 + i)
+        m[i] = m1
+        v[i] = np.sqrt(u1) if sroot else u1
+    return bad
+
+
 # One compiled function per (algorithm, bits, mask), each compiled the first time it is
 # needed (see numba_cpu for why not parallel=True; error_model="numpy" keeps the
 # divisions free of zero checks, which stopped LLVM vectorizing there).
@@ -338,62 +372,74 @@ _J = dict(nogil=True, cache=True, error_model="numpy")
 
 @njit(**_J)
 def _adam8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 0, False)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
+                     _q_block_adam, _decode_row8, _encode_block8, False, False)
 
 
 @njit(**_J)
 def _adam8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 0, True)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
+                     _q_block_adam, _decode_row8, _encode_block8, False, True)
 
 
 @njit(**_J)
 def _adam4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 0, False)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
+                     _q_block_adam, _decode_row4, _encode_block4, False, False)
 
 
 @njit(**_J)
 def _adam4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 0, True)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
+                     _q_block_adam, _decode_row4, _encode_block4, False, True)
 
 
 @njit(**_J)
 def _amsgrad8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 1, False)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
+                     _q_block_adam, _decode_row8, _encode_block8, True, False)
 
 
 @njit(**_J)
 def _amsgrad8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 1, True)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
+                     _q_block_adam, _decode_row8, _encode_block8, True, True)
 
 
 @njit(**_J)
 def _amsgrad4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 1, False)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
+                     _q_block_adam, _decode_row4, _encode_block4, True, False)
 
 
 @njit(**_J)
 def _amsgrad4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 1, True)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
+                     _q_block_adam, _decode_row4, _encode_block4, True, True)
 
 
 @njit(**_J)
 def _adamax8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 2, False)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
+                     _q_block_adamax, _decode_row8, _encode_block8, False, False)
 
 
 @njit(**_J)
 def _adamax8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8, 2, True)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
+                     _q_block_adamax, _decode_row8, _encode_block8, False, True)
 
 
 @njit(**_J)
 def _adamax4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 2, False)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
+                     _q_block_adamax, _decode_row4, _encode_block4, False, False)
 
 
 @njit(**_J)
 def _adamax4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4, 2, True)
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
+                     _q_block_adamax, _decode_row4, _encode_block4, False, True)
 
 
 _KERNELS = {
