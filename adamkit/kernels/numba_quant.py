@@ -247,31 +247,21 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                 # masking costs selects in the update loop (8 bits: 0.6 ms, 4 bits: 2 ms on
                 # 16M elements): only blocks whose gradient has a NaN/±inf pay them
                 if mask and not _finite(g):
-                    bad += update(
+                    nbad, mtop, stop, xtop = update(
                         p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
                         consts, sr, stream, b, decode_row, amsgrad, True,
                     )  # fmt: skip
+                    bad += nbad
                 else:
-                    update(
+                    _, mtop, stop, xtop = update(
                         p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
                         consts, sr, stream, b, decode_row, amsgrad, False,
                     )  # fmt: skip
-                mtop = _from_bits(_max_bits(rows[0], n))
-                encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, mtop, books[0])
-                stop = _from_bits(_max_bits(rows[1], n))
-                encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, stop, books[1])
+                encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, _from_bits(mtop), books[0])
+                encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, _from_bits(stop), books[1])
                 if amsgrad:
-                    xtop = _from_bits(_max_bits(rows[2], n))
-                    encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, xtop, books[2])
+                    encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, _from_bits(xtop), books[2])
     return bad
-
-
-@njit(inline="always")
-def _max_bits(row, n):
-    worst = np.int32(0)
-    for i in range(n):
-        worst = max(worst, _magnitude_bits(row[i]))
-    return worst
 
 
 @njit(inline="always")
@@ -317,6 +307,7 @@ def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t
     if amsgrad:
         decode_row(x, xc, books[2], xscale, n)
     bad = 0
+    mtop, vtop, xtop = np.int32(0), np.int32(0), np.int32(0)  # the rows' largest magnitudes' bits
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
     for i in range(n):
         gi, pi, mi, vi = _load(g, i), _load(p, i), m[i], v[i]
@@ -332,11 +323,16 @@ def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t
             v1 = v1 if ok else vi
             x1 = x1 if ok else xi
         _store_param(p, i, p1, sr, stream, j0 + i)
+        v2 = np.sqrt(v1) if sroot else v1
         m[i] = m1
-        v[i] = np.sqrt(v1) if sroot else v1
+        v[i] = v2
+        mtop = max(mtop, _magnitude_bits(m1))
+        vtop = max(vtop, _magnitude_bits(v2))
         if amsgrad:
-            x[i] = np.sqrt(x1) if xroot else x1
-    return bad
+            x2 = np.sqrt(x1) if xroot else x1
+            x[i] = x2
+            xtop = max(xtop, _magnitude_bits(x2))
+    return bad, mtop, vtop, xtop
 
 
 @njit(inline="always")
@@ -348,6 +344,7 @@ def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr
     decode_row(m, mc, books[0], mscale, n)
     decode_row(v, sc, books[1], sscale, n)
     bad = 0
+    mtop, vtop = np.int32(0), np.int32(0)
     low, c1, b2, eps, l2, gsign = consts
     for i in range(n):
         gi, pi, mi, ui = _load(g, i), _load(p, i), m[i], v[i]
@@ -359,9 +356,12 @@ def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr
             m1 = m1 if ok else mi
             u1 = u1 if ok else ui
         _store_param(p, i, p1, sr, stream, j0 + i)
+        u2 = np.sqrt(u1) if sroot else u1
         m[i] = m1
-        v[i] = np.sqrt(u1) if sroot else u1
-    return bad
+        v[i] = u2
+        mtop = max(mtop, _magnitude_bits(m1))
+        vtop = max(vtop, _magnitude_bits(u2))
+    return bad, mtop, vtop, np.int32(0)
 
 
 # One compiled function per (algorithm, bits, mask), each compiled the first time it is
