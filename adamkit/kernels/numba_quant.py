@@ -5,20 +5,23 @@ shared counter by ``torch.get_num_threads()`` threads, one call for many tensors
 per-element rules (``_adam_rule``, ``_adamax_rule``). Per block of ``block_size``
 elements, in one pass over memory:
 
-1. decode each state element (``codebook[code] · absmax``; squared for a ``root``
-   codebook), apply the rule, store the parameter, keep the new state values in a
-   per-thread scratch row (L1) and their largest magnitude (an integer max over the
-   float bits, which vectorizes);
-2. encode the scratch row with the block's new absmax and store codes and absmax.
+1. decode each state tensor's codes into a per-thread scratch row in L1
+   (``codebook[code] · absmax``; squared for a ``root`` codebook);
+2. apply the rule from and into the rows and store the parameters; this loop has only
+   contiguous floats, so LLVM vectorizes it (decoding inside it kept it scalar), and it
+   also takes each row's largest magnitude (an integer max over the float bits);
+3. encode the rows with the block's new absmax and store codes and absmax.
 
 Encoding is :func:`adamkit.quant.encoder_table`'s search-free form: the float's bits
-pick a table slice, one load gives a candidate, one compare with a midpoint finishes:
-the same codes as the reference's binary search (both count the midpoints below).
+pick a table slice, one load gives the candidate code and the low bits of the slice's
+midpoint, one integer compare finishes: the same codes as the reference's binary
+search. With AVX-512 decoding and encoding go 16 elements at a time through
+:mod:`adamkit.kernels._avx512_codes`; the scalar code is the portable path.
 
-Chunks hold whole blocks (``CHUNK`` is a multiple of ``block_size``; other block
-sizes and one absmax per tensor go to the reference). Masked non-finite gradients
-(``mask``) use selects in the loop: the bad element keeps its parameter and its
-decoded state, re-encoded with the block's new absmax.
+Chunks hold whole blocks (``CHUNK`` is a multiple of ``block_size``; other block sizes
+and one absmax per tensor go to the reference). Masking non-finite gradients (``mask``)
+costs selects only in blocks whose gradient holds a NaN/±inf: the bad element keeps its
+parameter and its decoded state, re-encoded with the block's new absmax.
 """
 
 from __future__ import annotations
