@@ -212,7 +212,7 @@ def _ahead(ptrs, t, start, n, size, bits, amsgrad):
 
 @njit(inline="always")
 def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, bits, update,
-              decode_row, encode_block, amsgrad, mask):  # fmt: skip
+              decode_row, encode_block, amsgrad, mask, root):  # fmt: skip
     """One algorithm on quantized state, over the work units this thread claims.
 
     ptrs: int64 [n, 2 + 2·keys]: param, grad, then (codes, absmax) per state key;
@@ -221,6 +221,9 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
     functions passed in, so each compiled variant holds only its own code: with flags
     and branches instead, numba typed every variant's code in each (its dead-branch
     pruning runs before inlining) and the first 8-bit step compiled for 10.5 s.
+    ``amsgrad``, ``mask`` and ``root`` (the second moment's codebook encodes its square
+    root) are constants at every call, so LLVM folds them away: read from ``books`` at
+    run time, ``root`` left a square root and a select in the 8-bit update loop.
     Returns the number of masked elements."""
     _wide_vectors()
     u8 = np.empty(0, np.uint8)
@@ -252,13 +255,13 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                 if mask and not _finite(g):
                     nbad, mtop, stop, xtop = update(
                         p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                        consts, sr, stream, b, decode_row, amsgrad, True,
+                        consts, sr, stream, b, decode_row, amsgrad, True, root,
                     )  # fmt: skip
                     bad += nbad
                 else:
                     _, mtop, stop, xtop = update(
                         p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                        consts, sr, stream, b, decode_row, amsgrad, False,
+                        consts, sr, stream, b, decode_row, amsgrad, False, root,
                     )  # fmt: skip
                 encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, _from_bits(mtop), books[0])
                 encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, _from_bits(stop), books[1])
@@ -297,13 +300,10 @@ def _decode_row4(row, codes, book, scale, n):
 
 @njit(inline="always")
 def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0,
-                  decode_row, amsgrad, mask):  # fmt: skip
+                  decode_row, amsgrad, mask, root):  # fmt: skip
     """Decode the state into ``rows`` with ``decode_row``, then update from and into the
     rows and store the parameters (contiguous floats: this loop vectorizes); rows of
     root codebooks end up holding roots. Returns the number of masked elements."""
-    # tables out of the tuple once: a tuple access in a loop costs a reference-count
-    # call per element, and calls stop LLVM vectorizing
-    sroot, xroot = books[1][2], books[2][2]
     m, v, x = rows[0], rows[1], rows[2]
     decode_row(m, mc, books[0], mscale, n)
     decode_row(v, sc, books[1], sscale, n)
@@ -326,13 +326,13 @@ def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t
             v1 = v1 if ok else vi
             x1 = x1 if ok else xi
         _store_param(p, i, p1, sr, stream, j0 + i)
-        v2 = np.sqrt(v1) if sroot else v1
+        v2 = np.sqrt(v1) if root else v1
         m[i] = m1
         v[i] = v2
         mtop = max(mtop, _magnitude_bits(m1))
         vtop = max(vtop, _magnitude_bits(v2))
         if amsgrad:
-            x2 = np.sqrt(x1) if xroot else x1
+            x2 = np.sqrt(x1) if root else x1
             x[i] = x2
             xtop = max(xtop, _magnitude_bits(x2))
     return bad, mtop, vtop, xtop
@@ -340,9 +340,8 @@ def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t
 
 @njit(inline="always")
 def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0,
-                    decode_row, amsgrad, mask):  # fmt: skip
+                    decode_row, amsgrad, mask, root):  # fmt: skip
     """Adamax's :func:`_q_block_adam` (``xc``, ``xscale``, ``inv``, ``amsgrad`` unused)."""
-    sroot = books[1][2]
     m, v = rows[0], rows[1]
     decode_row(m, mc, books[0], mscale, n)
     decode_row(v, sc, books[1], sscale, n)
@@ -359,7 +358,7 @@ def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr
             m1 = m1 if ok else mi
             u1 = u1 if ok else ui
         _store_param(p, i, p1, sr, stream, j0 + i)
-        u2 = np.sqrt(u1) if sroot else u1
+        u2 = np.sqrt(u1) if root else u1
         m[i] = m1
         v[i] = u2
         mtop = max(mtop, _magnitude_bits(m1))
@@ -376,73 +375,73 @@ _J = dict(nogil=True, cache=True, error_model="numpy")
 @njit(**_J)
 def _adam8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adam, _decode_row8, _encode_block8, False, False)
+                     _q_block_adam, _decode_row8, _encode_block8, False, False, False)
 
 
 @njit(**_J)
 def _adam8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adam, _decode_row8, _encode_block8, False, True)
+                     _q_block_adam, _decode_row8, _encode_block8, False, True, False)
 
 
 @njit(**_J)
 def _adam4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adam, _decode_row4, _encode_block4, False, False)
+                     _q_block_adam, _decode_row4, _encode_block4, False, False, True)
 
 
 @njit(**_J)
 def _adam4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adam, _decode_row4, _encode_block4, False, True)
+                     _q_block_adam, _decode_row4, _encode_block4, False, True, True)
 
 
 @njit(**_J)
 def _amsgrad8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adam, _decode_row8, _encode_block8, True, False)
+                     _q_block_adam, _decode_row8, _encode_block8, True, False, False)
 
 
 @njit(**_J)
 def _amsgrad8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adam, _decode_row8, _encode_block8, True, True)
+                     _q_block_adam, _decode_row8, _encode_block8, True, True, False)
 
 
 @njit(**_J)
 def _amsgrad4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adam, _decode_row4, _encode_block4, True, False)
+                     _q_block_adam, _decode_row4, _encode_block4, True, False, True)
 
 
 @njit(**_J)
 def _amsgrad4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adam, _decode_row4, _encode_block4, True, True)
+                     _q_block_adam, _decode_row4, _encode_block4, True, True, True)
 
 
 @njit(**_J)
 def _adamax8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adamax, _decode_row8, _encode_block8, False, False)
+                     _q_block_adamax, _decode_row8, _encode_block8, False, False, False)
 
 
 @njit(**_J)
 def _adamax8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adamax, _decode_row8, _encode_block8, False, True)
+                     _q_block_adamax, _decode_row8, _encode_block8, False, True, False)
 
 
 @njit(**_J)
 def _adamax4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adamax, _decode_row4, _encode_block4, False, False)
+                     _q_block_adamax, _decode_row4, _encode_block4, False, False, False)
 
 
 @njit(**_J)
 def _adamax4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adamax, _decode_row4, _encode_block4, False, True)
+                     _q_block_adamax, _decode_row4, _encode_block4, False, True, False)
 
 
 _KERNELS = {
@@ -513,10 +512,13 @@ def _step(
     else:
         consts = (low, b1w, c1, w(s.beta2), w(1 - s.beta2), w(s.eps), w(s.decay), w(s.l2), sign)
     kernel = _KERNELS[algo, fmt.bits, mask_nonfinite]
+    books = _books(fmt, keys)
+    if books[1][2] != (fmt.bits == 4 and algo != 2):  # the kernels fix ``root`` per variant
+        raise AssertionError(f"codebook {fmt.codebook(keys[1]).name} does not match the compiled kernels")
     units = nc.unit_table(tab.chunks)
     counter = np.zeros(1, dtype=np.int64)
     args = (tab.ptrs, tab.chunks, units, counter, tab.scal.astype(w), tab.salts, nc._LIKE[tab.param_dtype], consts,
-            sr_seed is not None, sr_seed or 0, _books(fmt, keys), fmt.block_size)  # fmt: skip
+            sr_seed is not None, sr_seed or 0, books, fmt.block_size)  # fmt: skip
     return sum(nc.on_threads(kernel, args, units.size - 1))
 
 
