@@ -440,3 +440,49 @@ def test_portable_path_without_avx512(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", _PORTABLE], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "portable ok" in done.stdout
+
+
+def test_float64_parameters_quantize_on_the_reference() -> None:
+    p = torch.randn(5000, dtype=torch.float64, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    opt = adamkit.AdamW([p], state_bits=8)
+    ref = adamkit.AdamW([q], state_bits=8, backend="reference")
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    g = opt.param_groups[0]
+    assert opt._kernel(g, "cpu", opt._layout(p, p.grad, opt.state[p], g)).backend == "reference"
+    assert torch.equal(p, q) and opt.state[p]["exp_avg_codes"].dtype == torch.uint8
+
+
+def test_torch_bf16_checkpoint_loads_into_8bit() -> None:
+    q = torch.randn(5000, dtype=torch.bfloat16, requires_grad=True)
+    dense = torch.optim.AdamW([q])
+    for _ in range(3):
+        q.grad = torch.randn_like(q)
+        dense.step()
+    opt = adamkit.AdamW8bit([q])
+    opt.load_state_dict(round_trip(dense.state_dict()))
+    q.grad = torch.randn_like(q)
+    opt.step()
+    assert opt.state[q]["exp_avg_codes"].dtype == torch.uint8 and float(opt.state[q]["step"]) == 4.0
+    assert torch.isfinite(q).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stochastic_rounding_bit_identical_to_reference(bits: int) -> None:
+    torch.manual_seed(0)  # fixed data: a rounding tie (codes one apart) would show as a difference
+    p = torch.randn(5000, dtype=torch.bfloat16, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    fused = adamkit.AdamW([p], state_bits=bits, stochastic_rounding=True, backend="numba")
+    ref = adamkit.AdamW([q], state_bits=bits, stochastic_rounding=True, backend="reference")
+    for step in range(3):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+        torch.manual_seed(step)
+        fused.step()
+        torch.manual_seed(step)
+        ref.step()
+        assert torch.equal(p, q)
