@@ -486,3 +486,11 @@ def test_stochastic_rounding_bit_identical_to_reference(bits: int) -> None:
         torch.manual_seed(step)
         ref.step()
         assert torch.equal(p, q)
+
+
+def test_complex_parameters_keep_dense_state() -> None:
+    z = torch.randn(5000, dtype=torch.complex64, requires_grad=True)
+    opt = adamkit.Adam([z], state_bits=8)
+    z.grad = torch.randn_like(z)
+    opt.step()
+    assert opt.state[z]["exp_avg"].dtype == torch.complex64 and "quant_bits" not in opt.state[z]
