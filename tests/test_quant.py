@@ -62,6 +62,73 @@ def test_encoder_table_equals_binary_search(name: str) -> None:
     np.testing.assert_array_equal(codes, np.searchsorted(mids[:-1], y, side="left"))
 
 
+def _encoder_probe(name: str) -> np.ndarray:
+    """float32 inputs for an encoder: random magnitudes over 18 decades, the ends, every
+    midpoint and its float neighbours (sign folded away for unsigned codebooks)."""
+    mids = codebook(name).midpoints.numpy()
+    gen = np.random.default_rng(1)
+    y = np.concatenate(
+        [gen.standard_normal(200_000) * np.exp(gen.uniform(-18, 0, 200_000)), gen.uniform(-1, 1, 50_000),
+         [0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 1e-9, 2.75e-7, -2.75e-7], mids, np.nextafter(mids, np.float32(2)),
+         np.nextafter(mids, np.float32(-2))]
+    ).astype(np.float32)  # fmt: skip
+    y = np.clip(y, -1, 1)
+    return (y if codebook(name).signed else np.abs(y)).astype(np.float32)
+
+
+def _near_tie(y: np.ndarray, mids: np.ndarray, rel: float) -> np.ndarray:
+    j = np.clip(np.searchsorted(mids, y), 1, mids.size - 1)
+    gap = np.minimum(np.abs(y - mids[j]), np.abs(y - mids[j - 1]))
+    return gap <= rel * np.maximum(np.abs(y), 1e-30)
+
+
+@pytest.mark.parametrize("name", ["dynamic8", "udynamic8"])
+def test_decade_encoder_model(name: str) -> None:
+    """The decade encoder (the SIMD path's model) gives the binary search's codes, except
+    one code up within float32 rounding (~1e-5 relative) of a midpoint."""
+    from adamkit.quant.codebooks import decade_encode, decade_tables
+
+    y = _encoder_probe(name)
+    mids = codebook(name).midpoints.numpy()
+    exact = np.searchsorted(mids, y, side="left")
+    got = decade_encode(y, decade_tables(name)).astype(np.int64)
+    off = got != exact
+    assert np.abs(got - exact).max() <= 1
+    assert _near_tie(y[off], mids, 2e-5).all(), y[off][~_near_tie(y[off], mids, 2e-5)][:5]
+    assert off.sum() <= 2 * mids.size + 1e-4 * y.size  # the exact midpoints, and a few more
+    with pytest.raises(ValueError):
+        decade_tables("normal4")
+
+
+@pytest.mark.skipif(not adamkit.kernels._avx512_codes.HAS_AVX512, reason="the CPU has no AVX-512")
+@pytest.mark.parametrize("name", ["dynamic8", "udynamic8", "normal4", "sqrt_linear4", "linear4"])
+def test_simd_encoders(name: str) -> None:
+    """The 16-wide encoders: the 8-bit decade encoder equals its numpy model bit for bit;
+    the 4-bit search and linear encoders equal the binary search (ties included)."""
+    from numba import njit
+
+    from adamkit.kernels import _avx512_codes as simd
+    from adamkit.quant.codebooks import decade_encode, decade_tables
+
+    encoder = {"dynamic8": simd.encode_rows_dynamic8, "udynamic8": simd.encode_rows_udynamic8,
+               "normal4": simd.encode_rows_search4}.get(name, simd.encode_rows_linear4)  # fmt: skip
+    bits = codebook(name).bits
+
+    @njit
+    def run(y, table, codes):
+        encoder(y.ctypes.data, y.size >> 4, np.float32(1.0), table.ctypes.data, codes.ctypes.data)
+
+    y = _encoder_probe(name)
+    y = y[: y.size // 16 * 16]
+    codes = np.zeros(y.size * bits // 8, dtype=np.uint8)
+    run(y, simd.ENCODER_CONSTANTS[name](), codes)
+    got = codes if bits == 8 else np.stack([codes & 15, codes >> 4], axis=1).reshape(-1)
+    if bits == 8:
+        np.testing.assert_array_equal(got, decade_encode(y, decade_tables(name)))
+    else:
+        np.testing.assert_array_equal(got, np.searchsorted(codebook(name).midpoints.numpy(), y, side="left"))
+
+
 # ----------------------------------------------------------------- reference codec
 @pytest.mark.parametrize("bits,block", [(8, 256), (8, 64), (4, 128), (4, 2), (8, None), (4, None)])
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 4097])

@@ -12,11 +12,12 @@ elements, in one pass over memory:
    also takes each row's largest magnitude (an integer max over the float bits);
 3. encode the rows with the block's new absmax and store codes and absmax.
 
-Encoding is :func:`adamkit.quant.encoder_table`'s search-free form: the float's bits
-pick a table slice, one load gives the candidate code and the low bits of the slice's
-midpoint, one integer compare finishes: the same codes as the reference's binary
-search. With AVX-512 decoding and encoding go 16 elements at a time through
-:mod:`adamkit.kernels._avx512_codes`; the scalar code is the portable path.
+With AVX-512, decoding and encoding go a row at a time through
+:mod:`adamkit.kernels._avx512_codes` (8-bit codes from the float's exponent and register
+permutes, 4-bit ones by a search in one register). The portable path, and the rows'
+last few elements, encode by :func:`adamkit.quant.encoder_table`'s search-free form:
+the float's bits pick a table slice, one load gives the candidate code and the low bits
+of the slice's midpoint, one integer compare finishes: the reference's codes exactly.
 
 Chunks hold whole blocks (``CHUNK`` is a multiple of ``block_size``; other block sizes
 and one absmax per tensor go to the reference). Masking non-finite gradients (``mask``)
@@ -41,7 +42,16 @@ from .._scalars import StepScalars
 from ..quant import QUANT_BITS, QuantFormat
 from ..quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS, encoder_table
 from . import numba_cpu as nc
-from ._avx512_codes import HAS_AVX512, decode16_4, decode16_8, encode16_4, encode16_8
+from ._avx512_codes import (
+    ENCODER_CONSTANTS,
+    HAS_AVX512,
+    decode_rows4,
+    decode_rows8,
+    encode_rows_dynamic8,
+    encode_rows_linear4,
+    encode_rows_search4,
+    encode_rows_udynamic8,
+)
 from .numba_cpu import (
     _U,
     _adam_rule,
@@ -148,34 +158,31 @@ def _decode(codes, i, vals, scale, bits, root):
 
 
 @njit(inline="always")
-def _encode_block8(codes, absmax_at, row, n, top, book):
+def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows):
     """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``.
-    With AVX-512 16 codes at a time by gathers (see ``_avx512_codes``), the rest by
-    scalar loads from the same table (:func:`adamkit.quant.encoder_table`)."""
+    With AVX-512 16 codes at a time by ``encode_rows`` (the codebook's encoder in
+    ``_avx512_codes``), the rest from the packed table
+    (:func:`adamkit.quant.encoder_table`)."""
     packed = book[1]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        table_at, row_at, codes_at = packed.ctypes.data, row.ctypes.data, codes.ctypes.data
-        for i in range(0, done, 16):
-            encode16_8(row_at + 4 * i, inv, table_at, codes_at + i)
+        encode_rows(row.ctypes.data, done >> 4, inv, book[3].ctypes.data, codes.ctypes.data)
     for i in range(done, n):
         codes[i] = _encode(row[i] * inv, packed)
     _put_f32(absmax_at, top)
 
 
 @njit(inline="always")
-def _encode_block4(codes, absmax_at, row, n, top, book):
+def _encode_block4(codes, absmax_at, row, n, top, book, encode_rows):
     """:func:`_encode_block8` for 4-bit codes, two per byte (low nibble first)."""
     packed = book[1]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        table_at, row_at, codes_at = packed.ctypes.data, row.ctypes.data, codes.ctypes.data
-        for i in range(0, done, 16):
-            encode16_4(row_at + 4 * i, inv, table_at, codes_at + (i >> 1))
+        encode_rows(row.ctypes.data, done >> 4, inv, book[3].ctypes.data, codes.ctypes.data)
     for i in range(done >> 1, n >> 1):
         lo = _encode(row[2 * i] * inv, packed)
         hi = _encode(row[2 * i + 1] * inv, packed)
@@ -183,6 +190,32 @@ def _encode_block4(codes, absmax_at, row, n, top, book):
     if n & 1:
         _put_u8(codes.ctypes.data + (n >> 1), _encode(row[n - 1] * inv, packed))
     _put_f32(absmax_at, top)
+
+
+# The codebooks' row encoders as functions the kernels take as arguments.
+@njit(inline="always")
+def _dynamic8(row_at, count, inv, table_at, codes_at):
+    encode_rows_dynamic8(row_at, count, inv, table_at, codes_at)
+
+
+@njit(inline="always")
+def _udynamic8(row_at, count, inv, table_at, codes_at):
+    encode_rows_udynamic8(row_at, count, inv, table_at, codes_at)
+
+
+@njit(inline="always")
+def _normal4(row_at, count, inv, table_at, codes_at):
+    encode_rows_search4(row_at, count, inv, table_at, codes_at)
+
+
+@njit(inline="always")
+def _linear4(row_at, count, inv, table_at, codes_at):
+    encode_rows_linear4(row_at, count, inv, table_at, codes_at)
+
+
+#: Codebooks (first moment, second moment / maximum / exp_inf) the kernels are compiled
+#: for, per state bits: ``_step`` checks the format's.
+KERNEL_CODEBOOKS = {8: ("dynamic8", ("udynamic8",)), 4: ("normal4", ("sqrt_linear4", "linear4"))}
 
 
 @njit(inline="always")
@@ -212,15 +245,16 @@ def _ahead(ptrs, t, start, n, size, bits, amsgrad):
 
 @njit(inline="always")
 def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, bits, update,
-              decode_row, encode_block, amsgrad, mask, root):  # fmt: skip
+              decode_row, encode_block, encode_m, encode_v, amsgrad, mask, root):  # fmt: skip
     """One algorithm on quantized state, over the work units this thread claims.
 
     ptrs: int64 [n, 2 + 2·keys]: param, grad, then (codes, absmax) per state key;
-    ``books``: (values, packed encoder table, root) per key. ``update`` (the
-    algorithm's block), ``decode_row`` and ``encode_block`` (the bit width's) are
-    functions passed in, so each compiled variant holds only its own code: with flags
-    and branches instead, numba typed every variant's code in each (its dead-branch
-    pruning runs before inlining) and the first 8-bit step compiled for 10.5 s.
+    ``books``: (values, packed encoder table, root, encoder constants) per key.
+    ``update`` (the algorithm's block), ``decode_row`` and ``encode_block`` (the bit
+    width's), ``encode_m`` and ``encode_v`` (the codebooks' row encoders) are functions
+    passed in, so each compiled variant holds only its own code: with flags and
+    branches instead, numba typed every variant's code in each (its dead-branch pruning
+    runs before inlining) and the first 8-bit step compiled for 10.5 s.
     ``amsgrad``, ``mask`` and ``root`` (the second moment's codebook encodes its square
     root) are constants at every call, so LLVM folds them away: read from ``books`` at
     run time, ``root`` left a square root and a select in the 8-bit update loop.
@@ -263,10 +297,10 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                         p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
                         consts, sr, stream, b, decode_row, amsgrad, False, root,
                     )  # fmt: skip
-                encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, _from_bits(mtop), books[0])
-                encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, _from_bits(stop), books[1])
+                encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, _from_bits(mtop), books[0], encode_m)
+                encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, _from_bits(stop), books[1], encode_v)
                 if amsgrad:
-                    encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, _from_bits(xtop), books[2])
+                    encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, _from_bits(xtop), books[2], encode_v)
     return bad
 
 
@@ -277,9 +311,7 @@ def _decode_row8(row, codes, book, scale, n):
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        table, row_at, codes_at = vals.ctypes.data, row.ctypes.data, codes.ctypes.data
-        for i in range(0, done, 16):
-            decode16_8(codes_at + i, table, scale, root, row_at + 4 * i)
+        decode_rows8(codes.ctypes.data, done >> 4, vals.ctypes.data, scale, root, row.ctypes.data)
     for i in range(done, n):
         row[i] = _decode(codes, i, vals, scale, 8, root)
 
@@ -291,9 +323,7 @@ def _decode_row4(row, codes, book, scale, n):
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        table, row_at, codes_at = vals.ctypes.data, row.ctypes.data, codes.ctypes.data
-        for i in range(0, done, 16):
-            decode16_4(codes_at + (i >> 1), table, scale, root, row_at + 4 * i)
+        decode_rows4(codes.ctypes.data, done >> 4, vals.ctypes.data, scale, root, row.ctypes.data)
     for i in range(done, n):
         row[i] = _decode(codes, i, vals, scale, 4, root)
 
@@ -372,82 +402,93 @@ def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr
 _J = dict(nogil=True, cache=True, error_model="numpy")
 
 
+# fmt: off
 @njit(**_J)
 def _adam8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adam, _decode_row8, _encode_block8, False, False, False)
+                     _q_block_adam, _decode_row8, _encode_block8, _dynamic8, _udynamic8, False, False, False)
 
 
 @njit(**_J)
 def _adam8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adam, _decode_row8, _encode_block8, False, True, False)
+                     _q_block_adam, _decode_row8, _encode_block8, _dynamic8, _udynamic8, False, True, False)
 
 
 @njit(**_J)
 def _adam4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adam, _decode_row4, _encode_block4, False, False, True)
+                     _q_block_adam, _decode_row4, _encode_block4, _normal4, _linear4, False, False, True)
 
 
 @njit(**_J)
 def _adam4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adam, _decode_row4, _encode_block4, False, True, True)
+                     _q_block_adam, _decode_row4, _encode_block4, _normal4, _linear4, False, True, True)
 
 
 @njit(**_J)
 def _amsgrad8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adam, _decode_row8, _encode_block8, True, False, False)
+                     _q_block_adam, _decode_row8, _encode_block8, _dynamic8, _udynamic8, True, False, False)
 
 
 @njit(**_J)
 def _amsgrad8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adam, _decode_row8, _encode_block8, True, True, False)
+                     _q_block_adam, _decode_row8, _encode_block8, _dynamic8, _udynamic8, True, True, False)
 
 
 @njit(**_J)
 def _amsgrad4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adam, _decode_row4, _encode_block4, True, False, True)
+                     _q_block_adam, _decode_row4, _encode_block4, _normal4, _linear4, True, False, True)
 
 
 @njit(**_J)
 def _amsgrad4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adam, _decode_row4, _encode_block4, True, True, True)
+                     _q_block_adam, _decode_row4, _encode_block4, _normal4, _linear4, True, True, True)
 
 
 @njit(**_J)
 def _adamax8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adamax, _decode_row8, _encode_block8, False, False, False)
+                     _q_block_adamax, _decode_row8, _encode_block8, _dynamic8, _udynamic8, False, False, False)
 
 
 @njit(**_J)
 def _adamax8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 8,
-                     _q_block_adamax, _decode_row8, _encode_block8, False, True, False)
+                     _q_block_adamax, _decode_row8, _encode_block8, _dynamic8, _udynamic8, False, True, False)
 
 
 @njit(**_J)
 def _adamax4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adamax, _decode_row4, _encode_block4, False, False, False)
+                     _q_block_adamax, _decode_row4, _encode_block4, _normal4, _linear4, False, False, False)
 
 
 @njit(**_J)
 def _adamax4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block):
     return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, 4,
-                     _q_block_adamax, _decode_row4, _encode_block4, False, True, False)
+                     _q_block_adamax, _decode_row4, _encode_block4, _normal4, _linear4, False, True, False)
 
 
+# fmt: on
 _KERNELS = {
-    (0, 8, False): _adam8, (0, 8, True): _adam8_masked, (0, 4, False): _adam4, (0, 4, True): _adam4_masked,
-    (1, 8, False): _amsgrad8, (1, 8, True): _amsgrad8_masked, (1, 4, False): _amsgrad4, (1, 4, True): _amsgrad4_masked,
-    (2, 8, False): _adamax8, (2, 8, True): _adamax8_masked, (2, 4, False): _adamax4, (2, 4, True): _adamax4_masked,
+    (0, 8, False): _adam8,
+    (0, 8, True): _adam8_masked,
+    (0, 4, False): _adam4,
+    (0, 4, True): _adam4_masked,
+    (1, 8, False): _amsgrad8,
+    (1, 8, True): _amsgrad8_masked,
+    (1, 4, False): _amsgrad4,
+    (1, 4, True): _amsgrad4_masked,
+    (2, 8, False): _adamax8,
+    (2, 8, True): _adamax8_masked,
+    (2, 4, False): _adamax4,
+    (2, 4, True): _adamax4_masked,
 }  # fmt: skip
 
 #: Parameter dtypes the quantized kernels take (math in float32; float64 parameters
@@ -470,9 +511,10 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
 
 @functools.cache
 def _book_tables(name: str, bits: int) -> tuple:
-    """(values, packed encoder table, root) of a codebook, for the kernels."""
+    """(values, packed encoder table, root, 16-wide encoder constants) of a codebook,
+    for the kernels."""
     packed, _, values = encoder_table(name)
-    return values, packed, name.startswith("sqrt_")
+    return values, packed, name.startswith("sqrt_"), ENCODER_CONSTANTS[name]()
 
 
 def _books(fmt: QuantFormat, keys: Sequence[str]) -> tuple:
@@ -513,8 +555,10 @@ def _step(
         consts = (low, b1w, c1, w(s.beta2), w(1 - s.beta2), w(s.eps), w(s.decay), w(s.l2), sign)
     kernel = _KERNELS[algo, fmt.bits, mask_nonfinite]
     books = _books(fmt, keys)
-    if books[1][2] != (fmt.bits == 4 and algo != 2):  # the kernels fix ``root`` per variant
-        raise AssertionError(f"codebook {fmt.codebook(keys[1]).name} does not match the compiled kernels")
+    names = tuple(fmt.codebook(k).name for k in keys)
+    first, second = KERNEL_CODEBOOKS[fmt.bits]
+    if names[0] != first or any(n not in second for n in names[1:]) or books[1][2] != (fmt.bits == 4 and algo != 2):
+        raise AssertionError(f"codebooks {names} do not match the compiled kernels")  # they fix encoders and root
     units = nc.unit_table(tab.chunks)
     counter = np.zeros(1, dtype=np.int64)
     args = (tab.ptrs, tab.chunks, units, counter, tab.scal.astype(w), tab.salts, nc._LIKE[tab.param_dtype], consts,

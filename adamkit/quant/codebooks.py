@@ -209,3 +209,118 @@ def encoder_table(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         packed[part * half : (part + 1) * half] = (first << 16) | low
     padded = np.concatenate([mids, [np.inf]]).astype(np.float32)
     return packed.astype(np.int32), padded, book.values.numpy().astype(np.float32)
+
+
+# ------------------------------------------------------------------ decade tables
+#: Binades the decade encoder tells apart: ``|y|`` below 2^-31 is treated as 2^-31.
+DECADE_BINADES = 32
+_DECADE_FLOOR_BITS = (127 - DECADE_BINADES + 1) << 23
+
+
+@dataclass(frozen=True)
+class DecadeTables:
+    """A dynamic map as piecewise-linear functions, for encoding with register permutes
+    (see :func:`decade_tables`). Arrays are float32 / int32, all tables fit registers.
+
+    Attributes:
+        threshold: [32] per binade of ``|y|``: the one decade boundary inside it (a
+            float32 midpoint of the codebook), or +inf.
+        first: [32] per binade: the decade of the binade's lowest values.
+        slope, offset: [16] per decade: ``t = |y| · slope - offset`` is, within the
+            decade, the position among the positive values (``-1`` for zero), with the
+            midpoints at integers: ``ceil(t) - 1`` is the nearest value below a tie.
+        top: [16] per decade: ``t`` is clamped to it (just below the decade's end).
+        signed: the codebook's sign: positive codes are ``255 - trunc(128 - t)``,
+            negative ones ``min(t + 1, 127.5)`` truncated, bits flipped ``^ 0x7F``;
+            unsigned ones ``256 - trunc(256 - t)``.
+    """
+
+    threshold: np.ndarray
+    first: np.ndarray
+    slope: np.ndarray
+    offset: np.ndarray
+    top: np.ndarray
+    signed: bool
+
+
+@cache
+def decade_tables(name: str) -> DecadeTables:
+    """The decade encoder's tables for an 8-bit dynamic map (``dynamic8``, ``udynamic8``).
+
+    A dynamic map's positive values are, per decade ``[0.1, 1) · s``, ``n`` values evenly
+    spaced at ``s · (0.1 + 0.9 (k + 0.5) / n)``, plus 0 and 1; so inside a decade the
+    nearest value's index is linear in ``|y|``: ``(|y| - 0.1 s) · n / (0.9 s)``, its
+    midpoints at integers. Which decade: a binade ``[2^e, 2^(e+1))`` of ``|y|`` holds at
+    most one decade boundary (the float32 midpoint between the decades' outer values), so
+    the float's exponent indexes two 32-entry tables (boundary, decade below it) and one
+    compare finishes. ``0`` and ``1`` are one-value decades with slope 0.
+
+    Codes equal the binary search's except within float32 rounding of ``t`` (a few
+    units in the last place) of a midpoint: ties may go one code up, as rounding allows
+    (:func:`decade_encode` is the model the tests hold the SIMD encoder to).
+    """
+    book = codebook(name)
+    if book.bits != 8 or not name.endswith("dynamic8"):
+        raise ValueError(f"decade tables describe the 8-bit dynamic maps, not {name!r}")
+    positive = book.values.numpy().astype(np.float64)
+    positive = positive[positive > 0]
+    slope, offset, top, lowest = [0.0], [0.5], [-0.001], [0.0]  # decade 0: zero, t = -0.5
+    start = 0
+    while start < positive.size:
+        if positive[start] == 1.0:
+            count, s = 1, None
+        else:
+            exponent = np.floor(np.log10(positive[start] * (1 + 1e-6)))
+            count = int((np.floor(np.log10(positive[start:] * (1 + 1e-6))) == exponent).sum())
+            s = 10.0 ** (exponent + 1)
+        if s is None:  # the value 1: a constant position
+            slope.append(0.0)
+            offset.append(-(start + 0.5))
+        else:
+            w = count / (0.9 * s)
+            slope.append(w)
+            offset.append(0.1 * s * w - start)
+        top.append(start + count - 0.001)
+        lowest.append(positive[start])
+        start += count
+    if len(slope) > 16:
+        raise AssertionError(f"{name}: more than 16 decades")
+    ladder = np.concatenate([[0.0], positive]).astype(np.float32)
+    bounds = []
+    for value in lowest[1:]:
+        k = int(np.searchsorted(ladder, np.float32(value)))
+        bounds.append((ladder[k - 1] + ladder[k]) / np.float32(2.0))
+    threshold = np.full(DECADE_BINADES, np.inf, dtype=np.float32)
+    first = np.zeros(DECADE_BINADES, dtype=np.int32)
+    for b in range(DECADE_BINADES):
+        lo = np.float32(2.0 ** (b - DECADE_BINADES + 1))
+        hi = np.float32(2.0 * lo)
+        first[b] = sum(1 for x in bounds if x < lo)
+        inside = [x for x in bounds if lo <= x < hi]
+        if len(inside) > 1:
+            raise AssertionError(f"{name}: two decade boundaries in one binade")
+        if inside:
+            threshold[b] = inside[0]
+
+    def pad(values: list[float]) -> np.ndarray:
+        return np.array(values + [0.0] * (16 - len(values)), dtype=np.float32)
+
+    return DecadeTables(threshold, first, pad(slope), pad(offset), pad(top), book.signed)
+
+
+def decade_encode(y: np.ndarray, tables: DecadeTables) -> np.ndarray:
+    """The decade encoder on float32 ``y`` in numpy: the model of the kernels' SIMD code,
+    operation for operation (uint8 codes)."""
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    bits = y.view(np.uint32)
+    mag = np.maximum(bits & np.uint32(0x7FFFFFFF), np.uint32(_DECADE_FLOOR_BITS))
+    a = mag.view(np.float32)
+    binade = (mag >> np.uint32(23)).astype(np.int64) & (DECADE_BINADES - 1)
+    decade = tables.first[binade] + (a > tables.threshold[binade])
+    t = a * tables.slope[decade] - tables.offset[decade]
+    t = np.where(t < tables.top[decade], t, tables.top[decade]).astype(np.float32)
+    if not tables.signed:
+        return (-(np.float32(256.0) - t).astype(np.int32) & 255).astype(np.uint8)
+    up = 255 - (np.float32(128.0) - t).astype(np.int32)
+    down = np.minimum(t + np.float32(1.0), np.float32(127.5)).astype(np.int32) ^ 0x7F
+    return np.where(bits >> np.uint32(31) == 1, down, up).astype(np.uint8)
