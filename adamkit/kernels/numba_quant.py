@@ -305,9 +305,9 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
 
 
 @njit(inline="always")
-def _decode_row8(row, codes, book, scale, n):
+def _decode_row8(row, codes, book, scale, n, root):
     """``row[:n]`` = the decoded 8-bit ``codes`` (16 at a time with AVX-512)."""
-    vals, root = book[0], book[2]
+    vals = book[0]
     done = 0
     if HAS_AVX512:
         done = n & ~15
@@ -317,9 +317,9 @@ def _decode_row8(row, codes, book, scale, n):
 
 
 @njit(inline="always")
-def _decode_row4(row, codes, book, scale, n):
+def _decode_row4(row, codes, book, scale, n, root):
     """``row[:n]`` = the decoded 4-bit ``codes``."""
-    vals, root = book[0], book[2]
+    vals = book[0]
     done = 0
     if HAS_AVX512:
         done = n & ~15
@@ -335,10 +335,10 @@ def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t
     rows and store the parameters (contiguous floats: this loop vectorizes); rows of
     root codebooks end up holding roots. Returns the number of masked elements."""
     m, v, x = rows[0], rows[1], rows[2]
-    decode_row(m, mc, books[0], mscale, n)
-    decode_row(v, sc, books[1], sscale, n)
+    decode_row(m, mc, books[0], mscale, n, False)
+    decode_row(v, sc, books[1], sscale, n, root)
     if amsgrad:
-        decode_row(x, xc, books[2], xscale, n)
+        decode_row(x, xc, books[2], xscale, n, root)
     bad = 0
     mtop, vtop, xtop = np.int32(0), np.int32(0), np.int32(0)  # the rows' largest magnitudes' bits
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
@@ -373,8 +373,8 @@ def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr
                     decode_row, amsgrad, mask, root):  # fmt: skip
     """Adamax's :func:`_q_block_adam` (``xc``, ``xscale``, ``inv``, ``amsgrad`` unused)."""
     m, v = rows[0], rows[1]
-    decode_row(m, mc, books[0], mscale, n)
-    decode_row(v, sc, books[1], sscale, n)
+    decode_row(m, mc, books[0], mscale, n, False)
+    decode_row(v, sc, books[1], sscale, n, root)
     bad = 0
     mtop, vtop = np.int32(0), np.int32(0)
     low, c1, b2, eps, l2, gsign = consts
