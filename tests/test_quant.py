@@ -3,6 +3,7 @@ kernels against the reference, accuracy against fp32, checkpoints, bitsandbytes 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from types import SimpleNamespace
@@ -248,6 +249,82 @@ def test_kernels_mask_nonfinite_like_reference(cls, kw, bits) -> None:
     with pytest.warns(RuntimeWarning, match="non-finite"):
         params = _lockstep(cls, kw, bits, bad=4097)
     assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.skipif(not adamkit.kernels._avx512_codes.HAS_AVX512, reason="the CPU has no AVX-512")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(
+    "cls,kw", [(adamkit.AdamW, {}), (adamkit.Adam, dict(weight_decay=0.1, maximize=True, betas=(0.3, 0.99)))]
+)
+def test_simd_blocks_equal_numba_loop(cls, kw, bits, dtype, monkeypatch) -> None:
+    """Blocks through ``_avx512_adam`` (decode, update and store in one AVX-512 loop)
+    give the numba loop's parameters, codes and absmax bit for bit (its division by a
+    refined reciprocal included), masked NaN/±inf gradients too."""
+    from adamkit.kernels import numba_quant
+
+    sizes = [4096 + 48, 4097, 70_001]
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=gen).to(dtype).requires_grad_() for n in sizes]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    simd, loop = (cls(ps, state_bits=bits, min_quant_size=0, **kw) for ps in (params, twins))
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(params, twins)):
+            g = (torch.randn(p.shape, generator=gen) * 10.0 ** (i - 2)).to(dtype)
+            if step % 2:
+                g[[5, 300, 4100 % p.numel()]] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+            p.grad, q.grad = g.clone(), g.clone()
+        with pytest.warns(RuntimeWarning, match="non-finite") if step == 1 else contextlib.nullcontext():
+            monkeypatch.setattr(numba_quant, "FUSED_BLOCKS", True)
+            simd.step()
+            monkeypatch.setattr(numba_quant, "FUSED_BLOCKS", False)
+            loop.step()
+        assert simd.nonfinite_count == loop.nonfinite_count == 9 * ((step + 1) // 2)
+        for p, q in zip(params, twins):
+            assert torch.equal(p, q)
+            for key, value in simd.state[p].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(loop.state[q][key])), key
+
+
+@pytest.mark.skipif(not adamkit.kernels._avx512_codes.HAS_AVX512, reason="the CPU has no AVX-512")
+def test_simd_division_correctly_rounded() -> None:
+    """``_avx512_adam._divide`` (``vrcp14ps``, a Newton step, a residual correction)
+    equals float32 division on 4M quotients spread over 10^±30."""
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    from adamkit.kernels._avx512_adam import _divide
+    from adamkit.kernels._avx512_codes import _F16
+
+    @intrinsic
+    def divide_rows(typingctx, a_at, b_at, out_at, count):  # noqa: ARG001
+        def codegen(context, builder, signature, args):
+            a_at, b_at, out_at, count = args
+            with cgutils.for_range(builder, count) as loop:
+                off = builder.mul(loop.index, ir.Constant(count.type, 64))
+                a, b = (
+                    builder.load(builder.inttoptr(builder.add(x, off), _F16.as_pointer()), align=4)
+                    for x in (a_at, b_at)
+                )
+                q = _divide(builder, a, b)
+                builder.store(q, builder.inttoptr(builder.add(out_at, off), _F16.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+    @njit
+    def run(a, b, out):
+        divide_rows(a.ctypes.data, b.ctypes.data, out.ctypes.data, a.size // 16)
+
+    rng = np.random.default_rng(0)
+    n = 1 << 22
+    a = (rng.standard_normal(n) * np.exp(rng.uniform(-30, 30, n))).astype(np.float32)
+    b = (rng.uniform(1, 2, n) * np.exp(rng.uniform(-40, 40, n))).astype(np.float32)
+    out = np.empty_like(a)
+    run(a, b, out)
+    np.testing.assert_array_equal(out, a / b)
 
 
 @pytest.mark.parametrize("block", [64, 2048])
