@@ -32,6 +32,8 @@ class StepScalars:
             for decoupled weight decay (AdamW), 1.0 otherwise.
         l2: coefficient of the coupled L2 term ``g ← g + λ·θ`` (Adam, Adamax), 0.0
             for decoupled weight decay.
+        step: the step count ``t`` these scalars are for; dithered 4-bit state
+            (:mod:`adamkit.quant.blockwise`) decodes with ``t - 1`` and encodes with ``t``.
     """
 
     beta1: float
@@ -41,6 +43,7 @@ class StepScalars:
     inv_bc2_sqrt: float
     decay: float
     l2: float
+    step: float = 0.0
 
 
 def adam_scalars(
@@ -67,6 +70,7 @@ def adam_scalars(
         inv_bc2_sqrt=1.0 / math.sqrt(1.0 - beta2**step),
         decay=1.0 - lr * weight_decay if decoupled else 1.0,
         l2=0.0 if decoupled else weight_decay,
+        step=step,
     )
 
 
@@ -82,4 +86,5 @@ def adamax_scalars(
         inv_bc2_sqrt=1.0,
         decay=1.0,
         l2=weight_decay,
+        step=step,
     )

@@ -14,10 +14,12 @@ import torch
 from helpers import round_trip
 
 import adamkit
-from adamkit.quant import CODEBOOKS, QuantFormat, codebook, dequantize, encoder_table, quantize, unpack
-from adamkit.quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS
+from adamkit.quant import CODEBOOKS, QuantFormat, codebook, dequantize, dither_tables, encoder_table, quantize, unpack
+from adamkit.quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS, UNDITHERED4
 
-BOOKS = sorted({name for names in CODEBOOKS.values() for name in names} | {"dynamic4"})
+#: The nearest-code codebooks (8-bit, adamkit 0.1's 4-bit ones, the 4-bit dynamic map).
+BOOKS = sorted(set(CODEBOOKS[8]) | set(UNDITHERED4) | {"dynamic4"})
+DITHERED = sorted(set(CODEBOOKS[4]))
 
 
 # ------------------------------------------------------------------- codebooks
@@ -40,6 +42,52 @@ def test_4bit_maps() -> None:
     assert torch.equal(linear, torch.arange(1, 17, dtype=torch.float32) / 16)
     assert codebook("sqrt_linear4").root and not codebook("linear4").root
     assert codebook("normal4").zero_code == 7
+    assert CODEBOOKS[4] == ("normal4_dither", "sqrt_geo4_dither", "geo4_dither")
+    assert torch.equal(codebook("normal4_dither").values, normal)
+    geo = codebook("sqrt_geo4_dither").values.double()
+    assert geo[0] == pytest.approx(0.25, rel=1e-6) and geo[-1] == 1.0
+    ratios = geo[1:] / geo[:-1]
+    assert float(ratios.max() - ratios.min()) < 1e-6 and float(ratios[0]) == pytest.approx(4 ** (1 / 15), rel=1e-6)
+    assert codebook("sqrt_geo4_dither").root and not codebook("geo4_dither").root
+    assert all(codebook(n).dither for n in DITHERED) and not any(codebook(n).dither for n in BOOKS)
+
+
+@pytest.mark.parametrize("name", DITHERED)
+def test_dither_cells_find_the_interval(name: str) -> None:
+    """The kernels' 32-cell tables give the interval of ``y`` exactly as a search does:
+    every value, its float neighbours, the cell edges and random values."""
+    from adamkit.quant.codebooks import cells
+
+    tab = dither_tables(name)
+    L = tab.values
+    edges = (np.arange(33, dtype=np.float32) - tab.cell_offset) / tab.cell_scale
+    probes = np.concatenate([L, edges, np.random.default_rng(2).uniform(-1.01, 1.01, 200_000)]).astype(np.float32)
+    y = np.concatenate([probes, np.nextafter(probes, np.float32(2)), np.nextafter(probes, np.float32(-2))])
+    if not codebook(name).signed:
+        y = np.abs(y)
+    c = cells(y, tab)
+    got = tab.first[c] + (y >= tab.threshold[c])
+    np.testing.assert_array_equal(got, np.searchsorted(L[1:15], y, side="right"))
+    with pytest.raises(ValueError, match="dithered"):
+        dither_tables("normal4")
+
+
+def test_dither_is_unbiased_across_steps() -> None:
+    """Dithered codes of one tensor, written at 64 different steps, decode (each with its
+    step) to values whose mean is far closer to the tensor than any one decoding: the
+    error is fresh each step. Decoding with another step's dither is worse. (The
+    second moment's data stay above the map's floor, 1/16 of the block's largest.)"""
+    fmt = QuantFormat(4, 128)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(3))
+    for key in ("exp_avg", "exp_avg_sq"):
+        book = fmt.codebook(key)
+        data = x if book.signed else x.abs() + 1.0
+        decoded = [dequantize(*quantize(data, fmt, book, t), fmt, book, data.numel(), t) for t in range(64)]
+        one = max(float((d - data).norm()) for d in decoded)
+        mean = float((torch.stack(decoded).mean(0) - data).norm())
+        assert mean < one / 4, (key, mean, one)
+        wrong = float((dequantize(*quantize(data, fmt, book, 5), fmt, book, data.numel(), 6) - data).norm())
+        assert wrong > 1.3 * float((decoded[5] - data).norm()), key
 
 
 @pytest.mark.parametrize("name", BOOKS)
@@ -102,18 +150,15 @@ def test_decade_encoder_model(name: str) -> None:
 
 
 @pytest.mark.skipif(not adamkit.kernels._avx512_codes.HAS_AVX512, reason="the CPU has no AVX-512")
-@pytest.mark.parametrize("name", ["dynamic8", "udynamic8", "normal4", "sqrt_linear4", "linear4"])
+@pytest.mark.parametrize("name", ["dynamic8", "udynamic8"])
 def test_simd_encoders(name: str) -> None:
-    """The 16-wide encoders: the 8-bit decade encoder equals its numpy model bit for bit;
-    the 4-bit search and linear encoders equal the binary search (ties included)."""
+    """The 16-wide 8-bit decade encoder equals its numpy model bit for bit."""
     from numba import njit
 
     from adamkit.kernels import _avx512_codes as simd
     from adamkit.quant.codebooks import decade_encode, decade_tables
 
-    encoder = {"dynamic8": simd.encode_rows_dynamic8, "udynamic8": simd.encode_rows_udynamic8,
-               "normal4": simd.encode_rows_search4}.get(name, simd.encode_rows_linear4)  # fmt: skip
-    bits = codebook(name).bits
+    encoder = {"dynamic8": simd.encode_rows_dynamic8, "udynamic8": simd.encode_rows_udynamic8}[name]
 
     @njit
     def run(y, table, codes):
@@ -121,13 +166,69 @@ def test_simd_encoders(name: str) -> None:
 
     y = _encoder_probe(name)
     y = y[: y.size // 16 * 16]
-    codes = np.zeros(y.size * bits // 8, dtype=np.uint8)
+    codes = np.zeros(y.size, dtype=np.uint8)
     run(y, simd.ENCODER_CONSTANTS[name](), codes)
-    got = codes if bits == 8 else np.stack([codes & 15, codes >> 4], axis=1).reshape(-1)
-    if bits == 8:
-        np.testing.assert_array_equal(got, decade_encode(y, decade_tables(name)))
-    else:
-        np.testing.assert_array_equal(got, np.searchsorted(codebook(name).midpoints.numpy(), y, side="left"))
+    np.testing.assert_array_equal(codes, decade_encode(y, decade_tables(name)))
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize("name", ["normal4_dither", "geo4_dither"])
+def test_dither_codec_kernels_equal_reference(name: str, simd: bool) -> None:
+    """The kernels' dithered 4-bit encoder and decoder (16-wide and scalar) give the
+    reference's codes and values bit for bit, from any element offset and step."""
+    from numba import njit
+
+    from adamkit.kernels import _avx512_codes as sx
+    from adamkit.kernels import numba_quant as nq
+    from adamkit.quant.codebooks import dither_phase
+
+    if simd and not sx.HAS_AVX512:
+        pytest.skip("the CPU has no AVX-512")
+
+    @njit
+    def encode(y, table, first, codes, h0, simd):
+        if simd:
+            sx.encode_rows_dither4(y.ctypes.data, y.size >> 4, np.float32(1.0), table.ctypes.data, codes.ctypes.data,
+                                   h0)  # fmt: skip
+        else:
+            for i in range(y.size):
+                c = nq._encode_dither(y[i], nq._dither_hash(h0, i), table, first)
+                codes[i >> 1] |= c << ((i & 1) * 4)
+
+    @njit
+    def decode(codes, table, out, h0, simd):
+        if simd:
+            sx.decode_rows_dither4(codes.ctypes.data, out.size >> 4, table.ctypes.data, np.float32(1.0), False,
+                                   out.ctypes.data, h0)  # fmt: skip
+        else:
+            for i in range(out.size):
+                code = (codes[i >> 1] >> ((i & 1) * 4)) & 15
+                out[i] = nq._decode_dither(code, nq._dither_hash(h0, i), table)
+
+    book = codebook(name)
+    fmt = QuantFormat(4, None)
+    table, first = sx.dither_constants(name), dither_tables(name).first
+    gen = np.random.default_rng(4)
+    L = book.values.numpy()
+    y = np.concatenate([[1.0], L, np.nextafter(L, np.float32(2)), np.nextafter(L, np.float32(-2)),
+                        gen.uniform(-1, 1, 8000), gen.standard_normal(1000) * 1e-3, [0.0, -0.0]])  # fmt: skip
+    y = y.astype(np.float32)
+    y = np.clip(y if book.signed else np.abs(y), -1, 1)[: y.size // 32 * 32]
+    n, half = y.size, y.size // 2
+    for step in (0, 1, 7, 123456789):
+        want, absmax = quantize(torch.from_numpy(y), fmt, book, step)
+        assert float(absmax) == 1.0  # so that the kernels' y is the reference's
+        values = dequantize(want, absmax, fmt, book, n, step).numpy()
+        h0 = dither_phase(step)
+        h_half = int(nq._dither_hash(h0, half))
+        codes = np.zeros(n // 2, dtype=np.uint8)
+        encode(y[:half], table, first, codes[: half // 2], h0, simd)
+        encode(y[half:], table, first, codes[half // 2 :], h_half, simd)  # a block further in
+        np.testing.assert_array_equal(codes, want.numpy())
+        out = np.zeros(n, dtype=np.float32)
+        decode(codes[: half // 2], table, out[:half], h0, simd)
+        decode(codes[half // 2 :], table, out[half:], h_half, simd)
+        np.testing.assert_array_equal(out, values)
 
 
 # ----------------------------------------------------------------- reference codec
@@ -146,8 +247,10 @@ def test_codec_round_trip(bits: int, block: int | None, n: int) -> None:
         if n:
             scale = data.abs().max()
             assert (back - data).abs().max() <= scale * (0.3 if bits == 4 else 0.05)
-            # the absmax element decodes exactly (the signed 8-bit map's lowest value is -0.993)
-            assert back.abs().max() == pytest.approx(float(scale), rel=1e-2 if book.signed else 1e-6)
+            # the absmax element decodes exactly (the signed 8-bit map's lowest value is
+            # -0.993); dithered, within half the top interval
+            rel = 0.15 if book.dither else 1e-2 if book.signed else 1e-6
+            assert back.abs().max() == pytest.approx(float(scale), rel=rel)
             # re-encoding decoded values gives the same codes, give or take one where the
             # block's absmax moved (a negative extreme decodes to -0.993 of it)
             again, _ = quantize(back, fmt, book)
@@ -155,7 +258,7 @@ def test_codec_round_trip(bits: int, block: int | None, n: int) -> None:
 
 
 def test_4bit_packing_order() -> None:
-    fmt = QuantFormat(4, 4)
+    fmt = QuantFormat(4, 4, dither=False)
     book = fmt.codebook("exp_avg_sq")  # sqrt_linear4: sqrt(x) / absmax -> (i + 1) / 16
     x = torch.tensor([1.0, 4 / 16, 9 / 16, 0.0, 1.0]) ** 2  # roots 1, 1/4, 9/16, 0 | 1
     codes, absmax = quantize(x, fmt, book)
@@ -170,6 +273,12 @@ def test_format_validation() -> None:
         QuantFormat(8, 1)
     with pytest.raises(ValueError, match="has \\(8, 4\\) bits"):
         QuantFormat(2, 64)
+    with pytest.raises(ValueError, match="True only at 4 bits"):
+        QuantFormat(8, 64, dither=True)
+    with pytest.raises(ValueError, match="quant_dither must be 0 or 1"):
+        QuantFormat.from_key(4, 128, 2)
+    assert QuantFormat(4, 128).dither and not QuantFormat(8, 256).dither
+    assert QuantFormat.from_key(4, 128) == QuantFormat(4, 128, dither=False)  # a checkpoint of adamkit 0.1
 
 
 # ----------------------------------------------------- fused kernels vs reference
@@ -193,8 +302,9 @@ def _pair(cls, kw, bits, dtype=torch.float32, sizes=SIZES, **extra):
 
 
 def _lockstep(cls, kw, bits, dtype=torch.float32, steps=7, bad=None, **extra):
-    """Step kernel and reference together; compare after every step (codes within one,
-    on rounding ties only), then copy the kernel's state into the reference."""
+    """Step kernel and reference together; compare after every step (8-bit codes within
+    one, on rounding ties only; dithered 4-bit codes equal), then copy the kernel's state
+    into the reference."""
     params, twins, fused, ref = _pair(cls, kw, bits, dtype, **extra)
     gen = torch.Generator().manual_seed(11)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -217,7 +327,7 @@ def _lockstep(cls, kw, bits, dtype=torch.float32, steps=7, bad=None, **extra):
             for key, value in sf.items():
                 if key.endswith("_codes"):
                     d = (unpack(value, fmt, p.numel()) - unpack(sr[key], fmt, p.numel())).abs()
-                    assert int(d.max()) <= 1, key
+                    assert int(d.max()) <= (0 if fmt.dither else 1), key
                     off_by_one += int(d.sum())
                     total += p.numel()
                 elif key.endswith("_absmax"):
@@ -439,6 +549,34 @@ def test_checkpoints_convert_between_formats() -> None:
     torch.optim.AdamW([p]).load_state_dict(back.state_dict())  # torch takes the converted state
 
 
+def test_undithered_4bit_checkpoint_converts() -> None:
+    """A 4-bit checkpoint without ``quant_dither`` (adamkit 0.1: nearest codes of
+    normal4 / sqrt_linear4) is decoded with those maps and encoded dithered, at its step."""
+    p = torch.randn(5000, requires_grad=True)
+    opt = adamkit.AdamW([p], state_bits=4)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    sd = round_trip(opt.state_dict())
+    old, new = QuantFormat(4, 128, dither=False), QuantFormat(4, 128)
+    st = sd["state"][0]
+    dense = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        dense[key] = dequantize(st[f"{key}_codes"], st[f"{key}_absmax"], new, new.codebook(key), 5000, 3)
+        st[f"{key}_codes"], st[f"{key}_absmax"] = quantize(dense[key], old, old.codebook(key))
+    del st["quant_dither"]
+    other = adamkit.AdamW([p], state_bits=4)
+    other.load_state_dict(sd)
+    assert other.state[p]["quant_dither"] == 1
+    for key in ("exp_avg", "exp_avg_sq"):
+        got = other.state[p]
+        back = dequantize(got[f"{key}_codes"], got[f"{key}_absmax"], new, new.codebook(key), 5000, 3)
+        legacy = dequantize(st[f"{key}_codes"], st[f"{key}_absmax"], old, old.codebook(key), 5000)
+        assert float((back - legacy).norm() / legacy.norm()) < 0.2, key
+    p.grad = torch.randn_like(p)
+    other.step()  # and it steps on
+
+
 def test_load_rejects_bad_quantized_state() -> None:
     p = torch.randn(5000, requires_grad=True)
     opt = adamkit.AdamW8bit([p])
@@ -448,6 +586,7 @@ def test_load_rejects_bad_quantized_state() -> None:
     for mutate, pattern in [
         (lambda st: st.update(exp_avg_codes=st["exp_avg_codes"][:10]), "exp_avg_codes.*shape"),
         (lambda st: st.update(quant_bits=3), "bad quantized-state format"),
+        (lambda st: st.update(quant_dither=1), "bad quantized-state format"),  # 8-bit codes are not dithered
         (lambda st: st.pop("exp_avg_sq_absmax"), "lacks"),
         (lambda st: st.update(exp_avg_absmax=st["exp_avg_absmax"].double()), "expected torch.float32"),
     ]:
@@ -568,7 +707,7 @@ for bits in (8, 4):
         fmt = QuantFormat(bits, 256 if bits == 8 else 128)
         for key in ("exp_avg_codes", "exp_avg_sq_codes"):
             d = (unpack(a.state[p][key], fmt, p.numel()) - unpack(b.state[q][key], fmt, p.numel())).abs()
-            assert int(d.max()) <= 1 and int(d.sum()) <= 3, (bits, key, int(d.sum()))
+            assert int(d.max()) <= 1 and int(d.sum()) <= (0 if bits == 4 else 3), (bits, key, int(d.sum()))
 print("portable ok")
 """
 

@@ -3,7 +3,8 @@
 The common case of the quantized kernels (:mod:`adamkit.kernels.numba_quant`): float32
 parameters, Adam or AdamW without AMSGrad, no stochastic rounding, a block whose length
 is a multiple of 16. Per 16 elements, in registers: the two moments' codes are decoded
-(a gather from the 256 values at 8 bits, a ``vpermps`` at 4), the rule is applied,
+(a gather from the 256 values at 8 bits; at 4 bits the dither subtracted and two
+``vpermps`` to interpolate), the rule is applied,
 the parameters are stored, the new moments go to the per-thread rows the encoders read
 next, and the rows' largest magnitudes are kept in registers. The numba loop this
 replaces went through the rows three times, spent ~0.1 ns per element on the runtime
@@ -27,7 +28,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._avx512_codes import _F16, _I16, _I32, _broadcast, _codes_in, _gather, _permutes, _splat
+from ._avx512_codes import _F16, _I16, _I32, _broadcast, _codes_in, _dither_hash, _gather, _Rows, _splat, dither_decode
 
 #: Elements ahead whose cache lines are prefetched (parameters, gradients, codes).
 AHEAD = 512
@@ -98,20 +99,20 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
 
     @intrinsic
     def adam_rows(typingctx, p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals_at, vvals_at, mscale, vscale, low,
-                  c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, plike):  # fmt: skip  # noqa: ARG001
-        """Returns (largest |m| bits, largest |v| bits (of roots if ``root``), masked)."""
+                  c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, plike):  # fmt: skip  # noqa: ARG001
+        """Returns (largest |m| bits, largest |v| bits (of roots if ``root``), masked).
+        At 8 bits ``mvals_at``/``vvals_at`` are the codebooks' 256 values; at 4 bits their
+        dither tables, and ``h0`` the first element's dither hash of the codes' step."""
 
         def codegen(context, builder, signature, args):
             (p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals, vvals, mscale, vscale, low,
-             c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, _) = args  # fmt: skip
+             c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, _) = args  # fmt: skip
             io = _Params(builder, signature.args[-1].dtype)
             c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale = (
                 _broadcast(builder, x) for x in (c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale)
             )
             if bits == 4:
-                permute = _permutes(builder)[0]
-                mtable = builder.load(builder.inttoptr(mvals, _F16.as_pointer()), align=4)
-                vtable = builder.load(builder.inttoptr(vvals, _F16.as_pointer()), align=4)
+                mtable, vtable = _Rows(builder, mvals, 15), _Rows(builder, vvals, 15)
             i64 = count.type
             mtop = cgutils.alloca_once_value(builder, _splat(0))
             vtop = cgutils.alloca_once_value(builder, _splat(0))
@@ -137,7 +138,8 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
                 if bits == 8:
                     m, v = _gather(builder, _F16, mvals, mcodes), _gather(builder, _F16, vvals, vcodes)
                 else:
-                    m, v = builder.call(permute, [mtable, mcodes]), builder.call(permute, [vtable, vcodes])
+                    h = _dither_hash(builder, mtable, h0, i)
+                    m, v = dither_decode(builder, mtable, mcodes, h), dither_decode(builder, vtable, vcodes, h)
                 m, v = builder.fmul(m, mscale), builder.fmul(v, vscale)
                 if root:
                     v = builder.fmul(v, v)
@@ -169,7 +171,7 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
 
         f32 = types.float32
         sig = types.UniTuple(types.int32, 3)(
-            *[types.int64] * 9, f32, f32, types.boolean, *[f32] * 9, plike
+            *[types.int64] * 9, f32, f32, types.boolean, *[f32] * 9, types.int64, plike
         )  # fmt: skip
         return sig, codegen
 
@@ -177,7 +179,7 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
 
 
 #: ``adam_rows_{bits}[mask]``: see :func:`_make_adam_rows` (4-bit second moments are
-#: square roots, as the kernels' 4-bit codebook ``sqrt_linear4`` stores them).
+#: square roots, as the kernels' 4-bit codebook ``sqrt_geo4_dither`` stores them).
 adam_rows_8 = _make_adam_rows(8, root=False, mask=False)
 adam_rows_8_masked = _make_adam_rows(8, root=False, mask=True)
 adam_rows_4 = _make_adam_rows(4, root=True, mask=False)

@@ -15,11 +15,14 @@ over <16 x float>, one call per row of a block:
   0.29: the gather's 16 loads were the bound. Codes equal the binary search's except
   within float32 rounding of a midpoint (:func:`~adamkit.quant.codebooks.decade_encode`
   is the bit-exact model the tests hold this code to);
-* **encode, 4 bits**: a binary search over the 15 midpoints in one register, a
-  ``vpermps`` and a compare per level (``normal4``; exact), or for the linear maps
-  ``clamp(ceil(16 y - 1.5), 0, 15)`` with ``vcvtps2dq``'s round-up mode (exact);
+* **encode, 4 bits** (dithered, :mod:`adamkit.quant.blockwise`): the value's cell of 32
+  (a multiply-add) indexes two 32-entry tables in registers (``vpermi2ps``, ``vpermi2d``:
+  the codebook value inside the cell, the count of values below it), one compare gives
+  the interval, two ``vpermps`` its start and rate, and the dither is an integer
+  multiply-add of the element index; the reference's codes exactly;
 * **decode**: at 8 bits one gather from the 256 values (a tree of eight ``vpermi2ps``
-  and seven blends was slower: 0.19 ns vs 0.15); at 4 bits one ``vpermps``.
+  and seven blends was slower: 0.19 ns vs 0.15); at 4 bits the dither subtracted and
+  two ``vpermps`` (an interval's start and width) to interpolate.
 
 Each encoder's constants come from a 64-byte-aligned numpy table
 (:data:`ENCODER_CONSTANTS`) loaded into registers once per row, not from LLVM's
@@ -40,7 +43,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..quant.codebooks import _DECADE_FLOOR_BITS, codebook, decade_tables
+from ..quant.codebooks import _DECADE_FLOOR_BITS, DITHER_ALONG, decade_tables, dither_tables
 
 #: Whether the kernels use these paths: the CPU has AVX-512 and ``ADAMKIT_AVX512`` is not
 #: ``0`` (which forces the portable scalar path, as the tests do; set it before the first
@@ -103,35 +106,24 @@ def _codes_out(builder: ir.IRBuilder, addr: ir.Value, codes: ir.Value, bits: int
     builder.store(builder.trunc(packed, ir.VectorType(_I8, 8)), ptr, align=1)
 
 
-def _make_decode(bits: int):
-    @intrinsic
-    def decode_rows(typingctx, codes_addr, count, values_addr, scale, root, out_addr):  # noqa: ARG001
-        """out[0 : 16·count] = values[codes] · scale (squared if root), raw addresses."""
+@intrinsic
+def decode_rows8(typingctx, codes_addr, count, values_addr, scale, root, out_addr):  # noqa: ARG001
+    """out[0 : 16·count] = values[codes] · scale (squared if root), 8-bit codes, raw addresses."""
 
-        def codegen(context, builder, signature, args):
-            codes_at, count_v, values_at, scale_v, root_v, out_at = args
-            scale = _broadcast(builder, scale_v)
-            if bits == 4:
-                fnty = ir.FunctionType(_F16, [_F16, _I16])
-                fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.permvar.sf.512")
-                table = builder.load(builder.inttoptr(values_at, _F16.as_pointer()), align=4)
-            with cgutils.for_range(builder, count_v) as loop:
-                i = loop.index
-                codes = _codes_in(builder, builder.add(codes_at, builder.mul(i, ir.Constant(i.type, 2 * bits))), bits)
-                if bits == 8:
-                    values = _gather(builder, _F16, values_at, codes)
-                else:
-                    values = builder.call(fn, [table, codes])
-                x = builder.fmul(values, scale)
-                x = builder.select(root_v, builder.fmul(x, x), x)
-                at = builder.add(out_at, builder.mul(i, ir.Constant(i.type, 64)))
-                builder.store(x, builder.inttoptr(at, _F16.as_pointer()), align=4)
-            return context.get_dummy_value()
+    def codegen(context, builder, signature, args):
+        codes_at, count_v, values_at, scale_v, root_v, out_at = args
+        scale = _broadcast(builder, scale_v)
+        with cgutils.for_range(builder, count_v) as loop:
+            i = loop.index
+            codes = _codes_in(builder, builder.add(codes_at, builder.mul(i, ir.Constant(i.type, 16))), 8)
+            x = builder.fmul(_gather(builder, _F16, values_at, codes), scale)
+            x = builder.select(root_v, builder.fmul(x, x), x)
+            at = builder.add(out_at, builder.mul(i, ir.Constant(i.type, 64)))
+            builder.store(x, builder.inttoptr(at, _F16.as_pointer()), align=4)
+        return context.get_dummy_value()
 
-        sig = types.void(types.int64, types.int64, types.int64, types.float32, types.boolean, types.int64)
-        return sig, codegen
-
-    return decode_rows
+    sig = types.void(types.int64, types.int64, types.int64, types.float32, types.boolean, types.int64)
+    return sig, codegen
 
 
 def _min(builder: ir.IRBuilder, x: ir.Value, bound: ir.Value) -> ir.Value:
@@ -245,57 +237,116 @@ def _decade_body(signed: bool):
     return body
 
 
-def search_constants(name: str) -> np.ndarray:
-    """A 4-bit codebook's binary-search table (see :data:`encode_rows_search4`): its
-    middle midpoint, then the midpoints shifted by 3, 1 and 0 (+inf past the end)."""
-    mids = np.concatenate([codebook(name).midpoints.numpy(), [np.inf]]).astype(np.float32)
-    return _table([mids[7], np.roll(mids, -3), np.roll(mids, -1), mids])
+# ------------------------------------------------------------------ dithered 4-bit codes
+#: Rows of :func:`dither_constants`.
+_DL, _DRATE, _DOFF, _DUP, _DDOWN, _DT, _DF = 0, 1, 2, 3, 4, 5, 7  # thresholds and firsts: two rows each
+_DCS, _DCO, _DLANE, _DHALF, _D15, _DLOW = 9, 10, 11, 12, 13, 14
+#: ``16 · DITHER_ALONG mod 2^32`` as an int32: the dither hash's step per 16 elements.
+_H16 = ((16 * DITHER_ALONG + 2**31) & 0xFFFFFFFF) - 2**31
 
 
-def _search_body(builder: ir.IRBuilder, k: _Rows, y: ir.Value) -> ir.Value:
-    """4-bit codebooks: a binary search over the 15 midpoints held in registers, one
-    ``vpermps`` per level (tables shifted so the running code indexes them): exact."""
+def dither_constants(name: str) -> np.ndarray:
+    """A dithered 4-bit codebook's table for the kernels, float32 [15, 16]: the
+    :func:`adamkit.quant.codebooks.dither_tables` (values, rates, offsets, slopes up and
+    down, cell thresholds and firsts, cell scale and offset), the dither hash's per-lane
+    offsets ``lane · DITHER_ALONG mod 2^32``, then constants. The portable path reads
+    it too."""
+    tab = dither_tables(name)
+    lanes = ((np.arange(16, dtype=np.int64) * DITHER_ALONG) & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+    i32 = np.int32
+    return _table([
+        tab.values, tab.rate, tab.offset, tab.up, tab.down, tab.threshold[:16], tab.threshold[16:], tab.first[:16],
+        tab.first[16:], tab.cell_scale, tab.cell_offset, lanes, i32(32768), i32(15), tab.values[0],
+    ])  # fmt: skip
+
+
+def _dither_hash(builder: ir.IRBuilder, k: _Rows, h0: ir.Value, index: ir.Value) -> ir.Value:
+    """The dither hashes of 16 elements: ``h0 + (16·index + lane) · DITHER_ALONG`` mod 2^32
+    (``h0``: the first element's, an i64 whose low 32 bits count)."""
+    start = builder.add(builder.trunc(h0, _I32), builder.mul(builder.trunc(index, _I32), ir.Constant(_I32, _H16)))
+    start = builder.bitcast(_broadcast(builder, builder.bitcast(start, _F32)), _I16)
+    return builder.add(start, k.i(_DLANE))
+
+
+def dither_decode(builder: ir.IRBuilder, k: _Rows, codes: ir.Value, h: ir.Value) -> ir.Value:
+    """16 dithered 4-bit codes (<16 x i32>) to their values (before the block's scale):
+    ``L[c] + d · (up[c] if d >= 0 else down[c])`` with ``d = 2^15 - (h >> 16)``, three
+    ``vpermps``."""
     one = _permutes(builder)[0]
-    codes = builder.shl(builder.zext(builder.fcmp_ordered(">", y, k.f(0)), _I16), _splat(3))
-    for shift, row in ((2, 1), (1, 2), (0, 3)):  # adds 4, 2, 1
-        above = builder.zext(builder.fcmp_ordered(">", y, builder.call(one, [k.f(row), codes])), _I16)
-        codes = builder.add(codes, builder.shl(above, _splat(shift)) if shift else above)
-    return codes
+    back = builder.sub(k.i(_DHALF), builder.lshr(h, _splat(16)))
+    up, down = builder.call(one, [k.f(_DUP), codes]), builder.call(one, [k.f(_DDOWN), codes])
+    slope = builder.select(builder.icmp_signed(">=", back, _splat(0)), up, down)
+    return builder.fadd(builder.call(one, [k.f(_DL), codes]), builder.fmul(builder.sitofp(back, _F16), slope))
 
 
-def linear_constants() -> np.ndarray:
-    """The 4-bit linear maps' encoder table (see :data:`encode_rows_linear4`)."""
-    return _table([16.0, 1.5, np.int32(0), np.int32(15)])
+def dither_encode(builder: ir.IRBuilder, k: _Rows, y: ir.Value, h: ir.Value) -> ir.Value:
+    """16 normalized values to dithered 4-bit codes (<16 x i32>): the interval from the
+    32-cell tables (``vpermi2ps``, ``vpermi2d``, a compare), the position in 2^-16 codes
+    from two ``vpermps`` and a multiply-add, the dither added as an integer."""
+    one, two_f, two_i = _permutes(builder)
+    low = k.f(_DLOW)
+    y = builder.select(builder.fcmp_ordered(">", y, low), y, low)
+    cell = builder.fptosi(builder.fadd(builder.fmul(y, k.f(_DCS)), k.f(_DCO)), _I16)  # 0..31 (asserted)
+    threshold = builder.call(two_f, [k.f(_DT), cell, k.f(_DT + 1)])
+    first = builder.call(two_i, [k.i(_DF), cell, k.i(_DF + 1)])
+    interval = builder.sub(first, builder.sext(builder.fcmp_ordered(">=", y, threshold), _I16))
+    rate, offset = builder.call(one, [k.f(_DRATE), interval]), builder.call(one, [k.f(_DOFF), interval])
+    position = builder.fptosi(builder.fadd(builder.fmul(y, rate), offset), _I16)
+    code = builder.lshr(builder.add(position, builder.lshr(h, _splat(16))), _splat(16))
+    return builder.select(builder.icmp_signed(">", code, k.i(_D15)), k.i(_D15), code)
 
 
-def _linear_body(builder: ir.IRBuilder, k: _Rows, y: ir.Value) -> ir.Value:
-    """The 4-bit linear maps ``(i + 1) / 16``: the code is the number of midpoints
-    ``(i + 1.5) / 16`` below ``y``, ``clamp(ceil(16 y - 1.5), 0, 15)``; ``16 y`` and the
-    subtraction are exact in float32, so this is the binary search's result."""
-    z = builder.fsub(builder.fmul(y, k.f(0)), k.f(1))
-    fnty = ir.FunctionType(_I16, [_F16, _I16, ir.IntType(16), _I32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.mask.cvtps2dq.512")
-    low, high = k.i(2), k.i(3)
-    up = builder.call(fn, [z, low, ir.Constant(ir.IntType(16), -1), ir.Constant(_I32, 10)])  # round up
-    up = builder.select(builder.icmp_signed("<", up, low), low, up)
-    return builder.select(builder.icmp_signed(">", up, high), high, up)
+@intrinsic
+def encode_rows_dither4(typingctx, row_addr, count, inv, table_addr, codes_addr, h0):  # noqa: ARG001
+    """Dithered 4-bit codes of ``row[0 : 16·count] · inv`` (``h0``: the first element's
+    dither hash), with :func:`dither_constants`' table."""
+
+    def codegen(context, builder, signature, args):
+        row_at, count_v, inv_v, table_at, codes_at, h0_v = args
+        k = _Rows(builder, table_at, 15)
+        scale = _broadcast(builder, inv_v)
+        with cgutils.for_range(builder, count_v) as loop:
+            i = loop.index
+            at = builder.add(row_at, builder.mul(i, ir.Constant(i.type, 64)))
+            y = builder.fmul(builder.load(builder.inttoptr(at, _F16.as_pointer()), align=4), scale)
+            codes = dither_encode(builder, k, y, _dither_hash(builder, k, h0_v, i))
+            _codes_out(builder, builder.add(codes_at, builder.mul(i, ir.Constant(i.type, 8))), codes, 4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.float32, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def decode_rows_dither4(typingctx, codes_addr, count, table_addr, scale, root, out_addr, h0):  # noqa: ARG001
+    """out[0 : 16·count] = the dithered 4-bit ``codes``' values · scale (squared if root)."""
+
+    def codegen(context, builder, signature, args):
+        codes_at, count_v, table_at, scale_v, root_v, out_at, h0_v = args
+        k = _Rows(builder, table_at, 15)
+        scale = _broadcast(builder, scale_v)
+        with cgutils.for_range(builder, count_v) as loop:
+            i = loop.index
+            codes = _codes_in(builder, builder.add(codes_at, builder.mul(i, ir.Constant(i.type, 8))), 4)
+            x = builder.fmul(dither_decode(builder, k, codes, _dither_hash(builder, k, h0_v, i)), scale)
+            x = builder.select(root_v, builder.fmul(x, x), x)
+            at = builder.add(out_at, builder.mul(i, ir.Constant(i.type, 64)))
+            builder.store(x, builder.inttoptr(at, _F16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    sig = types.void(types.int64, types.int64, types.int64, types.float32, types.boolean, types.int64, types.int64)
+    return sig, codegen
 
 
 #: The codebooks' row encoders: ``encode_rows(row_addr, count, inv, table_addr,
 #: codes_addr)`` writes the codes of ``row[0 : 16·count] · inv``.
 encode_rows_dynamic8 = _row_encoder(8, 15, _decade_body(signed=True))
 encode_rows_udynamic8 = _row_encoder(8, 15, _decade_body(signed=False))
-encode_rows_search4 = _row_encoder(4, 4, _search_body)
-encode_rows_linear4 = _row_encoder(4, 4, _linear_body)
 
 #: Each codebook's 16-wide encoder constants.
 ENCODER_CONSTANTS = {
     "dynamic8": lambda: decade_constants("dynamic8"),
     "udynamic8": lambda: decade_constants("udynamic8"),
-    "normal4": lambda: search_constants("normal4"),
-    "sqrt_linear4": linear_constants,
-    "linear4": linear_constants,
+    "normal4_dither": lambda: dither_constants("normal4_dither"),
+    "sqrt_geo4_dither": lambda: dither_constants("sqrt_geo4_dither"),
+    "geo4_dither": lambda: dither_constants("geo4_dither"),
 }
-
-decode_rows8 = _make_decode(8)
-decode_rows4 = _make_decode(4)

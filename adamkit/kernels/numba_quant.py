@@ -17,10 +17,15 @@ common case) do steps 1 and 2 in one loop over 16 elements at a time
 (:mod:`adamkit.kernels._avx512_adam`: 8-bit 0.83x -> 1.02x torch fused fp32 on 16M
 elements), and encoding, like the other variants' decoding, goes a row at a time
 through :mod:`adamkit.kernels._avx512_codes` (8-bit codes from the float's exponent and
-register permutes, 4-bit ones by a search in one register). The portable path, and the rows'
-last few elements, encode by :func:`adamkit.quant.encoder_table`'s search-free form:
-the float's bits pick a table slice, one load gives the candidate code and the low bits
-of the slice's midpoint, one integer compare finishes: the reference's codes exactly.
+register permutes; dithered 4-bit ones from 32-cell tables in registers). The portable
+path, and the rows' last few elements, encode 8-bit codes by
+:func:`adamkit.quant.encoder_table`'s search-free form (the float's bits pick a table
+slice, one load gives the candidate code and the low bits of the slice's midpoint, one
+integer compare finishes: the reference's codes exactly) and 4-bit ones with the same
+cell tables as the SIMD code, one element at a time. The dither (see
+:mod:`adamkit.quant.blockwise`) needs each block's first element index and the step:
+``phase``, the step's term, is an argument, and codes are decoded with the previous
+step's.
 
 Chunks hold whole blocks (``CHUNK`` is a multiple of ``block_size``; other block sizes
 and one absmax per tensor go to the reference). Masking non-finite gradients (``mask``):
@@ -46,17 +51,25 @@ from torch import Tensor
 
 from .._scalars import StepScalars
 from ..quant import QUANT_BITS, QuantFormat
-from ..quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS, encoder_table
+from ..quant.codebooks import (
+    _LOW_BITS,
+    _ONE_BITS,
+    DITHER_ALONG,
+    DITHER_STEP,
+    TABLE_BITS,
+    dither_phase,
+    dither_tables,
+    encoder_table,
+)
 from . import numba_cpu as nc
 from ._avx512_adam import adam_rows_4, adam_rows_4_masked, adam_rows_8, adam_rows_8_masked
 from ._avx512_codes import (
     ENCODER_CONSTANTS,
     HAS_AVX512,
-    decode_rows4,
     decode_rows8,
+    decode_rows_dither4,
+    encode_rows_dither4,
     encode_rows_dynamic8,
-    encode_rows_linear4,
-    encode_rows_search4,
     encode_rows_udynamic8,
 )
 from .numba_cpu import (
@@ -164,8 +177,39 @@ def _decode(codes, i, vals, scale, bits, root):
     return x * x if root else x
 
 
+_M32 = 0xFFFFFFFF
+_A_LOW, _A_HIGH = DITHER_ALONG & 0xFFFF, DITHER_ALONG >> 16
+
+
 @njit(inline="always")
-def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows):
+def _dither_hash(h0, i):
+    """The dither hash of the element ``i`` places after the one whose hash is ``h0``:
+    ``h0 + i · DITHER_ALONG mod 2^32`` (16-bit halves: no int64 overflow)."""
+    j = i & _M32
+    return (h0 + j * _A_LOW + (((j * _A_HIGH) & 0xFFFF) << 16)) & _M32
+
+
+@njit(inline="always")
+def _decode_dither(code, h, tab):
+    """A dithered 4-bit code's value (before the block's scale), ``h`` its dither hash;
+    ``tab``: the codebook's :func:`~adamkit.kernels._avx512_codes.dither_constants`."""
+    back = 32768 - (h >> 16)
+    slope = tab[3, code] if back >= 0 else tab[4, code]
+    return tab[0, code] + np.float32(back) * slope
+
+
+@njit(inline="always")
+def _encode_dither(y, h, tab, first):
+    """A normalized value's dithered 4-bit code (the reference's, operation for operation)."""
+    y = max(y, tab[14, 0])
+    cell = min(max(int(y * tab[9, 0] + tab[10, 0]), 0), 31)
+    k = first[cell] + (1 if y >= tab[5 + (cell >> 4), cell & 15] else 0)
+    position = int(y * tab[1, k] + tab[2, k])
+    return min((position + (h >> 16)) >> 16, 15)
+
+
+@njit(inline="always")
+def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows, h0):
     """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``.
     With AVX-512 16 codes at a time by ``encode_rows`` (the codebook's encoder in
     ``_avx512_codes``), the rest from the packed table
@@ -175,54 +219,63 @@ def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows):
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        encode_rows(row.ctypes.data, done >> 4, inv, book[3].ctypes.data, codes.ctypes.data)
+        encode_rows(row.ctypes.data, done >> 4, inv, book[3].ctypes.data, codes.ctypes.data, h0)
     for i in range(done, n):
         codes[i] = _encode(row[i] * inv, packed)
     _put_f32(absmax_at, top)
 
 
 @njit(inline="always")
-def _encode_block4(codes, absmax_at, row, n, top, book, encode_rows):
-    """:func:`_encode_block8` for 4-bit codes, two per byte (low nibble first)."""
-    packed = book[1]
+def _encode_block4(codes, absmax_at, row, n, top, book, encode_rows, h0):
+    """:func:`_encode_block8` for dithered 4-bit codes, two per byte (low nibble first);
+    ``h0``: the block's first element's dither hash for this step."""
+    tab, first = book[0], book[1]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        encode_rows(row.ctypes.data, done >> 4, inv, book[3].ctypes.data, codes.ctypes.data)
+        encode_rows(row.ctypes.data, done >> 4, inv, tab.ctypes.data, codes.ctypes.data, h0)
     for i in range(done >> 1, n >> 1):
-        lo = _encode(row[2 * i] * inv, packed)
-        hi = _encode(row[2 * i + 1] * inv, packed)
+        lo = _encode_dither(row[2 * i] * inv, _dither_hash(h0, 2 * i), tab, first)
+        hi = _encode_dither(row[2 * i + 1] * inv, _dither_hash(h0, 2 * i + 1), tab, first)
         codes[i] = lo | (hi << 4)
     if n & 1:
-        _put_u8(codes.ctypes.data + (n >> 1), _encode(row[n - 1] * inv, packed))
+        last = _encode_dither(row[n - 1] * inv, _dither_hash(h0, n - 1), tab, first)
+        _put_u8(codes.ctypes.data + (n >> 1), last)
     _put_f32(absmax_at, top)
 
 
-# The codebooks' row encoders as functions the kernels take as arguments.
+# The codebooks' row encoders as functions the kernels take as arguments (the dither
+# hash ``h0`` is for the 4-bit one).
 @njit(inline="always")
-def _dynamic8(row_at, count, inv, table_at, codes_at):
+def _dynamic8(row_at, count, inv, table_at, codes_at, h0):
     encode_rows_dynamic8(row_at, count, inv, table_at, codes_at)
 
 
 @njit(inline="always")
-def _udynamic8(row_at, count, inv, table_at, codes_at):
+def _udynamic8(row_at, count, inv, table_at, codes_at, h0):
     encode_rows_udynamic8(row_at, count, inv, table_at, codes_at)
 
 
 @njit(inline="always")
-def _normal4(row_at, count, inv, table_at, codes_at):
-    encode_rows_search4(row_at, count, inv, table_at, codes_at)
-
-
-@njit(inline="always")
-def _linear4(row_at, count, inv, table_at, codes_at):
-    encode_rows_linear4(row_at, count, inv, table_at, codes_at)
+def _dither4(row_at, count, inv, table_at, codes_at, h0):
+    encode_rows_dither4(row_at, count, inv, table_at, codes_at, h0)
 
 
 #: Codebooks (first moment, second moment / maximum / exp_inf) the kernels are compiled
 #: for, per state bits: ``_step`` checks the format's.
-KERNEL_CODEBOOKS = {8: ("dynamic8", ("udynamic8",)), 4: ("normal4", ("sqrt_linear4", "linear4"))}
+KERNEL_CODEBOOKS = {8: ("dynamic8", ("udynamic8",)), 4: ("normal4_dither", ("sqrt_geo4_dither", "geo4_dither"))}
+
+
+@njit(inline="always")
+def _unowned(a):
+    """A view of ``a`` that owns no memory (no reference counting); ``a`` must outlive it."""
+    return numba.carray(_view(a.ctypes.data, a), a.shape)
+
+
+@njit(inline="always")
+def _unowned_book(book):
+    return _unowned(book[0]), _unowned(book[1]), book[2], _unowned(book[3])
 
 
 @njit(inline="always")
@@ -251,7 +304,7 @@ def _ahead(ptrs, t, start, n, size, bits, amsgrad):
 
 
 @njit(inline="always")
-def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, bits,
+def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, bits,
               fused, update, decode_row, encode_block, encode_m, encode_v, amsgrad, mask, root):  # fmt: skip
     """One algorithm on quantized state, over the work units this thread claims.
 
@@ -266,11 +319,18 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
     ``amsgrad``, ``mask`` and ``root`` (the second moment's codebook encodes its square
     root) are constants at every call, so LLVM folds them away: read from ``books`` at
     run time, ``root`` left a square root and a select in the 8-bit update loop.
-    ``simd``: :data:`FUSED_BLOCKS`. Returns the number of masked elements."""
+    ``simd``: :data:`FUSED_BLOCKS`. ``phase``: the step's term of the 4-bit dither hash
+    (:func:`adamkit.quant.codebooks.dither_phase`); codes are decoded with the previous
+    step's. Returns the number of masked elements."""
     _wide_vectors()
     u8 = np.empty(0, np.uint8)
     f32 = np.empty(0, np.float32)
-    rows = np.empty((3, block), np.float32)
+    # the block loop sees the scratch rows and the codebooks' tables through views that
+    # own nothing: numba counts references to owned arrays with atomic calls, ~20 of
+    # them per block, 65 ns per 128-element block at 4 bits
+    scratch = np.empty((3, block), np.float32)
+    rows = _unowned(scratch)
+    books = (_unowned_book(books[0]), _unowned_book(books[1]), _unowned_book(books[2]))
     bad = 0
     while True:
         c_lo, c_hi = _claim(units, counter)
@@ -282,6 +342,8 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
             for b in range(lo, hi, block):
                 n = min(b + block, hi) - b
                 k = b // block
+                he = _dither_hash(phase, b)  # the block's first element's dither, this step
+                hd = (he - DITHER_STEP) & _M32  # and the last step's
                 first = b if bits == 8 else b >> 1
                 nbytes = n if bits == 8 else (n + 1) >> 1
                 p, g = _col(ptrs, t, 0, b, n, plike), _col(ptrs, t, 1, b, n, plike)
@@ -293,7 +355,7 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                     xc, xa = sc, sa
                 # Adam/AdamW's full blocks: one AVX-512 loop (_avx512_adam), prefetching too
                 done, nbad, mtop, stop = fused(p, g, mc, ma[k], sc, sa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                                               consts, sr or not simd, mask)  # fmt: skip
+                                               consts, sr or not simd, mask, hd)  # fmt: skip
                 xtop = np.int32(0)
                 if not done:
                     _ahead(ptrs, t, b + AHEAD, min(n, hi - b - AHEAD), plike.itemsize, bits, amsgrad)
@@ -302,23 +364,23 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                     if mask and not _finite(g):
                         nbad, mtop, stop, xtop = update(
                             p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                            consts, sr, stream, b, decode_row, amsgrad, True, root,
+                            consts, sr, stream, b, hd, decode_row, amsgrad, True, root,
                         )  # fmt: skip
                     else:
                         nbad, mtop, stop, xtop = update(
                             p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                            consts, sr, stream, b, decode_row, amsgrad, False, root,
+                            consts, sr, stream, b, hd, decode_row, amsgrad, False, root,
                         )  # fmt: skip
                 bad += nbad
-                encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, _from_bits(mtop), books[0], encode_m)
-                encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, _from_bits(stop), books[1], encode_v)
+                encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, _from_bits(mtop), books[0], encode_m, he)
+                encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, _from_bits(stop), books[1], encode_v, he)
                 if amsgrad:
-                    encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, _from_bits(xtop), books[2], encode_v)
-    return bad
+                    encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, _from_bits(xtop), books[2], encode_v, he)
+    return bad + 0 * scratch.size  # scratch lives to here
 
 
 @njit(inline="always")
-def _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, bits):
+def _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd, bits):
     """Adam/AdamW on one block by :mod:`adamkit.kernels._avx512_adam` when it can (AVX-512,
     no stochastic rounding, ``n`` a multiple of 16, ``ε`` a normal float): (done, masked,
     largest |m| bits, largest |v| bits); not done: the caller's numba loop runs."""
@@ -327,7 +389,7 @@ def _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts,
         if not sr and n & 15 == 0 and eps >= np.float32(1.2e-38):
             args = (p.ctypes.data, g.ctypes.data, mc.ctypes.data, sc.ctypes.data, n >> 4, rows[0].ctypes.data,
                     rows[1].ctypes.data, books[0][0].ctypes.data, books[1][0].ctypes.data, mscale, sscale, low, c1,
-                    b2, b2w, eps, decay, l2, gsign, lr_t, inv, p)  # fmt: skip
+                    b2, b2w, eps, decay, l2, gsign, lr_t, inv, hd, p)  # fmt: skip
             if bits == 8:
                 mtop, vtop, bad = adam_rows_8_masked(*args) if mask else adam_rows_8(*args)
             else:
@@ -337,23 +399,23 @@ def _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts,
 
 
 @njit(inline="always")
-def _fused8(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask):
-    return _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, 8)
+def _fused8(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd):
+    return _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd, 8)
 
 
 @njit(inline="always")
-def _fused4(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask):
-    return _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, 4)
+def _fused4(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd):
+    return _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd, 4)
 
 
 @njit(inline="always")
-def _none(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask):
+def _none(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd):
     """The ``fused`` of AMSGrad and Adamax: no block done here."""
     return False, np.int32(0), np.int32(0), np.int32(0)
 
 
 @njit(inline="always")
-def _decode_row8(row, codes, book, scale, n, root):
+def _decode_row8(row, codes, book, scale, n, root, h0):
     """``row[:n]`` = the decoded 8-bit ``codes`` (16 at a time with AVX-512)."""
     vals = book[0]
     done = 0
@@ -365,28 +427,30 @@ def _decode_row8(row, codes, book, scale, n, root):
 
 
 @njit(inline="always")
-def _decode_row4(row, codes, book, scale, n, root):
-    """``row[:n]`` = the decoded 4-bit ``codes``."""
-    vals = book[0]
+def _decode_row4(row, codes, book, scale, n, root, h0):
+    """``row[:n]`` = the decoded dithered 4-bit ``codes`` (``h0``: the first one's dither
+    hash, of the step that wrote them)."""
+    tab = book[0]
     done = 0
     if HAS_AVX512:
         done = n & ~15
-        decode_rows4(codes.ctypes.data, done >> 4, vals.ctypes.data, scale, root, row.ctypes.data)
+        decode_rows_dither4(codes.ctypes.data, done >> 4, tab.ctypes.data, scale, root, row.ctypes.data, h0)
     for i in range(done, n):
-        row[i] = _decode(codes, i, vals, scale, 4, root)
+        x = _decode_dither(_code(codes, i, 4), _dither_hash(h0, i), tab) * scale
+        row[i] = x * x if root else x
 
 
 @njit(inline="always")
 def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0,
-                  decode_row, amsgrad, mask, root):  # fmt: skip
+                  hd, decode_row, amsgrad, mask, root):  # fmt: skip
     """Decode the state into ``rows`` with ``decode_row``, then update from and into the
     rows and store the parameters (contiguous floats: this loop vectorizes); rows of
     root codebooks end up holding roots. Returns the number of masked elements."""
     m, v, x = rows[0], rows[1], rows[2]
-    decode_row(m, mc, books[0], mscale, n, False)
-    decode_row(v, sc, books[1], sscale, n, root)
+    decode_row(m, mc, books[0], mscale, n, False, hd)
+    decode_row(v, sc, books[1], sscale, n, root, hd)
     if amsgrad:
-        decode_row(x, xc, books[2], xscale, n, root)
+        decode_row(x, xc, books[2], xscale, n, root, hd)
     bad = 0
     mtop, vtop, xtop = np.int32(0), np.int32(0), np.int32(0)  # the rows' largest magnitudes' bits
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
@@ -418,11 +482,11 @@ def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t
 
 @njit(inline="always")
 def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0,
-                    decode_row, amsgrad, mask, root):  # fmt: skip
+                    hd, decode_row, amsgrad, mask, root):  # fmt: skip
     """Adamax's :func:`_q_block_adam` (``xc``, ``xscale``, ``inv``, ``amsgrad`` unused)."""
     m, v = rows[0], rows[1]
-    decode_row(m, mc, books[0], mscale, n, False)
-    decode_row(v, sc, books[1], sscale, n, root)
+    decode_row(m, mc, books[0], mscale, n, False, hd)
+    decode_row(v, sc, books[1], sscale, n, root, hd)
     bad = 0
     mtop, vtop = np.int32(0), np.int32(0)
     low, c1, b2, eps, l2, gsign = consts
@@ -452,75 +516,75 @@ _J = dict(nogil=True, cache=True, error_model="numpy")
 
 # fmt: off
 @njit(**_J)
-def _adam8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 8,
+def _adam8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 8,
                      _fused8, _q_block_adam, _decode_row8, _encode_block8, _dynamic8, _udynamic8, False, False, False)
 
 
 @njit(**_J)
-def _adam8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 8,
+def _adam8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 8,
                      _fused8, _q_block_adam, _decode_row8, _encode_block8, _dynamic8, _udynamic8, False, True, False)
 
 
 @njit(**_J)
-def _adam4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 4,
-                     _fused4, _q_block_adam, _decode_row4, _encode_block4, _normal4, _linear4, False, False, True)
+def _adam4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 4,
+                     _fused4, _q_block_adam, _decode_row4, _encode_block4, _dither4, _dither4, False, False, True)
 
 
 @njit(**_J)
-def _adam4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 4,
-                     _fused4, _q_block_adam, _decode_row4, _encode_block4, _normal4, _linear4, False, True, True)
+def _adam4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 4,
+                     _fused4, _q_block_adam, _decode_row4, _encode_block4, _dither4, _dither4, False, True, True)
 
 
 @njit(**_J)
-def _amsgrad8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 8,
+def _amsgrad8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 8,
                      _none, _q_block_adam, _decode_row8, _encode_block8, _dynamic8, _udynamic8, True, False, False)
 
 
 @njit(**_J)
-def _amsgrad8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 8,
+def _amsgrad8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 8,
                      _none, _q_block_adam, _decode_row8, _encode_block8, _dynamic8, _udynamic8, True, True, False)
 
 
 @njit(**_J)
-def _amsgrad4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 4,
-                     _none, _q_block_adam, _decode_row4, _encode_block4, _normal4, _linear4, True, False, True)
+def _amsgrad4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 4,
+                     _none, _q_block_adam, _decode_row4, _encode_block4, _dither4, _dither4, True, False, True)
 
 
 @njit(**_J)
-def _amsgrad4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 4,
-                     _none, _q_block_adam, _decode_row4, _encode_block4, _normal4, _linear4, True, True, True)
+def _amsgrad4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 4,
+                     _none, _q_block_adam, _decode_row4, _encode_block4, _dither4, _dither4, True, True, True)
 
 
 @njit(**_J)
-def _adamax8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 8,
+def _adamax8(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 8,
                      _none, _q_block_adamax, _decode_row8, _encode_block8, _dynamic8, _udynamic8, False, False, False)
 
 
 @njit(**_J)
-def _adamax8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 8,
+def _adamax8_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 8,
                      _none, _q_block_adamax, _decode_row8, _encode_block8, _dynamic8, _udynamic8, False, True, False)
 
 
 @njit(**_J)
-def _adamax4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 4,
-                     _none, _q_block_adamax, _decode_row4, _encode_block4, _normal4, _linear4, False, False, False)
+def _adamax4(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 4,
+                     _none, _q_block_adamax, _decode_row4, _encode_block4, _dither4, _dither4, False, False, False)
 
 
 @njit(**_J)
-def _adamax4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd):
-    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, 4,
-                     _none, _q_block_adamax, _decode_row4, _encode_block4, _normal4, _linear4, False, True, False)
+def _adamax4_masked(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase):
+    return _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed, books, block, simd, phase, 4,
+                     _none, _q_block_adamax, _decode_row4, _encode_block4, _dither4, _dither4, False, True, False)
 
 
 # fmt: on
@@ -553,6 +617,8 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
     """Why these kernels cannot take such a parameter, or None if they can."""
     if not isinstance(fmt, QuantFormat):
         return f"the quantized numba kernels take quantized state, not {fmt}"
+    if fmt.bits == 4 and not fmt.dither:
+        return "the quantized numba kernels take dithered 4-bit state"
     if param_dtype not in PARAM_DTYPES:
         return f"the quantized numba kernels take {[str(d) for d in PARAM_DTYPES]} parameters, not {param_dtype}"
     if fmt.block_size is None or nc.CHUNK % fmt.block_size:
@@ -564,10 +630,16 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
 
 @functools.cache
 def _book_tables(name: str, bits: int) -> tuple:
-    """(values, packed encoder table, root, 16-wide encoder constants) of a codebook,
-    for the kernels."""
+    """A codebook's tables for the kernels: at 8 bits (values, packed encoder table, root,
+    16-wide encoder constants); at 4 bits (dither table, cell firsts, root, dither table),
+    the dither table (:func:`~adamkit.kernels._avx512_codes.dither_constants`) serving
+    the SIMD and the portable code alike."""
+    root = name.startswith("sqrt_")
+    if bits == 4:
+        table = ENCODER_CONSTANTS[name]()
+        return table, dither_tables(name).first, root, table
     packed, _, values = encoder_table(name)
-    return values, packed, name.startswith("sqrt_"), ENCODER_CONSTANTS[name]()
+    return values, packed, root, ENCODER_CONSTANTS[name]()
 
 
 def _books(fmt: QuantFormat, keys: Sequence[str]) -> tuple:
@@ -614,8 +686,9 @@ def _step(
         raise AssertionError(f"codebooks {names} do not match the compiled kernels")  # they fix encoders and root
     units = nc.unit_table(tab.chunks)
     counter = np.zeros(1, dtype=np.int64)
+    phase = dither_phase(int(s.step))
     args = (tab.ptrs, tab.chunks, units, counter, tab.scal.astype(w), tab.salts, nc._LIKE[tab.param_dtype], consts,
-            sr_seed is not None, sr_seed or 0, books, fmt.block_size, FUSED_BLOCKS)  # fmt: skip
+            sr_seed is not None, sr_seed or 0, books, fmt.block_size, FUSED_BLOCKS, phase)  # fmt: skip
     return sum(nc.on_threads(kernel, args, units.size - 1))
 
 

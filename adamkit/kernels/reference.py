@@ -294,9 +294,10 @@ def _quantized_step(dense_kernel: Callable[..., int]) -> Callable[..., int]:
         salts: Sequence[int] | None = None,
     ) -> int:
         keys = [k[: -len("_codes")] for k in state if k.endswith("_codes")]
+        step = int(s.step)
         dense = {
             k: [
-                dequantize(c, a, fmt, fmt.codebook(k), p.numel()).view(p.shape)
+                dequantize(c, a, fmt, fmt.codebook(k), p.numel(), step - 1).view(p.shape)
                 for p, c, a in zip(params, state[f"{k}_codes"], state[f"{k}_absmax"])
             ]
             for k in keys
@@ -308,7 +309,7 @@ def _quantized_step(dense_kernel: Callable[..., int]) -> Callable[..., int]:
         for k in keys:
             book = fmt.codebook(k)
             for x, c, a in zip(dense[k], state[f"{k}_codes"], state[f"{k}_absmax"]):
-                codes, absmax = quantize(x, fmt, book)
+                codes, absmax = quantize(x, fmt, book, step)
                 c.copy_(codes)
                 a.copy_(absmax)
         return masked

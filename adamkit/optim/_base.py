@@ -55,8 +55,10 @@ IMPLEMENTATION_KEYS = (
     "min_quant_size",
 )
 
-#: Per-parameter state entries of quantized state that are not tensors: the format.
-QUANT_META = ("quant_bits", "quant_block")
+#: Per-parameter state entries of quantized state that are not tensors: the format
+#: (``quant_dither`` is absent from checkpoints of adamkit 0.1, whose 4-bit codes were
+#: nearest codes).
+QUANT_META = ("quant_bits", "quant_block", "quant_dither")
 
 #: A parameter's state format: a dtype (dense state) or a :class:`QuantFormat`.
 StateFormat = torch.dtype | QuantFormat
@@ -66,7 +68,12 @@ def quant_format_of(state: Mapping[str, Any]) -> QuantFormat | None:
     """The format of a parameter's quantized state, or None for dense state."""
     if "quant_bits" not in state:
         return None
-    return QuantFormat.from_key(int(state["quant_bits"]), int(state["quant_block"]))
+    return QuantFormat.from_key(int(state["quant_bits"]), int(state["quant_block"]), int(state.get("quant_dither", 0)))
+
+
+def quant_meta(fmt: QuantFormat) -> dict[str, int]:
+    """The state entries that name ``fmt`` (see :data:`QUANT_META`)."""
+    return {"quant_bits": fmt.bits, "quant_block": fmt.block_key, "quant_dither": int(fmt.dither)}
 
 
 def state_columns(keys: Iterable[str], fmt: StateFormat) -> list[str]:
@@ -512,8 +519,8 @@ class AdamFamily(Optimizer):
         """Zero state for every key the group needs and ``state`` lacks (all of them for a
         new parameter; AMSGrad's maximum when amsgrad is switched on mid-run)."""
         if isinstance(fmt, QuantFormat):
-            state.setdefault("quant_bits", fmt.bits)
-            state.setdefault("quant_block", fmt.block_key)
+            for key, value in quant_meta(fmt).items():
+                state.setdefault(key, value)
             for column in state_columns(self._state_keys(group), fmt):
                 if column not in state:
                     dtype = torch.uint8 if column.endswith("_codes") else torch.float32
@@ -717,7 +724,7 @@ class AdamFamily(Optimizer):
         if not any(k in saved for k in QUANT_META):
             return None
         try:
-            return QuantFormat.from_key(int(saved["quant_bits"]), int(saved["quant_block"]))
+            return QuantFormat.from_key(int(saved["quant_bits"]), int(saved["quant_block"]), saved.get("quant_dither"))
         except (KeyError, TypeError, ValueError) as err:
             got = {k: saved.get(k) for k in QUANT_META}
             raise ValueError(f"{where}: bad quantized-state format {got}: {err}") from None
@@ -735,19 +742,20 @@ class AdamFamily(Optimizer):
         same format is kept code for code; otherwise it is decoded (to float32) and, for a
         quantized target, encoded again. Dense state for a dense target keeps its dtype."""
         target = self._state_format(p, group)
+        step = int(out["step"])  # dithered codes were written at it
         if saved_fmt is not None and saved_fmt == target:
-            out.update({k: int(v) for k, v in (("quant_bits", target.bits), ("quant_block", target.block_key))})
+            out.update(quant_meta(target))
             return out
         if saved_fmt is not None:  # decode
             n = p.numel()
             for key in keys:
                 book = saved_fmt.codebook(key)
-                flat = dequantize(out.pop(f"{key}_codes"), out.pop(f"{key}_absmax"), saved_fmt, book, n)
+                flat = dequantize(out.pop(f"{key}_codes"), out.pop(f"{key}_absmax"), saved_fmt, book, n, step)
                 dense[key] = flat.view(p.shape)
         if isinstance(target, QuantFormat):
-            out.update({"quant_bits": target.bits, "quant_block": target.block_key})
+            out.update(quant_meta(target))
             for key in keys:
-                codes, absmax = quantize(dense.pop(key).real, target, target.codebook(key))
+                codes, absmax = quantize(dense.pop(key).real, target, target.codebook(key), step)
                 out[f"{key}_codes"], out[f"{key}_absmax"] = codes, absmax
         out.update(dense)
         return out

@@ -1,7 +1,16 @@
 """Quantized optimizer state: codebooks and the reference block-wise codec."""
 
-from .blockwise import DEFAULT_BLOCK, QUANT_BITS, QuantFormat, dequantize, quantize, unpack
-from .codebooks import CODEBOOKS, Codebook, codebook, dynamic_map, encoder_table, linear_map
+from .blockwise import DEFAULT_BLOCK, QUANT_BITS, QuantFormat, dequantize, dither, quantize, unpack
+from .codebooks import (
+    CODEBOOKS,
+    Codebook,
+    codebook,
+    dither_tables,
+    dynamic_map,
+    encoder_table,
+    geometric_map,
+    linear_map,
+)
 
 __all__ = [
     "CODEBOOKS",
@@ -11,8 +20,11 @@ __all__ = [
     "QuantFormat",
     "codebook",
     "dequantize",
+    "dither",
+    "dither_tables",
     "dynamic_map",
     "encoder_table",
+    "geometric_map",
     "linear_map",
     "quantize",
     "unpack",

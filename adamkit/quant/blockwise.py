@@ -8,11 +8,34 @@ A state tensor of ``n`` elements in format :class:`QuantFormat` (``bits``,
 * ``absmax``: float32, one per block of ``block_size`` elements (the last block may be
   shorter; ``block_size=None``: one for the whole tensor).
 
-Encoding, for each block: ``absmax = max |x|``; ``y = x · (1 / absmax)`` in float32 (0
-for an all-zero block); the code is the number of codebook midpoints strictly below
-``y`` (the nearest value, ties to the lower code). Decoding: ``codebook[code] · absmax``.
-The fused kernels compute exactly this; they may differ by one code where ``y`` lies
-on a midpoint.
+Each block is scaled by its ``absmax = max |x|``: ``y = x · (1 / absmax)`` in float32 (0
+for an all-zero block). A ``root`` codebook quantizes ``sqrt(x)`` instead (and
+``absmax`` is the block's largest root). Then, with the codebook's sorted values ``L``:
+
+* **nearest codes** (8 bits): the code is the number of midpoints of ``L`` strictly
+  below ``y`` (ties to the lower code); decoding gives ``L[code] · absmax``. The fused
+  kernels compute exactly this; they may differ by one code where ``y`` lies on a
+  midpoint.
+* **dithered codes** (4 bits, ``Codebook.dither``): ``y`` (raised to ``L[0]`` if
+  below) becomes a continuous position, ``k + (y - L[k]) / (L[k+1] - L[k])`` for ``y``
+  in the interval ``k``, and the code is ``floor(position + u)``, at most 15, with
+  ``u ∈ [0, 1)`` a dither known to encoder and decoder. Decoding subtracts it again,
+  ``code + 1/2 - u``, and interpolates between the values (extrapolating half a code
+  past the ends). Where nearest codes round every element of a slowly moving value the
+  same way, step after step, this error is a fresh, zero-mean, uniform one per element
+  and step (subtractive dither: Roberts 1962, Schuchman 1964): it averages out in the
+  moments instead of biasing them. ``u`` comes from an additive low-discrepancy
+  sequence over the element index ``j`` and the step ``t`` at which the codes were
+  written, ``u = ((j · 3242174889 + t · 2654435769) mod 2^32 >> 16) / 2^16`` (the
+  plastic number's and the golden ratio's fractions of 2^32): it is stored nowhere, and
+  checkpoints need no more than the step they already hold.
+
+  Exactly, in float32 and integer arithmetic with the
+  :func:`~adamkit.quant.codebooks.dither_tables` (no fused multiply-adds; the kernels
+  compute it bit for bit): ``position = trunc(y · rate[k] + offset[k])`` in units of
+  2^-16 codes, ``code = min((position + (h >> 16)) >> 16, 15)`` with ``h`` the hash
+  above; decoding, ``d = 2^15 - (h >> 16)`` and ``L[code] + d · (up[code] if d >= 0
+  else down[code])``.
 """
 
 from __future__ import annotations
@@ -23,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .codebooks import CODEBOOKS, Codebook, codebook
+from .codebooks import CODEBOOKS, DITHER_ALONG, UNDITHERED4, Codebook, codebook, dither_phase, dither_tables
 
 #: Valid ``state_bits`` of quantized state.
 QUANT_BITS = (8, 4)
@@ -39,19 +62,30 @@ class QuantFormat:
         bits: 8 or 4 bits per element.
         block_size: elements per absmax, or None for one absmax per tensor
             (bitsandbytes' ``block_wise=False``).
+        dither: dithered codes (see the module docstring); default, and only, at 4 bits.
+            ``False`` at 4 bits is adamkit 0.1's nearest-code 4-bit format, which
+            checkpoints may hold: it is decoded and re-encoded when loaded.
     """
 
     bits: int
     block_size: int | None
+    dither: bool | None = None
 
     @staticmethod
-    def from_key(bits: int, block_key: int) -> QuantFormat:
-        """The format a checkpoint names: ``block_key`` 0 means one block per tensor."""
-        return QuantFormat(bits, None if block_key == 0 else block_key)
+    def from_key(bits: int, block_key: int, dither: int | None = None) -> QuantFormat:
+        """The format a checkpoint names: ``block_key`` 0 means one block per tensor;
+        ``dither`` 0 or 1 (absent: a checkpoint from before dithering, nearest codes)."""
+        if dither not in (None, 0, 1):
+            raise ValueError(f"quant_dither must be 0 or 1, got {dither!r}")
+        return QuantFormat(bits, None if block_key == 0 else block_key, bool(dither))
 
     def __post_init__(self) -> None:
         if self.bits not in QUANT_BITS:
             raise ValueError(f"quantized state has {QUANT_BITS} bits, not {self.bits!r}")
+        if self.dither is None:
+            object.__setattr__(self, "dither", self.bits == 4)
+        elif not isinstance(self.dither, bool) or (self.dither and self.bits != 4):
+            raise ValueError(f"dither is a bool, True only at 4 bits; got {self.dither!r} at {self.bits} bits")
         if self.block_size is not None and (
             isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2
         ):
@@ -61,7 +95,7 @@ class QuantFormat:
 
     def codebook(self, key: str) -> Codebook:
         """The codebook of state ``key`` (see :data:`~adamkit.quant.CODEBOOKS`)."""
-        first, second, norm = CODEBOOKS[self.bits]
+        first, second, norm = CODEBOOKS[self.bits] if self.dither or self.bits == 8 else UNDITHERED4
         return codebook(first if key == "exp_avg" else norm if key == "exp_inf" else second)
 
     @property
@@ -89,19 +123,42 @@ def _blocked(x: Tensor, block: int) -> Tensor:
     return torch.nn.functional.pad(x.reshape(-1), (0, pad)).view(-1, block)
 
 
-def quantize(x: Tensor, fmt: QuantFormat, book: Codebook) -> tuple[Tensor, Tensor]:
+def dither(numel: int, step: int, device: torch.device | str = "cpu") -> Tensor:
+    """int64 [numel]: the dither of elements ``0 .. numel-1`` for codes written at step
+    ``step``, in units of 2^-16 (``u = dither / 2^16 ∈ [0, 1)``)."""
+    j = torch.arange(numel, dtype=torch.int64, device=device) & 0xFFFFFFFF
+    low, high = DITHER_ALONG & 0xFFFF, DITHER_ALONG >> 16  # 16-bit halves: no int64 overflow
+    h = (j * low + (((j * high) & 0xFFFF) << 16) + dither_phase(step)) & 0xFFFFFFFF
+    return h >> 16
+
+
+def _tables(book: Codebook, device: torch.device) -> dict[str, Tensor]:
+    tab = dither_tables(book.name)
+    names = ("values", "rate", "offset", "up", "down")
+    return {k: torch.from_numpy(getattr(tab, k)).to(device) for k in names}
+
+
+def quantize(x: Tensor, fmt: QuantFormat, book: Codebook, step: int = 0) -> tuple[Tensor, Tensor]:
     """Encode ``x`` (any float dtype and shape; read flat): (codes uint8, absmax float32).
 
     A ``root`` codebook encodes ``sqrt(x)`` (and ``absmax`` is the block's largest root).
+    A ``dither`` codebook's codes are for step ``step`` (the state's step count).
     """
     n = x.numel()
     x = x.detach().float()
     rows = _blocked(x.sqrt() if book.root else x, fmt.block_of(n))
     absmax = rows.abs().amax(dim=1)
     inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    y = rows * inv[:, None]
-    mids = book.midpoints.to(x.device)
-    codes = torch.searchsorted(mids, y.contiguous(), right=False).reshape(-1)[:n].to(torch.uint8)
+    y = (rows * inv[:, None]).reshape(-1)[:n]
+    if book.dither:
+        t = _tables(book, x.device)
+        y = torch.maximum(y, t["values"][0])
+        k = torch.searchsorted(t["values"][1:-1], y.contiguous(), right=True)  # the interval: 0..14
+        position = (y * t["rate"][k] + t["offset"][k]).to(torch.int64)  # in 2^-16 codes, truncated
+        codes = ((position + dither(n, step, x.device)) >> 16).clamp(max=15).to(torch.uint8)
+    else:
+        mids = book.midpoints.to(x.device)
+        codes = torch.searchsorted(mids, y.contiguous(), right=False).to(torch.uint8)
     if fmt.bits == 4:
         codes = torch.nn.functional.pad(codes, (0, n % 2))
         codes = codes[0::2] | (codes[1::2] << 4)
@@ -115,9 +172,15 @@ def unpack(codes: Tensor, fmt: QuantFormat, numel: int) -> Tensor:
     return codes.long()
 
 
-def dequantize(codes: Tensor, absmax: Tensor, fmt: QuantFormat, book: Codebook, numel: int) -> Tensor:
-    """Decode to a flat float32 tensor of ``numel`` elements."""
-    values = book.values.to(codes.device)[unpack(codes, fmt, numel)]
+def dequantize(codes: Tensor, absmax: Tensor, fmt: QuantFormat, book: Codebook, numel: int, step: int = 0) -> Tensor:
+    """Decode to a flat float32 tensor of ``numel`` elements (codes written at ``step``)."""
+    code = unpack(codes, fmt, numel)
+    if book.dither:
+        t = _tables(book, codes.device)
+        back = (32768 - dither(numel, step, codes.device)).float()  # code + 1/2 - u, less the code, in 2^-16
+        values = t["values"][code] + back * torch.where(back >= 0, t["up"][code], t["down"][code])
+    else:
+        values = book.values.to(codes.device)[code]
     block = fmt.block_of(numel)
     scale = absmax.float().repeat_interleave(block)[:numel] if numel else absmax.new_zeros(0)
     out = values * scale

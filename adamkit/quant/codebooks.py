@@ -1,31 +1,42 @@
 """Codebooks: the values a quantized state element can take, as a sorted float32 table.
 
 A code is an index into a codebook; a block of state is stored as codes plus one
-float32 ``absmax`` per block, and decodes to ``codebook[code] · absmax``.
+float32 ``absmax`` per block, and decodes to ``codebook[code] · absmax`` (dithered
+codes: to a point between the values).
 
 * **Dynamic (tree) maps** — Dettmers 2016, used by bitsandbytes' 8-bit optimizers and
-  here for every 8-bit state and the 4-bit first moment. Of the ``bits - 1`` bits after
+  here for every 8-bit state. Of the ``bits - 1`` bits after
   the sign, ``E`` pick a decade ``10^-(E-1) … 10^0`` and the rest split that decade
   ``[0.1, 1)`` linearly, one more fraction bit per decade upwards; the table also holds
   0 and 1. The signed map spends the sign bit on the sign; the unsigned map (second
   moments, maxima, Adamax's ``exp_inf``) spends it on one more fraction bit. With
   ``bits=8, E=7`` these are bitsandbytes' ``create_dynamic_map(signed=True/False)``,
   value for value (float32 arithmetic as there).
-* **A normal-quantile map** (``normal4``) for the 4-bit first moment: the 16 values
-  are quantiles of a standard normal scaled to [-1, 1], with an exact 0 (the NF4
-  construction of QLoRA, Dettmers et al. 2023). A block of 128 first-moment values
-  divided by its absmax is close to normal; on the accuracy workload of
-  ``adamkit bench`` this map's error was 0.124 where the 4-bit dynamic map's was 0.250
-  (first moment alone quantized).
-* **A linear map without zero on the square root** (``sqrt_linear4``) for the 4-bit
-  second moment and AMSGrad's maximum: ``(i + 1) / 16`` encodes ``sqrt(v) / absmax``,
-  where ``absmax`` is the block's largest ``sqrt(v)``. Li et al. 2023 ("Memory
-  Efficient Optimizers with 4-bit States", §4.2) showed the zero point is the danger: a
-  second moment rounded to zero turns ``m / (sqrt(v) + ε)`` into ``m / ε``, a huge
-  step; a map whose smallest value is ``absmax / 16`` cannot do that. Storing the
-  square root halves the dynamic range the 16 levels must cover (v alone quantized:
-  error 0.110 -> 0.100); the update needs ``sqrt(v)`` anyway. Adamax's ``exp_inf``
-  (already a magnitude) uses the same linear map without the root (``linear4``).
+* **4 bits, dithered** (:mod:`adamkit.quant.blockwise`: codes are dithered positions
+  between the values, not the nearest value):
+
+  - the first moment: a normal-quantile map (``normal4_dither``): the 16 values are
+    quantiles of a standard normal scaled to [-1, 1], with an exact 0 (the NF4
+    construction of QLoRA, Dettmers et al. 2023). A block of 128 first-moment values
+    divided by its absmax is close to normal.
+  - the second moment and AMSGrad's maximum: a geometric map on the square root
+    (``sqrt_geo4_dither``): ``0.25 · 4^(i/15)`` encodes ``sqrt(v) / absmax``, where
+    ``absmax`` is the block's largest ``sqrt(v)``. No zero: Li et al. 2023 ("Memory
+    Efficient Optimizers with 4-bit States", §4.2) showed the zero point is the danger,
+    a second moment rounded to zero turning ``m / (sqrt(v) + ε)`` into ``m / ε``; here
+    nothing decodes below 0.238 of the block's largest root. The root halves the dynamic
+    range the 16 values must cover, and the update needs ``sqrt(v)`` anyway; constant
+    ratios give every magnitude the same relative resolution. Adamax's ``exp_inf``
+    (already a magnitude) uses the same map without the root (``geo4_dither``).
+
+  On the accuracy workload of ``adamkit bench`` (relative L2 error of 100 AdamW updates
+  against fp32), quantizing one moment at a time: first moment, nearest ``normal4``
+  0.124 -> dithered 0.095; second moment, nearest ``sqrt_linear4`` 0.100 -> dithered
+  geometric 0.062; both 0.111 (torchao's AdamW4bit: 0.24). Dithering a linear map, or
+  clamping the decoded values at the ends, did worse (0.22, 0.18).
+* **adamkit 0.1's 4-bit maps** (``normal4``, ``sqrt_linear4`` = ``(i + 1) / 16`` on the
+  root, ``linear4``), nearest codes: kept to decode such checkpoints
+  (:data:`UNDITHERED4`).
 
 Every codebook is deterministic from its description: nothing is stored in
 checkpoints but the codes, the absmax values and the format.
@@ -98,6 +109,12 @@ def linear_map(bits: int) -> Tensor:
     return (torch.arange(1, n + 1, dtype=torch.float64) / n).float()
 
 
+def geometric_map(bits: int = 4, lowest: float = 0.25) -> Tensor:
+    """``2^bits`` values from ``lowest`` to 1, each a constant factor above the last."""
+    n = 2**bits
+    return (lowest ** (1.0 - torch.arange(n, dtype=torch.float64) / (n - 1))).float()
+
+
 @dataclass(frozen=True)
 class Codebook:
     """A sorted float32 table of code values and what its encoders need.
@@ -107,12 +124,15 @@ class Codebook:
         values: float32 [2^bits], sorted ascending.
         signed: whether it holds negative values.
         root: whether it encodes the square root of the state (decoding squares).
+        dither: whether codes are dithered positions between the values
+            (:mod:`adamkit.quant.blockwise`), not the nearest value.
     """
 
     name: str
     values: Tensor
     signed: bool
     root: bool = False
+    dither: bool = False
 
     @property
     def bits(self) -> int:
@@ -138,14 +158,20 @@ _MAKERS = {
     "normal4": lambda: normal_map(4),
     "linear4": lambda: linear_map(4),
     "sqrt_linear4": lambda: linear_map(4),
+    "normal4_dither": lambda: normal_map(4),
+    "sqrt_geo4_dither": lambda: geometric_map(4, 0.25),
+    "geo4_dither": lambda: geometric_map(4, 0.25),
 }
 
 #: Codebook names per state bits: first moment, second moment (and its AMSGrad
 #: maximum), Adamax's infinity norm.
 CODEBOOKS: dict[int, tuple[str, str, str]] = {
     8: ("dynamic8", "udynamic8", "udynamic8"),
-    4: ("normal4", "sqrt_linear4", "linear4"),
+    4: ("normal4_dither", "sqrt_geo4_dither", "geo4_dither"),
 }
+#: The 4-bit codebooks of adamkit 0.1's checkpoints (nearest codes, no dither): such
+#: state is decoded with them and encoded again in the current format when loaded.
+UNDITHERED4 = ("normal4", "sqrt_linear4", "linear4")
 
 
 @cache
@@ -154,7 +180,95 @@ def codebook(name: str) -> Codebook:
     if name not in _MAKERS:
         raise ValueError(f"unknown codebook {name!r}; known: {sorted(_MAKERS)}")
     values = _MAKERS[name]()
-    return Codebook(name, values, bool((values < 0).any()), root=name.startswith("sqrt_"))
+    return Codebook(
+        name, values, bool((values < 0).any()), root=name.startswith("sqrt_"), dither=name.endswith("_dither")
+    )
+
+
+# ------------------------------------------------------------------ dither
+#: The dither sequence's multipliers: ``2^32`` times the plastic number's inverse
+#: (``0.7548776662``, along the tensor) and the golden ratio's (``0.6180339887``, along
+#: the steps), rounded: the two most evenly spread additive sequences in one and two
+#: dimensions (R2 / golden-ratio sequences).
+DITHER_ALONG = 3242174889
+DITHER_STEP = 2654435769
+
+
+def dither_phase(step: int) -> int:
+    """The step's term of the dither sequence, ``step · DITHER_STEP mod 2^32``."""
+    return (int(step) * DITHER_STEP) & 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class DitherTables:
+    """A dithered 4-bit codebook's tables (float32 / int32, 16 or 32 entries), for the
+    reference codec and the kernels; ``L`` are the codebook's values.
+
+    Attributes:
+        values: ``L``.
+        rate, offset: per interval ``k < 15``: ``2^16 / (L[k+1] - L[k])`` and
+            ``2^16 · k - L[k] · rate[k]`` (float64, then rounded), so that
+            ``y · rate[k] + offset[k]`` is ``y``'s position in units of 2^-16 codes.
+        up, down: per code ``c``: the slope in value per 2^-16 code above ``L[c]``
+            (``(L[c+1] - L[c]) / 2^16``; at 15, the last interval's) and below it (the
+            interval ``c - 1``'s; at 0, the first's).
+        cell_scale, cell_offset: ``cell = trunc(y · cell_scale + cell_offset)`` for
+            ``L[0] <= y <= 1`` splits ``[L[0], 1]`` into 32 cells (0..31), monotone in
+            ``y``.
+        first, threshold: [32] per cell: the count of ``L[1..14]`` in lower cells, and
+            the one inside it (+inf if none), so that ``first[cell] + (y >= threshold[cell])``
+            is the number of ``L[1..14]`` at or below ``y``: ``y``'s interval without a
+            search (exact, the cell being monotone in ``y``; asserted: no cell holds
+            two values).
+    """
+
+    values: np.ndarray
+    rate: np.ndarray
+    offset: np.ndarray
+    up: np.ndarray
+    down: np.ndarray
+    cell_scale: np.float32
+    cell_offset: np.float32
+    first: np.ndarray
+    threshold: np.ndarray
+
+
+def cells(y: np.ndarray, tables: DitherTables) -> np.ndarray:
+    """The cell of each float32 ``y`` (clamped up to ``L[0]`` first), with the kernels'
+    float32 operations."""
+    y = np.maximum(np.asarray(y, dtype=np.float32), tables.values[0])
+    z = y * tables.cell_scale + tables.cell_offset
+    return np.clip(np.trunc(z), 0, 31).astype(np.int32)
+
+
+@cache
+def dither_tables(name: str) -> DitherTables:
+    """The tables of a dithered 4-bit codebook (see :class:`DitherTables`)."""
+    book = codebook(name)
+    if not book.dither or book.bits != 4:
+        raise ValueError(f"dither tables describe the dithered 4-bit codebooks, not {name!r}")
+    L = book.values.numpy().astype(np.float32)
+    L64 = L.astype(np.float64)
+    rate64 = 65536.0 / (L64[1:] - L64[:-1])
+    rate = np.zeros(16, dtype=np.float32)
+    offset = np.zeros(16, dtype=np.float32)
+    rate[:15] = rate64
+    offset[:15] = 65536.0 * np.arange(15) - L64[:-1] * rate64
+    slope = ((L64[1:] - L64[:-1]) / 65536.0).astype(np.float32)
+    up = np.append(slope, slope[-1]).astype(np.float32)
+    down = np.insert(slope, 0, slope[0]).astype(np.float32)
+    scale = np.float32(32.0 * (1.0 - 2.0**-12) / (1.0 - L64[0]))  # 1.0 lands in cell 31
+    partial = DitherTables(L, rate, offset, up, down, scale, np.float32(-L64[0] * float(scale)), None, None)
+    z = np.array([L[0], 1.0001], dtype=np.float32) * scale + partial.cell_offset
+    if not (z[0] > -1.0 and z[1] < 32.0):  # the kernels do not clamp the cell
+        raise AssertionError(f"{name}: cells do not span 0..31")
+    where = cells(L[1:15], partial)
+    if np.bincount(where, minlength=32).max() > 1:
+        raise AssertionError(f"{name}: a cell holds two values")
+    first = np.searchsorted(where, np.arange(32), side="left").astype(np.int32)
+    threshold = np.full(32, np.inf, dtype=np.float32)
+    threshold[where] = L[1:15]
+    return DitherTables(L, rate, offset, up, down, scale, partial.cell_offset, first, threshold)
 
 
 # ------------------------------------------------------------------ encoder tables
