@@ -149,65 +149,87 @@ def test_decade_encoder_model(name: str) -> None:
         decade_tables("normal4")
 
 
-@pytest.mark.skipif(not adamkit.kernels._avx512_codes.HAS_AVX512, reason="the CPU has no AVX-512")
+@pytest.mark.skipif(adamkit.kernels._simd.ISA is None, reason="the CPU has neither AVX-512 nor AVX2")
 @pytest.mark.parametrize("name", ["dynamic8", "udynamic8"])
 def test_simd_encoders(name: str) -> None:
-    """The 16-wide 8-bit decade encoder equals its numpy model bit for bit."""
+    """The 8-bit SIMD row encoder: AVX-512's decade encoder equals its numpy model bit
+    for bit; AVX2's packed-table encoder equals the binary search (the reference)."""
     from numba import njit
 
-    from adamkit.kernels import _avx512_codes as simd
+    from adamkit.kernels import _simd
     from adamkit.quant.codebooks import decade_encode, decade_tables
 
-    encoder = {"dynamic8": simd.encode_rows_dynamic8, "udynamic8": simd.encode_rows_udynamic8}[name]
+    encoder = _simd.encode_rows_m8 if name == "dynamic8" else _simd.encode_rows_v8
 
     @njit
     def run(y, table, codes):
-        encoder(y.ctypes.data, y.size >> 4, np.float32(1.0), table.ctypes.data, codes.ctypes.data)
+        encoder(y.ctypes.data, y.size // _simd.LANES, np.float32(1.0), table.ctypes.data, codes.ctypes.data)
 
     y = _encoder_probe(name)
     y = y[: y.size // 16 * 16]
     codes = np.zeros(y.size, dtype=np.uint8)
-    run(y, simd.ENCODER_CONSTANTS[name](), codes)
-    np.testing.assert_array_equal(codes, decade_encode(y, decade_tables(name)))
+    run(y, _simd.encoder_constants[name](), codes)
+    if _simd.ISA == "avx512":
+        want = decade_encode(y, decade_tables(name))
+    else:
+        want = np.searchsorted(codebook(name).midpoints.numpy(), y, side="left")
+    np.testing.assert_array_equal(codes, want)
 
 
-@pytest.mark.parametrize("simd", [True, False], ids=["avx512", "portable"])
-@pytest.mark.parametrize("name", ["normal4_dither", "geo4_dither"])
-def test_dither_codec_kernels_equal_reference(name: str, simd: bool) -> None:
-    """The kernels' dithered 4-bit encoder and decoder (16-wide and scalar) give the
-    reference's codes and values bit for bit, from any element offset and step."""
+def _dither_codecs(simd: bool):
+    """(encode, decode) over whole arrays: the ISA's SIMD row functions, or the scalar
+    ones (in functions of their own: a SIMD intrinsic compiled in, even behind a branch
+    never taken, is an illegal instruction for LLVM on a CPU without it)."""
     from numba import njit
 
-    from adamkit.kernels import _avx512_codes as sx
+    from adamkit.kernels import _simd
+    from adamkit.kernels import numba_quant as nq
+
+    if simd:
+
+        @njit
+        def encode(y, table, first, codes, h0):
+            _simd.encode_rows_dither4(y.ctypes.data, y.size // _simd.LANES, np.float32(1.0), table.ctypes.data,
+                                      codes.ctypes.data, h0)  # fmt: skip
+
+        @njit
+        def decode(codes, table, out, h0):
+            _simd.decode_rows_dither4(codes.ctypes.data, out.size // _simd.LANES, table.ctypes.data, np.float32(1.0),
+                                      False, out.ctypes.data, h0)  # fmt: skip
+
+        return encode, decode
+
+    @njit
+    def encode_scalar(y, table, first, codes, h0):
+        for i in range(y.size):
+            c = nq._encode_dither(y[i], nq._dither_hash(h0, i), table, first)
+            codes[i >> 1] |= c << ((i & 1) * 4)
+
+    @njit
+    def decode_scalar(codes, table, out, h0):
+        for i in range(out.size):
+            code = (codes[i >> 1] >> ((i & 1) * 4)) & 15
+            out[i] = nq._decode_dither(code, nq._dither_hash(h0, i), table)
+
+    return encode_scalar, decode_scalar
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "portable"])
+@pytest.mark.parametrize("name", ["normal4_dither", "geo4_dither"])
+def test_dither_codec_kernels_equal_reference(name: str, simd: bool) -> None:
+    """The kernels' dithered 4-bit encoder and decoder (the CPU's SIMD rows and the
+    scalar code) give the reference's codes and values bit for bit, from any element
+    offset and step."""
+    from adamkit.kernels import _simd
     from adamkit.kernels import numba_quant as nq
     from adamkit.quant.codebooks import dither_phase
 
-    if simd and not sx.HAS_AVX512:
-        pytest.skip("the CPU has no AVX-512")
-
-    @njit
-    def encode(y, table, first, codes, h0, simd):
-        if simd:
-            sx.encode_rows_dither4(y.ctypes.data, y.size >> 4, np.float32(1.0), table.ctypes.data, codes.ctypes.data,
-                                   h0)  # fmt: skip
-        else:
-            for i in range(y.size):
-                c = nq._encode_dither(y[i], nq._dither_hash(h0, i), table, first)
-                codes[i >> 1] |= c << ((i & 1) * 4)
-
-    @njit
-    def decode(codes, table, out, h0, simd):
-        if simd:
-            sx.decode_rows_dither4(codes.ctypes.data, out.size >> 4, table.ctypes.data, np.float32(1.0), False,
-                                   out.ctypes.data, h0)  # fmt: skip
-        else:
-            for i in range(out.size):
-                code = (codes[i >> 1] >> ((i & 1) * 4)) & 15
-                out[i] = nq._decode_dither(code, nq._dither_hash(h0, i), table)
-
+    if simd and not _simd.SIMD:
+        pytest.skip("the CPU has neither AVX-512 nor AVX2")
+    encode, decode = _dither_codecs(simd)
     book = codebook(name)
     fmt = QuantFormat(4, None)
-    table, first = sx.dither_constants(name), dither_tables(name).first
+    table, first = _simd.encoder_constants[name](), dither_tables(name).first
     gen = np.random.default_rng(4)
     L = book.values.numpy()
     y = np.concatenate([[1.0], L, np.nextafter(L, np.float32(2)), np.nextafter(L, np.float32(-2)),
@@ -222,12 +244,12 @@ def test_dither_codec_kernels_equal_reference(name: str, simd: bool) -> None:
         h0 = dither_phase(step)
         h_half = int(nq._dither_hash(h0, half))
         codes = np.zeros(n // 2, dtype=np.uint8)
-        encode(y[:half], table, first, codes[: half // 2], h0, simd)
-        encode(y[half:], table, first, codes[half // 2 :], h_half, simd)  # a block further in
+        encode(y[:half], table, first, codes[: half // 2], h0)
+        encode(y[half:], table, first, codes[half // 2 :], h_half)  # a block further in
         np.testing.assert_array_equal(codes, want.numpy())
         out = np.zeros(n, dtype=np.float32)
-        decode(codes[: half // 2], table, out[:half], h0, simd)
-        decode(codes[half // 2 :], table, out[half:], h_half, simd)
+        decode(codes[: half // 2], table, out[:half], h0)
+        decode(codes[half // 2 :], table, out[half:], h_half)
         np.testing.assert_array_equal(out, values)
 
 
@@ -361,16 +383,17 @@ def test_kernels_mask_nonfinite_like_reference(cls, kw, bits) -> None:
     assert all(torch.isfinite(p).all() for p in params)
 
 
-@pytest.mark.skipif(not adamkit.kernels._avx512_codes.HAS_AVX512, reason="the CPU has no AVX-512")
+@pytest.mark.skipif(not adamkit.kernels._simd.SIMD, reason="the CPU has neither AVX-512 nor AVX2")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize(
     "cls,kw", [(adamkit.AdamW, {}), (adamkit.Adam, dict(weight_decay=0.1, maximize=True, betas=(0.3, 0.99)))]
 )
 def test_simd_blocks_equal_numba_loop(cls, kw, bits, dtype, monkeypatch) -> None:
-    """Blocks through ``_avx512_adam`` (decode, update and store in one AVX-512 loop)
-    give the numba loop's parameters, codes and absmax bit for bit (its division by a
-    refined reciprocal included), masked NaN/±inf gradients too."""
+    """Blocks through the SIMD block loop (``_avx512_adam`` or ``_avx2_quant``: decode,
+    update and store in one loop) give the numba loop's parameters, codes and absmax bit
+    for bit (AVX-512's division by a refined reciprocal included), masked NaN/±inf
+    gradients too."""
     from adamkit.kernels import numba_quant
 
     sizes = [4096 + 48, 4097, 70_001]
@@ -686,11 +709,11 @@ def test_global_optim_manager_overrides(manager) -> None:
     assert "exp_avg" in native.state[model[0].weight] and "exp_avg_codes" in native.state[model[1].weight]
 
 
-_PORTABLE = """
-import torch, adamkit
-from adamkit.kernels import _avx512_codes
+_SUBPROCESS = """
+import sys, torch, adamkit
+from adamkit.kernels import _simd
 from adamkit.quant import QuantFormat, unpack
-assert not _avx512_codes.HAS_AVX512
+assert _simd.ISA == (None if sys.argv[1] == "none" else sys.argv[1]), _simd.ISA
 for bits in (8, 4):
     gen = torch.Generator().manual_seed(bits)
     ps = [torch.randn(n, generator=gen).requires_grad_() for n in (4097, 300)]
@@ -708,21 +731,28 @@ for bits in (8, 4):
         for key in ("exp_avg_codes", "exp_avg_sq_codes"):
             d = (unpack(a.state[p][key], fmt, p.numel()) - unpack(b.state[q][key], fmt, p.numel())).abs()
             assert int(d.max()) <= 1 and int(d.sum()) <= (0 if bits == 4 else 3), (bits, key, int(d.sum()))
-print("portable ok")
+print("subprocess ok")
 """
 
 
-def test_portable_path_without_avx512(tmp_path) -> None:
-    """The scalar table path (CPUs without AVX-512), forced with ADAMKIT_AVX512=0 in a
-    fresh process with its own Numba cache, against the reference."""
+@pytest.mark.parametrize("simd", ["none", "avx2"])
+def test_capped_simd_in_a_fresh_process(simd: str, tmp_path) -> None:
+    """The portable scalar path (``ADAMKIT_SIMD=none``) and, on an AVX-512 CPU, the AVX2
+    path (``ADAMKIT_SIMD=avx2``), each in a fresh process with its own Numba cache,
+    against the reference."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "ADAMKIT_AVX512": "0", "NUMBA_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", _PORTABLE], env=env, capture_output=True, text=True, timeout=600)
+    from adamkit.kernels import _avx2_quant, _simd
+
+    if simd == "avx2" and (not _avx2_quant.CPU_HAS_AVX2 or _simd.ISA == "avx2"):
+        pytest.skip("the CPU has no AVX2" if not _avx2_quant.CPU_HAS_AVX2 else "this process runs AVX2 already")
+    env = {**os.environ, "ADAMKIT_SIMD": simd, "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", _SUBPROCESS, simd], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "portable ok" in done.stdout
+    assert "subprocess ok" in done.stdout
 
 
 def test_float64_parameters_quantize_on_the_reference() -> None:

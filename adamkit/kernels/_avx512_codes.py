@@ -45,11 +45,13 @@ from numba.extending import intrinsic
 
 from ..quant.codebooks import _DECADE_FLOOR_BITS, DITHER_ALONG, decade_tables, dither_tables
 
-#: Whether the kernels use these paths: the CPU has AVX-512 and ``ADAMKIT_AVX512`` is not
-#: ``0`` (which forces the portable scalar path, as the tests do; set it before the first
-#: import, with a fresh ``NUMBA_CACHE_DIR``: compiled kernels are cached).
+#: Whether the kernels use these paths: the CPU has AVX-512 and ``ADAMKIT_SIMD`` is
+#: ``auto`` (its default; ``avx2`` or ``none`` take the AVX2 or the portable scalar path, as
+#: the tests do; set it before the first import, with a fresh ``NUMBA_CACHE_DIR``:
+#: compiled kernels are cached). See :mod:`adamkit.kernels._simd`.
 HAS_AVX512 = (
-    bool(llvm_binding.get_host_cpu_features().get("avx512f", False)) and os.environ.get("ADAMKIT_AVX512", "1") != "0"
+    bool(llvm_binding.get_host_cpu_features().get("avx512f", False))
+    and os.environ.get("ADAMKIT_SIMD", "auto") == "auto"
 )
 
 _F32 = ir.FloatType()

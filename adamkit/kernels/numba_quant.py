@@ -62,15 +62,19 @@ from ..quant.codebooks import (
     encoder_table,
 )
 from . import numba_cpu as nc
-from ._avx512_adam import adam_rows_4, adam_rows_4_masked, adam_rows_8, adam_rows_8_masked
-from ._avx512_codes import (
-    ENCODER_CONSTANTS,
-    HAS_AVX512,
+from ._simd import (
+    LANES,
+    SIMD,
+    adam_rows_4,
+    adam_rows_4_masked,
+    adam_rows_8,
+    adam_rows_8_masked,
     decode_rows8,
     decode_rows_dither4,
     encode_rows_dither4,
-    encode_rows_dynamic8,
-    encode_rows_udynamic8,
+    encode_rows_m8,
+    encode_rows_v8,
+    encoder_constants,
 )
 from .numba_cpu import (
     _U,
@@ -217,9 +221,9 @@ def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows, h0):
     packed = book[1]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
     done = 0
-    if HAS_AVX512:
-        done = n & ~15
-        encode_rows(row.ctypes.data, done >> 4, inv, book[3].ctypes.data, codes.ctypes.data, h0)
+    if SIMD:
+        done = n & ~(LANES - 1)
+        encode_rows(row.ctypes.data, done // LANES, inv, book[3].ctypes.data, codes.ctypes.data, h0)
     for i in range(done, n):
         codes[i] = _encode(row[i] * inv, packed)
     _put_f32(absmax_at, top)
@@ -232,9 +236,9 @@ def _encode_block4(codes, absmax_at, row, n, top, book, encode_rows, h0):
     tab, first = book[0], book[1]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
     done = 0
-    if HAS_AVX512:
-        done = n & ~15
-        encode_rows(row.ctypes.data, done >> 4, inv, tab.ctypes.data, codes.ctypes.data, h0)
+    if SIMD:
+        done = n & ~(LANES - 1)
+        encode_rows(row.ctypes.data, done // LANES, inv, tab.ctypes.data, codes.ctypes.data, h0)
     for i in range(done >> 1, n >> 1):
         lo = _encode_dither(row[2 * i] * inv, _dither_hash(h0, 2 * i), tab, first)
         hi = _encode_dither(row[2 * i + 1] * inv, _dither_hash(h0, 2 * i + 1), tab, first)
@@ -249,12 +253,12 @@ def _encode_block4(codes, absmax_at, row, n, top, book, encode_rows, h0):
 # hash ``h0`` is for the 4-bit one).
 @njit(inline="always")
 def _dynamic8(row_at, count, inv, table_at, codes_at, h0):
-    encode_rows_dynamic8(row_at, count, inv, table_at, codes_at)
+    encode_rows_m8(row_at, count, inv, table_at, codes_at)
 
 
 @njit(inline="always")
 def _udynamic8(row_at, count, inv, table_at, codes_at, h0):
-    encode_rows_udynamic8(row_at, count, inv, table_at, codes_at)
+    encode_rows_v8(row_at, count, inv, table_at, codes_at)
 
 
 @njit(inline="always")
@@ -385,9 +389,9 @@ def _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts,
     no stochastic rounding, ``n`` a multiple of 16, ``ε`` a normal float): (done, masked,
     largest |m| bits, largest |v| bits); not done: the caller's numba loop runs."""
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
-    if HAS_AVX512:  # a lone global in the condition: numba prunes the branch without AVX-512
-        if not sr and n & 15 == 0 and eps >= np.float32(1.2e-38):
-            args = (p.ctypes.data, g.ctypes.data, mc.ctypes.data, sc.ctypes.data, n >> 4, rows[0].ctypes.data,
+    if SIMD:  # a lone global in the condition: numba prunes the branch without SIMD code
+        if not sr and n % LANES == 0 and eps >= np.float32(1.2e-38):
+            args = (p.ctypes.data, g.ctypes.data, mc.ctypes.data, sc.ctypes.data, n // LANES, rows[0].ctypes.data,
                     rows[1].ctypes.data, books[0][0].ctypes.data, books[1][0].ctypes.data, mscale, sscale, low, c1,
                     b2, b2w, eps, decay, l2, gsign, lr_t, inv, hd, p)  # fmt: skip
             if bits == 8:
@@ -419,9 +423,9 @@ def _decode_row8(row, codes, book, scale, n, root, h0):
     """``row[:n]`` = the decoded 8-bit ``codes`` (16 at a time with AVX-512)."""
     vals = book[0]
     done = 0
-    if HAS_AVX512:
-        done = n & ~15
-        decode_rows8(codes.ctypes.data, done >> 4, vals.ctypes.data, scale, root, row.ctypes.data)
+    if SIMD:
+        done = n & ~(LANES - 1)
+        decode_rows8(codes.ctypes.data, done // LANES, vals.ctypes.data, scale, root, row.ctypes.data)
     for i in range(done, n):
         row[i] = _decode(codes, i, vals, scale, 8, root)
 
@@ -432,9 +436,9 @@ def _decode_row4(row, codes, book, scale, n, root, h0):
     hash, of the step that wrote them)."""
     tab = book[0]
     done = 0
-    if HAS_AVX512:
-        done = n & ~15
-        decode_rows_dither4(codes.ctypes.data, done >> 4, tab.ctypes.data, scale, root, row.ctypes.data, h0)
+    if SIMD:
+        done = n & ~(LANES - 1)
+        decode_rows_dither4(codes.ctypes.data, done // LANES, tab.ctypes.data, scale, root, row.ctypes.data, h0)
     for i in range(done, n):
         x = _decode_dither(_code(codes, i, 4), _dither_hash(h0, i), tab) * scale
         row[i] = x * x if root else x
@@ -636,10 +640,10 @@ def _book_tables(name: str, bits: int) -> tuple:
     the SIMD and the portable code alike."""
     root = name.startswith("sqrt_")
     if bits == 4:
-        table = ENCODER_CONSTANTS[name]()
+        table = encoder_constants[name]()
         return table, dither_tables(name).first, root, table
     packed, _, values = encoder_table(name)
-    return values, packed, root, ENCODER_CONSTANTS[name]()
+    return values, packed, root, encoder_constants[name]()
 
 
 def _books(fmt: QuantFormat, keys: Sequence[str]) -> tuple:

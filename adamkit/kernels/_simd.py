@@ -1,0 +1,55 @@
+"""Which SIMD code the quantized kernels run, chosen once at import.
+
+* ``avx512``: :mod:`adamkit.kernels._avx512_adam` and :mod:`adamkit.kernels._avx512_codes`
+  (16 lanes, register permutes, the decade encoder at 8 bits);
+* ``avx2``: :mod:`adamkit.kernels._avx2_quant` (8 lanes, gathers, the packed encoder
+  table at 8 bits);
+* ``None``: the portable numba loops only (scalar table lookups).
+
+``ADAMKIT_SIMD`` caps the choice: ``auto`` (default: the best the CPU has), ``avx2``
+or ``none``. Set it before adamkit is imported, with a fresh ``NUMBA_CACHE_DIR``
+(compiled kernels are cached per CPU, not per setting). :data:`LANES`, :data:`ISA`
+and the functions below are module constants, so numba drops the code of the others.
+"""
+
+from __future__ import annotations
+
+from . import _avx2_quant as _avx2
+from . import _avx512_codes as _x512
+
+ISA = "avx512" if _x512.HAS_AVX512 else ("avx2" if _avx2.CPU_HAS_AVX2 and _avx2.simd_allowed() else None)
+SIMD = ISA is not None
+LANES = 16 if ISA == "avx512" else 8
+
+if ISA == "avx512":
+    from ._avx512_adam import adam_rows_4, adam_rows_4_masked, adam_rows_8, adam_rows_8_masked
+    from ._avx512_codes import ENCODER_CONSTANTS, decode_rows8, decode_rows_dither4, encode_rows_dither4
+    from ._avx512_codes import encode_rows_dynamic8 as encode_rows_m8
+    from ._avx512_codes import encode_rows_udynamic8 as encode_rows_v8
+
+    #: Each codebook's table for this ISA's row encoder.
+    encoder_constants = dict(ENCODER_CONSTANTS)
+else:
+    from ._avx2_quant import (
+        adam_rows_4,
+        adam_rows_4_masked,
+        adam_rows_8,
+        adam_rows_8_masked,
+        decode_rows8,
+        decode_rows_dither4,
+        encode_rows_dither4,
+    )
+    from ._avx2_quant import encode_rows8 as encode_rows_m8
+    from ._avx2_quant import encode_rows8 as encode_rows_v8
+
+    encoder_constants = {
+        "dynamic8": lambda: _avx2.packed_constants("dynamic8"),
+        "udynamic8": lambda: _avx2.packed_constants("udynamic8"),
+        **{k: v for k, v in _x512.ENCODER_CONSTANTS.items() if k.endswith("_dither")},
+    }
+
+__all__ = [
+    "ISA", "LANES", "SIMD", "adam_rows_4", "adam_rows_4_masked", "adam_rows_8", "adam_rows_8_masked",
+    "decode_rows8", "decode_rows_dither4", "encode_rows_dither4", "encode_rows_m8", "encode_rows_v8",
+    "encoder_constants",
+]  # fmt: skip
