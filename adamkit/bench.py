@@ -485,7 +485,7 @@ def _plot(results: list[Result], path: str) -> None:
     cases = sorted({(r.workload, r.dtype) for r in results}, key=lambda c: (c[1], c[0]))
     names = list(dict.fromkeys(r.optimizer for r in results))
     width = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) + 2) + 2.5, 4.5))
     for k, name in enumerate(names):
         ys = []
         for case in cases:
@@ -497,7 +497,7 @@ def _plot(results: list[Result], path: str) -> None:
     ax.set_ylabel("speed vs torch.optim.AdamW(fused=True)")
     ax.set_yscale("log")
     ax.set_title("adamkit bench: optimizer step speed (higher is better)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
