@@ -40,6 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..quant.codebooks import _LOW_BITS, _ONE_BITS, DITHER_ALONG, TABLE_BITS, encoder_table
+from ._avx512_adam import _call, _prefetch  # width-agnostic IR helpers (no AVX-512 instruction)
 
 _features = llvm_binding.get_host_cpu_features()
 #: Whether the CPU can run this module's code (AVX2, FMA and F16C).
@@ -72,11 +73,6 @@ def _broadcast(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
     return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(_I8V, [0] * LANES))
 
 
-def _call(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list) -> ir.Value:
-    fnty = ir.FunctionType(ret, [a.type for a in args])
-    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
-
-
 def _gather(builder: ir.IRBuilder, vec: ir.Type, table_addr: ir.Value, index: ir.Value) -> ir.Value:
     """``table[index]`` for 8 lanes of 32-bit elements (``vec``: <8 x float|i32>)."""
     name = "llvm.x86.avx2.gather.d.ps.256" if vec == _F8 else "llvm.x86.avx2.gather.d.d.256"
@@ -105,12 +101,6 @@ def _lookup_bytes(builder: ir.IRBuilder, table_addr: ir.Value, codes_addr: ir.Va
 
 def _at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, vec: ir.Type) -> ir.Value:
     return builder.inttoptr(builder.add(base, offset), vec.as_pointer())
-
-
-def _prefetch(builder: ir.IRBuilder, addr: ir.Value) -> None:
-    fnty = ir.FunctionType(ir.VoidType(), [_BYTES, _I32, _I32, _I32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-    builder.call(fn, [builder.inttoptr(addr, _BYTES), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
 def _nibbles_in(builder: ir.IRBuilder, addr: ir.Value) -> ir.Value:
