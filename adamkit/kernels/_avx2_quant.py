@@ -360,10 +360,13 @@ def decode_rows_dither4(typingctx, codes_addr, count, table_addr, scale, root, o
 
 
 # ------------------------------------------------------------------ the Adam block loop
-def _make_adam_rows(bits: int, root: bool, mask: bool):
-    """The block loop for one bit width (``root``: the second moment's codebook holds
-    square roots) and masking choice; the parameters' dtype is ``plike``'s. Same
-    arguments and results as :func:`adamkit.kernels._avx512_adam._make_adam_rows`'s."""
+def _make_adam_rows(mask: bool):
+    """The 8-bit block loop, masking or not; the parameters' dtype is ``plike``'s. Same
+    arguments and results as :func:`adamkit.kernels._avx512_adam._make_adam_rows`'s.
+
+    There is no 4-bit one: the two dither tables' decode rows (6 registers each) and the
+    rule's constants overflow AVX2's 16 registers, and the spilling loop measured 5-10 %
+    slower than decoding rows and running the numba loop (``_fused4``)."""
 
     @intrinsic
     def adam_rows(typingctx, p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals_at, vvals_at, mscale, vscale, low,
@@ -375,8 +378,6 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
             c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale = (
                 _broadcast(builder, x) for x in (c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale)
             )
-            if bits == 4:
-                mtab, vtab = _Tab(builder, mvals, _DECODE_ROWS), _Tab(builder, vvals, _DECODE_ROWS)
             mtop = cgutils.alloca_once_value(builder, _splat(0))
             vtop = cgutils.alloca_once_value(builder, _splat(0))
             bad = cgutils.alloca_once_value(builder, ir.Constant(_I32, 0))
@@ -384,22 +385,13 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
                 i = loop.index
                 off = builder.mul(i, ir.Constant(_I64, 4 * LANES))
                 poff = builder.mul(i, ir.Constant(_I64, LANES * io.size))
-                coff = builder.mul(i, ir.Constant(_I64, LANES * bits // 8))
-                for base, step in ((p_at, io.size), (g_at, io.size), (mc_at, bits / 8), (sc_at, bits / 8)):
+                coff = builder.mul(i, ir.Constant(_I64, LANES))
+                for base, step in ((p_at, io.size), (g_at, io.size), (mc_at, 1), (sc_at, 1)):
                     off_b = poff if step == io.size else coff
                     _prefetch(builder, builder.add(builder.add(base, off_b), ir.Constant(_I64, int(AHEAD * step))))
                 g, p = io.load(builder.add(g_at, poff)), io.load(builder.add(p_at, poff))
-                if bits == 8:
-                    m = _lookup_bytes(builder, mvals, builder.add(mc_at, coff))
-                    v = _lookup_bytes(builder, vvals, builder.add(sc_at, coff))
-                else:
-                    mcodes = _nibbles_in(builder, builder.add(mc_at, coff))
-                    vcodes = _nibbles_in(builder, builder.add(sc_at, coff))
-                    h = _dither_hash(builder, mtab.lanes, h0, i)
-                    m, v = dither_decode(builder, mtab, mcodes, h), dither_decode(builder, vtab, vcodes, h)
-                m, v = builder.fmul(m, mscale), builder.fmul(v, vscale)
-                if root:
-                    v = builder.fmul(v, v)
+                m = builder.fmul(_lookup_bytes(builder, mvals, builder.add(mc_at, coff)), mscale)
+                v = builder.fmul(_lookup_bytes(builder, vvals, builder.add(sc_at, coff)), vscale)
                 # the rule, as _adam_rule computes it
                 gw = builder.fadd(builder.fmul(g, gsign), builder.fmul(l2, p))
                 m1 = _call(builder, "llvm.fma.v8f32", _F8, [c1, builder.fsub(gw, m), builder.select(low, m, gw)])
@@ -416,10 +408,9 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
                 if mask:
                     p1 = builder.select(ok, p1, p)
                 io.store(builder.add(p_at, poff), p1)
-                v2 = s if root else v1
                 builder.store(m1, _at(builder, m_at, off, _F8), align=4)
-                builder.store(v2, _at(builder, v_at, off, _F8), align=4)
-                for top, x in ((mtop, m1), (vtop, v2)):
+                builder.store(v1, _at(builder, v_at, off, _F8), align=4)
+                for top, x in ((mtop, m1), (vtop, v1)):
                     bitsx = builder.and_(builder.bitcast(x, _I8V), _splat(0x7FFFFFFF))
                     old = builder.load(top)
                     builder.store(builder.select(builder.icmp_signed(">", bitsx, old), bitsx, old), top)
@@ -435,10 +426,8 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
     return adam_rows
 
 
-adam_rows_8 = _make_adam_rows(8, root=False, mask=False)
-adam_rows_8_masked = _make_adam_rows(8, root=False, mask=True)
-adam_rows_4 = _make_adam_rows(4, root=True, mask=False)
-adam_rows_4_masked = _make_adam_rows(4, root=True, mask=True)
+adam_rows_8 = _make_adam_rows(mask=False)
+adam_rows_8_masked = _make_adam_rows(mask=True)
 
 
 def packed_constants(name: str) -> np.ndarray:

@@ -20,6 +20,11 @@ from . import _avx512_codes as _x512
 ISA = "avx512" if _x512.HAS_AVX512 else ("avx2" if _avx2.CPU_HAS_AVX2 and _avx2.simd_allowed() else None)
 SIMD = ISA is not None
 LANES = 16 if ISA == "avx512" else 8
+#: Whether 4-bit Adam/AdamW blocks go through a SIMD block loop (decode, update, store
+#: in one loop). Only with AVX-512: with AVX2 the dither tables and the rule's constants
+#: overflow the 16 registers, and decoding rows first then running the numba loop
+#: measured 5-10 % faster on the Zen 3.
+FUSED4 = ISA == "avx512"
 
 if ISA == "avx512":
     from ._avx512_adam import adam_rows_4, adam_rows_4_masked, adam_rows_8, adam_rows_8_masked
@@ -31,8 +36,6 @@ if ISA == "avx512":
     encoder_constants = dict(ENCODER_CONSTANTS)
 else:
     from ._avx2_quant import (
-        adam_rows_4,
-        adam_rows_4_masked,
         adam_rows_8,
         adam_rows_8_masked,
         decode_rows8,
@@ -42,6 +45,7 @@ else:
     from ._avx2_quant import encode_rows8 as encode_rows_m8
     from ._avx2_quant import encode_rows8 as encode_rows_v8
 
+    adam_rows_4 = adam_rows_4_masked = None  # see FUSED4
     encoder_constants = {
         "dynamic8": lambda: _avx2.packed_constants("dynamic8"),
         "udynamic8": lambda: _avx2.packed_constants("udynamic8"),
@@ -49,7 +53,7 @@ else:
     }
 
 __all__ = [
-    "ISA", "LANES", "SIMD", "adam_rows_4", "adam_rows_4_masked", "adam_rows_8", "adam_rows_8_masked",
+    "FUSED4", "ISA", "LANES", "SIMD", "adam_rows_4", "adam_rows_4_masked", "adam_rows_8", "adam_rows_8_masked",
     "decode_rows8", "decode_rows_dither4", "encode_rows_dither4", "encode_rows_m8", "encode_rows_v8",
     "encoder_constants",
 ]  # fmt: skip

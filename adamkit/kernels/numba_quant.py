@@ -15,7 +15,8 @@ elements, in one pass over memory:
 With AVX-512, Adam/AdamW's full blocks (without AMSGrad or stochastic rounding: the
 common case) do steps 1 and 2 in one loop over 16 elements at a time
 (:mod:`adamkit.kernels._avx512_adam`: 8-bit 0.83x -> 1.02x torch fused fp32 on 16M
-elements), and encoding, like the other variants' decoding, goes a row at a time
+elements); with AVX2, 8-bit blocks do, 8 at a time (:mod:`adamkit.kernels._avx2_quant`),
+and encoding, like the other variants' decoding, goes a row at a time
 through :mod:`adamkit.kernels._avx512_codes` (8-bit codes from the float's exponent and
 register permutes; dithered 4-bit ones from 32-cell tables in registers). The portable
 path, and the rows' last few elements, encode 8-bit codes by
@@ -30,10 +31,9 @@ step's.
 Chunks hold whole blocks (``CHUNK`` is a multiple of ``block_size``; other block sizes
 and one absmax per tensor go to the reference). Masking non-finite gradients (``mask``):
 the bad element keeps its parameter and its decoded state, re-encoded with the block's
-new absmax. The numba loop pays for the selects only in blocks whose gradient holds a
-NaN/±inf (a scan of the gradient finds them); the AVX-512 block loop selects in every
-vector, a compare and three blends per 16 elements (2-4 % of its time), instead of
-scanning.
+new absmax. Only blocks whose gradient holds a NaN/±inf (a scan of the gradient finds
+them) pay for the selects, in the numba loop and the SIMD block loops alike (selecting
+in every vector cost 2-4 % of the AVX-512 8-bit step, ~15 % of the AVX2 one).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from ..quant.codebooks import (
 )
 from . import numba_cpu as nc
 from ._simd import (
+    FUSED4,
     LANES,
     SIMD,
     adam_rows_4,
@@ -314,7 +315,7 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
 
     ptrs: int64 [n, 2 + 2·keys]: param, grad, then (codes, absmax) per state key;
     ``books``: (values, packed encoder table, root, encoder constants) per key.
-    ``fused`` (Adam/AdamW's one-loop block, :func:`_fused_adam`, or :func:`_none`),
+    ``fused`` (Adam/AdamW's SIMD block loop, :func:`_fused8` or :func:`_fused4`, or :func:`_none`),
     ``update`` (the algorithm's block), ``decode_row`` and ``encode_block`` (the bit
     width's), ``encode_m`` and ``encode_v`` (the codebooks' row encoders) are functions
     passed in, so each compiled variant holds only its own code: with flags and
@@ -357,15 +358,17 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                     xc, xa = _col(ptrs, t, 6, first, nbytes, u8), _col(ptrs, t, 7, 0, k + 1, f32)
                 else:
                     xc, xa = sc, sa
-                # Adam/AdamW's full blocks: one AVX-512 loop (_avx512_adam), prefetching too
+                # masking costs selects in every vector (8 bits: ~15 % of the step in the
+                # AVX2 block loop, 0.6 ms per 16M elements in the numba loop; 4 bits: 2 ms):
+                # only blocks whose gradient holds a NaN/±inf pay them
+                dirty = mask and not _finite(g)
+                # Adam/AdamW's full blocks: one SIMD loop (_fused8/_fused4), prefetching too
                 done, nbad, mtop, stop = fused(p, g, mc, ma[k], sc, sa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                                               consts, sr or not simd, mask, hd)  # fmt: skip
+                                               consts, sr or not simd, dirty, hd)  # fmt: skip
                 xtop = np.int32(0)
                 if not done:
                     _ahead(ptrs, t, b + AHEAD, min(n, hi - b - AHEAD), plike.itemsize, bits, amsgrad)
-                    # masking costs selects in this loop (8 bits: 0.6 ms, 4 bits: 2 ms on 16M
-                    # elements): only blocks whose gradient has a NaN/±inf pay them
-                    if mask and not _finite(g):
+                    if dirty:
                         nbad, mtop, stop, xtop = update(
                             p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
                             consts, sr, stream, b, hd, decode_row, amsgrad, True, root,
@@ -384,32 +387,43 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
 
 
 @njit(inline="always")
-def _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd, bits):
-    """Adam/AdamW on one block by :mod:`adamkit.kernels._avx512_adam` when it can (AVX-512,
-    no stochastic rounding, ``n`` a multiple of 16, ``ε`` a normal float): (done, masked,
-    largest |m| bits, largest |v| bits); not done: the caller's numba loop runs."""
+def _fused_ok(n, sr, consts):
+    """Whether a block can go through the SIMD block loop: no stochastic rounding, ``n`` a
+    multiple of the lanes, ``ε`` a normal float."""
+    return not sr and n % LANES == 0 and consts[5] >= np.float32(1.2e-38)
+
+
+@njit(inline="always")
+def _rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, hd):
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = consts
-    if SIMD:  # a lone global in the condition: numba prunes the branch without SIMD code
-        if not sr and n % LANES == 0 and eps >= np.float32(1.2e-38):
-            args = (p.ctypes.data, g.ctypes.data, mc.ctypes.data, sc.ctypes.data, n // LANES, rows[0].ctypes.data,
-                    rows[1].ctypes.data, books[0][0].ctypes.data, books[1][0].ctypes.data, mscale, sscale, low, c1,
-                    b2, b2w, eps, decay, l2, gsign, lr_t, inv, hd, p)  # fmt: skip
-            if bits == 8:
-                mtop, vtop, bad = adam_rows_8_masked(*args) if mask else adam_rows_8(*args)
-            else:
-                mtop, vtop, bad = adam_rows_4_masked(*args) if mask else adam_rows_4(*args)
+    return (p.ctypes.data, g.ctypes.data, mc.ctypes.data, sc.ctypes.data, n // LANES, rows[0].ctypes.data,
+            rows[1].ctypes.data, books[0][0].ctypes.data, books[1][0].ctypes.data, mscale, sscale, low, c1, b2, b2w,
+            eps, decay, l2, gsign, lr_t, inv, hd, p)  # fmt: skip
+
+
+# The ``fused`` of Adam/AdamW: full blocks through the SIMD block loop (_avx512_adam or
+# _avx2_quant) when it can, returning (done, masked, largest |m| bits, largest |v| bits);
+# not done: the caller's numba loop runs. ``mask``: the block's gradient holds a NaN/±inf.
+# ``if SIMD`` / ``if FUSED4``: a lone global in the condition, so numba prunes the branch
+# where that code is absent.
+@njit(inline="always")
+def _fused8(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd):
+    if SIMD:
+        if _fused_ok(n, sr, consts):
+            args = _rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, hd)
+            mtop, vtop, bad = adam_rows_8_masked(*args) if mask else adam_rows_8(*args)
             return True, bad, mtop, vtop
     return False, np.int32(0), np.int32(0), np.int32(0)
 
 
 @njit(inline="always")
-def _fused8(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd):
-    return _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd, 8)
-
-
-@njit(inline="always")
 def _fused4(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd):
-    return _fused_adam(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd, 4)
+    if FUSED4:
+        if _fused_ok(n, sr, consts):
+            args = _rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, hd)
+            mtop, vtop, bad = adam_rows_4_masked(*args) if mask else adam_rows_4(*args)
+            return True, bad, mtop, vtop
+    return False, np.int32(0), np.int32(0), np.int32(0)
 
 
 @njit(inline="always")
