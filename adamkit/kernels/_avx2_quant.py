@@ -3,17 +3,20 @@
 What :mod:`adamkit.kernels._avx512_adam` and :mod:`adamkit.kernels._avx512_codes` do
 with 16 lanes, for CPUs with AVX2, FMA and F16C but no AVX-512 (AMD Zen 2/3, Intel
 client cores). AVX2 has no two-register permute (``vpermi2ps``) and its ``vpermps``
-holds 8 entries, and on the AMD Zen 3 this was measured on an 8-lane ``vpgatherdd``
-cost ~0.45-0.55 ns per element against ~0.13 for a 16-entry lookup by two ``vpermps``
-and a blend, but ~0.68 for the whole packed-table encoder against ~0.9 for a
-gather-free decade encoder (eight compares to find the decade, three 16-entry
-lookups). So:
+holds 8 entries; on the AMD Zen 3 this was measured on, an 8-lane ``vpgatherdd`` cost
+~0.45-0.55 ns per element against ~0.13 for a 16-entry lookup by two ``vpermps`` and a
+blend. So:
 
 * **8 bits**: decode by scalar loads (a byte, the value, an insert per lane: ~0.45 ns
   per element here against ~0.65 for a gather; the block loop 2.2-2.45 -> 1.5-1.6 ns
-  per element in L1, measured side by side); encode by the search-free
-  packed table of :func:`adamkit.quant.encoder_table` (one gather and an integer
-  compare per code, the portable path's method): the reference's codes exactly;
+  per element in L1, measured side by side); encode by the decade encoder
+  (:func:`decade_encode8`: the decade from the float's exponent through a nibble table
+  and one compare, then one ``vpermps`` per table), whose model is
+  :func:`adamkit.quant.codebooks.decade_encode`. In the 8-bit step on 16M elements the
+  two encoders took ~26 of ~46 ms by the packed table of
+  :func:`adamkit.quant.encoder_table` (a gather and an integer compare per code, the
+  reference's codes exactly), ~21 this way (the step 46 -> 41 ms, one thread); a decade
+  encoder finding the decade by eight compares had measured slower than the gather;
 * **dithered 4 bits**: every table (16 entries, or 32 over two consecutive rows) is
   held in registers and looked up with ``vpermps`` (:class:`_Tab`); decode and encode
   are the reference's operation for operation (4-bit codec 2.6 -> 1.3 ns per element
@@ -39,8 +42,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..quant.codebooks import _LOW_BITS, _ONE_BITS, DITHER_ALONG, TABLE_BITS, encoder_table
+from ..quant.codebooks import _DECADE_FLOOR_BITS, DECADE_BINADES, DITHER_ALONG, decade_tables
 from ._avx512_adam import _call, _prefetch  # width-agnostic IR helpers (no AVX-512 instruction)
+from ._avx512_codes import _table  # the constant tables' layout (64-byte rows)
 
 _features = llvm_binding.get_host_cpu_features()
 #: Whether the CPU can run this module's code (AVX2, FMA and F16C).
@@ -71,16 +75,6 @@ def _broadcast(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
     vec = _F8 if x.type == _F32 else _I8V
     one = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(_I8V, [0] * LANES))
-
-
-def _gather(builder: ir.IRBuilder, vec: ir.Type, table_addr: ir.Value, index: ir.Value) -> ir.Value:
-    """``table[index]`` for 8 lanes of 32-bit elements (``vec``: <8 x float|i32>)."""
-    name = "llvm.x86.avx2.gather.d.ps.256" if vec == _F8 else "llvm.x86.avx2.gather.d.d.256"
-    everyone = ir.Constant(_I8V, [-1] * LANES)
-    mask = builder.bitcast(everyone, _F8) if vec == _F8 else everyone
-    zero = ir.Constant(vec, [0.0 if vec == _F8 else 0] * LANES)
-    base = builder.inttoptr(table_addr, _BYTES)
-    return _call(builder, name, vec, [zero, base, index, mask, ir.Constant(_I8, 4)])
 
 
 def _lookup_bytes(builder: ir.IRBuilder, table_addr: ir.Value, codes_addr: ir.Value) -> ir.Value:
@@ -248,25 +242,87 @@ def dither_encode(builder: ir.IRBuilder, tab: _Tab, y: ir.Value, h: ir.Value) ->
 
 
 # ------------------------------------------------------------------ 8-bit codes
-_SHIFT = 23 - TABLE_BITS
-_HALF = ((_ONE_BITS - _LOW_BITS) >> _SHIFT) + 1
+#: Rows of :func:`decade_constants8` (16 floats each; the encoder reads the first 8).
+_KFIRST, _KBOUND, _KSLOPE, _KOFF, _KTOP, _KABS, _KFLOOR = 0, 1, 2, 3, 4, 5, 6
+_KONE, _KDOWN, _K128, _K256, _K7F, _KFF, _K15, _K28 = 7, 8, 9, 10, 11, 12, 13, 14
 
 
-def packed_encode(builder: ir.IRBuilder, table_at: ir.Value, y: ir.Value) -> ir.Value:
-    """8 normalized values to their nearest codes by the packed encoder table
-    (:func:`adamkit.quant.encoder_table`), as the scalar ``numba_quant._encode``."""
-    bits = builder.bitcast(y, _I8V)
-    mag = builder.and_(bits, _splat(0x7FFFFFFF))
-    low, one = _splat(_LOW_BITS), _splat(_ONE_BITS)
-    mag = builder.select(builder.icmp_signed("<", mag, low), low, mag)  # magnitudes are < 2^31: signed works
-    mag = builder.select(builder.icmp_signed(">", mag, one), one, mag)
-    negative = builder.icmp_signed("<", bits, _splat(0))
-    index = builder.lshr(builder.sub(mag, low), _splat(_SHIFT))
-    index = builder.add(index, builder.and_(builder.sext(negative, _I8V), _splat(_HALF)))
-    entry = _gather(builder, _I8V, table_at, index)
-    ylow, tlow = builder.and_(mag, _splat(0xFFFF)), builder.and_(entry, _splat(0xFFFF))
-    above = builder.select(negative, builder.icmp_signed("<", ylow, tlow), builder.icmp_signed(">", ylow, tlow))
-    return builder.add(builder.lshr(entry, _splat(16)), builder.zext(above, _I8V))
+def decade_constants8(name: str) -> np.ndarray:
+    """The 8-bit dynamic maps' AVX2 encoder table: :func:`adamkit.quant.decade_tables` in
+    the form :func:`decade_encode8` reads. Per binade, the decade below it (``first``,
+    0-7) as nibbles of four 32-bit words (at lanes 4-7: a ``vpermd`` by the float's
+    exponent over 8 takes the word, a variable shift by its low 3 bits the nibble); per
+    decade, the boundary above it, the slope, offset and clamp (8 entries: one
+    ``vpermps`` each); then constants, loaded into registers before the loop."""
+    tab = decade_tables(name)
+    for b in range(DECADE_BINADES):  # bounds[first[b]] is the binade's threshold, or lies above it
+        hi = np.float32(2.0 ** (b - DECADE_BINADES + 2))
+        above = tab.bounds[tab.first[b]]
+        if not (above == tab.threshold[b] if np.isfinite(tab.threshold[b]) else above >= hi):
+            raise AssertionError(f"{name}: binade {b}'s decade boundary is not the one above its first decade")
+    if DECADE_BINADES != 32 or tab.first.max() > 7 or tab.bounds.size != 8:
+        raise AssertionError(f"{name}: the decade tables do not fit 8 entries and 32 binades")
+    words = np.zeros(8, dtype=np.uint32)
+    for b, first in enumerate(tab.first):
+        words[4 + b // 8] |= np.uint32(int(first) << (4 * (b % 8)))
+    i32 = np.int32
+
+    def eight(x: np.ndarray) -> np.ndarray:
+        return np.concatenate([x[:8], x[:8]])
+
+    return _table([
+        eight(words.view(i32)), eight(tab.bounds), eight(tab.slope), eight(tab.offset), eight(tab.top),
+        i32(0x7FFFFFFF), i32(_DECADE_FLOOR_BITS), 1.0, 127.5, 128.0, 256.0, i32(0x7F), i32(0xFF), i32(15), i32(28),
+    ])  # fmt: skip
+
+
+class _Rows8:
+    """An encoder table's rows (the first 8 lanes of each 64-byte row) in registers,
+    loaded once before a loop (from the table, not LLVM's constant pool: see
+    :class:`adamkit.kernels._avx512_codes._Rows`)."""
+
+    def __init__(self, builder: ir.IRBuilder, table_at: ir.Value, count: int) -> None:
+        self.builder = builder
+        self.rows = [builder.load(_at(builder, table_at, ir.Constant(_I64, k * _ROW), _F8), align=32)
+                     for k in range(count)]  # fmt: skip
+
+    def f(self, k: int) -> ir.Value:
+        return self.rows[k]
+
+    def i(self, k: int) -> ir.Value:
+        return self.builder.bitcast(self.rows[k], _I8V)
+
+
+def decade_encode8(builder: ir.IRBuilder, k: _Rows8, y: ir.Value, signed: bool) -> ir.Value:
+    """8 normalized values to 8-bit codes by the decade encoder, whose numpy model is
+    :func:`adamkit.quant.codebooks.decade_encode` (equal codes: the decade is the
+    model's, found as ``first + (|y| > bounds[first])``; the rest is the same
+    operations), for ``|y| < 2``, NaN and ±inf (normalized rows never reach 2; beyond,
+    the model's binade wraps around and this one's does not). No gather: ~30
+    operations per 8 codes."""
+    b = builder
+    bits = b.bitcast(y, _I8V)
+    mag = b.and_(bits, k.i(_KABS))
+    mag = b.select(b.icmp_signed("<", mag, k.i(_KFLOOR)), k.i(_KFLOOR), mag)  # magnitudes < 2^31: signed works
+    a = b.bitcast(mag, _F8)
+    word = _call(b, "llvm.x86.avx2.permd", _I8V, [k.i(_KFIRST), b.lshr(mag, _splat(26))])  # exponent >> 3
+    first = b.and_(b.lshr(word, b.and_(b.lshr(mag, _splat(21)), k.i(_K28))), k.i(_K15))  # nibble: exponent & 7
+    above = _call(b, "llvm.x86.avx2.permps", _F8, [k.f(_KBOUND), first])
+    decade = b.sub(first, b.sext(b.fcmp_ordered(">", a, above), _I8V))
+
+    def per_decade(row: int) -> ir.Value:
+        return _call(b, "llvm.x86.avx2.permps", _F8, [k.f(row), decade])
+
+    slope, offset, top = per_decade(_KSLOPE), per_decade(_KOFF), per_decade(_KTOP)
+    t = b.fsub(b.fmul(a, slope), offset)
+    t = b.select(b.fcmp_ordered("<", t, top), t, top)
+    if not signed:
+        return b.sub(_splat(0), b.fptosi(b.fsub(k.f(_K256), t), _I8V))
+    negative = b.icmp_signed("<", bits, _splat(0))
+    down = b.fadd(t, k.f(_KONE))
+    down = b.select(b.fcmp_ordered("<", down, k.f(_KDOWN)), down, k.f(_KDOWN))
+    u = b.select(negative, down, b.fsub(k.f(_K128), t))
+    return b.xor(b.fptosi(u, _I8V), b.select(negative, k.i(_K7F), k.i(_KFF)))
 
 
 # ------------------------------------------------------------------ row encoders and decoders
@@ -275,24 +331,33 @@ def _row_loop(builder: ir.IRBuilder, count: ir.Value, body) -> None:
         body(loop.index)
 
 
-@intrinsic
-def encode_rows8(typingctx, row_addr, count, inv, table_addr, codes_addr):  # noqa: ARG001
-    """8-bit codes of ``row[0 : 8·count] · inv`` (``table_addr``: the packed encoder table)."""
+def _make_encode_rows8(signed: bool):
+    @intrinsic
+    def encode_rows8(typingctx, row_addr, count, inv, table_addr, codes_addr):  # noqa: ARG001
+        """8-bit codes of ``row[0 : 8·count] · inv`` (``table_addr``: :func:`decade_constants8`)."""
 
-    def codegen(context, builder, signature, args):
-        row_at, count_v, inv_v, table_at, codes_at = args
-        scale = _broadcast(builder, inv_v)
+        def codegen(context, builder, signature, args):
+            row_at, count_v, inv_v, table_at, codes_at = args
+            scale, k = _broadcast(builder, inv_v), _Rows8(builder, table_at, _K28 + 1)
 
-        def body(i):
-            y = builder.fmul(builder.load(_at(builder, row_at, builder.mul(i, ir.Constant(_I64, 32)), _F8), align=4),
-                             scale)  # fmt: skip
-            _codes_out(builder, builder.add(codes_at, builder.mul(i, ir.Constant(_I64, 8))),
-                       packed_encode(builder, table_at, y), 8)  # fmt: skip
+            def body(i):
+                y = builder.fmul(
+                    builder.load(_at(builder, row_at, builder.mul(i, ir.Constant(_I64, 32)), _F8), align=4), scale
+                )  # fmt: skip
+                _codes_out(builder, builder.add(codes_at, builder.mul(i, ir.Constant(_I64, 8))),
+                           decade_encode8(builder, k, y, signed), 8)  # fmt: skip
 
-        _row_loop(builder, count_v, body)
-        return context.get_dummy_value()
+            _row_loop(builder, count_v, body)
+            return context.get_dummy_value()
 
-    return types.void(types.int64, types.int64, types.float32, types.int64, types.int64), codegen
+        return types.void(types.int64, types.int64, types.float32, types.int64, types.int64), codegen
+
+    return encode_rows8
+
+
+#: The row encoders of the signed (first moment) and unsigned 8-bit dynamic maps.
+encode_rows_m8 = _make_encode_rows8(signed=True)
+encode_rows_v8 = _make_encode_rows8(signed=False)
 
 
 @intrinsic
@@ -428,11 +493,6 @@ def _make_adam_rows(mask: bool):
 
 adam_rows_8 = _make_adam_rows(mask=False)
 adam_rows_8_masked = _make_adam_rows(mask=True)
-
-
-def packed_constants(name: str) -> np.ndarray:
-    """The 8-bit encoder's table: :func:`adamkit.quant.encoder_table`'s packed int32."""
-    return encoder_table(name)[0]
 
 
 def simd_allowed() -> bool:

@@ -2,8 +2,8 @@
 
 * ``avx512``: :mod:`adamkit.kernels._avx512_adam` and :mod:`adamkit.kernels._avx512_codes`
   (16 lanes, register permutes, the decade encoder at 8 bits);
-* ``avx2``: :mod:`adamkit.kernels._avx2_quant` (8 lanes, gathers, the packed encoder
-  table at 8 bits);
+* ``avx2``: :mod:`adamkit.kernels._avx2_quant` (8 lanes, the decade encoder at 8
+  bits);
 * ``None``: the portable numba loops only (scalar table lookups).
 
 ``ADAMKIT_SIMD`` caps the choice: ``auto`` (default: the best the CPU has), ``avx2``
@@ -41,14 +41,14 @@ else:
         decode_rows8,
         decode_rows_dither4,
         encode_rows_dither4,
+        encode_rows_m8,
+        encode_rows_v8,
     )
-    from ._avx2_quant import encode_rows8 as encode_rows_m8
-    from ._avx2_quant import encode_rows8 as encode_rows_v8
 
     adam_rows_4 = adam_rows_4_masked = None  # see FUSED4
     encoder_constants = {
-        "dynamic8": lambda: _avx2.packed_constants("dynamic8"),
-        "udynamic8": lambda: _avx2.packed_constants("udynamic8"),
+        "dynamic8": lambda: _avx2.decade_constants8("dynamic8"),
+        "udynamic8": lambda: _avx2.decade_constants8("udynamic8"),
         **{k: v for k, v in _x512.ENCODER_CONSTANTS.items() if k.endswith("_dither")},
     }
 

@@ -340,13 +340,17 @@ class DecadeTables:
         threshold: [32] per binade of ``|y|``: the one decade boundary inside it (a
             float32 midpoint of the codebook), or +inf.
         first: [32] per binade: the decade of the binade's lowest values.
-        slope, offset: [16] per decade: ``t = |y| · slope - offset`` is, within the
-            decade, the position among the positive values (``-1`` for zero), with the
-            midpoints at integers: ``ceil(t) - 1`` is the nearest value below a tie.
+        slope, offset: [16] per decade (8 used): ``t = |y| · slope - offset`` is, within
+            the decade, the position among the positive values, with the midpoints at
+            integers: ``ceil(t) - 1`` is the nearest value below a tie (``t <= 0``:
+            zero, which the lowest decade takes).
         top: [16] per decade: ``t`` is clamped to it (just below the decade's end).
         signed: the codebook's sign: positive codes are ``255 - trunc(128 - t)``,
             negative ones ``min(t + 1, 127.5)`` truncated, bits flipped ``^ 0x7F``;
             unsigned ones ``256 - trunc(256 - t)``.
+        bounds: [8] per decade: the boundary above it (+inf for the last), so that
+            ``threshold[b]`` is ``bounds[first[b]]`` where finite, and where infinite
+            ``bounds[first[b]]`` lies above the binade: the AVX2 encoder's form.
     """
 
     threshold: np.ndarray
@@ -355,6 +359,7 @@ class DecadeTables:
     offset: np.ndarray
     top: np.ndarray
     signed: bool
+    bounds: np.ndarray
 
 
 @cache
@@ -367,7 +372,9 @@ def decade_tables(name: str) -> DecadeTables:
     midpoints at integers. Which decade: a binade ``[2^e, 2^(e+1))`` of ``|y|`` holds at
     most one decade boundary (the float32 midpoint between the decades' outer values), so
     the float's exponent indexes two 32-entry tables (boundary, decade below it) and one
-    compare finishes. ``0`` and ``1`` are one-value decades with slope 0.
+    compare finishes. ``1`` is a one-value decade with slope 0; ``0`` joins the lowest
+    decade, whose line runs through position 0 at zero's midpoint and 1 at the next one
+    (8 decades in all: a single ``vpermps`` looks each table up with AVX2).
 
     Codes equal the binary search's except within float32 rounding of ``t`` (a few
     units in the last place) of a midpoint: ties may go one code up, as rounding allows
@@ -378,7 +385,10 @@ def decade_tables(name: str) -> DecadeTables:
         raise ValueError(f"decade tables describe the 8-bit dynamic maps, not {name!r}")
     positive = book.values.numpy().astype(np.float64)
     positive = positive[positive > 0]
-    slope, offset, top, lowest = [0.0], [0.5], [-0.001], [0.0]  # decade 0: zero, t = -0.5
+    slope: list[float] = []
+    offset: list[float] = []
+    top: list[float] = []
+    lowest: list[float] = []
     start = 0
     while start < positive.size:
         if positive[start] == 1.0:
@@ -390,6 +400,10 @@ def decade_tables(name: str) -> DecadeTables:
         if s is None:  # the value 1: a constant position
             slope.append(0.0)
             offset.append(-(start + 0.5))
+        elif start == 0:  # the lowest decade also takes zero: t through 0 at zero's midpoint
+            zero_mid, next_mid = positive[0] / 2, (positive[0] + positive[1]) / 2
+            slope.append(1.0 / (next_mid - zero_mid))
+            offset.append(zero_mid / (next_mid - zero_mid))
         else:
             w = count / (0.9 * s)
             slope.append(w)
@@ -399,6 +413,8 @@ def decade_tables(name: str) -> DecadeTables:
         start += count
     if len(slope) > 16:
         raise AssertionError(f"{name}: more than 16 decades")
+    if len(slope) > 8:
+        raise AssertionError(f"{name}: more than 8 pieces")
     ladder = np.concatenate([[0.0], positive]).astype(np.float32)
     bounds = []
     for value in lowest[1:]:
@@ -419,7 +435,8 @@ def decade_tables(name: str) -> DecadeTables:
     def pad(values: list[float]) -> np.ndarray:
         return np.array(values + [0.0] * (16 - len(values)), dtype=np.float32)
 
-    return DecadeTables(threshold, first, pad(slope), pad(offset), pad(top), book.signed)
+    above = np.array(bounds + [np.inf] * (8 - len(bounds)), dtype=np.float32)
+    return DecadeTables(threshold, first, pad(slope), pad(offset), pad(top), book.signed, above)
 
 
 def decade_encode(y: np.ndarray, tables: DecadeTables) -> np.ndarray:
