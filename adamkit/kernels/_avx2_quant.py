@@ -244,7 +244,7 @@ def dither_encode(builder: ir.IRBuilder, tab: _Tab, y: ir.Value, h: ir.Value) ->
 # ------------------------------------------------------------------ 8-bit codes
 #: Rows of :func:`decade_constants8` (16 floats each; the encoder reads the first 8).
 _KFIRST, _KBOUND, _KSLOPE, _KOFF, _KTOP, _KABS, _KFLOOR = 0, 1, 2, 3, 4, 5, 6
-_KONE, _KDOWN, _K128, _K256, _K7F, _KFF, _K15, _K28 = 7, 8, 9, 10, 11, 12, 13, 14
+_KONE, _KDOWN, _K128, _K256, _K7F, _KFF, _K15, _K28, _K256I = 7, 8, 9, 10, 11, 12, 13, 14, 15
 
 
 def decade_constants8(name: str) -> np.ndarray:
@@ -273,6 +273,7 @@ def decade_constants8(name: str) -> np.ndarray:
     return _table([
         eight(words.view(i32)), eight(tab.bounds), eight(tab.slope), eight(tab.offset), eight(tab.top),
         i32(0x7FFFFFFF), i32(_DECADE_FLOOR_BITS), 1.0, 127.5, 128.0, 256.0, i32(0x7F), i32(0xFF), i32(15), i32(28),
+        i32(256),
     ])  # fmt: skip
 
 
@@ -317,7 +318,7 @@ def decade_encode8(builder: ir.IRBuilder, k: _Rows8, y: ir.Value, signed: bool) 
     t = b.fsub(b.fmul(a, slope), offset)
     t = b.select(b.fcmp_ordered("<", t, top), t, top)
     if not signed:
-        return b.sub(_splat(0), b.fptosi(b.fsub(k.f(_K256), t), _I8V))
+        return b.sub(k.i(_K256I), b.fptosi(b.fsub(k.f(_K256), t), _I8V))  # 0-255: the packs saturate
     negative = b.icmp_signed("<", bits, _splat(0))
     down = b.fadd(t, k.f(_KONE))
     down = b.select(b.fcmp_ordered("<", down, k.f(_KDOWN)), down, k.f(_KDOWN))
@@ -331,23 +332,41 @@ def _row_loop(builder: ir.IRBuilder, count: ir.Value, body) -> None:
         body(loop.index)
 
 
+def _pack16(builder: ir.IRBuilder, addr: ir.Value, low: ir.Value, high: ir.Value) -> None:
+    """Store two vectors of codes (0-255 in 32-bit lanes) as 16 bytes: two saturating packs
+    and a ``vpermd`` (3 shuffles for 16 codes; truncating each vector took 4 for 8)."""
+    words = _call(builder, "llvm.x86.avx2.packusdw", ir.VectorType(ir.IntType(16), 16), [low, high])
+    octets = _call(builder, "llvm.x86.avx2.packuswb", ir.VectorType(_I8, 32), [words, words])
+    order = builder.bitcast(octets, _I8V)  # dwords: low 0-3, high 0-3, (copies), low 4-7, high 4-7, ...
+    order = _call(builder, "llvm.x86.avx2.permd", _I8V, [order, ir.Constant(_I8V, [0, 4, 1, 5, 0, 4, 1, 5])])
+    i4 = ir.VectorType(_I32, 4)
+    out = builder.shuffle_vector(order, ir.Constant(_I8V, ir.Undefined), ir.Constant(i4, [0, 1, 2, 3]))
+    builder.store(out, builder.inttoptr(addr, i4.as_pointer()), align=1)
+
+
 def _make_encode_rows8(signed: bool):
     @intrinsic
     def encode_rows8(typingctx, row_addr, count, inv, table_addr, codes_addr):  # noqa: ARG001
-        """8-bit codes of ``row[0 : 8·count] · inv`` (``table_addr``: :func:`decade_constants8`)."""
+        """8-bit codes of ``row[0 : 8·count] · inv`` (``table_addr``: :func:`decade_constants8`),
+        16 at a time, then 8 if ``count`` is odd."""
 
         def codegen(context, builder, signature, args):
             row_at, count_v, inv_v, table_at, codes_at = args
-            scale, k = _broadcast(builder, inv_v), _Rows8(builder, table_at, _K28 + 1)
+            scale, k = _broadcast(builder, inv_v), _Rows8(builder, table_at, _K256I + 1)
 
-            def body(i):
-                y = builder.fmul(
-                    builder.load(_at(builder, row_at, builder.mul(i, ir.Constant(_I64, 32)), _F8), align=4), scale
-                )  # fmt: skip
-                _codes_out(builder, builder.add(codes_at, builder.mul(i, ir.Constant(_I64, 8))),
-                           decade_encode8(builder, k, y, signed), 8)  # fmt: skip
+            def codes(i):
+                at = _at(builder, row_at, builder.mul(i, ir.Constant(_I64, 4 * LANES)), _F8)
+                return decade_encode8(builder, k, builder.fmul(builder.load(at, align=4), scale), signed)
 
-            _row_loop(builder, count_v, body)
+            def pair(j):
+                i = builder.mul(j, ir.Constant(_I64, 2))
+                low, high = codes(i), codes(builder.add(i, ir.Constant(_I64, 1)))
+                _pack16(builder, builder.add(codes_at, builder.mul(i, ir.Constant(_I64, LANES))), low, high)
+
+            _row_loop(builder, builder.ashr(count_v, ir.Constant(_I64, 1)), pair)
+            last = builder.sub(count_v, ir.Constant(_I64, 1))
+            with builder.if_then(builder.trunc(count_v, ir.IntType(1))):  # odd count: the last 8
+                _codes_out(builder, builder.add(codes_at, builder.mul(last, ir.Constant(_I64, LANES))), codes(last), 8)
             return context.get_dummy_value()
 
         return types.void(types.int64, types.int64, types.float32, types.int64, types.int64), codegen
