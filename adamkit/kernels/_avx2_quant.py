@@ -42,9 +42,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..quant.codebooks import _DECADE_FLOOR_BITS, DECADE_BINADES, DITHER_ALONG, decade_tables
+from ..quant.codebooks import _DECADE_FLOOR_BITS, DECADE_BINADES, DITHER_ALONG, cells, decade_tables, dither_tables
 from ._avx512_adam import _call, _prefetch  # width-agnostic IR helpers (no AVX-512 instruction)
-from ._avx512_codes import _table  # the constant tables' layout (64-byte rows)
+from ._avx512_codes import _table, dither_constants  # the constant tables' layout (64-byte rows)
 
 _features = llvm_binding.get_host_cpu_features()
 #: Whether the CPU can run this module's code (AVX2, FMA and F16C).
@@ -155,6 +155,9 @@ class _Params:
 # each): values, rate, offset, slope up, slope down, thresholds (2 rows: 32 cells),
 # firsts (2 rows), cell scale, cell offset, per-lane hash offsets, 2^15, 15, values[0].
 _DL, _DRATE, _DOFF, _DUP, _DT, _DF, _DCS, _DCO, _DLANE, _DLOW = 0, 1, 2, 3, 5, 7, 9, 10, 11, 14
+# Rows :func:`dither_constants8` adds: per cell, the interval below it as nibbles (lanes
+# 0-3), and per interval the value above it.
+_DNIB, _DBOUND = 15, 16
 _ROW = 64  # bytes per row
 #: ``LANES · DITHER_ALONG mod 2^32`` as an int32: the dither hash's step per vector.
 _H8 = ((LANES * DITHER_ALONG + 2**31) & 0xFFFFFFFF) - 2**31
@@ -212,7 +215,29 @@ class _Tab:
 
 
 _DECODE_ROWS = (_DL, _DUP, _DUP + 1)
-_ENCODE_ROWS = (_DRATE, _DOFF, _DT, _DT + 1, _DF, _DF + 1)
+_ENCODE_ROWS = (_DRATE, _DOFF, _DNIB, _DBOUND)
+
+
+def dither_constants8(name: str) -> np.ndarray:
+    """:func:`adamkit.kernels._avx512_codes.dither_constants` with two rows for the AVX2
+    encoder: the cells' ``first`` as nibbles of four 32-bit words (a ``vpermd`` by the
+    cell over 8, a variable shift by its low 3 bits), and per interval ``k`` the value
+    above it, ``L[k + 1]`` (+inf for the last), so that ``first + (y >= bound[first])``
+    is the interval: a 16-entry lookup after the nibble instead of two 32-entry ones."""
+    tab = dither_tables(name)
+    bound = np.full(16, np.inf, dtype=np.float32)
+    bound[:14] = tab.values[1:15]
+    for c in range(32):  # bound[first] is the cell's threshold, or lies in a higher cell
+        above = bound[tab.first[c]]
+        ok = above == tab.threshold[c] if np.isfinite(tab.threshold[c]) else not np.isfinite(above) or cells(
+            np.array([above], dtype=np.float32), tab
+        )[0] > c  # fmt: skip
+        if not ok:
+            raise AssertionError(f"{name}: cell {c}'s threshold is not the value above its first interval")
+    words = np.zeros(8, dtype=np.uint32)
+    for c, first in enumerate(tab.first):
+        words[c // 8] |= np.uint32(int(first) << (4 * (c % 8)))
+    return _table([*dither_constants(name), np.concatenate([words, words]).view(np.int32), bound])
 
 
 def dither_decode(builder: ir.IRBuilder, tab: _Tab, codes: ir.Value, h: ir.Value) -> ir.Value:
@@ -232,9 +257,11 @@ def dither_encode(builder: ir.IRBuilder, tab: _Tab, y: ir.Value, h: ir.Value) ->
     cell = builder.fptosi(builder.fadd(builder.fmul(y, cs), co), _I8V)
     cell = builder.select(builder.icmp_signed("<", cell, _splat(0)), _splat(0), cell)  # as the scalar code:
     cell = builder.select(builder.icmp_signed(">", cell, _splat(31)), _splat(31), cell)  # the index stays inside
-    threshold = tab.lookup(_DT, cell, 32)
-    first = builder.bitcast(tab.lookup(_DF, cell, 32), _I8V)
-    interval = builder.sub(first, builder.sext(builder.fcmp_ordered(">=", y, threshold), _I8V))
+    word = _call(builder, "llvm.x86.avx2.permd", _I8V, [builder.bitcast(tab.rows[_DNIB][0], _I8V),
+                                                         builder.lshr(cell, _splat(3))])  # fmt: skip
+    first = builder.and_(builder.lshr(word, builder.shl(builder.and_(cell, _splat(7)), _splat(2))), _splat(15))
+    bound = tab.lookup(_DBOUND, first)
+    interval = builder.sub(first, builder.sext(builder.fcmp_ordered(">=", y, bound), _I8V))
     rate, offset = tab.lookup(_DRATE, interval), tab.lookup(_DOFF, interval)
     position = builder.fptosi(builder.fadd(builder.fmul(y, rate), offset), _I8V)
     code = builder.lshr(builder.add(position, builder.lshr(h, _splat(16))), _splat(16))

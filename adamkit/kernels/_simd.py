@@ -49,7 +49,7 @@ else:
     encoder_constants = {
         "dynamic8": lambda: _avx2.decade_constants8("dynamic8"),
         "udynamic8": lambda: _avx2.decade_constants8("udynamic8"),
-        **{k: v for k, v in _x512.ENCODER_CONSTANTS.items() if k.endswith("_dither")},
+        **{k: (lambda name=k: _avx2.dither_constants8(name)) for k in _x512.ENCODER_CONSTANTS if k.endswith("_dither")},
     }
 
 __all__ = [
