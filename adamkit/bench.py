@@ -485,13 +485,15 @@ def _plot(results: list[Result], path: str) -> None:
     cases = sorted({(r.workload, r.dtype) for r in results}, key=lambda c: (c[1], c[0]))
     names = list(dict.fromkeys(r.optimizer for r in results))
     width = 0.8 / max(1, len(names))
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: tab10's cycle repeats after 10 contenders
+    palette = palette[0::2] + palette[1::2]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) + 2) + 2.5, 4.5))
     for k, name in enumerate(names):
         ys = []
         for case in cases:
             match = [r for r in results if (r.workload, r.dtype) == case and r.optimizer == name]
             ys.append(match[0].vs_torch_fused if match and match[0].vs_torch_fused else 0.0)
-        ax.bar([i + k * width for i in range(len(cases))], ys, width, label=name)
+        ax.bar([i + k * width for i in range(len(cases))], ys, width, label=name, color=palette[k % len(palette)])
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(cases))], [f"{w}\n{d}" for w, d in cases])
     ax.set_ylabel("speed vs torch.optim.AdamW(fused=True)")

@@ -216,8 +216,8 @@ def _encode_dither(y, h, tab, first):
 @njit(inline="always")
 def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows, h0):
     """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``.
-    With AVX-512 16 codes at a time by ``encode_rows`` (the codebook's encoder in
-    ``_avx512_codes``), the rest from the packed table
+    With SIMD a vector at a time by ``encode_rows`` (the codebook's decade encoder in
+    ``_avx512_codes`` or ``_avx2_quant``), the rest from the packed table
     (:func:`adamkit.quant.encoder_table`)."""
     packed = book[1]
     inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
@@ -434,7 +434,7 @@ def _none(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, m
 
 @njit(inline="always")
 def _decode_row8(row, codes, book, scale, n, root, h0):
-    """``row[:n]`` = the decoded 8-bit ``codes`` (16 at a time with AVX-512)."""
+    """``row[:n]`` = the decoded 8-bit ``codes`` (a vector at a time with SIMD)."""
     vals = book[0]
     done = 0
     if SIMD:
