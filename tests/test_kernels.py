@@ -495,3 +495,59 @@ def test_bf16_state_flushes_subnormal_moments_as_the_reference_does() -> None:
         assert torch.equal(results["numba"][key].view(torch.int16), results["reference"][key].view(torch.int16))
     m = results["numba"]["exp_avg"]
     assert (m[:2500] == 0).all() and (m[2500:] > 0).all()
+
+
+_CACHE_PROBE = """
+import torch, adamkit
+from adamkit.kernels import _cache, numba_cpu
+assert _cache.INSTALLED
+p = torch.randn(5000)
+p.grad = torch.randn(5000)
+adamkit.Adam([p]).step()
+stats = [d.stats for d in numba_cpu._ADAM_KERNELS.values()]
+print(sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats))
+"""
+
+
+def test_numba_cache_follows_every_kernel_source(tmp_path, monkeypatch) -> None:
+    """Numba's on-disk cache of adamkit's kernels is keyed on all their sources and the
+    SIMD setting (``adamkit.kernels._cache``), not only on the defining file: a second
+    process loads the compiled kernel; one with another ``ADAMKIT_SIMD`` recompiles
+    instead of running the other setting's machine code; and a change to a source the
+    kernel file does not define changes the key."""
+    import os
+    import subprocess
+    import sys
+
+    from adamkit.kernels import _cache
+
+    def run(simd: str) -> tuple[int, int]:
+        env = {**os.environ, "ADAMKIT_SIMD": simd, "NUMBA_CACHE_DIR": str(tmp_path)}
+        done = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        hits, misses = map(int, done.stdout.split())
+        return hits, misses
+
+    assert run("auto") == (0, 1)  # compiled and saved
+    assert run("auto") == (1, 0)  # loaded
+    assert run("none") == (0, 1)  # another setting: compiled again, not loaded
+    assert run("none") == (1, 0)
+    # the key changes with a file the kernels do not live in (here the SIMD code), on a
+    # copy of the sources
+    import shutil
+
+    copy = tmp_path / "adamkit"
+    for sub in _cache._SOURCES:
+        shutil.copytree(_cache._PACKAGE / sub, copy / sub)
+    monkeypatch.setattr(_cache, "_PACKAGE", copy)
+    try:
+        _cache.digest.cache_clear()
+        before = _cache.digest()
+        simd = copy / "kernels" / "_avx2_quant.py"
+        simd.write_text(simd.read_text() + "\n# changed\n")
+        _cache.digest.cache_clear()
+        assert _cache.digest() != before
+    finally:
+        monkeypatch.undo()
+        _cache.digest.cache_clear()

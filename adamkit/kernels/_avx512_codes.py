@@ -47,8 +47,8 @@ from ..quant.codebooks import _DECADE_FLOOR_BITS, DITHER_ALONG, decade_tables, d
 
 #: Whether the kernels use these paths: the CPU has AVX-512 and ``ADAMKIT_SIMD`` is
 #: ``auto`` (its default; ``avx2`` or ``none`` take the AVX2 or the portable scalar path, as
-#: the tests do; set it before the first import, with a fresh ``NUMBA_CACHE_DIR``:
-#: compiled kernels are cached). See :mod:`adamkit.kernels._simd`.
+#: the tests do; set it before the first import: the on-disk cache is keyed on it). See
+#: :mod:`adamkit.kernels._simd`.
 HAS_AVX512 = (
     bool(llvm_binding.get_host_cpu_features().get("avx512f", False))
     and os.environ.get("ADAMKIT_SIMD", "auto") == "auto"

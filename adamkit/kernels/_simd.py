@@ -7,8 +7,8 @@
 * ``None``: the portable numba loops only (scalar table lookups).
 
 ``ADAMKIT_SIMD`` caps the choice: ``auto`` (default: the best the CPU has), ``avx2``
-or ``none``. Set it before adamkit is imported, with a fresh ``NUMBA_CACHE_DIR``
-(compiled kernels are cached per CPU, not per setting). :data:`LANES`, :data:`ISA`
+or ``none``. Set it before adamkit is imported (Numba's on-disk cache is keyed on it,
+see :mod:`adamkit.kernels._cache`). :data:`LANES`, :data:`ISA`
 and the functions below are module constants, so numba drops the code of the others.
 """
 
