@@ -16,12 +16,14 @@ blend. So:
   two encoders took ~26 of ~46 ms by the packed table of
   :func:`adamkit.quant.encoder_table` (a gather and an integer compare per code, the
   reference's codes exactly), ~21 this way (the step 46 -> 41 ms, one thread); a decade
-  encoder finding the decade by eight compares had measured slower than the gather;
-* **dithered 4 bits**: every table (16 entries, or 32 over two consecutive rows) is
-  held in registers and looked up with ``vpermps`` (:class:`_Tab`); decode and encode
-  are the reference's operation for operation (4-bit codec 2.6 -> 1.3 ns per element
-  encoding, 1.0 -> 0.55 decoding, against gathers);
-* **the block loop** (Adam/AdamW, float32/bf16/fp16 parameters): decode, the rule as
+  encoder finding the decade by eight compares had measured slower than the gather.
+  Codes go out 16 per store (:func:`_pack16`): 0.60 ns per code signed, 0.50 unsigned;
+* **dithered 4 bits**: every table (16 entries) is held in registers and looked up with
+  two ``vpermps`` and a blend (:class:`_Tab`); the interval comes from a nibble table
+  and one lookup (:func:`dither_constants8`); decode and encode are the reference's
+  operation for operation: 0.89 ns per code encoding (2.6 with gathers), ~0.55
+  decoding (1.0), 16 codes per 8-byte store (:func:`_nibbles_out16`);
+* **the 8-bit block loop** (Adam/AdamW, float32/bf16/fp16 parameters): decode, the rule as
   :func:`adamkit.kernels.numba_cpu._adam_rule` computes it (``vdivps`` and ``vsqrtps``,
   correctly rounded: bit-identical to the numba loop), the parameters stored, the new
   moments written to the rows the encoders read and their largest magnitudes kept.
@@ -178,8 +180,9 @@ class _Params:
 # ------------------------------------------------------------------ dithered 4-bit codes
 # Rows of the dither table (adamkit.kernels._avx512_codes.dither_constants, 16 floats
 # each): values, rate, offset, slope up, slope down, thresholds (2 rows: 32 cells),
-# firsts (2 rows), cell scale, cell offset, per-lane hash offsets, 2^15, 15, values[0].
-_DL, _DRATE, _DOFF, _DUP, _DT, _DF, _DCS, _DCO, _DLANE, _DLOW = 0, 1, 2, 3, 5, 7, 9, 10, 11, 14
+# firsts (2 rows), cell scale, cell offset, per-lane hash offsets, 2^15, 15, values[0]
+# (the rows this module reads are named; the 32-cell ones serve the scalar path).
+_DL, _DRATE, _DOFF, _DUP, _DCS, _DCO, _DLANE, _DLOW = 0, 1, 2, 3, 9, 10, 11, 14
 # Rows :func:`dither_constants8` adds: per cell, the interval below it as nibbles (lanes
 # 0-3), and per interval the value above it.
 _DNIB, _DBOUND = 15, 16
@@ -207,9 +210,8 @@ def _dither_hash(builder: ir.IRBuilder, lanes: ir.Value, h0: ir.Value, index: ir
 class _Tab:
     """A dither table's rows in registers (loaded once, before a loop: stores through raw
     addresses in the loop would keep LLVM from hoisting the loads), looked up with
-    ``vpermps``: 16 entries by two and a ``vblendvps`` on the index's bit 3, 32 (two
-    consecutive rows) by two of those and a blend on bit 4. On Zen 3 a ``vpgatherdd``
-    of 8 lanes cost ~0.45-0.55 ns per element here, the 16-entry lookup ~0.13."""
+    ``vpermps``: 16 entries by two and a ``vblendvps`` on the index's bit 3. On Zen 3 a
+    ``vpgatherdd`` of 8 lanes cost ~0.45-0.55 ns per element here, the lookup ~0.13."""
 
     def __init__(self, builder: ir.IRBuilder, table_at: ir.Value, rows: tuple[int, ...]) -> None:
         self.builder = builder
@@ -227,16 +229,12 @@ class _Tab:
     def _perm(self, x: ir.Value, index: ir.Value) -> ir.Value:
         return _call(self.builder, "llvm.x86.avx2.permps", _F8, [x, index])
 
-    def lookup(self, row: int, index: ir.Value, entries: int = 16) -> ir.Value:
-        """``row[index]`` (float lanes) for 16 entries, or 32 over ``row`` and ``row + 1``."""
+    def lookup(self, row: int, index: ir.Value) -> ir.Value:
+        """``row[index]`` (float lanes), 16 entries."""
         b = self.builder
         lo, hi = self.rows[row]
-        half = b.select(b.icmp_signed("<", b.shl(index, _splat(28)), _splat(0)), self._perm(hi, index),
+        return b.select(b.icmp_signed("<", b.shl(index, _splat(28)), _splat(0)), self._perm(hi, index),
                         self._perm(lo, index))  # fmt: skip
-        if entries == 16:
-            return half
-        upper = self.lookup(row + 1, index)
-        return b.select(b.icmp_signed("<", b.shl(index, _splat(27)), _splat(0)), upper, half)
 
 
 _DECODE_ROWS = (_DL, _DUP, _DUP + 1)
