@@ -250,12 +250,11 @@ def dither_constants8(name: str) -> np.ndarray:
     tab = dither_tables(name)
     bound = np.full(16, np.inf, dtype=np.float32)
     bound[:14] = tab.values[1:15]
-    for c in range(32):  # bound[first] is the cell's threshold, or lies in a higher cell
-        above = bound[tab.first[c]]
-        ok = above == tab.threshold[c] if np.isfinite(tab.threshold[c]) else not np.isfinite(above) or cells(
-            np.array([above], dtype=np.float32), tab
-        )[0] > c  # fmt: skip
-        if not ok:
+    above = bound[tab.first]  # per cell: the cell's threshold, or a value in a higher cell
+    higher = cells(np.where(np.isfinite(above), above, 1.0).astype(np.float32), tab) > np.arange(32)
+    for c in range(32):
+        finite = np.isfinite(tab.threshold[c])
+        if not (above[c] == tab.threshold[c] if finite else not np.isfinite(above[c]) or higher[c]):
             raise AssertionError(f"{name}: cell {c}'s threshold is not the value above its first interval")
     words = np.zeros(8, dtype=np.uint32)
     for c, first in enumerate(tab.first):
