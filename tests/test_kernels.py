@@ -481,6 +481,63 @@ def test_bf16_state_conversion_is_round_to_nearest_even_with_subnormals_flushed(
     assert (got[values.abs() < 2.0**-126] == 0).all()
 
 
+_CARRIER = {"f32": np.float32, "bf16": np.uint16, "f16": np.int16}
+
+
+def _carried(values: torch.Tensor, kind: str) -> np.ndarray:
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[kind]
+    x = values.to(dtype)
+    return (x if kind == "f32" else x.view(torch.int16)).numpy().view(_CARRIER[kind]).copy()
+
+
+@pytest.mark.parametrize("pkind,skind", [("f32", "f32"), ("f32", "bf16"), ("f32", "f16"), ("bf16", "f32"),
+                                         ("bf16", "bf16"), ("f16", "f16")])  # fmt: skip
+def test_avx2_stream_is_bit_identical_to_the_numba_loop(pkind: str, skind: str) -> None:
+    """The explicit AVX2 loop of Adam/AdamW's 32/16-bit state (``_avx2_adam.adam_stream``)
+    against the numba loop it replaces on AVX2 CPUs, bit for bit: both lerp forms,
+    maximize and L2, values from 1e-45 to 1e38 (bf16 state flushes subnormals), NaN,
+    ±inf and negative second moments (what ``mask_nonfinite=False`` lets through)."""
+    from numba import njit
+
+    from adamkit.kernels import numba_cpu
+    from adamkit.kernels._avx2_adam import adam_stream
+
+    if not numba_cpu.STREAM:
+        pytest.skip("the AVX2 loop runs only where AVX2 is the SIMD in use")
+
+    @njit(error_model="numpy")
+    def both(p, g, m, v, p2, m2, v2, k):
+        low, c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv = k
+        done = adam_stream(p.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, p.size // 8, low, c1, b2, b2w,
+                           eps, decay, l2, gsign, lr_t, inv, p, m)  # fmt: skip
+        sc = (low, c1, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, False)
+        numba_cpu._adam_loop(p2, g, m2, v2, v2, 0, sc, numba_cpu._U(0), False)
+        return done
+
+    gen = torch.Generator().manual_seed(0)
+    n = 8 * 600
+
+    def values(low: int, high: int) -> torch.Tensor:
+        scale = torch.pow(10.0, torch.randint(low, high, (n,), generator=gen).double()).float()
+        x = torch.randn(n, generator=gen) * scale
+        x[torch.randint(0, n, (20,), generator=gen)] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0])[
+            torch.randint(0, 4, (20,), generator=gen)
+        ]  # fmt: skip
+        return x
+
+    f32 = np.float32
+    for low, c1, l2, gsign in ((True, 0.1, 0.0, 1.0), (False, -0.4, 0.01, -1.0)):
+        k = (low, f32(c1), f32(0.999), f32(0.001), f32(1e-8), f32(0.99), f32(l2), f32(gsign), f32(1e-3), f32(31.6))
+        p, g = _carried(values(-3, 3), pkind), _carried(values(-45, 38), pkind)
+        m, v = _carried(values(-45, 38), skind), _carried(values(-45, 38).abs(), skind)
+        v[:40] = _carried(-values(-3, 3)[:40].abs(), skind)
+        p0, p2, m2, v2 = p.copy(), p.copy(), m.copy(), v.copy()
+        assert both(p, g, m, v, p2, m2, v2, k) == n // 8
+        for a, b in ((p, p2), (m, m2), (v, v2)):
+            assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+        assert (p.view(np.uint8) != p0.view(np.uint8)).mean() > 0.5  # the parameters did move
+
+
 def test_bf16_state_flushes_subnormal_moments_as_the_reference_does() -> None:
     """A first moment of ~1e-38 (below float32's smallest normal) is stored as zero by
     the kernel and by the reference alike; normal ones are kept."""

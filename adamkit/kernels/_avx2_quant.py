@@ -45,6 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..quant.codebooks import _DECADE_FLOOR_BITS, DECADE_BINADES, DITHER_ALONG, cells, decade_tables, dither_tables
+from ._avx2_adam import _F8, _I8V, LANES, RuleConstants, _broadcast, _fsplat, _Params, _splat, adam_rule
 from ._avx512_adam import _call, _prefetch  # width-agnostic IR helpers (no AVX-512 instruction)
 from ._avx512_codes import _table, dither_constants  # the constant tables' layout (64-byte rows)
 
@@ -53,30 +54,12 @@ _features = llvm_binding.get_host_cpu_features()
 CPU_HAS_AVX2 = all(bool(_features.get(f, False)) for f in ("avx2", "fma", "f16c"))
 del _features
 
-#: Lanes per vector.
-LANES = 8
 _F32 = ir.FloatType()
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _I8 = ir.IntType(8)
-_F8 = ir.VectorType(_F32, LANES)
-_I8V = ir.VectorType(_I32, LANES)
 _BYTES = _I8.as_pointer()
 AHEAD = 512  # elements ahead whose cache lines the block loop prefetches, as with AVX-512
-
-
-def _splat(value: int) -> ir.Constant:
-    return ir.Constant(_I8V, [value] * LANES)
-
-
-def _fsplat(value: float) -> ir.Constant:
-    return ir.Constant(_F8, [value] * LANES)
-
-
-def _broadcast(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
-    vec = _F8 if x.type == _F32 else _I8V
-    one = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(vec, ir.Undefined), ir.Constant(_I8V, [0] * LANES))
 
 
 def _lookup_bytes(builder: ir.IRBuilder, table_addr: ir.Value, codes_addr: ir.Value) -> ir.Value:
@@ -144,37 +127,6 @@ def _nibbles_out16(builder: ir.IRBuilder, addr: ir.Value, low: ir.Value, high: i
     out = builder.bitcast(builder.or_(*halves), ir.VectorType(_I64, 2))
     word = builder.extract_element(out, ir.Constant(_I32, 0))
     builder.store(word, builder.inttoptr(addr, _I64.as_pointer()), align=1)
-
-
-class _Params:
-    """Loads and stores 8 parameters or gradients of one dtype as <8 x float>: float32;
-    bf16 (the top half of a float32; stored rounded to nearest even, NaN as 0x7FC0, as
-    :func:`adamkit.kernels.numba_cpu._f32_to_bf16`); fp16 (``vcvtph2ps``/``vcvtps2ph``)."""
-
-    def __init__(self, builder: ir.IRBuilder, dtype: types.Type) -> None:
-        self.builder, self.kind = builder, {types.float32: "f32", types.uint16: "bf16", types.int16: "f16"}[dtype]
-        self.size = 4 if self.kind == "f32" else 2
-        self.vec = _F8 if self.kind == "f32" else ir.VectorType(ir.IntType(16), LANES)
-
-    def load(self, addr: ir.Value) -> ir.Value:
-        b = self.builder
-        x = b.load(b.inttoptr(addr, self.vec.as_pointer()), align=self.size)
-        if self.kind == "bf16":
-            return b.bitcast(b.shl(b.zext(x, _I8V), _splat(16)), _F8)
-        if self.kind == "f16":
-            return b.fpext(b.bitcast(x, ir.VectorType(ir.HalfType(), LANES)), _F8)
-        return x
-
-    def store(self, addr: ir.Value, x: ir.Value) -> None:
-        b = self.builder
-        if self.kind == "bf16":
-            bits = b.bitcast(x, _I8V)
-            lsb = b.and_(b.lshr(bits, _splat(16)), _splat(1))
-            top = b.trunc(b.lshr(b.add(bits, b.add(lsb, _splat(0x7FFF))), _splat(16)), self.vec)
-            x = b.select(b.fcmp_unordered("uno", x, x), ir.Constant(self.vec, [0x7FC0] * LANES), top)
-        elif self.kind == "f16":
-            x = b.bitcast(b.fptrunc(x, ir.VectorType(ir.HalfType(), LANES)), self.vec)
-        b.store(x, b.inttoptr(addr, self.vec.as_pointer()), align=self.size)
 
 
 # ------------------------------------------------------------------ dithered 4-bit codes
@@ -516,9 +468,8 @@ def _make_adam_rows(mask: bool):
             (p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals, vvals, mscale, vscale, low,
              c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, _) = args  # fmt: skip
             io = _Params(builder, signature.args[-1].dtype)
-            c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale = (
-                _broadcast(builder, x) for x in (c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale)
-            )
+            k = RuleConstants.of(builder, low, c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv)
+            mscale, vscale = _broadcast(builder, mscale), _broadcast(builder, vscale)
             mtop = cgutils.alloca_once_value(builder, _splat(0))
             vtop = cgutils.alloca_once_value(builder, _splat(0))
             bad = cgutils.alloca_once_value(builder, ir.Constant(_I32, 0))
@@ -533,21 +484,13 @@ def _make_adam_rows(mask: bool):
                 g, p = io.load(builder.add(g_at, poff)), io.load(builder.add(p_at, poff))
                 m = builder.fmul(_lookup_bytes(builder, mvals, builder.add(mc_at, coff)), mscale)
                 v = builder.fmul(_lookup_bytes(builder, vvals, builder.add(sc_at, coff)), vscale)
-                # the rule, as _adam_rule computes it
-                gw = builder.fadd(builder.fmul(g, gsign), builder.fmul(l2, p))
-                m1 = _call(builder, "llvm.fma.v8f32", _F8, [c1, builder.fsub(gw, m), builder.select(low, m, gw)])
-                v1 = builder.fadd(builder.fmul(b2, v), builder.fmul(builder.fmul(b2w, gw), gw))
-                if mask:
+                p1, m1, v1 = adam_rule(builder, k, g, p, m, v)
+                if mask:  # the bad lanes keep their parameter and decoded moments
                     ok = builder.fcmp_ordered("==", builder.fsub(g, g), _fsplat(0.0))
-                    m1, v1 = builder.select(ok, m1, m), builder.select(ok, v1, v)
+                    p1, m1, v1 = (builder.select(ok, new, old) for new, old in ((p1, p), (m1, m), (v1, v)))
                     lanes_bad = builder.bitcast(builder.not_(ok), ir.IntType(LANES))
                     nbad = builder.zext(_call(builder, "llvm.ctpop.i8", ir.IntType(LANES), [lanes_bad]), _I32)
                     builder.store(builder.add(builder.load(bad), nbad), bad)
-                s = _call(builder, "llvm.sqrt.v8f32", _F8, [v1])
-                q = builder.fdiv(m1, builder.fadd(builder.fmul(s, inv), eps))
-                p1 = builder.fsub(builder.fmul(p, decay), builder.fmul(lr_t, q))
-                if mask:
-                    p1 = builder.select(ok, p1, p)
                 io.store(builder.add(p_at, poff), p1)
                 builder.store(m1, _at(builder, m_at, off, _F8), align=4)
                 builder.store(v1, _at(builder, v_at, off, _F8), align=4)

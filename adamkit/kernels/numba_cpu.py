@@ -27,6 +27,12 @@ masking copy of the loop in the same function cost 1 s of compile time.
 
 No fastmath: it would let LLVM reassociate and drop NaN checks, and the loop is
 memory-bound anyway (measured: the same speed with and without on this machine).
+
+On AVX2 CPUs without AVX-512, Adam/AdamW's blocks (no AMSGrad, no stochastic
+rounding) run through an explicit 8-lane loop instead,
+:func:`adamkit.kernels._avx2_adam.adam_stream` (``STREAM``): the same operations,
+bit-identical results, without the spills, re-broadcasts, in-loop branch and per-block
+overlap checks of the loop LLVM vectorized there.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from numba.extending import intrinsic, overload
 from torch import Tensor
 
 from .._scalars import StepScalars
+from ._avx2_adam import adam_stream
+from ._simd import ISA
 from .registry import register
 
 #: Elements per parallel work item: large enough to amortize the loop overhead,
@@ -178,15 +186,22 @@ def _f32_to_bf16(typingctx, x):  # noqa: ARG001
     return types.uint16(types.float32), codegen
 
 
-def _bf16_rne_ir(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
-    """IR: float32 ``x`` -> bf16 bits, round to nearest even, NaN -> 0x7FC0."""
+def _bf16_rne_ir(builder: ir.IRBuilder, x: ir.Value, ftz: bool = False) -> ir.Value:
+    """IR: float32 ``x`` -> bf16 bits, round to nearest even, NaN -> 0x7FC0; with
+    ``ftz``, subnormal inputs to ±0. Every select is on the 32-bit value and the result
+    is truncated once: selecting after the truncation made LLVM narrow each mask from
+    32- to 16-bit lanes (two shuffles per select on AVX2)."""
     i32, i16 = ir.IntType(32), ir.IntType(16)
     bits = builder.bitcast(x, i32)
+    if ftz:
+        magnitude = builder.and_(bits, ir.Constant(i32, 0x7FFFFFFF))
+        tiny = builder.icmp_unsigned("<", magnitude, ir.Constant(i32, 0x00800000))
+        bits = builder.select(tiny, builder.and_(bits, ir.Constant(i32, -(2**31))), bits)  # ±0 rounds to ±0
     lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
     rounded = builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF)))
-    top = builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), i16)
     isnan = builder.fcmp_unordered("uno", x, x)
-    return builder.select(isnan, ir.Constant(i16, 0x7FC0), top)
+    rounded = builder.select(isnan, ir.Constant(i32, 0x7FC00000), rounded)
+    return builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), i16)
 
 
 class _BFloat(ir.Type):
@@ -223,13 +238,7 @@ def _f32_to_bf16_ftz(typingctx, x):  # noqa: ARG001
     def codegen(context, builder, signature, args):
         if HW_BF16:
             return builder.bitcast(builder.fptrunc(args[0], _BFloat()), ir.IntType(16))
-        i32, i16 = ir.IntType(32), ir.IntType(16)
-        bits = builder.bitcast(args[0], i32)
-        top = _bf16_rne_ir(builder, args[0])
-        magnitude = builder.and_(bits, ir.Constant(i32, 0x7FFFFFFF))
-        tiny = builder.icmp_unsigned("<", magnitude, ir.Constant(i32, 0x00800000))
-        sign = builder.trunc(builder.lshr(bits, ir.Constant(i32, 16)), i16)
-        return builder.select(tiny, builder.and_(sign, ir.Constant(i16, 0x8000)), top)
+        return _bf16_rne_ir(builder, args[0], ftz=True)
 
     return types.uint16(types.float32), codegen
 
@@ -496,6 +505,28 @@ def _adam_loop(p, g, m, v, x, j0, sc, stream, amsgrad):
             _store(x, i, x1)
 
 
+#: Whether Adam/AdamW's blocks (no AMSGrad, no stochastic rounding, float32/bf16/fp16)
+#: go through the explicit AVX2 loop (:func:`adamkit.kernels._avx2_adam.adam_stream`)
+#: instead of the numba loop LLVM vectorizes. Not with AVX-512, where the numba loop
+#: in 512-bit vectors met the goals (see :func:`_wide_vectors`).
+STREAM = ISA == "avx2"
+
+
+@njit(inline="always")
+def _adam_block(p, g, m, v, x, j0, sc, stream, amsgrad):
+    """:func:`_adam_loop` over a block, its whole vectors by the AVX2 loop when it can
+    (``STREAM``: a lone global in the condition, so numba drops the branch elsewhere)."""
+    done = 0
+    if STREAM:
+        low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, sr = sc
+        if not amsgrad and not sr:
+            n = p.shape[0] // 8
+            args = (low, c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, p, m)
+            done = 8 * adam_stream(p.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, n, *args)
+    if done < p.shape[0]:
+        _adam_loop(p[done:], g[done:], m[done:], v[done:], x[done:], j0 + done, sc, stream, amsgrad)
+
+
 @njit(inline="always")
 def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, amsgrad, mask):
     """Adam/AdamW over the work units this thread claims.
@@ -524,7 +555,7 @@ def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike,
             step, blocked = _blocks(lo, hi)
             for b in range(lo, hi, step):
                 e = min(b + step, hi)
-                if blocked:
+                if blocked and not STREAM:
                     _ahead(ptrs, t, b + AHEAD, hi, plike, slike)
                 p, g = _piece(ptrs, t, 0, b, e, plike), _piece(ptrs, t, 1, b, e, plike)
                 m, v = _piece(ptrs, t, 2, b, e, slike), _piece(ptrs, t, 3, b, e, slike)
@@ -533,7 +564,7 @@ def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike,
                     stops[c] = b
                     stopped += 1
                     break
-                _adam_loop(p, g, m, v, x, b, sc, stream, amsgrad)
+                _adam_block(p, g, m, v, x, b, sc, stream, amsgrad)
     return stopped
 
 
