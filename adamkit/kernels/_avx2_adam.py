@@ -81,14 +81,15 @@ class _Params:
     def store(self, addr: ir.Value, x: ir.Value) -> None:
         b = self.builder
         if self.kind == "bf16":
-            bits = b.bitcast(x, _I8V)
+            # the selects on the float32 lanes, before the rounding: selecting on the
+            # rounded bits, LLVM narrowed the mask to 16-bit lanes (two more shuffles)
             if self.ftz:  # |x| < 2^-126 (subnormal or zero) -> its sign, which rounds to ±0
-                tiny = b.icmp_unsigned("<", b.and_(bits, _splat(0x7FFFFFFF)), _splat(0x00800000))
-                bits = b.select(tiny, b.and_(bits, _splat(-(2**31))), bits)
+                tiny = b.fcmp_ordered("<", _call(b, "llvm.fabs.v8f32", _F8, [x]), _fsplat(2.0**-126))
+                x = b.select(tiny, b.bitcast(b.and_(b.bitcast(x, _I8V), _splat(-(2**31))), _F8), x)
+            x = b.select(b.fcmp_unordered("uno", x, x), b.bitcast(_splat(0x7FC00000), _F8), x)  # rounds to 0x7FC0
+            bits = b.bitcast(x, _I8V)
             lsb = b.and_(b.lshr(bits, _splat(16)), _splat(1))
-            rounded = b.add(bits, b.add(lsb, _splat(0x7FFF)))
-            rounded = b.select(b.fcmp_unordered("uno", x, x), _splat(0x7FC00000), rounded)
-            x = b.trunc(b.lshr(rounded, _splat(16)), self.vec)
+            x = b.trunc(b.lshr(b.add(bits, b.add(lsb, _splat(0x7FFF))), _splat(16)), self.vec)
         elif self.kind == "f16":
             x = b.bitcast(b.fptrunc(x, ir.VectorType(ir.HalfType(), LANES)), self.vec)
         b.store(x, b.inttoptr(addr, self.vec.as_pointer()), align=self.size)
@@ -148,7 +149,8 @@ def adam_stream(typingctx, p_at, g_at, m_at, v_at, count, low, c1, b2, b2w, eps,
             for name, base, size in (("p", p_at, io.size), ("g", g_at, io.size), ("m", m_at, st.size),
                                      ("v", v_at, st.size)):  # fmt: skip
                 at[name] = builder.add(base, builder.mul(pos, ir.Constant(_I64, size)))
-                _prefetch(builder, builder.add(at[name], ir.Constant(_I64, AHEAD * size)))
+                if AHEAD:
+                    _prefetch(builder, builder.add(at[name], ir.Constant(_I64, AHEAD * size)))
             g, p = io.load(at["g"]), io.load(at["p"])
             m, v = st.load(at["m"]), st.load(at["v"])
             p1, m1, v1 = adam_rule(builder, k, g, p, m, v)

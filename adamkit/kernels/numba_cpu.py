@@ -188,19 +188,20 @@ def _f32_to_bf16(typingctx, x):  # noqa: ARG001
 
 def _bf16_rne_ir(builder: ir.IRBuilder, x: ir.Value, ftz: bool = False) -> ir.Value:
     """IR: float32 ``x`` -> bf16 bits, round to nearest even, NaN -> 0x7FC0; with
-    ``ftz``, subnormal inputs to ±0. Every select is on the 32-bit value and the result
-    is truncated once: selecting after the truncation made LLVM narrow each mask from
-    32- to 16-bit lanes (two shuffles per select on AVX2)."""
-    i32, i16 = ir.IntType(32), ir.IntType(16)
-    bits = builder.bitcast(x, i32)
-    if ftz:
-        magnitude = builder.and_(bits, ir.Constant(i32, 0x7FFFFFFF))
-        tiny = builder.icmp_unsigned("<", magnitude, ir.Constant(i32, 0x00800000))
-        bits = builder.select(tiny, builder.and_(bits, ir.Constant(i32, -(2**31))), bits)  # ±0 rounds to ±0
+    ``ftz``, subnormal inputs to ±0. The selects are on the float32 value, before the
+    rounding, and the result is truncated once: selecting on the truncated (or the
+    rounded) bits made LLVM narrow each mask to 16-bit lanes, two shuffles per select
+    on AVX2."""
+    f32, i32, i16 = ir.FloatType(), ir.IntType(32), ir.IntType(16)
+    if ftz:  # |x| < 2^-126 (subnormal or zero) -> its sign, which rounds to ±0
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32]), "llvm.fabs.f32")
+        tiny = builder.fcmp_ordered("<", builder.call(fabs, [x]), ir.Constant(f32, 2.0**-126))
+        sign = builder.and_(builder.bitcast(x, i32), ir.Constant(i32, -(2**31)))
+        x = builder.select(tiny, builder.bitcast(sign, f32), x)
+    nan = builder.bitcast(ir.Constant(i32, 0x7FC00000), f32)  # rounds to 0x7FC0
+    bits = builder.bitcast(builder.select(builder.fcmp_unordered("uno", x, x), nan, x), i32)
     lsb = builder.and_(builder.lshr(bits, ir.Constant(i32, 16)), ir.Constant(i32, 1))
     rounded = builder.add(bits, builder.add(lsb, ir.Constant(i32, 0x7FFF)))
-    isnan = builder.fcmp_unordered("uno", x, x)
-    rounded = builder.select(isnan, ir.Constant(i32, 0x7FC00000), rounded)
     return builder.trunc(builder.lshr(rounded, ir.Constant(i32, 16)), i16)
 
 
