@@ -514,13 +514,20 @@ STREAM = ISA == "avx2"
 
 
 @njit(inline="always")
+def _streams(plike, sr, amsgrad):
+    """Whether a block goes through the AVX2 loop (half or float32 parameters: not fp64)."""
+    if STREAM:  # a lone global in the condition: numba drops the branch elsewhere
+        return not amsgrad and not sr and plike.itemsize < 8
+    return False
+
+
+@njit(inline="always")
 def _adam_block(p, g, m, v, x, j0, sc, stream, amsgrad):
-    """:func:`_adam_loop` over a block, its whole vectors by the AVX2 loop when it can
-    (``STREAM``: a lone global in the condition, so numba drops the branch elsewhere)."""
+    """:func:`_adam_loop` over a block, its whole vectors by the AVX2 loop when it can."""
     done = 0
     if STREAM:
         low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, sr = sc
-        if not amsgrad and not sr:
+        if _streams(p, sr, amsgrad):
             n = p.shape[0] // 8
             args = (low, c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, p, m)
             done = 8 * adam_stream(p.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, n, *args)
@@ -556,7 +563,7 @@ def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike,
             step, blocked = _blocks(lo, hi)
             for b in range(lo, hi, step):
                 e = min(b + step, hi)
-                if blocked and not STREAM:
+                if blocked and not _streams(plike, sr, amsgrad):  # adam_stream prefetches itself
                     _ahead(ptrs, t, b + AHEAD, hi, plike, slike)
                 p, g = _piece(ptrs, t, 0, b, e, plike), _piece(ptrs, t, 1, b, e, plike)
                 m, v = _piece(ptrs, t, 2, b, e, slike), _piece(ptrs, t, 3, b, e, slike)
