@@ -50,14 +50,15 @@ def test_unsupported_options_name_themselves(info: OptimizerInfo, option: str) -
 @pytest.mark.parametrize(
     "kw,pattern",
     [
-        (dict(backend="triton"), r"no triton kernel for .* on 'cpu' with state_bits=32"),
-        (dict(state_bits=8, backend="triton"), r"no triton kernel for .* on 'cpu' with state_bits=8"),
+        (dict(backend="triton"), r"no triton kernel for .* on 'meta' with state_bits=32"),
+        (dict(state_bits=8, backend="triton"), r"no triton kernel for .* on 'meta' with state_bits=8"),
+        (dict(backend="numba"), r"no numba kernel for .* on 'meta' with state_bits=32"),
     ],
 )
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
 def test_unavailable_kernels_raise_clearly(info: OptimizerInfo, kw: dict, pattern: str) -> None:
     with pytest.raises(adamkit.KernelUnavailableError, match=pattern):
-        info.cls(make_params(), **kw)
+        info.cls([torch.zeros(3, device="meta", requires_grad=True)], **kw)
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)

@@ -40,13 +40,17 @@ class Kernel:
     #: The same kernel over address tables (pointer-based backends): the optimizers
     #: cache the tables across steps, so 20,000 small tensors cost one cheap call.
     tables: Callable[..., int] | None = None
+    #: Devices it takes only when asked for by name, never for ``backend="auto"``
+    #: (Triton's interpreter on CPU tensors: correct, but far slower than numba).
+    explicit_device_types: frozenset[str] = frozenset()
 
     @property
     def fused(self) -> bool:
         return self.backend in FUSED_BACKENDS
 
-    def supports(self, device_type: str, state_bits: int) -> bool:
+    def supports(self, device_type: str, state_bits: int, explicit: bool = False) -> bool:
         devices_ok = self.device_types is None or device_type in self.device_types
+        devices_ok = devices_ok or (explicit and device_type in self.explicit_device_types)
         return devices_ok and state_bits in self.state_bits
 
 
@@ -61,6 +65,7 @@ def register(
     state_bits: tuple[int, ...] = (32,),
     unsupported: Callable[[Any, Any, bool], str | None] | None = None,
     tables: Callable[..., int] | None = None,
+    explicit_device_types: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., int]], Callable[..., int]]:
     """Decorator: register ``fn`` as the ``backend`` kernel of ``algorithm``."""
     if algorithm not in ALGORITHMS or backend not in BACKENDS:
@@ -68,7 +73,8 @@ def register(
 
     def deco(fn: Callable[..., int]) -> Callable[..., int]:
         devices = None if device_types is None else frozenset(device_types)
-        _KERNELS.append(Kernel(algorithm, backend, devices, frozenset(state_bits), fn, unsupported, tables))
+        explicit = frozenset(explicit_device_types)
+        _KERNELS.append(Kernel(algorithm, backend, devices, frozenset(state_bits), fn, unsupported, tables, explicit))
         resolve.cache_clear()
         return fn
 
@@ -117,7 +123,11 @@ def resolve(
         wanted = list(BACKENDS)
     for name in wanted:
         for k in _KERNELS:
-            if k.algorithm == algorithm and k.backend == name and k.supports(device_type, state_bits):
+            if (
+                k.algorithm == algorithm
+                and k.backend == name
+                and k.supports(device_type, state_bits, backend != "auto")
+            ):
                 return k
     what = f"{' or '.join(wanted)} kernel for {algorithm} on {device_type!r} with state_bits={state_bits}"
     have = sorted({(k.backend, str(sorted(k.state_bits))) for k in _KERNELS if k.algorithm == algorithm})

@@ -181,17 +181,22 @@ class AdamFamily(Optimizer):
             ``"propagate"`` or ``"raise"``).
         nonfinite_count: gradient elements found NaN/±inf so far (masked under
             ``"mask"``; seen in skipped steps under ``"skip"``). Not counted under
-            ``"propagate"``.
+            ``"propagate"``. The CUDA kernels count on the device; their counts are
+            added once the GPU is done with them (reading this waits for it).
         skipped_steps: steps skipped as a whole under ``"skip"``.
     """
 
     algorithm: ClassVar[str]
+    #: torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of
+    #: unscaling the gradients and checking them itself (see :meth:`step`).
+    _step_supports_amp_scaling: ClassVar[bool] = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "mask") -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
-        self.nonfinite_count = 0
+        self._nonfinite_count = 0
+        self._pending_counts: list[tuple[Tensor, Any]] = []
         self.skipped_steps = 0
         self._warned_nonfinite = False
         self._plans: dict[int, GroupPlan] = {}
@@ -205,6 +210,26 @@ class AdamFamily(Optimizer):
         "_warned_nonfinite": False,
     }
 
+    @property
+    def nonfinite_count(self) -> int:
+        self._settle_counts(wait=True)
+        return self._nonfinite_count
+
+    @nonfinite_count.setter
+    def nonfinite_count(self, value: int) -> None:
+        self._pending_counts = []
+        self._nonfinite_count = int(value)
+
+    def _settle_counts(self, wait: bool) -> None:
+        """Add the device-side masked counts the GPU has finished (all, if ``wait``):
+        reading one before would make ``step()`` wait for the kernels."""
+        pending = getattr(self, "_pending_counts", [])
+        while pending and (wait or pending[0][1] is None or pending[0][1].query()):
+            count, _ = pending.pop(0)
+            masked = int(count)
+            if masked:
+                self._note_nonfinite(masked, "masked: their parameters and moments were left unchanged")
+
     def __getstate__(self) -> dict[str, Any]:
         """torch pickles only defaults, state and groups; keep the non-finite policy too."""
         state = super().__getstate__()
@@ -213,6 +238,7 @@ class AdamFamily(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._plans = {}  # new state: plans are rebuilt from it on the next step
+        self._pending_counts = []
         for key, default in self._EXTRA_ATTRIBUTES.items():
             if not hasattr(self, key):
                 setattr(self, key, state.get(key, default))
@@ -366,28 +392,40 @@ class AdamFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+        self._settle_counts(wait=False)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        work = [self._prepare(i, group, amp=grad_scale is not None) for i, group in enumerate(self.param_groups)]
+        if found_inf is not None and float(found_inf) != 0:  # GradScaler saw inf/NaN: skip, change nothing
+            return loss
         if self.nonfinite in ("skip", "raise") and self._screen(work):
             return loss
         seed = None
         if any(group.get("stochastic_rounding") for group in self.param_groups):
             seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))  # torch.manual_seed reproduces it
-        masked = sum(self._run(w, seed if w.group.get("stochastic_rounding") else None) for w in work)
-        if masked:
-            self._note_nonfinite(masked, "masked: their parameters and moments were left unchanged")
+        masked = [self._run(w, seed if w.group.get("stochastic_rounding") else None, grad_scale) for w in work]
+        on_host = sum(m for m in masked if not isinstance(m, Tensor))
+        if on_host:
+            self._note_nonfinite(on_host, "masked: their parameters and moments were left unchanged")
+        for count in (m for m in masked if isinstance(m, Tensor)):
+            event = torch.cuda.Event() if count.is_cuda else None
+            if event is not None:
+                event.record()
+            self._pending_counts.append((count, event))
+        self._settle_counts(wait=False)
         return loss
 
-    def _prepare(self, index: int, group: Mapping[str, Any]) -> _Work:
-        """Validate one group's step (nothing changes) and say how it will run."""
+    def _prepare(self, index: int, group: Mapping[str, Any], amp: bool = False) -> _Work:
+        """Validate one group's step (nothing changes) and say how it will run (with
+        an AMP grad scale, always the general path)."""
         check_hyperparameters(group, f" (param group {index})")
-        plan = self._plan_for(index, group)
+        plan = None if amp else self._plan_for(index, group)
         if plan is not None:
             launch, grads = plan.prepare()
             if launch is not None:
                 return _Work(index, group, launch=launch, all_grads=grads)
         return _Work(index, group, triples=self._collect(index, group))
 
-    def _run(self, work: _Work, sr_seed: int | None) -> int:
+    def _run(self, work: _Work, sr_seed: int | None, grad_scale: Tensor | None = None) -> int | Tensor:
         group = work.group
         flags = dict(
             amsgrad=bool(group.get("amsgrad", False)),
@@ -397,7 +435,7 @@ class AdamFamily(Optimizer):
         )
         if work.launch is not None:
             return work.launch.run(self.state, partial(self._step_scalars, group), **flags)
-        return self._step_group(group, work.triples, **flags)
+        return self._step_group(group, work.triples, grad_scale=grad_scale, **flags)
 
     def _plan_for(self, index: int, group: Mapping[str, Any]) -> GroupPlan | None:
         """The cached plan of a group whose parameters a table kernel takes, else None."""
@@ -454,7 +492,7 @@ class AdamFamily(Optimizer):
         return True
 
     def _note_nonfinite(self, count: int, what: str) -> None:
-        self.nonfinite_count += count
+        self._nonfinite_count += count
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
@@ -539,8 +577,13 @@ class AdamFamily(Optimizer):
         maximize: bool,
         mask_nonfinite: bool,
         sr_seed: int | None,
-    ) -> int:
-        """The general path: advance each parameter one step, bucketed by layout and step."""
+        grad_scale: Tensor | None = None,
+    ) -> int | Tensor:
+        """The general path: advance each parameter one step, bucketed by layout and step.
+
+        With an AMP ``grad_scale``, the gradients are divided by it in place (as torch's
+        fused kernels leave them): inside the Triton kernels, by ``_foreach_div_`` first
+        for the others."""
         if not triples:
             return 0
         keys = self._state_keys(group)
@@ -560,13 +603,20 @@ class AdamFamily(Optimizer):
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, ((_, p, g), st, t) in enumerate(zip(triples, states, step_values)):
             buckets[(p.device, self._layout(p, g, st, group), t)].append(i)
-        masked = 0
+        masked: int | Tensor = 0
         for (device, layout, t), idx in buckets.items():
             fmt = layout[1]
-            extra = {"fmt": fmt} if isinstance(fmt, QuantFormat) else {}
-            masked += self._kernel(group, device.type, layout).fn(
+            extra: dict[str, Any] = {"fmt": fmt} if isinstance(fmt, QuantFormat) else {}
+            kernel = self._kernel(group, device.type, layout)
+            grads = [triples[i][2] for i in idx]
+            if grad_scale is not None:
+                if kernel.backend == "triton":
+                    extra["amp"] = (grad_scale.to(device), None)
+                else:
+                    torch._foreach_div_(grads, grad_scale.to(device))
+            masked = masked + kernel.fn(
                 [triples[i][1] for i in idx],
-                [triples[i][2] for i in idx],
+                grads,
                 {k: [states[i][k] for i in idx] for k in state_columns(keys, fmt)},
                 self._step_scalars(group, t),
                 **extra,
