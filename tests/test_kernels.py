@@ -99,8 +99,10 @@ def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_close_any(actual: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
-    """Half types within 1 ulp; float32 within its tolerance."""
+    """Half types within 1 ulp; float32 within its tolerance (complex: as pairs of reals)."""
     assert actual.dtype == expected.dtype, msg
+    if actual.is_complex():
+        actual, expected = torch.view_as_real(actual), torch.view_as_real(expected)
     if actual.dtype in (torch.bfloat16, torch.float16):
         worst = int(ulps(actual, expected).max()) if actual.numel() else 0
         assert worst <= 1, f"{msg}: {worst} ulps apart"
@@ -108,11 +110,11 @@ def _assert_close_any(actual: torch.Tensor, expected: torch.Tensor, msg: str) ->
         torch.testing.assert_close(actual, expected, **TOL[actual.dtype], msg=msg)
 
 
-def _lockstep(info, kw, dtypes, steps=STEPS, sizes=SIZES, grads=_grads):
-    """Run numba and the reference side by side, comparing and re-syncing every step."""
+def _lockstep(info, kw, dtypes, steps=STEPS, sizes=SIZES, grads=_grads, backend="numba"):
+    """Run a fused backend and the reference side by side, comparing and re-syncing every step."""
     fused_params = _params(dtypes, sizes)
     ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    fused = info.cls(fused_params, **copy.deepcopy(kw), backend="numba")
+    fused = info.cls(fused_params, **copy.deepcopy(kw), backend=backend)
     ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference")
     for step in range(steps):
         for p, q, g in zip(fused_params, ref_params, grads(fused_params, step, None)):

@@ -1,0 +1,703 @@
+"""Fused CUDA kernels in Triton: every variant of the rule, many tensors per launch.
+
+One launch covers a whole bucket of tensors, as torch's ``multi_tensor_apply`` does:
+a table of raw addresses (one row per tensor: element count, random stream, then the
+parameter, gradient and state columns) and a table of work items (tensor, first
+element or first block). Each program takes one work item, so 20,000 small tensors
+cost one launch, and a 16M tensor is spread over every SM.
+
+* **32/16-bit state** (:func:`_dense_kernel`): ``BLOCK`` elements per program; fp32,
+  bf16, fp16 and fp64 parameters (complex ones as pairs of reals), state in fp32,
+  bf16 or fp16 (fp64 with fp64 parameters); math in fp32 (fp64 for fp64).
+* **8-bit and dithered 4-bit state** (:func:`_quant_kernel`): whole quantization
+  blocks per program, as a [rows, block] tile: decode, the rule, each row's new absmax
+  (an integer max over the magnitudes' bits, so NaN propagates as in the reference),
+  encode. 8-bit codes are the nearest value's by a branch-free binary search over the
+  255 midpoints (the count of midpoints below ``y``, as ``torch.searchsorted``); 4-bit
+  codes are the dithered positions of :mod:`adamkit.quant.blockwise`, even and odd
+  elements of a byte held as two tiles.
+
+The rule is written once per algorithm (:func:`_adam_rule`, :func:`_adamax_rule`)
+and is the reference's: torch's ``lerp`` with its two forms, ``sqrt(v)·inv_bc2_sqrt
++ ε`` with a correctly rounded square root and division (``div_rn``/``sqrt_rn``:
+Triton's ``/`` is approximate), NaN-propagating maxima, bf16 stores rounded to
+nearest even with integer arithmetic (NaN -> 0x7FC0; bf16 state flushes subnormals,
+as the reference does), or stochastically with the numba kernels' counter-based
+random bits. Kernels are compiled without contracting ``a·b + c`` into FMAs
+(``enable_fp_fusion=False``) so that they compute exactly what the CPU kernels and the
+reference compute; the one FMA, torch's lerp, is explicit. The step is memory-bound,
+so this costs nothing measurable.
+
+Hyperparameters are runtime values, never ``tl.constexpr``: they arrive in a small
+float64 device table (the rule's constants, and ``step_size`` / ``inv_bc2_sqrt`` per
+tensor), so changing lr or betas does not recompile, and parameters whose ``step``
+lags share the launch. Only the dtypes and the algorithm switches (AMSGRAD, ADAMAX,
+MASK, SR, the codebook kinds) are constants.
+
+Non-finite gradients (``mask``): the element keeps its parameter and moments, and is
+counted with one atomic add per program into a device counter, which the launcher
+returns as a tensor: reading it would make every step wait for the GPU, so the
+optimizer reads it only once it is ready (see :class:`adamkit.optim.AdamFamily`).
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set
+before this module is imported) on CPU tensors: the tests do so, and then the
+``triton`` backend takes CPU tensors when asked for by name (never for ``"auto"``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._scalars import StepScalars
+from ..quant import QUANT_BITS, QuantFormat
+from ..quant.codebooks import dither_phase, dither_tables
+from .registry import register
+
+#: Whether Triton runs its interpreter (CPU tensors, numpy semantics) instead of compiling.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: Devices the kernels take under ``backend="auto"``, and those they take only when
+#: asked for by name (the interpreter's CPU tensors).
+DEVICES = ("cuda",)
+EXPLICIT_DEVICES = ("cpu",) if INTERPRETED else ()
+
+#: Elements per program with 32/16-bit state: 4 warps of 8 elements per thread. A
+#: memory-bound step wants many bytes in flight per SM; 1024 is the usual choice for
+#: elementwise Triton kernels (tuned on a GPU when one is at hand).
+BLOCK = 1024
+#: Elements per program with quantized state (whole blocks: ``rows`` = this / block).
+QUANT_TILE = 2048
+#: Width of the address table: numel, random stream, then up to 8 pointers (param,
+#: grad, and codes/absmax of up to three state tensors).
+_COLS = 10
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+#: State dtypes the dense kernel keeps for each parameter dtype (as the numba kernels).
+STATE_DTYPES = {
+    torch.float32: (torch.float32, torch.bfloat16, torch.float16),
+    torch.bfloat16: (torch.float32, torch.bfloat16, torch.float16),
+    torch.float16: (torch.float32, torch.bfloat16, torch.float16),
+    torch.float64: (torch.float64,),
+    torch.complex64: (torch.complex64,),
+    torch.complex128: (torch.complex128,),
+}
+#: Parameter dtypes of quantized state (math in float32).
+QUANT_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: Indices into the constants table (float64, on the device).
+_LOW, _B1W, _C1, _B2, _B2W, _EPS, _DECAY, _L2, _GSIGN, _PHASE_OLD, _PHASE_NEW = range(11)
+_N_CONSTS = 11
+_M32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------- helpers
+@triton.jit
+def _hash32(x):
+    """Wellons' lowbias32 on uint32 lanes (the numba kernels' and the reference's)."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _bf16(x, FTZ: tl.constexpr, SR: tl.constexpr, rnd):
+    """float32 -> bf16, rounded to nearest even (or up with probability equal to the
+    dropped fraction when SR; ``rnd`` holds 32 random bits); NaN -> 0x7FC0; with FTZ,
+    magnitudes below 2^-126 to zeros of their sign first."""
+    if FTZ:
+        x = tl.where(tl.abs(x) < 1.1754943508222875e-38, x * 0.0, x)
+    bits = tl.where(x != x, 0x7FC00000, x.to(tl.uint32, bitcast=True))
+    if SR:
+        bits = bits + (rnd & 0xFFFF)
+    else:
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _store(ptr, x, mask, T: tl.constexpr, FTZ: tl.constexpr, SR: tl.constexpr, rnd):
+    """Store float lanes ``x`` as ``T``."""
+    if T == tl.bfloat16:
+        tl.store(ptr, _bf16(x.to(tl.float32), FTZ, SR, rnd), mask=mask)
+    else:
+        tl.store(ptr, x.to(T), mask=mask)
+
+
+@triton.jit
+def _nan_max(a, b):
+    """``torch.maximum``: NaN if either is NaN."""
+    return tl.where((a != a) | (b != b), a + b, tl.maximum(a, b))
+
+
+@triton.jit
+def _sqrt(x):
+    """Correctly rounded square root (Triton's ``tl.sqrt`` is approximate in float32)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)  # exact in float64
+    return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _div(a, b):
+    """Correctly rounded division (``/`` is approximate in float32)."""
+    if a.dtype == tl.float64:
+        return a / b
+    return tl.div_rn(a, b)
+
+
+@triton.jit
+def _ptr(row, col, T: tl.constexpr):
+    return tl.load(row + col).to(tl.pointer_type(T))
+
+
+@triton.jit
+def _const(consts, k, W: tl.constexpr):
+    return tl.load(consts + k).to(W)
+
+
+@triton.jit
+def _adam_rule(g, p, m, v, x, consts, lr_t, inv, W: tl.constexpr, AMSGRAD: tl.constexpr):
+    """Adam/AdamW for float lanes: new (p, m, v, v_max); ``reference.adam_rule_``
+    operation for operation, rounded as torch's CPU ops round (measured bit for bit):
+    ``add(alpha)`` is one FMA, ``addcmul`` ``fma(value·a, b, self)``, ``addcdiv``
+    ``self + (value·a) / b``, and torch's lerp ``m + w·(g-m)`` for ``w < 0.5`` and
+    ``g - (g-m)·(1-w)`` otherwise, fused (``c1`` is ``w`` or ``-(1-w)``, ``low`` picks
+    the base)."""
+    g = tl.fma(tl.zeros_like(p) + _const(consts, 7, W), p, g * _const(consts, 8, W))  # ±g + l2·θ
+    base = tl.where(tl.load(consts + 0) != 0, m, g)
+    m1 = tl.fma(tl.zeros_like(g) + _const(consts, 2, W), g - m, base)
+    v1 = tl.fma(_const(consts, 4, W) * g, g, _const(consts, 3, W) * v)
+    if AMSGRAD:
+        x1 = _nan_max(x, v1)
+    else:
+        x1 = v1
+    denom = _sqrt(x1) * inv + _const(consts, 5, W)
+    p1 = p * _const(consts, 6, W) + _div(-lr_t * m1, denom)
+    return p1, m1, v1, x1
+
+
+@triton.jit
+def _adamax_rule(g, p, m, u, consts, lr_t, W: tl.constexpr):
+    """Adamax for float lanes: new (p, m, u); ``reference.adamax_rule_``, rounded as
+    :func:`_adam_rule` says."""
+    g = tl.fma(tl.zeros_like(p) + _const(consts, 7, W), p, g * _const(consts, 8, W))
+    base = tl.where(tl.load(consts + 0) != 0, m, g)
+    m1 = tl.fma(tl.zeros_like(g) + _const(consts, 2, W), g - m, base)
+    u1 = _nan_max(_const(consts, 3, W) * u, tl.abs(g) + _const(consts, 5, W))
+    return p + _div(-lr_t * m1, u1), m1, u1
+
+
+@triton.jit
+def _grad(g_ptr, offs, mask, scale_ptr, W: tl.constexpr, SCALED: tl.constexpr):
+    """The gradient in ``W`` lanes, divided by the AMP scale when SCALED."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0).to(W)
+    if SCALED:
+        g = _div(g, tl.zeros_like(g) + tl.load(scale_ptr).to(W))
+    return g
+
+
+@triton.jit
+def _skipped(flags_ptr, SCALED: tl.constexpr):
+    """Whether the AMP scaler found an inf/NaN (``found_inf`` != 0): skip the step."""
+    if SCALED:
+        return tl.load(flags_ptr) != 0
+    return False
+
+
+# ------------------------------------------------------------------- 32/16-bit state
+@triton.jit
+def _dense_kernel(meta, work, scal, consts, count, amp,
+                  P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr,
+                  MASK: tl.constexpr, SR: tl.constexpr, FTZ: tl.constexpr, SCALED: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    """One work item (tensor, first element) of a dense-state step.
+
+    meta: int64 [n, _COLS] (numel, stream, p, g, m, v, v_max); work: int64 [items, 2];
+    scal: float64 [n, 2] (step_size, inv_bc2_sqrt); consts: float64 (see ``_LOW``...);
+    count: int32 [1], masked elements; amp: float32 [2] (grad scale, found_inf).
+    """
+    w = tl.program_id(0)
+    if not _skipped(amp + 1, SCALED):
+        t = tl.load(work + 2 * w)
+        row = meta + t * 10
+        offs = tl.load(work + 2 * w + 1) + tl.arange(0, BLOCK).to(tl.int64)
+        mask = offs < tl.load(row)
+        p_ptr, g_ptr, m_ptr, v_ptr = _ptr(row, 2, P), _ptr(row, 3, P), _ptr(row, 4, S), _ptr(row, 5, S)
+        lr_t, inv = tl.load(scal + 2 * t).to(W), tl.load(scal + 2 * t + 1).to(W)
+        rnd = offs.to(tl.uint32)
+        if SR:
+            rnd = _hash32(tl.load(row + 1).to(tl.uint32) + offs.to(tl.uint32) * 0x9E3779B1)
+        g = _grad(g_ptr, offs, mask, amp, W, SCALED)
+        if SCALED:  # the unscaled gradient written back, as torch's fused kernels do
+            _store(g_ptr + offs, g, mask, P, False, False, rnd)
+        p = tl.load(p_ptr + offs, mask=mask, other=0).to(W)
+        m = tl.load(m_ptr + offs, mask=mask, other=0).to(W)
+        v = tl.load(v_ptr + offs, mask=mask, other=0).to(W)
+        keep = mask
+        if MASK:
+            ok = (g - g) == 0
+            keep = mask & ok
+            tl.atomic_add(count, tl.sum((mask & ~ok).to(tl.int32), axis=0))
+        if ADAMAX:
+            p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, W)
+        else:
+            x = v
+            if AMSGRAD:
+                x_ptr = _ptr(row, 6, S)
+                x = tl.load(x_ptr + offs, mask=mask, other=0).to(W)
+            p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, consts, lr_t, inv, W, AMSGRAD)
+            if AMSGRAD:
+                _store(x_ptr + offs, x1, keep, S, FTZ, False, rnd)
+        _store(p_ptr + offs, p1, keep, P, False, SR, rnd)
+        _store(m_ptr + offs, m1, keep, S, FTZ, False, rnd)
+        _store(v_ptr + offs, v1, keep, S, FTZ, False, rnd)
+
+
+# ------------------------------------------------------------------- quantized state
+@triton.jit
+def _decode8(codes_ptr, offs, mask, values, scale):
+    code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
+    return tl.load(values + code, mask=mask, other=0.0) * scale
+
+
+@triton.jit
+def _encode8(y, mids):
+    """The count of midpoints below ``y`` (0-255; NaN: 255), as ``torch.searchsorted``:
+    a binary search of 8 table loads."""
+    code = tl.zeros(y.shape, tl.int32)
+    for shift in tl.static_range(7, -1, -1):
+        probe = code + (1 << shift)
+        above = ~(y <= tl.load(mids + probe - 1))
+        code = tl.where(above, probe, code)
+    return code
+
+
+@triton.jit
+def _dither_hash(j, phase):
+    """``(j · DITHER_ALONG + phase) mod 2^32`` for element indices ``j``."""
+    return j.to(tl.uint32) * 3242174889 + phase
+
+
+@triton.jit
+def _decode4(code, h, tab, scale, ROOT: tl.constexpr):
+    """Dithered 4-bit codes to values (``tab``: float32 rows values, rate, offset, up,
+    down of 16 entries); squared for a root codebook."""
+    back = (32768 - (h >> 16).to(tl.int32)).to(tl.float32)
+    slope = tl.where(back >= 0, tl.load(tab + 48 + code), tl.load(tab + 64 + code))
+    x = (tl.load(tab + code) + back * slope) * scale
+    if ROOT:
+        x = x * x
+    return x
+
+
+@triton.jit
+def _encode4(y, h, tab):
+    """Normalized values to dithered 4-bit codes (the reference's float32 and integer
+    operations: the interval by 14 compares, the position in 2^-16 codes, the dither)."""
+    y = _nan_max(y, tl.zeros_like(y) + tl.load(tab))
+    k = tl.zeros(y.shape, tl.int32)
+    for i in tl.static_range(1, 15):
+        k += (y >= tl.load(tab + i)).to(tl.int32)
+    position = (y * tl.load(tab + 16 + k) + tl.load(tab + 32 + k)).to(tl.int32)
+    return tl.minimum((position + (h >> 16).to(tl.int32)) >> 16, 15)
+
+
+@triton.jit
+def _magnitude_top(x):
+    """The rows' largest magnitudes' bits (int32; NaN lies above +inf, so it propagates)."""
+    return tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+
+
+@triton.jit
+def _inverse(top):
+    """``1 / absmax`` (0 for an all-zero or NaN block) from the magnitude bits."""
+    absmax = top.to(tl.float32, bitcast=True)
+    positive = absmax > 0
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(positive, absmax, 1.0))
+    return absmax, tl.where(positive, inv, 0.0)
+
+
+@triton.jit
+def _decode(codes, e, mask, book, scale, h, BITS: tl.constexpr, HALF: tl.constexpr, ROOT: tl.constexpr):
+    """The decoded state at elements ``e`` (8 bits: one code per byte; 4 bits: the low
+    nibble for HALF 0, the high one for HALF 1)."""
+    if BITS == 8:
+        return _decode8(codes, e, mask, book, scale)
+    byte = tl.load(codes + (e >> 1), mask=mask, other=0)
+    return _decode4(((byte >> (4 * HALF)) & 15).to(tl.int32), h, book, scale, ROOT)
+
+
+@triton.jit
+def _quant_half(meta_row, e, mask, scal_row, consts, books, count, amp, m_scale, v_scale, x_scale, phase_old,
+                P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr, SR: tl.constexpr,
+                SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
+    """Decode, the rule, the parameters stored: the new moments of elements ``e`` (roots
+    for a root codebook); masked elements keep their decoded moments."""
+    p_ptr, g_ptr = _ptr(meta_row, 2, P), _ptr(meta_row, 3, P)
+    lr_t, inv_bc = tl.load(scal_row).to(tl.float32), tl.load(scal_row + 1).to(tl.float32)
+    g = _grad(g_ptr, e, mask, amp, tl.float32, SCALED)
+    if SCALED:
+        _store(g_ptr + e, g, mask, P, False, False, e.to(tl.uint32))
+    p = tl.load(p_ptr + e, mask=mask, other=0).to(tl.float32)
+    h = _dither_hash(e, phase_old)
+    m = _decode(_ptr(meta_row, 4, tl.uint8), e, mask, books, m_scale, h, BITS, HALF, False)
+    v = _decode(_ptr(meta_row, 6, tl.uint8), e, mask, books + 512, v_scale, h, BITS, HALF, ROOT)
+    x = v
+    if AMSGRAD:
+        x = _decode(_ptr(meta_row, 8, tl.uint8), e, mask, books + 1024, x_scale, h, BITS, HALF, ROOT)
+    ok = mask
+    if MASK:
+        ok = mask & ((g - g) == 0)
+        tl.atomic_add(count, tl.sum(tl.sum((mask & ~ok).to(tl.int32), axis=1), axis=0))
+    if ADAMAX:
+        p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, tl.float32)
+        x1 = v1
+    else:
+        p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, consts, lr_t, inv_bc, tl.float32, AMSGRAD)
+    rnd = e.to(tl.uint32)
+    if SR:
+        rnd = _hash32(tl.load(meta_row + 1).to(tl.uint32) + e.to(tl.uint32) * 0x9E3779B1)
+    _store(p_ptr + e, tl.where(ok, p1, p), mask, P, False, SR, rnd)
+    m1, v1, x1 = tl.where(ok, m1, m), tl.where(ok, v1, v), tl.where(ok, x1, x)
+    if ROOT:
+        v1, x1 = tl.sqrt_rn(v1), tl.sqrt_rn(x1)
+    zero = tl.zeros_like(m1)
+    return tl.where(mask, m1, zero), tl.where(mask, v1, zero), tl.where(mask, x1, zero)
+
+
+@triton.jit
+def _encode(codes, offs, mask, y, y_odd, odd, h0, h1, book, BITS: tl.constexpr):
+    """Store the codes of normalized values ``y`` (4 bits: ``y`` the even elements and
+    ``y_odd`` the odd ones, present where ``odd``; one byte per pair)."""
+    if BITS == 8:
+        tl.store(codes + offs, _encode8(y, book + 256).to(tl.uint8), mask=mask)
+    else:
+        lo = _encode4(y, h0, book)
+        hi = tl.where(odd, _encode4(y_odd, h1, book), 0)
+        tl.store(codes + (offs >> 1), (lo | (hi << 4)).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _quant_kernel(meta, work, scal, consts, books, count, amp, block,
+                  P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr,
+                  SR: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr,
+                  ROWS: tl.constexpr, QB: tl.constexpr):  # fmt: skip
+    """One work item (tensor, first block) of a quantized-state step: ROWS blocks of
+    ``block`` elements as a [ROWS, QB] tile (QB: the block's elements, at 4 bits its
+    pairs, rounded up to a power of two). At 4 bits the tile holds the even elements
+    and a second one the odd elements, so that a byte's two codes meet.
+
+    meta: int64 [n, _COLS] (numel, stream, p, g, then codes and absmax per state);
+    books: float32, 512 per state (8 bits: values at 0, midpoints at 256; 4 bits: values,
+    rate, offset, up, down, 16 each); the rest as :func:`_dense_kernel`.
+    """
+    w = tl.program_id(0)
+    if not _skipped(amp + 1, SCALED):
+        t = tl.load(work + 2 * w)
+        row = meta + t * 10
+        n = tl.load(row)
+        blk = tl.load(work + 2 * w + 1) + tl.arange(0, ROWS).to(tl.int64)
+        live = blk * block < n
+        stride = 1 if BITS == 8 else 2
+        cols = tl.arange(0, QB).to(tl.int64)
+        offs = blk[:, None] * block + cols[None, :] * stride
+        mask = live[:, None] & (cols[None, :] < block // stride) & (offs < n)
+        ma, va = _ptr(row, 5, tl.float32), _ptr(row, 7, tl.float32)
+        m_scale = tl.load(ma + blk, mask=live, other=0.0)[:, None]
+        v_scale = tl.load(va + blk, mask=live, other=0.0)[:, None]
+        x_scale = v_scale
+        if AMSGRAD:
+            x_scale = tl.load(_ptr(row, 9, tl.float32) + blk, mask=live, other=0.0)[:, None]
+        phase_old, phase_new = tl.load(consts + 9).to(tl.uint32), tl.load(consts + 10).to(tl.uint32)
+        scal_row = scal + 2 * t
+        m, v, x = _quant_half(row, offs, mask, scal_row, consts, books, count, amp, m_scale, v_scale, x_scale,
+                              phase_old, P, ADAMAX, AMSGRAD, MASK, SR, SCALED, BITS, ROOT, 0)  # fmt: skip
+        m_top, v_top, x_top = _magnitude_top(m), _magnitude_top(v), _magnitude_top(x)
+        odd = mask & (offs + 1 < n)
+        m_odd, v_odd, x_odd = m, v, x
+        if BITS == 4:
+            m_odd, v_odd, x_odd = _quant_half(row, offs + 1, odd, scal_row, consts, books, count, amp, m_scale,
+                                              v_scale, x_scale, phase_old, P, ADAMAX, AMSGRAD, MASK, SR, SCALED,
+                                              BITS, ROOT, 1)  # fmt: skip
+            m_top = tl.maximum(m_top, _magnitude_top(m_odd))
+            v_top = tl.maximum(v_top, _magnitude_top(v_odd))
+            x_top = tl.maximum(x_top, _magnitude_top(x_odd))
+        h0, h1 = _dither_hash(offs, phase_new), _dither_hash(offs + 1, phase_new)
+        m_abs, m_inv = _inverse(m_top)
+        tl.store(ma + blk, m_abs, mask=live)
+        _encode(_ptr(row, 4, tl.uint8), offs, mask, m * m_inv[:, None], m_odd * m_inv[:, None], odd, h0, h1, books,
+                BITS)  # fmt: skip
+        v_abs, v_inv = _inverse(v_top)
+        tl.store(va + blk, v_abs, mask=live)
+        _encode(_ptr(row, 6, tl.uint8), offs, mask, v * v_inv[:, None], v_odd * v_inv[:, None], odd, h0, h1,
+                books + 512, BITS)  # fmt: skip
+        if AMSGRAD:
+            x_abs, x_inv = _inverse(x_top)
+            tl.store(_ptr(row, 9, tl.float32) + blk, x_abs, mask=live)
+            _encode(_ptr(row, 8, tl.uint8), offs, mask, x * x_inv[:, None], x_odd * x_inv[:, None], odd, h0, h1,
+                    books + 1024, BITS)  # fmt: skip
+
+
+# ------------------------------------------------------------------------ launchers
+def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str | None:
+    """Why these kernels cannot take such a parameter, or None if they can."""
+    if not contiguous:
+        return "the triton kernels need contiguous parameters, gradients and state"
+    if isinstance(fmt, QuantFormat):
+        if param_dtype not in QUANT_PARAM_DTYPES:
+            allowed = [str(d) for d in QUANT_PARAM_DTYPES]
+            return f"the quantized triton kernels take {allowed} parameters, not {param_dtype}"
+        if fmt.bits == 4 and not fmt.dither:
+            return "the quantized triton kernels take dithered 4-bit state"
+        if fmt.block_size is None:
+            return "the triton kernels need block-wise quantized state (block_wise=True)"
+        return None
+    if param_dtype not in STATE_DTYPES:
+        return f"the triton kernels take {sorted(map(str, STATE_DTYPES))} parameters, not {param_dtype}"
+    if fmt not in STATE_DTYPES[param_dtype]:
+        allowed = sorted(map(str, STATE_DTYPES[param_dtype]))
+        return f"the triton kernels keep the state of {param_dtype} parameters in {allowed}, not {fmt}"
+    return None
+
+
+def _np_hash32(x: np.ndarray) -> np.ndarray:
+    """:func:`_hash32` on uint64 arrays holding 32-bit values."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & np.uint64(_M32)
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & np.uint64(_M32)
+    return x ^ (x >> np.uint64(16))
+
+
+def _streams(seed: int | None, salts: Sequence[int] | None, n: int) -> np.ndarray:
+    """Each tensor's stochastic-rounding stream, as the numba kernels' ``_tensor_seed``."""
+    if seed is None:
+        return np.zeros(n, dtype=np.int64)
+    salt = np.arange(n, dtype=np.uint64) if salts is None else np.asarray(salts, dtype=np.int64).astype(np.uint64)
+    mixed = (np.uint64(seed & _M32) + _np_hash32(salt & np.uint64(_M32))) & np.uint64(_M32)
+    return _np_hash32(mixed).astype(np.int64)
+
+
+def _items(counts: np.ndarray, per_item: int) -> np.ndarray:
+    """int64 [items, 2]: (tensor, first unit) covering ``counts[t]`` units per tensor in
+    runs of ``per_item``."""
+    pieces = (counts + per_item - 1) // per_item
+    tensor = np.repeat(np.arange(counts.size, dtype=np.int64), pieces)
+    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+    return np.stack([tensor, (np.arange(tensor.size, dtype=np.int64) - first) * per_item], axis=1)
+
+
+def _consts(s: StepScalars, maximize: bool, work: type) -> np.ndarray:
+    from .numba_cpu import _lerp_consts  # the numba kernels' constants, to the bit
+
+    low, b1w, c1 = _lerp_consts(s.beta1, work)
+    step = int(s.step)
+    return np.array(
+        [low, b1w, c1, s.beta2, 1 - s.beta2, s.eps, s.decay, s.l2, -1.0 if maximize else 1.0,
+         dither_phase(step - 1), dither_phase(step)],
+        dtype=np.float64,
+    )  # fmt: skip
+
+
+@functools.cache
+def _books(names: tuple[str, ...], bits: int, device: torch.device) -> Tensor:
+    """The codebooks' tables the quantized kernel reads, 512 floats per state."""
+    from .. import quant
+
+    out = np.zeros((3, 512), dtype=np.float32)
+    for k, name in enumerate(names):
+        if bits == 8:
+            book = quant.codebooks.codebook(name)
+            out[k, :256] = book.values.numpy()
+            out[k, 256:511] = book.midpoints.numpy()
+        else:
+            tab = dither_tables(name)
+            for r, values in enumerate((tab.values, tab.rate, tab.offset, tab.up, tab.down)):
+                out[k, 16 * r : 16 * r + 16] = values
+    return torch.from_numpy(out.reshape(-1)).to(device)
+
+
+def _amp(device: torch.device, amp: tuple[Tensor | None, Tensor | None] | None) -> Tensor | None:
+    """float32 [2] on the device: the AMP grad scale (1 if none) and found_inf (0 if none)."""
+    if amp is None or (amp[0] is None and amp[1] is None):
+        return None
+    scale, found = amp
+    one = torch.ones((), dtype=torch.float32, device=device)
+    parts = [
+        one if scale is None else scale.reshape(()).float(),
+        0 * one if found is None else found.reshape(()).float(),
+    ]
+    return torch.stack(parts)
+
+
+def _launch(
+    columns: list[list[Tensor]],
+    s: StepScalars,
+    *,
+    algo: int,
+    fmt: QuantFormat | None,
+    books: tuple[str, ...],
+    amsgrad: bool,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None,
+    salts: Sequence[int] | None,
+    amp: tuple[Tensor | None, Tensor | None] | None,
+) -> int | Tensor:
+    """Build the tables and launch one kernel over every tensor of ``columns`` (param,
+    grad, then the state columns); the masked count (a device tensor on CUDA)."""
+    params = columns[0]
+    if not params:
+        return 0
+    if params[0].is_complex():
+        columns = [[torch.view_as_real(t) for t in col] for col in columns]
+        params = columns[0]
+    device = params[0].device
+    n = len(params)
+    numels = np.fromiter((p.numel() for p in params), dtype=np.int64, count=n)
+    pdtype = params[0].dtype
+    work_dtype = np.float64 if pdtype == torch.float64 else np.float32
+    meta = np.zeros((n, _COLS), dtype=np.int64)
+    meta[:, 0] = numels
+    meta[:, 1] = _streams(sr_seed, salts, n)
+    for c, col in enumerate(columns):
+        meta[:, 2 + c] = [t.data_ptr() for t in col]
+    if fmt is None:
+        items = _items(numels, BLOCK)
+    else:
+        block = int(fmt.block_size)
+        stride = 8 // fmt.bits
+        qb = triton.next_power_of_2(-(-block // stride))
+        rows = max(1, QUANT_TILE // (qb * stride))
+        items = _items(-(-numels // block), rows)
+    if items.shape[0] == 0:
+        return 0
+    scal = np.empty((n, 2), dtype=np.float64)
+    scal[:] = (s.step_size, s.inv_bc2_sqrt)
+    consts = _consts(s, maximize, work_dtype)
+    host = np.concatenate([meta.reshape(-1), items.reshape(-1), scal.view(np.int64).reshape(-1), consts.view(np.int64)])
+    buf = torch.from_numpy(host).to(device, non_blocking=True)
+    a, b, c = meta.size, meta.size + items.size, meta.size + items.size + scal.size
+    meta_d, items_d, scal_d, consts_d = buf[:a], buf[a:b], buf[b:c].view(torch.float64), buf[c:].view(torch.float64)
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    amp_d = _amp(device, amp)
+    scaled = amp_d is not None
+    flags = dict(ADAMAX=algo == 2, AMSGRAD=amsgrad, MASK=mask_nonfinite, SR=sr_seed is not None, SCALED=scaled)
+    grid = (items.shape[0],)
+    if fmt is None:
+        sdtype = columns[2][0].dtype
+        _dense_kernel[grid](
+            meta_d, items_d, scal_d, consts_d, count, amp_d if scaled else count,
+            P=_TL[pdtype], S=_TL[sdtype], W=_TL[torch.float64 if pdtype == torch.float64 else torch.float32],
+            FTZ=sdtype == torch.bfloat16, BLOCK=BLOCK, enable_fp_fusion=False, **flags,
+        )  # fmt: skip
+    else:
+        from ..quant import codebook
+
+        root = codebook(books[1]).root
+        tables = _books(books + (books[-1],) * (3 - len(books)), fmt.bits, device)
+        _quant_kernel[grid](
+            meta_d, items_d, scal_d, consts_d, tables, count, amp_d if scaled else count, block,
+            P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, QB=qb, enable_fp_fusion=False, **flags,
+        )  # fmt: skip
+    if not mask_nonfinite:
+        return 0
+    return int(count.item()) if device.type == "cpu" else count[0]
+
+
+_KEYS = {0: ("exp_avg", "exp_avg_sq"), 1: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), 2: ("exp_avg", "exp_inf")}
+
+
+def _step(
+    algo: int,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    fmt: QuantFormat | None,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None,
+    salts: Sequence[int] | None,
+    amp: tuple[Tensor | None, Tensor | None] | None,
+) -> int | Tensor:
+    keys = _KEYS[algo]
+    if fmt is None:
+        columns = [list(params), list(grads)] + [list(state[k]) for k in keys]
+        names: tuple[str, ...] = ()
+    else:
+        columns = [list(params), list(grads)] + [
+            list(state[f"{k}_{part}"]) for k in keys for part in ("codes", "absmax")
+        ]
+        names = tuple(fmt.codebook(k).name for k in keys)
+    return _launch(
+        columns, s, algo=algo, fmt=fmt, books=names, amsgrad=algo == 1, maximize=maximize,
+        mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=salts, amp=amp,
+    )  # fmt: skip
+
+
+_BITS = (32, 16, *QUANT_BITS)
+
+
+@register(
+    "adam",
+    backend="triton",
+    device_types=DEVICES,
+    explicit_device_types=EXPLICIT_DEVICES,
+    state_bits=_BITS,
+    unsupported=unsupported,
+)
+def adam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    *,
+    fmt: QuantFormat | None = None,
+    amsgrad: bool,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
+    amp: tuple[Tensor | None, Tensor | None] | None = None,
+) -> int | Tensor:
+    """Fused Adam/AdamW over one bucket, dense or quantized state (see :func:`unsupported`)."""
+    return _step(int(amsgrad), params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp)
+
+
+@register(
+    "adamax",
+    backend="triton",
+    device_types=DEVICES,
+    explicit_device_types=EXPLICIT_DEVICES,
+    state_bits=_BITS,
+    unsupported=unsupported,
+)
+def adamax_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    *,
+    fmt: QuantFormat | None = None,
+    amsgrad: bool = False,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
+    amp: tuple[Tensor | None, Tensor | None] | None = None,
+) -> int | Tensor:
+    """Fused Adamax over one bucket, dense or quantized state."""
+    if amsgrad:
+        raise ValueError("Adamax has no AMSGrad variant")
+    return _step(2, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp)
