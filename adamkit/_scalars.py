@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -88,3 +89,27 @@ def adamax_scalars(
         l2=weight_decay,
         step=step,
     )
+
+
+def device_scalars(
+    steps: Any,
+    *,
+    lr: float | Any,
+    beta1: float,
+    beta2: float | None,
+    weight_decay: float,
+    decoupled: bool,
+) -> tuple[Any, Any, Any]:
+    """:func:`adam_scalars`' (or, with ``beta2=None``, :func:`adamax_scalars`') formulas
+    in torch ops on the device, for steps that must not read anything on the host (a
+    capturable step, replayed in a CUDA graph): ``(step_size, inv_bc2_sqrt, decay)``,
+    float64 tensors like ``steps`` (float64 [n], the step counts t on the device) —
+    ``decay`` a float unless a tensor ``lr`` decays the parameters. ``lr`` may be a
+    tensor on the device (a scheduler writing it in place)."""
+    import torch
+
+    lr64 = lr.to(steps.device, torch.float64) if isinstance(lr, torch.Tensor) else float(lr)
+    step_size = lr64 / (1.0 - torch.pow(beta1, steps))
+    inv = 1.0 / torch.sqrt(1.0 - torch.pow(beta2, steps)) if beta2 is not None else torch.ones_like(steps)
+    decay = 1.0 - lr64 * weight_decay if decoupled else 1.0
+    return step_size, inv, decay

@@ -261,8 +261,18 @@ class Result:
     samples_ms: list[float] = field(default_factory=list)
 
 
-def _params(shapes: list[tuple[int, ...]], dtype: torch.dtype, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    ps = [torch.zeros(s, dtype=dtype).requires_grad_() for s in shapes]
+def cuda_roofline(n: int, device: torch.device) -> tuple[float, Callable[[], None]]:
+    """On a GPU: a device-to-device copy of 3.5·n float32 (28 bytes moved per element, as
+    fp32 AdamW's), the bandwidth figure the GPU goals are stated against."""
+    src = torch.ones(7 * n // 2, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 28.0, lambda: dst.copy_(src)
+
+
+def _params(
+    shapes: list[tuple[int, ...]], dtype: torch.dtype, grads: list[torch.Tensor], device: str = "cpu"
+) -> list[torch.Tensor]:
+    ps = [torch.zeros(s, dtype=dtype, device=device).requires_grad_() for s in shapes]
     for p, g in zip(ps, grads):
         p.grad = g  # shared: optimizers only read gradients
     return ps
@@ -275,6 +285,7 @@ def run_workload(
     chosen: list[Contender],
     progress: Callable[[], None],
     new_grads: bool = False,
+    device: str = "cpu",
 ) -> tuple[list[Result], float]:
     """Time every contender on one workload, round-robin, plus the roofline stream.
 
@@ -283,13 +294,18 @@ def run_workload(
     once so that no contender finds the tensors' metadata in cache; by default the
     gradients are the same tensors every step.
 
+    ``device="cuda"``: parameters and gradients on the GPU, each step timed between
+    synchronizations, the roofline a device-to-device copy (:func:`cuda_roofline`).
+
     Returns the results and the roofline bandwidth (bytes/s) measured beside them.
     """
     shapes = WORKLOADS[workload]()
     dtype = DTYPES[dtype_name]
     n = sum(int(np.prod(s)) for s in shapes)
     gen = torch.Generator().manual_seed(0)
-    grads = [(torch.randn(s, generator=gen) * 1e-3).to(dtype) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device, dtype) for s in shapes]
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     grad_sets = [grads, [g.clone() for g in grads]] if new_grads else [grads]
     steps: dict[str, Callable[[], Any]] = {}
     params: list[list[torch.Tensor]] = []
@@ -297,13 +313,13 @@ def run_workload(
     chosen = [c for c in chosen if dtype_name in c.dtypes]
     for c in chosen:
         try:
-            ps = _params(shapes, dtype, grads)
+            ps = _params(shapes, dtype, grads, device)
             optimizers[c.name] = c.make(ps)
             steps[c.name] = optimizers[c.name].step
             params.append(ps)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot take this case is reported, not fatal
             print(f"  {c.name}: skipped on {workload}/{dtype_name} ({type(exc).__name__}: {exc})", file=sys.stderr)
-    stream_bytes, stream = roofline(n)
+    stream_bytes, stream = cuda_roofline(n, torch.device(device)) if cuda else roofline(n)
     steps["roofline"] = stream
     times: dict[str, list[float]] = {k: [] for k in steps}
     for rep in range(reps + 1):  # one warm-up round: compilation, first touch of the state
@@ -314,8 +330,10 @@ def run_workload(
             stream()
         for name, step in steps.items():
             time.sleep(PAUSE_S)
+            sync()
             t0 = time.perf_counter()
             step()
+            sync()
             dt = time.perf_counter() - t0
             if rep:
                 times[name].append(dt)
@@ -443,7 +461,8 @@ def _table(results: list[Result], meta: dict[str, Any]) -> None:
     from rich.table import Table
 
     grads = "new gradient tensors every step" if meta.get("new_grads") else "gradients kept"
-    table = Table(title=f"optimizer step, AdamW, median of {meta['reps']} ({meta['threads']} threads; {grads})")
+    where = meta["device"] if meta.get("device", "cpu") != "cpu" else f"{meta['threads']} threads"
+    table = Table(title=f"optimizer step, AdamW, median of {meta['reps']} ({where}; {grads})")
     for col in ("workload", "dtype", "optimizer", "state B/param", "ms/step", "G el/s", "vs fused", "roofline"):
         table.add_column(col, justify="left" if col in ("workload", "dtype", "optimizer") else "right")
     for r in results:
@@ -526,6 +545,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a new gradient tensor per parameter every step (zero_grad's set_to_none), not kept ones",
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda: on a GPU, the Triton kernels against torch's and peers'"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="FILE.png", help="plot the ratios against torch fused (matplotlib)")
 
@@ -533,6 +555,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("adamkit bench --device cuda: torch sees no CUDA GPU here")
     workloads = args.workloads or (QUICK_WORKLOADS if args.quick else DEFAULT_WORKLOADS)
     reps = args.reps or (3 if args.quick else 9)
     chosen = [c for c in contenders() if not (args.quick and c.slow)]
@@ -546,6 +571,7 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "reps": reps,
         "new_grads": args.new_grads,
         "roofline_GBps": {},
@@ -558,7 +584,7 @@ def run(args: argparse.Namespace) -> int:
         for workload, dtype in cases:
             bar.update(task, description=f"{workload} {dtype}")
             rows, bandwidth = run_workload(
-                workload, dtype, reps, chosen, lambda: bar.advance(task), new_grads=args.new_grads
+                workload, dtype, reps, chosen, lambda: bar.advance(task), new_grads=args.new_grads, device=args.device
             )
             results += rows
             meta["roofline_GBps"][f"{workload}/{dtype}"] = bandwidth / 1e9

@@ -32,7 +32,15 @@ from adamkit.kernels import registry
 
 triton_cuda = pytest.importorskip("adamkit.kernels.triton_cuda", reason="triton is not installed")
 CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_for_cpu_tensors(request):
+    """The tests on CPU tensors need Triton's interpreter; with a GPU (and the
+    interpreter off) only the ``cuda`` ones run."""
+    if not triton_cuda.INTERPRETED and request.node.get_closest_marker("cuda") is None:
+        pytest.skip("steps CPU tensors: needs Triton's interpreter (TRITON_INTERPRET=1)")
+
 
 # 0, 1, a ragged program (BLOCK = 1024), several programs, and small tensors
 SIZES = [0, 1, 255, 256, 4097] + [
@@ -247,20 +255,32 @@ def test_triton_unsupported_layouts_are_explained() -> None:
 
 
 # ------------------------------------------------------------------ on a GPU
-@needs_cuda
+CUDA_CONFIGS = [
+    (adamkit.AdamW, dict(weight_decay=0.1)),
+    (adamkit.Adam, dict(amsgrad=True, maximize=True, weight_decay=0.1)),
+    (adamkit.Adamax, dict(weight_decay=0.05)),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("bits", [32, 16, 8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_matches_reference(bits: int, dtype: torch.dtype) -> None:
-    """On a GPU: the compiled kernels against the reference on the same device."""
+@pytest.mark.parametrize("cls,kw", CUDA_CONFIGS, ids=["AdamW", "Adam-ams-max", "Adamax"])
+def test_cuda_matches_reference(cls, kw, bits: int, dtype: torch.dtype) -> None:
+    """On a GPU: the compiled kernels against the reference on the same device, NaN and
+    inf gradients masked alike."""
     sizes = [0, 1, 255, 4097, 1 << 20, *range(1, 300, 7)]
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(n, generator=gen).to("cuda", dtype).requires_grad_() for n in sizes]
     twins = [p.detach().clone().requires_grad_() for p in params]
-    kw = dict(state_bits=bits, min_quant_size=0, weight_decay=0.1)
-    a, b = adamkit.AdamW(params, backend="triton", **kw), adamkit.AdamW(twins, backend="reference", **kw)
-    for _ in range(5):
+    kw = dict(state_bits=bits, min_quant_size=0, **kw)
+    a, b = cls(params, backend="triton", **kw), cls(twins, backend="reference", **kw)
+    for step in range(5):
         for p, q in zip(params, twins):
             g = torch.randn(p.shape, device="cuda").to(dtype)
+            if step == 2 and g.numel() > 300:
+                g[[0, 299]] = torch.tensor([float("nan"), float("inf")], device="cuda", dtype=dtype)
             p.grad, q.grad = g.clone(), g.clone()
         a.step()
         b.step()
@@ -271,7 +291,9 @@ def test_cuda_matches_reference(bits: int, dtype: torch.dtype) -> None:
             for key, value in a.state[p].items():
                 if isinstance(value, torch.Tensor) and key != "step":
                     b.state[q][key].copy_(value)
-    assert a.nonfinite_count == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert a.nonfinite_count == b.nonfinite_count == 4
 
 
 @pytest.mark.parametrize("state_bits", [32, 16])
@@ -294,3 +316,159 @@ def test_triton_adamax_equals_reference_to_the_bit(state_bits: int) -> None:
         for p, q in zip(params, twins):
             assert torch.equal(p, q)
             assert all(torch.equal(a.state[p][k], b.state[q][k]) for k in ("exp_avg", "exp_inf"))
+
+
+# ------------------------------------------------------------------ capturable
+CAPTURABLE = [
+    (adamkit.AdamW, dict(weight_decay=0.1)),
+    (adamkit.Adam, dict(amsgrad=True, weight_decay=0.1, maximize=True)),
+    (adamkit.Adamax, dict(weight_decay=0.05)),
+]
+
+
+@pytest.mark.parametrize("state_bits", [32, 16, 8, 4])
+@pytest.mark.parametrize("cls,kw", CAPTURABLE, ids=["AdamW", "Adam-ams-max", "Adamax"])
+def test_capturable_equals_the_host_path(cls, kw, state_bits: int) -> None:
+    """capturable=True computes the step scalars on the device from device ``step``
+    counters and a device ``lr`` (a scheduler writing it in place): bit for bit what
+    the host path computes, including lagging steps."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=gen).requires_grad_() for n in (1, 300, 5000)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    common = dict(backend="triton", state_bits=state_bits, min_quant_size=0, **kw)
+    a = cls(params, lr=torch.tensor(0.01), capturable=True, **common)
+    b = cls(twins, lr=torch.tensor(0.01), **common)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, 2, 0.5) for o in (a, b)]
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(params, twins)):
+            g = None if (i == 1 and step in (2, 3)) else torch.randn(p.shape, generator=gen)
+            p.grad, q.grad = (None, None) if g is None else (g.clone(), g.clone())
+        a.step()
+        b.step()
+        for s in schedulers:
+            s.step()
+        for p, q in zip(params, twins):
+            assert torch.equal(p, q), f"step {step}"
+            assert torch.equal(a.state[p]["step"], b.state[q]["step"])
+            assert a.state[p]["step"].device == p.device
+    assert float(a.state[params[1]]["step"]) == 4.0
+
+
+def test_capturable_step_reads_nothing_on_the_host(monkeypatch) -> None:
+    """After a warm-up step, a capturable step (GradScaler's scale and found_inf
+    included) never turns a tensor into a Python number: nothing waits for the GPU, and
+    the step can be captured in a CUDA graph."""
+    params = [torch.randn(n).requires_grad_() for n in (10, 5000)]
+    opt = adamkit.AdamW(params, lr=torch.tensor(1e-3), backend="triton", capturable=True, state_bits=8,
+                        min_quant_size=0)  # fmt: skip
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()  # warm-up: state and tables made
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host during a capturable step")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+            m.setattr(torch.Tensor, name, host_read)
+        opt.step()
+    assert float(opt.state[params[0]]["step"]) == 2.0
+
+
+def test_capturable_found_inf_skips_on_the_device() -> None:
+    params = [torch.randn(n).requires_grad_() for n in (10, 5000)]
+    opt = adamkit.AdamW(params, backend="triton", capturable=True)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert float(opt.state[params[0]]["step"]) == 1.0  # not advanced
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert float(opt.state[params[0]]["step"]) == 2.0
+    assert not torch.equal(params[1], before[1])
+
+
+def test_capturable_counts_masked_elements_on_the_device() -> None:
+    p = torch.randn(3000, requires_grad=True)
+    opt = adamkit.AdamW([p], backend="triton", capturable=True)
+    p.grad = torch.randn(3000)
+    p.grad[[5, 2999]] = torch.tensor([float("nan"), float("inf")])
+    before = p.detach().clone()
+    opt.step()
+    with pytest.warns(RuntimeWarning, match="2 non-finite"):
+        assert opt.nonfinite_count == 2
+    assert torch.equal(p[[5, 2999]], before[[5, 2999]])
+
+
+def test_capturable_rejects_what_needs_the_host() -> None:
+    p = [torch.randn(10, requires_grad=True)]
+    with pytest.raises(ValueError, match="nonfinite='mask' or 'propagate'"):
+        adamkit.AdamW(p, backend="triton", capturable=True, nonfinite="skip")
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        adamkit.AdamW(p, backend="triton", capturable=True, stochastic_rounding=True)
+    with pytest.raises(ValueError, match="percentile_clipping"):
+        adamkit.AdamW(p, backend="triton", capturable=True, percentile_clipping=90)
+    with pytest.raises(NotImplementedError, match="needs the triton kernels"):
+        adamkit.AdamW(p, backend="numba", capturable=True)
+
+
+def test_capturable_checkpoint_round_trip() -> None:
+    """A capturable optimizer's checkpoint (device steps) loads into a host-path one and
+    into torch.optim.AdamW, and back."""
+    params = [torch.randn(n).requires_grad_() for n in (10, 5000)]
+    opt = adamkit.AdamW(params, backend="triton", capturable=True)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()
+    sd = opt.state_dict()
+    twin = adamkit.AdamW([p.detach().clone().requires_grad_() for p in params], backend="triton")
+    twin.load_state_dict(sd)
+    torch_opt = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in params])
+    torch_opt.load_state_dict(sd)
+    back = adamkit.AdamW([p.detach().clone().requires_grad_() for p in params], backend="triton", capturable=True)
+    back.load_state_dict(torch_opt.state_dict())
+    for st in (twin.state, back.state):
+        assert all(float(s["step"]) == 1.0 for s in st.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [32, 8])
+def test_cuda_graph_captures_a_training_step(bits: int) -> None:
+    """A whole training step (forward, backward, GradScaler-free AdamW with a device lr)
+    captured in a CUDA graph and replayed matches the same steps run eagerly."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)).cuda()
+              for _ in range(2)]  # fmt: skip
+    models[1].load_state_dict(models[0].state_dict())
+    kw = dict(lr=torch.tensor(1e-3, device="cuda"), capturable=True, state_bits=bits, min_quant_size=0)
+    opts = [adamkit.AdamW(m.parameters(), **kw) for m in models]
+    x, y = torch.randn(32, 64, device="cuda"), torch.randn(32, 64, device="cuda")
+
+    def train_step(model, opt):
+        opt.zero_grad(set_to_none=False)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up, as torch's CUDA-graph recipe asks
+            train_step(models[0], opts[0])
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        train_step(models[0], opts[0])
+    for _ in range(3):
+        train_step(models[1], opts[1])
+    for _ in range(5):
+        graph.replay()
+        train_step(models[1], opts[1])
+    torch.cuda.synchronize()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -95,8 +95,8 @@ def test_bench_new_grads_gives_every_parameter_a_new_gradient_each_round(monkeyp
     seen: list[list[int]] = []
     real_params = bench._params
 
-    def spy(shapes, dtype, grads):
-        ps = real_params(shapes, dtype, grads)
+    def spy(shapes, dtype, grads, device="cpu"):
+        ps = real_params(shapes, dtype, grads, device)
         seen.append(ps)
         return ps
 
@@ -125,6 +125,14 @@ def test_bench_new_grads_gives_every_parameter_a_new_gradient_each_round(monkeyp
     adamkit_steps = ids_per_step[0::2]
     assert adamkit_steps[0] != adamkit_steps[1] and adamkit_steps[0] == adamkit_steps[2]  # two sets, alternating
     assert set(adamkit_steps[0]).isdisjoint(adamkit_steps[1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_bench_on_cuda_without_a_gpu_says_so() -> None:
+    from adamkit import bench
+
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        bench.main(["--quick", "--device", "cuda"])
 
 
 def test_state_buffers_are_zeros_on_huge_pages_where_linux_allows() -> None:

@@ -92,8 +92,10 @@ STATE_DTYPES = {
 #: Parameter dtypes of quantized state (math in float32).
 QUANT_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: Indices into the constants table (float64, on the device).
-_LOW, _B1W, _C1, _B2, _B2W, _EPS, _DECAY, _L2, _GSIGN, _PHASE_OLD, _PHASE_NEW = range(11)
-_N_CONSTS = 11
+_LOW, _B1W, _C1, _B2, _B2W, _EPS, _DECAY, _L2, _GSIGN = range(9)
+#: Columns of the per-tensor scalars (float64): step_size, inv_bc2_sqrt and the dither
+#: phases the codes were written at and are written at (``dither_phase`` of t-1, t).
+SCALARS = 4
 _M32 = 0xFFFFFFFF
 
 
@@ -143,16 +145,20 @@ def _nan_max(a, b):
 def _sqrt(x):
     """Correctly rounded square root (Triton's ``tl.sqrt`` is approximate in float32)."""
     if x.dtype == tl.float64:
-        return tl.sqrt(x)  # exact in float64
-    return tl.sqrt_rn(x)
+        y = tl.sqrt(x)  # correctly rounded in float64
+    else:
+        y = tl.sqrt_rn(x)
+    return y
 
 
 @triton.jit
 def _div(a, b):
     """Correctly rounded division (``/`` is approximate in float32)."""
     if a.dtype == tl.float64:
-        return a / b
-    return tl.div_rn(a, b)
+        q = a / b
+    else:
+        q = tl.div_rn(a, b)
+    return q
 
 
 @triton.jit
@@ -207,11 +213,14 @@ def _grad(g_ptr, offs, mask, scale_ptr, W: tl.constexpr, SCALED: tl.constexpr):
 
 
 @triton.jit
-def _skipped(flags_ptr, SCALED: tl.constexpr):
-    """Whether the AMP scaler found an inf/NaN (``found_inf`` != 0): skip the step."""
+def _go(flags_ptr, like, SCALED: tl.constexpr):
+    """False if the AMP scaler found an inf/NaN (``found_inf`` != 0), shaped like the
+    integer tensor ``like``: the step is skipped by masking every load and store with
+    it (no data-dependent branch)."""
+    go = like == like
     if SCALED:
-        return tl.load(flags_ptr) != 0
-    return False
+        go = (tl.zeros_like(like).to(tl.float32) + tl.load(flags_ptr)) == 0.0
+    return go
 
 
 # ------------------------------------------------------------------- 32/16-bit state
@@ -223,44 +232,43 @@ def _dense_kernel(meta, work, scal, consts, count, amp,
     """One work item (tensor, first element) of a dense-state step.
 
     meta: int64 [n, _COLS] (numel, stream, p, g, m, v, v_max); work: int64 [items, 2];
-    scal: float64 [n, 2] (step_size, inv_bc2_sqrt); consts: float64 (see ``_LOW``...);
+    scal: float64 [n, SCALARS] (step_size, inv_bc2_sqrt, phases); consts: float64 (``_LOW``...);
     count: int32 [1], masked elements; amp: float32 [2] (grad scale, found_inf).
     """
     w = tl.program_id(0)
-    if not _skipped(amp + 1, SCALED):
-        t = tl.load(work + 2 * w)
-        row = meta + t * 10
-        offs = tl.load(work + 2 * w + 1) + tl.arange(0, BLOCK).to(tl.int64)
-        mask = offs < tl.load(row)
-        p_ptr, g_ptr, m_ptr, v_ptr = _ptr(row, 2, P), _ptr(row, 3, P), _ptr(row, 4, S), _ptr(row, 5, S)
-        lr_t, inv = tl.load(scal + 2 * t).to(W), tl.load(scal + 2 * t + 1).to(W)
-        rnd = offs.to(tl.uint32)
-        if SR:
-            rnd = _hash32(tl.load(row + 1).to(tl.uint32) + offs.to(tl.uint32) * 0x9E3779B1)
-        g = _grad(g_ptr, offs, mask, amp, W, SCALED)
-        if SCALED:  # the unscaled gradient written back, as torch's fused kernels do
-            _store(g_ptr + offs, g, mask, P, False, False, rnd)
-        p = tl.load(p_ptr + offs, mask=mask, other=0).to(W)
-        m = tl.load(m_ptr + offs, mask=mask, other=0).to(W)
-        v = tl.load(v_ptr + offs, mask=mask, other=0).to(W)
-        keep = mask
-        if MASK:
-            ok = (g - g) == 0
-            keep = mask & ok
-            tl.atomic_add(count, tl.sum((mask & ~ok).to(tl.int32), axis=0))
-        if ADAMAX:
-            p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, W)
-        else:
-            x = v
-            if AMSGRAD:
-                x_ptr = _ptr(row, 6, S)
-                x = tl.load(x_ptr + offs, mask=mask, other=0).to(W)
-            p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, consts, lr_t, inv, W, AMSGRAD)
-            if AMSGRAD:
-                _store(x_ptr + offs, x1, keep, S, FTZ, False, rnd)
-        _store(p_ptr + offs, p1, keep, P, False, SR, rnd)
-        _store(m_ptr + offs, m1, keep, S, FTZ, False, rnd)
-        _store(v_ptr + offs, v1, keep, S, FTZ, False, rnd)
+    t = tl.load(work + 2 * w)
+    row = meta + t * 10
+    offs = tl.load(work + 2 * w + 1) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = (offs < tl.load(row)) & _go(amp + 1, offs, SCALED)
+    p_ptr, g_ptr, m_ptr, v_ptr = _ptr(row, 2, P), _ptr(row, 3, P), _ptr(row, 4, S), _ptr(row, 5, S)
+    lr_t, inv = tl.load(scal + 4 * t).to(W), tl.load(scal + 4 * t + 1).to(W)
+    rnd = offs.to(tl.uint32)
+    if SR:
+        rnd = _hash32(tl.load(row + 1).to(tl.uint32) + offs.to(tl.uint32) * 0x9E3779B1)
+    g = _grad(g_ptr, offs, mask, amp, W, SCALED)
+    if SCALED:  # the unscaled gradient written back, as torch's fused kernels do
+        _store(g_ptr + offs, g, mask, P, False, False, rnd)
+    p = tl.load(p_ptr + offs, mask=mask, other=0).to(W)
+    m = tl.load(m_ptr + offs, mask=mask, other=0).to(W)
+    v = tl.load(v_ptr + offs, mask=mask, other=0).to(W)
+    keep = mask
+    if MASK:
+        ok = (g - g) == 0
+        keep = mask & ok
+        tl.atomic_add(count, tl.sum((mask & ~ok).to(tl.int32), axis=0))
+    if ADAMAX:
+        p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, W)
+    else:
+        x = v
+        if AMSGRAD:
+            x_ptr = _ptr(row, 6, S)
+            x = tl.load(x_ptr + offs, mask=mask, other=0).to(W)
+        p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, consts, lr_t, inv, W, AMSGRAD)
+        if AMSGRAD:
+            _store(x_ptr + offs, x1, keep, S, FTZ, False, rnd)
+    _store(p_ptr + offs, p1, keep, P, False, SR, rnd)
+    _store(m_ptr + offs, m1, keep, S, FTZ, False, rnd)
+    _store(v_ptr + offs, v1, keep, S, FTZ, False, rnd)
 
 
 # ------------------------------------------------------------------- quantized state
@@ -332,9 +340,11 @@ def _decode(codes, e, mask, book, scale, h, BITS: tl.constexpr, HALF: tl.constex
     """The decoded state at elements ``e`` (8 bits: one code per byte; 4 bits: the low
     nibble for HALF 0, the high one for HALF 1)."""
     if BITS == 8:
-        return _decode8(codes, e, mask, book, scale)
-    byte = tl.load(codes + (e >> 1), mask=mask, other=0)
-    return _decode4(((byte >> (4 * HALF)) & 15).to(tl.int32), h, book, scale, ROOT)
+        x = _decode8(codes, e, mask, book, scale)
+    else:
+        byte = tl.load(codes + (e >> 1), mask=mask, other=0)
+        x = _decode4(((byte >> (4 * HALF)) & 15).to(tl.int32), h, book, scale, ROOT)
+    return x
 
 
 @triton.jit
@@ -402,50 +412,49 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block,
     rate, offset, up, down, 16 each); the rest as :func:`_dense_kernel`.
     """
     w = tl.program_id(0)
-    if not _skipped(amp + 1, SCALED):
-        t = tl.load(work + 2 * w)
-        row = meta + t * 10
-        n = tl.load(row)
-        blk = tl.load(work + 2 * w + 1) + tl.arange(0, ROWS).to(tl.int64)
-        live = blk * block < n
-        stride = 1 if BITS == 8 else 2
-        cols = tl.arange(0, QB).to(tl.int64)
-        offs = blk[:, None] * block + cols[None, :] * stride
-        mask = live[:, None] & (cols[None, :] < block // stride) & (offs < n)
-        ma, va = _ptr(row, 5, tl.float32), _ptr(row, 7, tl.float32)
-        m_scale = tl.load(ma + blk, mask=live, other=0.0)[:, None]
-        v_scale = tl.load(va + blk, mask=live, other=0.0)[:, None]
-        x_scale = v_scale
-        if AMSGRAD:
-            x_scale = tl.load(_ptr(row, 9, tl.float32) + blk, mask=live, other=0.0)[:, None]
-        phase_old, phase_new = tl.load(consts + 9).to(tl.uint32), tl.load(consts + 10).to(tl.uint32)
-        scal_row = scal + 2 * t
-        m, v, x = _quant_half(row, offs, mask, scal_row, consts, books, count, amp, m_scale, v_scale, x_scale,
-                              phase_old, P, ADAMAX, AMSGRAD, MASK, SR, SCALED, BITS, ROOT, 0)  # fmt: skip
-        m_top, v_top, x_top = _magnitude_top(m), _magnitude_top(v), _magnitude_top(x)
-        odd = mask & (offs + 1 < n)
-        m_odd, v_odd, x_odd = m, v, x
-        if BITS == 4:
-            m_odd, v_odd, x_odd = _quant_half(row, offs + 1, odd, scal_row, consts, books, count, amp, m_scale,
-                                              v_scale, x_scale, phase_old, P, ADAMAX, AMSGRAD, MASK, SR, SCALED,
-                                              BITS, ROOT, 1)  # fmt: skip
-            m_top = tl.maximum(m_top, _magnitude_top(m_odd))
-            v_top = tl.maximum(v_top, _magnitude_top(v_odd))
-            x_top = tl.maximum(x_top, _magnitude_top(x_odd))
-        h0, h1 = _dither_hash(offs, phase_new), _dither_hash(offs + 1, phase_new)
-        m_abs, m_inv = _inverse(m_top)
-        tl.store(ma + blk, m_abs, mask=live)
-        _encode(_ptr(row, 4, tl.uint8), offs, mask, m * m_inv[:, None], m_odd * m_inv[:, None], odd, h0, h1, books,
-                BITS)  # fmt: skip
-        v_abs, v_inv = _inverse(v_top)
-        tl.store(va + blk, v_abs, mask=live)
-        _encode(_ptr(row, 6, tl.uint8), offs, mask, v * v_inv[:, None], v_odd * v_inv[:, None], odd, h0, h1,
-                books + 512, BITS)  # fmt: skip
-        if AMSGRAD:
-            x_abs, x_inv = _inverse(x_top)
-            tl.store(_ptr(row, 9, tl.float32) + blk, x_abs, mask=live)
-            _encode(_ptr(row, 8, tl.uint8), offs, mask, x * x_inv[:, None], x_odd * x_inv[:, None], odd, h0, h1,
-                    books + 1024, BITS)  # fmt: skip
+    t = tl.load(work + 2 * w)
+    row = meta + t * 10
+    n = tl.load(row)
+    blk = tl.load(work + 2 * w + 1) + tl.arange(0, ROWS).to(tl.int64)
+    live = (blk * block < n) & _go(amp + 1, blk, SCALED)
+    stride = 8 // BITS
+    cols = tl.arange(0, QB).to(tl.int64)
+    offs = blk[:, None] * block + cols[None, :] * stride
+    mask = live[:, None] & (cols[None, :] < block // stride) & (offs < n)
+    ma, va = _ptr(row, 5, tl.float32), _ptr(row, 7, tl.float32)
+    m_scale = tl.load(ma + blk, mask=live, other=0.0)[:, None]
+    v_scale = tl.load(va + blk, mask=live, other=0.0)[:, None]
+    x_scale = v_scale
+    if AMSGRAD:
+        x_scale = tl.load(_ptr(row, 9, tl.float32) + blk, mask=live, other=0.0)[:, None]
+    scal_row = scal + 4 * t
+    phase_old, phase_new = tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32)
+    m, v, x = _quant_half(row, offs, mask, scal_row, consts, books, count, amp, m_scale, v_scale, x_scale,
+                          phase_old, P, ADAMAX, AMSGRAD, MASK, SR, SCALED, BITS, ROOT, 0)  # fmt: skip
+    m_top, v_top, x_top = _magnitude_top(m), _magnitude_top(v), _magnitude_top(x)
+    odd = mask & (offs + 1 < n)
+    m_odd, v_odd, x_odd = m, v, x
+    if BITS == 4:
+        m_odd, v_odd, x_odd = _quant_half(row, offs + 1, odd, scal_row, consts, books, count, amp, m_scale,
+                                          v_scale, x_scale, phase_old, P, ADAMAX, AMSGRAD, MASK, SR, SCALED,
+                                          BITS, ROOT, 1)  # fmt: skip
+        m_top = tl.maximum(m_top, _magnitude_top(m_odd))
+        v_top = tl.maximum(v_top, _magnitude_top(v_odd))
+        x_top = tl.maximum(x_top, _magnitude_top(x_odd))
+    h0, h1 = _dither_hash(offs, phase_new), _dither_hash(offs + 1, phase_new)
+    m_abs, m_inv = _inverse(m_top)
+    tl.store(ma + blk, m_abs, mask=live)
+    _encode(_ptr(row, 4, tl.uint8), offs, mask, m * m_inv[:, None], m_odd * m_inv[:, None], odd, h0, h1, books,
+            BITS)  # fmt: skip
+    v_abs, v_inv = _inverse(v_top)
+    tl.store(va + blk, v_abs, mask=live)
+    _encode(_ptr(row, 6, tl.uint8), offs, mask, v * v_inv[:, None], v_odd * v_inv[:, None], odd, h0, h1,
+            books + 512, BITS)  # fmt: skip
+    if AMSGRAD:
+        x_abs, x_inv = _inverse(x_top)
+        tl.store(_ptr(row, 9, tl.float32) + blk, x_abs, mask=live)
+        _encode(_ptr(row, 8, tl.uint8), offs, mask, x * x_inv[:, None], x_odd * x_inv[:, None], odd, h0, h1,
+                books + 1024, BITS)  # fmt: skip
 
 
 # ------------------------------------------------------------------------ launchers
@@ -497,16 +506,57 @@ def _items(counts: np.ndarray, per_item: int) -> np.ndarray:
     return np.stack([tensor, (np.arange(tensor.size, dtype=np.int64) - first) * per_item], axis=1)
 
 
-def _consts(s: StepScalars, maximize: bool, work: type) -> np.ndarray:
-    from .numba_cpu import _lerp_consts  # the numba kernels' constants, to the bit
+def host_consts(
+    beta1: float, beta2: float, eps: float, decay: float, l2: float, maximize: bool, work: type
+) -> np.ndarray:
+    """The rule's constants (see ``_LOW``...), float64, cast to the work dtype in the
+    kernel: the numba kernels' values to the bit."""
+    from .numba_cpu import _lerp_consts
 
-    low, b1w, c1 = _lerp_consts(s.beta1, work)
+    low, b1w, c1 = _lerp_consts(beta1, work)
+    return np.array([low, b1w, c1, beta2, 1 - beta2, eps, decay, l2, -1.0 if maximize else 1.0], dtype=np.float64)
+
+
+def host_scalars(s: StepScalars, n: int) -> np.ndarray:
+    """float64 [n, SCALARS]: one step's scalars for every tensor."""
     step = int(s.step)
-    return np.array(
-        [low, b1w, c1, s.beta2, 1 - s.beta2, s.eps, s.decay, s.l2, -1.0 if maximize else 1.0,
-         dither_phase(step - 1), dither_phase(step)],
-        dtype=np.float64,
-    )  # fmt: skip
+    out = np.empty((n, SCALARS), dtype=np.float64)
+    out[:] = (s.step_size, s.inv_bc2_sqrt, dither_phase(step - 1), dither_phase(step))
+    return out
+
+
+#: Address and work tables already on the GPU, by their contents: the same tensors
+#: step after step cost no host-to-device copy, and a step captured in a CUDA graph
+#: (which cannot copy from pageable memory) finds the tables its warm-up step made.
+_TABLES: dict[tuple[torch.device, bytes], Tensor] = {}
+_TABLES_KEPT = 64
+
+
+def _device_tables(host: np.ndarray, device: torch.device) -> Tensor:
+    key = (device, host.tobytes())
+    found = _TABLES.get(key)
+    if found is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "adamkit: a step is being captured in a CUDA graph with tensors it has not seen; "
+                "run one step of the same optimizer on the same tensors before capturing (a warm-up step)"
+            )
+        if len(_TABLES) >= _TABLES_KEPT:
+            _TABLES.pop(next(iter(_TABLES)))
+        found = _TABLES[key] = _to_device(host, device)
+    return found
+
+
+def _to_device(host: np.ndarray, device: torch.device) -> Tensor:
+    """``host`` copied to ``device`` without waiting for the GPU: through pinned memory
+    (a copy from pageable memory first waits for the stream's earlier work, a host sync
+    every step). torch's caching host allocator keeps the pinned buffer until the copy
+    is done."""
+    if device.type != "cuda":
+        return torch.from_numpy(host.copy()).to(device)
+    pinned = torch.empty(host.shape, dtype=torch.from_numpy(host[:0]).dtype, pin_memory=True)
+    pinned.numpy()[...] = host
+    return pinned.to(device, non_blocking=True)
 
 
 @functools.cache
@@ -542,20 +592,22 @@ def _amp(device: torch.device, amp: tuple[Tensor | None, Tensor | None] | None) 
 
 def _launch(
     columns: list[list[Tensor]],
-    s: StepScalars,
+    scalars: tuple[Tensor, Tensor] | tuple[np.ndarray, np.ndarray],
     *,
     algo: int,
     fmt: QuantFormat | None,
     books: tuple[str, ...],
     amsgrad: bool,
-    maximize: bool,
     mask_nonfinite: bool,
     sr_seed: int | None,
     salts: Sequence[int] | None,
     amp: tuple[Tensor | None, Tensor | None] | None,
+    count: Tensor | None = None,
 ) -> int | Tensor:
-    """Build the tables and launch one kernel over every tensor of ``columns`` (param,
-    grad, then the state columns); the masked count (a device tensor on CUDA)."""
+    """Launch one kernel over every tensor of ``columns`` (param, grad, then the state
+    columns) with ``scalars``, (per-tensor [n, SCALARS], constants), on the host
+    (copied over) or already on the device (a capturable step). The masked count: an
+    int on the CPU, else a device tensor; 0 when the caller's ``count`` was added to."""
     params = columns[0]
     if not params:
         return 0
@@ -566,7 +618,6 @@ def _launch(
     n = len(params)
     numels = np.fromiter((p.numel() for p in params), dtype=np.int64, count=n)
     pdtype = params[0].dtype
-    work_dtype = np.float64 if pdtype == torch.float64 else np.float32
     meta = np.zeros((n, _COLS), dtype=np.int64)
     meta[:, 0] = numels
     meta[:, 1] = _streams(sr_seed, salts, n)
@@ -582,14 +633,15 @@ def _launch(
         items = _items(-(-numels // block), rows)
     if items.shape[0] == 0:
         return 0
-    scal = np.empty((n, 2), dtype=np.float64)
-    scal[:] = (s.step_size, s.inv_bc2_sqrt)
-    consts = _consts(s, maximize, work_dtype)
-    host = np.concatenate([meta.reshape(-1), items.reshape(-1), scal.view(np.int64).reshape(-1), consts.view(np.int64)])
-    buf = torch.from_numpy(host).to(device, non_blocking=True)
-    a, b, c = meta.size, meta.size + items.size, meta.size + items.size + scal.size
-    meta_d, items_d, scal_d, consts_d = buf[:a], buf[a:b], buf[b:c].view(torch.float64), buf[c:].view(torch.float64)
-    count = torch.zeros(1, dtype=torch.int32, device=device)
+    tables = _device_tables(np.concatenate([meta.reshape(-1), items.reshape(-1)]), device)
+    meta_d, items_d = tables[: meta.size], tables[meta.size :]
+    scal, consts = scalars
+    if isinstance(scal, np.ndarray):
+        buf = _to_device(np.concatenate([scal.reshape(-1), consts]), device)
+        scal, consts = buf[: scal.size], buf[scal.size :]
+    kept = count is not None  # the caller's counter: it reads it when it wants to
+    if count is None:
+        count = torch.zeros(1, dtype=torch.int32, device=device)
     amp_d = _amp(device, amp)
     scaled = amp_d is not None
     flags = dict(ADAMAX=algo == 2, AMSGRAD=amsgrad, MASK=mask_nonfinite, SR=sr_seed is not None, SCALED=scaled)
@@ -597,7 +649,7 @@ def _launch(
     if fmt is None:
         sdtype = columns[2][0].dtype
         _dense_kernel[grid](
-            meta_d, items_d, scal_d, consts_d, count, amp_d if scaled else count,
+            meta_d, items_d, scal, consts, count, amp_d if scaled else count,
             P=_TL[pdtype], S=_TL[sdtype], W=_TL[torch.float64 if pdtype == torch.float64 else torch.float32],
             FTZ=sdtype == torch.bfloat16, BLOCK=BLOCK, enable_fp_fusion=False, **flags,
         )  # fmt: skip
@@ -605,12 +657,12 @@ def _launch(
         from ..quant import codebook
 
         root = codebook(books[1]).root
-        tables = _books(books + (books[-1],) * (3 - len(books)), fmt.bits, device)
+        tabs = _books(books + (books[-1],) * (3 - len(books)), fmt.bits, device)
         _quant_kernel[grid](
-            meta_d, items_d, scal_d, consts_d, tables, count, amp_d if scaled else count, block,
+            meta_d, items_d, scal, consts, tabs, count, amp_d if scaled else count, block,
             P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, QB=qb, enable_fp_fusion=False, **flags,
         )  # fmt: skip
-    if not mask_nonfinite:
+    if not mask_nonfinite or kept:
         return 0
     return int(count.item()) if device.type == "cpu" else count[0]
 
@@ -623,13 +675,14 @@ def _step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     state: Mapping[str, Sequence[Tensor]],
-    s: StepScalars,
+    s: StepScalars | tuple[Tensor, Tensor],
     fmt: QuantFormat | None,
     maximize: bool,
     mask_nonfinite: bool,
     sr_seed: int | None,
     salts: Sequence[int] | None,
     amp: tuple[Tensor | None, Tensor | None] | None,
+    count: Tensor | None,
 ) -> int | Tensor:
     keys = _KEYS[algo]
     if fmt is None:
@@ -640,9 +693,17 @@ def _step(
             list(state[f"{k}_{part}"]) for k in keys for part in ("codes", "absmax")
         ]
         names = tuple(fmt.codebook(k).name for k in keys)
+    if isinstance(s, StepScalars):
+        work = np.float64 if params and params[0].dtype in (torch.float64, torch.complex128) else np.float32
+        scalars: tuple = (
+            host_scalars(s, len(params)),
+            host_consts(s.beta1, s.beta2, s.eps, s.decay, s.l2, maximize, work),
+        )
+    else:
+        scalars = s
     return _launch(
-        columns, s, algo=algo, fmt=fmt, books=names, amsgrad=algo == 1, maximize=maximize,
-        mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=salts, amp=amp,
+        columns, scalars, algo=algo, fmt=fmt, books=names, amsgrad=algo == 1, mask_nonfinite=mask_nonfinite,
+        sr_seed=sr_seed, salts=salts, amp=amp, count=count,
     )  # fmt: skip
 
 
@@ -661,7 +722,7 @@ def adam_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     state: Mapping[str, Sequence[Tensor]],
-    s: StepScalars,
+    s: StepScalars | tuple[Tensor, Tensor],
     *,
     fmt: QuantFormat | None = None,
     amsgrad: bool,
@@ -670,9 +731,15 @@ def adam_(
     sr_seed: int | None = None,
     salts: Sequence[int] | None = None,
     amp: tuple[Tensor | None, Tensor | None] | None = None,
+    count: Tensor | None = None,
 ) -> int | Tensor:
-    """Fused Adam/AdamW over one bucket, dense or quantized state (see :func:`unsupported`)."""
-    return _step(int(amsgrad), params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp)
+    """Fused Adam/AdamW over one bucket, dense or quantized state (see :func:`unsupported`).
+
+    ``s``: the host's step scalars, or (per-tensor scalars, constants) on the device
+    (:func:`host_scalars`' and :func:`host_consts`' layouts: a capturable step);
+    ``amp``: GradScaler's (grad_scale, found_inf); ``count``: a device counter to add
+    masked elements to."""
+    return _step(int(amsgrad), params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp, count)
 
 
 @register(
@@ -687,7 +754,7 @@ def adamax_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     state: Mapping[str, Sequence[Tensor]],
-    s: StepScalars,
+    s: StepScalars | tuple[Tensor, Tensor],
     *,
     fmt: QuantFormat | None = None,
     amsgrad: bool = False,
@@ -696,8 +763,9 @@ def adamax_(
     sr_seed: int | None = None,
     salts: Sequence[int] | None = None,
     amp: tuple[Tensor | None, Tensor | None] | None = None,
+    count: Tensor | None = None,
 ) -> int | Tensor:
-    """Fused Adamax over one bucket, dense or quantized state."""
+    """Fused Adamax over one bucket, dense or quantized state (arguments: :func:`adam_`)."""
     if amsgrad:
         raise ValueError("Adamax has no AMSGrad variant")
-    return _step(2, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp)
+    return _step(2, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp, count)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -34,6 +35,7 @@ from ..kernels.registry import (
     resolve,
 )
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat, dequantize, quantize
+from ..quant.codebooks import DITHER_STEP
 from ._plan import GroupPlan, TrackedState, _Launch
 
 #: What ``nonfinite=`` accepts; see :class:`AdamFamily`.
@@ -129,6 +131,14 @@ def _user_stacklevel() -> int:
     return level
 
 
+def _device_consts(host: np.ndarray, device: torch.device) -> Tensor:
+    """A capturable step's rule constants on the device (kept by value: inside a CUDA
+    graph capture nothing can be copied from the host)."""
+    from ..kernels.triton_cuda import _device_tables
+
+    return _device_tables(host.view(np.int64), device).view(torch.float64)
+
+
 def _scalar_dtype() -> torch.dtype:
     """torch's dtype for ``state["step"]``: float32, or float64 if that is the default."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -145,15 +155,21 @@ def _as_float(name: str, value: Any, where: str) -> float:
     return float(value)
 
 
-def check_hyperparameters(group: Mapping[str, Any], where: str = "") -> None:
+def check_hyperparameters(group: Mapping[str, Any], where: str = "", read_device: bool = True) -> None:
     """Raise ValueError/TypeError unless lr, betas, eps and weight_decay are valid.
 
     Messages follow torch's (``Invalid learning rate: -1.0``) with the group named.
-    NaN and infinities are rejected too (torch lets NaN through).
+    NaN and infinities are rejected too (torch lets NaN through). Without
+    ``read_device`` (a capturable step) a tensor ``lr`` is not read, only its shape
+    checked: on a GPU that would wait for it, and fail inside a CUDA graph capture.
     """
-    lr = _as_float("lr", group["lr"], where)
-    if not (0.0 <= lr < math.inf):
-        raise ValueError(f"Invalid learning rate: {lr}{where}")
+    lr_value = group["lr"]
+    if read_device or not isinstance(lr_value, Tensor):
+        lr = _as_float("lr", lr_value, where)
+        if not (0.0 <= lr < math.inf):
+            raise ValueError(f"Invalid learning rate: {lr}{where}")
+    elif lr_value.numel() != 1:
+        raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr_value.shape)}{where}")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
@@ -213,11 +229,16 @@ class AdamFamily(Optimizer):
     @property
     def nonfinite_count(self) -> int:
         self._settle_counts(wait=True)
-        return self._nonfinite_count
+        on_device = sum(int(c) for c in self.__dict__.get("_device_counts", {}).values())  # capturable steps
+        if on_device and not self._warned_nonfinite:
+            self._note_nonfinite(on_device, "masked in capturable steps: parameters and moments left unchanged", False)
+        return self._nonfinite_count + on_device
 
     @nonfinite_count.setter
     def nonfinite_count(self, value: int) -> None:
         self._pending_counts = []
+        for counter in self.__dict__.get("_device_counts", {}).values():
+            counter.zero_()
         self._nonfinite_count = int(value)
 
     def _settle_counts(self, wait: bool) -> None:
@@ -280,9 +301,10 @@ class AdamFamily(Optimizer):
         """Everything about a param group that can be wrong, before anything changes."""
         where = f" (param group {index})"
         check_hyperparameters(group, where)
-        for option in ("capturable", "differentiable"):
-            if group.get(option):
-                raise NotImplementedError(f"{type(self).__name__}: {option}=True is not supported yet{where}")
+        if group.get("differentiable"):
+            raise NotImplementedError(f"{type(self).__name__}: differentiable=True is not supported yet{where}")
+        if group.get("capturable"):
+            self._check_capturable(group, where, params)
         if group.get("foreach") and group.get("fused"):
             raise ValueError(f"`fused` and `foreach` cannot be `True` together{where}")
         check_backend_request(group["backend"], group["fused"])
@@ -301,6 +323,36 @@ class AdamFamily(Optimizer):
             raise ValueError(f"percentile_clipping must be an int in [0, 100] (100 = off), got {pc!r}{where}")
         for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
             self._kernel(group, device_type)
+
+    def _check_capturable(self, group: Mapping[str, Any], where: str, params: Iterable[Tensor]) -> None:
+        """What ``capturable=True`` needs: the Triton kernels, and nothing that reads the
+        host during a step."""
+        name = type(self).__name__
+        if self.nonfinite in ("skip", "raise"):
+            raise ValueError(
+                f"{name}: capturable=True needs nonfinite='mask' or 'propagate' ('{self.nonfinite}' reads the "
+                f"gradients on the host every step){where}"
+            )
+        reasons = {
+            "percentile_clipping": group.get("percentile_clipping", 100) < 100,
+            "stochastic_rounding": bool(group.get("stochastic_rounding")),
+        }
+        for option, used in reasons.items():
+            if used:
+                raise ValueError(f"{name}: capturable=True does not support {option} (a host-side step){where}")
+        for i, beta in enumerate(group["betas"]):
+            if isinstance(beta, Tensor) and beta.device.type != "cpu":
+                raise ValueError(f"{name}: capturable=True takes betas[{i}] as a float or a CPU tensor{where}")
+        if not group.get("block_wise", True) and group["state_bits"] in QUANT_BITS:
+            raise ValueError(f"{name}: capturable=True needs block-wise quantized state (block_wise=True){where}")
+        for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
+            kernel = self._kernel(group, device_type)
+            if kernel.backend != "triton":
+                raise NotImplementedError(
+                    f"{name}: capturable=True needs the triton kernels (CUDA tensors with triton installed, or "
+                    f"backend='triton' under TRITON_INTERPRET=1); {device_type!r} tensors get the "
+                    f"{kernel.backend} kernels{where}"
+                )
 
     def _kernel(
         self,
@@ -368,8 +420,15 @@ class AdamFamily(Optimizer):
                         f"state {key!r} has shape {tuple(t.shape)} but the parameter has shape "
                         f"{tuple(p.shape)} ({where}, parameter {i}); was the parameter resized?"
                     )
-            if forced:
-                self._kernel(group, p.device.type, self._layout(p, g, state, group), f" ({where}, parameter {i})")
+            if forced or group.get("capturable"):
+                kernel = self._kernel(
+                    group, p.device.type, self._layout(p, g, state, group), f" ({where}, parameter {i})"
+                )
+                if group.get("capturable") and kernel.backend != "triton":
+                    raise NotImplementedError(
+                        f"capturable=True needs the triton kernels; {kernel.backend} would step this tensor "
+                        f"({where}, parameter {i})"
+                    )
             triples.append((i, p, g))
         return triples
 
@@ -395,14 +454,16 @@ class AdamFamily(Optimizer):
         self._settle_counts(wait=False)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         work = [self._prepare(i, group, amp=grad_scale is not None) for i, group in enumerate(self.param_groups)]
-        if found_inf is not None and float(found_inf) != 0:  # GradScaler saw inf/NaN: skip, change nothing
+        on_device = all(group.get("capturable") for group in self.param_groups)
+        if found_inf is not None and not on_device and float(found_inf) != 0:  # GradScaler saw inf/NaN: skip
             return loss
         if self.nonfinite in ("skip", "raise") and self._screen(work):
             return loss
         seed = None
         if any(group.get("stochastic_rounding") for group in self.param_groups):
             seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))  # torch.manual_seed reproduces it
-        masked = [self._run(w, seed if w.group.get("stochastic_rounding") else None, grad_scale) for w in work]
+        amp = (grad_scale, found_inf if on_device else None)
+        masked = [self._run(w, seed if w.group.get("stochastic_rounding") else None, amp) for w in work]
         on_host = sum(m for m in masked if not isinstance(m, Tensor))
         if on_host:
             self._note_nonfinite(on_host, "masked: their parameters and moments were left unchanged")
@@ -417,15 +478,17 @@ class AdamFamily(Optimizer):
     def _prepare(self, index: int, group: Mapping[str, Any], amp: bool = False) -> _Work:
         """Validate one group's step (nothing changes) and say how it will run (with
         an AMP grad scale, always the general path)."""
-        check_hyperparameters(group, f" (param group {index})")
-        plan = None if amp else self._plan_for(index, group)
+        check_hyperparameters(group, f" (param group {index})", read_device=not group.get("capturable"))
+        plan = None if amp or group.get("capturable") else self._plan_for(index, group)
         if plan is not None:
             launch, grads = plan.prepare()
             if launch is not None:
                 return _Work(index, group, launch=launch, all_grads=grads)
         return _Work(index, group, triples=self._collect(index, group))
 
-    def _run(self, work: _Work, sr_seed: int | None, grad_scale: Tensor | None = None) -> int | Tensor:
+    def _run(
+        self, work: _Work, sr_seed: int | None, amp: tuple[Tensor | None, Tensor | None] = (None, None)
+    ) -> int | Tensor:
         group = work.group
         flags = dict(
             amsgrad=bool(group.get("amsgrad", False)),
@@ -435,7 +498,9 @@ class AdamFamily(Optimizer):
         )
         if work.launch is not None:
             return work.launch.run(self.state, partial(self._step_scalars, group), **flags)
-        return self._step_group(group, work.triples, grad_scale=grad_scale, **flags)
+        if group.get("capturable"):
+            return self._step_capturable(group, work.triples, amp, **flags)
+        return self._step_group(group, work.triples, grad_scale=amp[0], **flags)
 
     def _plan_for(self, index: int, group: Mapping[str, Any]) -> GroupPlan | None:
         """The cached plan of a group whose parameters a table kernel takes, else None."""
@@ -491,8 +556,10 @@ class AdamFamily(Optimizer):
         self._note_nonfinite(count, "seen: the whole step was skipped")
         return True
 
-    def _note_nonfinite(self, count: int, what: str) -> None:
-        self._nonfinite_count += count
+    def _note_nonfinite(self, count: int, what: str, add: bool = True) -> None:
+        """Count ``count`` non-finite elements (unless counted elsewhere) and warn once."""
+        if add:
+            self._nonfinite_count += count
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
@@ -549,7 +616,8 @@ class AdamFamily(Optimizer):
         return p.dtype, fmt, contiguous
 
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
-        state: dict[str, Any] = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
+        device = p.device if group.get("capturable") else None  # capturable: as torch, on the device
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=_scalar_dtype(), device=device)}
         self._add_missing_state(p, state, self._state_format(p, group), group)
         return state
 
@@ -627,6 +695,85 @@ class AdamFamily(Optimizer):
                 salts=[triples[i][0] for i in idx],
             )
         return masked
+
+    def _device_scalars(self, group: Mapping[str, Any], steps: Tensor) -> tuple[Any, Any, Any, float]:
+        """(step_size, inv_bc2_sqrt, decay, l2) computed on the device from the step
+        counts ``steps`` (float64 [n]), for a capturable step."""
+        raise NotImplementedError
+
+    def _device_counter(self, device: torch.device) -> Tensor:
+        """The device-side count of masked elements of capturable steps on ``device``."""
+        counters = self.__dict__.setdefault("_device_counts", {})
+        if device not in counters:
+            counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return counters[device]
+
+    def _step_capturable(
+        self,
+        group: Mapping[str, Any],
+        triples: list[tuple[int, Tensor, Tensor]],
+        amp: tuple[Tensor | None, Tensor | None],
+        *,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+        sr_seed: int | None,
+    ) -> int:
+        """A step that reads nothing on the host, so that it can run inside a CUDA graph:
+        ``step`` counters on the device, advanced there (by ``1 - found_inf`` under
+        GradScaler), the step scalars computed there from them and ``lr`` (a float, or a
+        tensor on the device), the Triton kernels' tables found on the device (made by
+        a warm-up step), masked elements counted on the device."""
+        if not triples:
+            return 0
+        from ..kernels.triton_cuda import host_consts
+
+        keys = self._state_keys(group)
+        layouts = [self._layout(p, g, self.state.get(p, {}), group) for _, p, g in triples]  # checked: _collect
+        for _, p, _ in triples:
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, group)
+            state = self.state[p]
+            self._add_missing_state(p, state, quant_format_of(state) or state[keys[0]].dtype, group)
+            if state["step"].device != p.device:  # e.g. loaded from a checkpoint
+                state["step"] = state["step"].to(p.device)
+        steps = [self.state[p]["step"] for _, p, _ in triples]
+        torch._foreach_add_(steps, 1.0)
+        buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, ((_, p, _), layout) in enumerate(zip(triples, layouts)):
+            buckets[(p.device, layout)].append(i)
+        hyper = self._hyperparameters({**group, "lr": 0.0}) if isinstance(group["lr"], Tensor) else None
+        hyper = hyper or self._hyperparameters(group)
+        grad_scale, found_inf = amp
+        for (device, layout), idx in buckets.items():
+            fmt = layout[1]
+            t = torch.stack([steps[i] for i in idx]).to(torch.float64)
+            step_size, inv, decay, l2 = self._device_scalars(group, t)
+            dither = torch.stack([t - 1, t]).to(torch.int64) * DITHER_STEP % 2**32
+            scal = torch.stack([step_size, inv, dither[0].double(), dither[1].double()], dim=1).contiguous()
+            work = np.float64 if layout[0] in (torch.float64, torch.complex128) else np.float32
+            fixed = float(decay) if not isinstance(decay, Tensor) else 1.0
+            host = host_consts(hyper["beta1"], hyper["beta2"], hyper["eps"], fixed, l2, maximize, work)
+            consts = _device_consts(host, device)
+            if isinstance(decay, Tensor):  # a tensor lr on the device: the decay is computed there
+                consts = torch.cat([consts[:6], decay.reshape(1).to(torch.float64), consts[7:]])
+            self._kernel(group, device.type, layout).fn(
+                [triples[i][1] for i in idx],
+                [triples[i][2] for i in idx],
+                {k: [self.state[triples[i][1]][k] for i in idx] for k in state_columns(keys, fmt)},
+                (scal, consts),
+                **({"fmt": fmt} if isinstance(fmt, QuantFormat) else {}),
+                amsgrad=amsgrad,
+                maximize=maximize,
+                mask_nonfinite=mask_nonfinite,
+                sr_seed=None,
+                salts=[triples[i][0] for i in idx],
+                amp=(grad_scale, found_inf) if grad_scale is not None or found_inf is not None else None,
+                count=self._device_counter(device),
+            )
+        if found_inf is not None:  # a skipped step does not count
+            torch._foreach_sub_(steps, [found_inf.to(steps[0].device, steps[0].dtype)] * len(steps))
+        return 0
 
     @staticmethod
     def _clip_percentile(

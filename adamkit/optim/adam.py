@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._scalars import StepScalars, adam_scalars
+from .._scalars import StepScalars, adam_scalars, device_scalars
 from ._base import AdamFamily
 
 _MATH = r"""
@@ -34,7 +34,9 @@ _ARGS = """
         amsgrad: use the running maximum of ``v`` (AMSGrad).
         foreach: accepted for compatibility; the reference is always multi-tensor.
         maximize: maximize the objective instead of minimizing it.
-        capturable: not supported yet (NotImplementedError).
+        capturable: keep ``step`` on the parameters' device and compute the step
+            scalars there, with no host read, so that ``step()`` can be captured in a
+            CUDA graph (the Triton kernels; see the README).
         differentiable: not supported yet (NotImplementedError).
         fused: None picks the fastest kernel available, True demands a fused kernel
             (or raises), False forces the reference implementation.
@@ -144,6 +146,13 @@ class Adam(AdamFamily):
     def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
         decoupled = bool(group.get("decoupled_weight_decay", False))
         return adam_scalars(**self._hyperparameters(group), decoupled=decoupled, step=step)
+
+    def _device_scalars(self, group: Mapping[str, Any], steps: Tensor) -> tuple[Any, Any, Any, float]:
+        decoupled = bool(group.get("decoupled_weight_decay", False))
+        beta1, beta2 = (float(b) for b in group["betas"])
+        wd = float(group["weight_decay"])
+        out = device_scalars(steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=wd, decoupled=decoupled)
+        return (*out, 0.0 if decoupled else wd)
 
 
 class AdamW(Adam):

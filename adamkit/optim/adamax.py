@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .._scalars import StepScalars, adamax_scalars
+from .._scalars import StepScalars, adamax_scalars, device_scalars
 from ._base import AdamFamily
 
 
@@ -35,7 +35,9 @@ class Adamax(AdamFamily):
         foreach: accepted for compatibility (positional, as in torch).
         maximize: maximize the objective instead of minimizing it.
         differentiable: not supported yet (NotImplementedError).
-        capturable: not supported yet (NotImplementedError).
+        capturable: keep ``step`` on the parameters' device and compute the step
+            scalars there, with no host read, so that ``step()`` can be captured in a
+            CUDA graph (the Triton kernels; see the README).
         fused: None picks the fastest kernel available, True demands a fused kernel
             (or raises), False forces the reference implementation.
         backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
@@ -102,3 +104,9 @@ class Adamax(AdamFamily):
 
     def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
         return adamax_scalars(**self._hyperparameters(group), step=step)
+
+    def _device_scalars(self, group: Mapping[str, Any], steps: Tensor) -> tuple[Any, Any, Any, float]:
+        beta1 = float(group["betas"][0])
+        wd = float(group["weight_decay"])
+        out = device_scalars(steps, lr=group["lr"], beta1=beta1, beta2=None, weight_decay=wd, decoupled=False)
+        return (*out, wd)

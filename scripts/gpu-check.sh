@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 5, as one command for a session lent a GPU machine (the
+# device tool: `run` with command "bash scripts/gpu-check.sh", timeout_s ~540).
+# That machine's python3 has torch (CUDA), triton, numba and rich; adamkit runs from
+# the checkout. Results land in $OUT: the tests' log and the CUDA bench as JSON.
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+out="${OUT:-/tmp/adamkit-gpu}"
+mkdir -p "$out"
+python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+# the compiled kernels against the reference on the GPU, and a CUDA-graph capture
+timeout 240 python3 -m pytest -q -m cuda tests/test_triton.py 2>&1 | tee "$out/tests-cuda.log"
+# adamkit vs torch fused/foreach (and bitsandbytes/torchao where installed) on the GPU
+timeout 240 python3 -m adamkit bench --device cuda --no-compile --no-accuracy --reps 20 \
+    --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
