@@ -255,7 +255,8 @@ def _dense_kernel(meta, work, scal, consts, count, amp,
     if MASK:
         ok = (g - g) == 0
         keep = mask & ok
-        tl.atomic_add(count, tl.sum((mask & ~ok).to(tl.int32), axis=0))
+        bad = tl.sum((mask & ~ok).to(tl.int32), axis=0)
+        tl.atomic_add(count, bad, mask=bad > 0)  # one atomic per program would serialize in L2
     if ADAMAX:
         p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, W)
     else:
@@ -368,7 +369,8 @@ def _quant_half(meta_row, e, mask, scal_row, consts, books, count, amp, m_scale,
     ok = mask
     if MASK:
         ok = mask & ((g - g) == 0)
-        tl.atomic_add(count, tl.sum(tl.sum((mask & ~ok).to(tl.int32), axis=1), axis=0))
+        bad = tl.sum(tl.sum((mask & ~ok).to(tl.int32), axis=1), axis=0)
+        tl.atomic_add(count, bad, mask=bad > 0)
     if ADAMAX:
         p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, tl.float32)
         x1 = v1
