@@ -285,13 +285,13 @@ def test_stochastic_rounding_is_unbiased_and_reproducible(backend: str) -> None:
 
 
 # -------------------------------------------------------------------- cached plans
-def _twins(n=5, size=300, **kw):
+def _twins(n=5, size=300, backend="numba", **kw):
     fused_params = [torch.randn(size).requires_grad_() for _ in range(n)]
     ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
     return (
         fused_params,
         ref_params,
-        adamkit.AdamW(fused_params, backend="numba", **kw),
+        adamkit.AdamW(fused_params, backend=backend, **kw),
         adamkit.AdamW(ref_params, backend="reference", **kw),
     )
 
@@ -313,9 +313,9 @@ def _step_both(fp, rp, fo, ro, seed):
     "event",
     ["replace_state_tensor", "replace_state_dict", "delete_state", "param_data", "noncontiguous_grad", "new_param"],
 )
-def test_cached_plan_follows_changes(event: str) -> None:
+def test_cached_plan_follows_changes(event: str, backend: str = "numba") -> None:
     """Whatever the user changes between steps, the next step sees it (no stale tables)."""
-    fp, rp, fo, ro = _twins()
+    fp, rp, fo, ro = _twins(backend=backend)
     for seed in range(3):
         _step_both(fp, rp, fo, ro, seed)
     assert 0 in fo._plans

@@ -23,6 +23,7 @@ from test_kernels import (
     _params,
     _sync,
 )
+from test_kernels import test_cached_plan_follows_changes as _plan_follows_changes
 from test_quant import QCONFIGS, QIDS
 from test_quant import _lockstep as _quant_lockstep
 
@@ -157,7 +158,8 @@ def test_triton_quantized_stochastic_rounding_matches_reference() -> None:
 
 # ---------------------------------------------------------------- launches and AMP
 def test_many_tensors_take_one_launch(monkeypatch) -> None:
-    """500 small tensors of one dtype: one kernel launch (a pointer table), right results."""
+    """500 small tensors of one dtype: one kernel launch (a pointer table) from the
+    group's cached plan, right results."""
     launches = []
     real = triton_cuda._dense_kernel
 
@@ -169,9 +171,19 @@ def test_many_tensors_take_one_launch(monkeypatch) -> None:
     monkeypatch.setattr(triton_cuda, "_dense_kernel", Spy())
     info, kw = ALL_CONFIGS[1]
     sizes = [int(n) for n in torch.randint(1, 40, (500,), generator=torch.Generator().manual_seed(3))]
-    _lockstep(info, kw, torch.float32, steps=2, sizes=sizes, backend="triton")
+    opt, _ = _lockstep(info, kw, torch.float32, steps=2, sizes=sizes, backend="triton")
     assert len(launches) == 2  # one per step
     assert launches[0] == (500,)  # every tensor fits one program
+    assert len(opt._plans) == 1  # through a cached plan (flat state, address tables), as numba's
+
+
+@pytest.mark.parametrize(
+    "event",
+    ["replace_state_tensor", "replace_state_dict", "delete_state", "param_data", "noncontiguous_grad", "new_param"],
+)
+def test_triton_plan_follows_changes(event: str) -> None:
+    """The cached plans (numba's machinery) with the Triton kernels: no stale tables."""
+    _plan_follows_changes(event, backend="triton")
 
 
 @pytest.mark.parametrize("backend", ["triton", "numba", "reference"])

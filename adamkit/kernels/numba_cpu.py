@@ -762,6 +762,8 @@ class Tables:
     #: the work units (see :func:`unit_table`), or None to cut them at launch;
     #: callers whose chunk table does not change between steps keep them
     units: np.ndarray | None = None
+    #: the tensors' device (the Triton kernels' plans; these kernels take CPU tensors)
+    device: torch.device | None = None
 
 
 def chunk_table(numels: Sequence[int] | np.ndarray) -> np.ndarray:

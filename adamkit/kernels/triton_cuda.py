@@ -59,6 +59,7 @@ from torch import Tensor
 from .._scalars import StepScalars
 from ..quant import QUANT_BITS, QuantFormat
 from ..quant.codebooks import dither_phase, dither_tables
+from .numba_cpu import Tables
 from .registry import register
 
 #: Whether Triton runs its interpreter (CPU tensors, numpy semantics) instead of compiling.
@@ -607,24 +608,51 @@ def _launch(
     count: Tensor | None = None,
 ) -> int | Tensor:
     """Launch one kernel over every tensor of ``columns`` (param, grad, then the state
-    columns) with ``scalars``, (per-tensor [n, SCALARS], constants), on the host
-    (copied over) or already on the device (a capturable step). The masked count: an
-    int on the CPU, else a device tensor; 0 when the caller's ``count`` was added to."""
+    columns): see :func:`_launch_addresses`."""
     params = columns[0]
     if not params:
         return 0
     if params[0].is_complex():
         columns = [[torch.view_as_real(t) for t in col] for col in columns]
         params = columns[0]
-    device = params[0].device
     n = len(params)
+    ptrs = np.array([[t.data_ptr() for t in col] for col in columns], dtype=np.int64).T.reshape(n, len(columns))
     numels = np.fromiter((p.numel() for p in params), dtype=np.int64, count=n)
-    pdtype = params[0].dtype
+    state = columns[2][0].dtype if fmt is None else None
+    return _launch_addresses(
+        ptrs, numels, params[0].dtype, state, params[0].device, scalars, algo=algo, fmt=fmt, books=books,
+        amsgrad=amsgrad, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=salts, amp=amp, count=count,
+    )  # fmt: skip
+
+
+def _launch_addresses(
+    ptrs: np.ndarray,
+    numels: np.ndarray,
+    pdtype: torch.dtype,
+    sdtype: torch.dtype | None,
+    device: torch.device,
+    scalars: tuple[Tensor, Tensor] | tuple[np.ndarray, np.ndarray],
+    *,
+    algo: int,
+    fmt: QuantFormat | None,
+    books: tuple[str, ...],
+    amsgrad: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None,
+    salts: Sequence[int] | np.ndarray | None,
+    amp: tuple[Tensor | None, Tensor | None] | None,
+    count: Tensor | None = None,
+) -> int | Tensor:
+    """Launch one kernel over tensors given by address (``ptrs`` [n, columns]: param,
+    grad, then the state columns; ``numels``: elements each, 0 to leave one out) with
+    ``scalars``, (per-tensor [n, SCALARS], constants), on the host (copied over) or
+    already on the device (a capturable step). The masked count: an int on the CPU,
+    else a device tensor; 0 when the caller's ``count`` was added to."""
+    n = ptrs.shape[0]
     meta = np.zeros((n, _COLS), dtype=np.int64)
     meta[:, 0] = numels
     meta[:, 1] = _streams(sr_seed, salts, n)
-    for c, col in enumerate(columns):
-        meta[:, 2 + c] = [t.data_ptr() for t in col]
+    meta[:, 2 : 2 + ptrs.shape[1]] = ptrs
     if fmt is None:
         items = _items(numels, BLOCK)
     else:
@@ -649,7 +677,7 @@ def _launch(
     flags = dict(ADAMAX=algo == 2, AMSGRAD=amsgrad, MASK=mask_nonfinite, SR=sr_seed is not None, SCALED=scaled)
     grid = (items.shape[0],)
     if fmt is None:
-        sdtype = columns[2][0].dtype
+        assert sdtype is not None
         _dense_kernel[grid](
             meta_d, items_d, scal, consts, count, amp_d if scaled else count,
             P=_TL[pdtype], S=_TL[sdtype], W=_TL[torch.float64 if pdtype == torch.float64 else torch.float32],
@@ -667,6 +695,44 @@ def _launch(
     if not mask_nonfinite or kept:
         return 0
     return int(count.item()) if device.type == "cpu" else count[0]
+
+
+def _tables_step(
+    algo: int, tab: Tables, s: StepScalars, *, maximize: bool, mask_nonfinite: bool, sr_seed: int | None
+) -> int | Tensor:
+    """A step over a cached plan's address tables (:class:`adamkit.kernels.numba_cpu.Tables`,
+    dense state): tensors without a chunk in ``tab.chunks`` are left out."""
+    n = tab.ptrs.shape[0]
+    if tab.chunks.shape[0] == 0:
+        return 0
+    numels = np.zeros(n, dtype=np.int64)
+    np.maximum.at(numels, tab.chunks[:, 0], tab.chunks[:, 2])
+    scal = np.zeros((n, SCALARS), dtype=np.float64)
+    scal[:, :2] = tab.scal
+    work = np.float64 if tab.param_dtype == torch.float64 else np.float32
+    consts = host_consts(s.beta1, s.beta2, s.eps, s.decay, s.l2, maximize, work)
+    assert tab.device is not None, "a plan's tables name their device"
+    return _launch_addresses(
+        tab.ptrs, numels, tab.param_dtype, tab.state_dtype, tab.device, (scal, consts), algo=algo,
+        fmt=None, books=(), amsgrad=algo == 1, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=tab.salts,
+        amp=None,
+    )  # fmt: skip
+
+
+def adam_tables_(
+    tab: Tables, s: StepScalars, *, amsgrad: bool, maximize: bool, mask_nonfinite: bool, sr_seed: int | None = None
+) -> int | Tensor:
+    """Fused Adam/AdamW over a cached plan's tables; the masked count."""
+    return _tables_step(int(amsgrad), tab, s, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed)
+
+
+def adamax_tables_(
+    tab: Tables, s: StepScalars, *, amsgrad: bool, maximize: bool, mask_nonfinite: bool, sr_seed: int | None = None
+) -> int | Tensor:
+    """Fused Adamax over a cached plan's tables; the masked count."""
+    if amsgrad:
+        raise ValueError("Adamax has no AMSGrad variant")
+    return _tables_step(2, tab, s, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed)
 
 
 _KEYS = {0: ("exp_avg", "exp_avg_sq"), 1: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), 2: ("exp_avg", "exp_inf")}
@@ -719,6 +785,7 @@ _BITS = (32, 16, *QUANT_BITS)
     explicit_device_types=EXPLICIT_DEVICES,
     state_bits=_BITS,
     unsupported=unsupported,
+    tables=adam_tables_,
 )
 def adam_(
     params: Sequence[Tensor],
@@ -751,6 +818,7 @@ def adam_(
     explicit_device_types=EXPLICIT_DEVICES,
     state_bits=_BITS,
     unsupported=unsupported,
+    tables=adamax_tables_,
 )
 def adamax_(
     params: Sequence[Tensor],

@@ -516,17 +516,22 @@ class AdamFamily(Optimizer):
         kernels, state_dtypes = [], []
         if group.get("percentile_clipping", 100) < 100:
             return None  # per-parameter gradient norms: the general path
+        device = params[0].device
+        if device.type not in ("cpu", "cuda"):
+            return None
         for p in params:
             state = self.state.get(p) or {}
-            if p.device.type != "cpu" or any(
-                not isinstance(t, Tensor) or (k != "step" and t.shape != p.shape) for k, t in state.items()
+            if (
+                p.device != device
+                or p.is_complex()
+                or any(not isinstance(t, Tensor) or (k != "step" and t.shape != p.shape) for k, t in state.items())
             ):
                 return None  # the general path handles (or explains) it
             layout = self._layout(p, None, state, group)
             if isinstance(layout[1], QuantFormat):
                 return None  # quantized state steps on the general path (plans hold dense state)
             try:
-                kernel = self._kernel(group, "cpu", layout)
+                kernel = self._kernel(group, device.type, layout)
             except KernelUnavailableError:
                 return None  # the general path raises it, naming the parameter
             if kernel.tables is None:

@@ -49,7 +49,9 @@ _GRAD = attrgetter("grad")
 _CDATA = attrgetter("_cdata")
 _NBYTES = attrgetter("nbytes")
 _ref = weakref.ref
-_IS_CPU = attrgetter("is_cpu")
+#: whether a tensor is on a plan's kind of device (a plan's tensors share one device;
+#: autograd keeps a gradient on its parameter's)
+_ON_DEVICE = {"cpu": attrgetter("is_cpu"), "cuda": attrgetter("is_cuda")}
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
 
@@ -203,6 +205,8 @@ class GroupPlan:
         signature: tuple[Any, ...],
     ) -> None:
         self.params = list(params)
+        self.device = params[0].device
+        self._on_device = _ON_DEVICE[self.device.type]
         self.keys = keys
         self.signature = signature
         self.numels = [p.numel() for p in params]
@@ -223,7 +227,12 @@ class GroupPlan:
         for (_, sd, _), idx in by_layout.items():
             seg = _Segment(kernels[idx[0]], np.array(idx, dtype=np.int64), params, len(keys), sd)
             for col, key in enumerate(keys):
-                flat = _memory.zeros(int(seg.offsets[-1]), sd)  # on huge pages where possible
+                size = int(seg.offsets[-1])  # CPU state on huge pages where possible
+                flat = (
+                    _memory.zeros(size, sd)
+                    if self.device.type == "cpu"
+                    else torch.zeros(size, dtype=sd, device=self.device)
+                )
                 self._buffers.append(flat)
                 for row, i in enumerate(idx):
                     view = flat[seg.offsets[row] : seg.offsets[row + 1]].view(params[i].shape)
@@ -320,7 +329,7 @@ class GroupPlan:
                     all(map(is_not, live, repeat(None)))  # not ``in``: that would call Tensor.__eq__
                     and list(map(_NBYTES, live)) == self.nbytes[lo:hi]
                     and all(map(_is_contiguous, live))
-                    and all(map(_IS_CPU, live))
+                    and all(map(self._on_device, live))
                 ):
                     gptrs[lo:hi] = np.fromiter(map(_data_ptr, live), dtype=np.int64, count=hi - lo)
                 else:
@@ -370,7 +379,7 @@ class GroupPlan:
             ok = (
                 list(map(_NBYTES, live_grads)) == nbytes
                 and all(map(_is_contiguous, live_grads))
-                and all(map(_IS_CPU, live_grads))
+                and all(map(self._on_device, live_grads))
             )
             if not ok:
                 return None, grads
@@ -395,7 +404,7 @@ class GroupPlan:
         known = self.pptrs if idx is None else self.pptrs[idx]
         for k in np.flatnonzero(pptrs != known):
             p = params[k]
-            if not (p.is_cpu and p.is_contiguous() and p.numel() == numels[k] and p.dtype == dtypes[k]):
+            if not (p.device == self.device and p.is_contiguous() and p.numel() == numels[k] and p.dtype == dtypes[k]):
                 return None, grads
         if idx is None and self._fresh_grads < 2:  # remember them, unless they are new every step
             self._fresh_grads += self._kept is not None
@@ -471,7 +480,7 @@ class _Launch:
                 seg.ptrs[:, 0], seg.ptrs[:, 1], seg_scal = self.pptrs[members], self.gptrs[members], scal[members]
             if not everyone:
                 chunks, units = chunks[self.active[seg.members][chunks[:, 0]]], None
-            tab = Tables(seg.ptrs, chunks, seg_scal, seg.members, seg.param_dtype, seg.state_dtype, units)
+            tab = Tables(seg.ptrs, chunks, seg_scal, seg.members, seg.param_dtype, seg.state_dtype, units, plan.device)
             masked += seg.kernel.tables(
                 tab, per_step[0], amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed
             )
