@@ -529,8 +529,8 @@ def test_update_error_against_fp32() -> None:
 
 # -------------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("bits", [8, 4])
-def test_save_load_continue_bit_identical(bits: int) -> None:
-    params, twins, opt, _ = _pair(adamkit.AdamW, {}, bits)
+def test_save_load_continue_bit_identical(bits: int, sizes=SIZES, backend: str = "numba") -> None:
+    params, twins, opt, _ = _pair(adamkit.AdamW, {}, bits, sizes=sizes, backend=backend)
     for _ in range(3):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -538,7 +538,7 @@ def test_save_load_continue_bit_identical(bits: int) -> None:
     saved = round_trip(opt.state_dict())
     assert all(isinstance(saved["state"][0][k], int) for k in ("quant_bits", "quant_block"))
     clones = [p.detach().clone().requires_grad_() for p in params]
-    other = adamkit.AdamW(clones, state_bits=bits, min_quant_size=0)
+    other = adamkit.AdamW(clones, state_bits=bits, min_quant_size=0, backend=backend)
     other.load_state_dict(saved)
     for _ in range(2):
         grads = [torch.randn_like(p) for p in params]

@@ -26,6 +26,7 @@ from test_kernels import (
 from test_kernels import test_cached_plan_follows_changes as _plan_follows_changes
 from test_quant import QCONFIGS, QIDS
 from test_quant import _lockstep as _quant_lockstep
+from test_quant import test_save_load_continue_bit_identical as _save_load_continue
 
 import adamkit
 from adamkit._scalars import adam_scalars
@@ -129,6 +130,27 @@ def test_triton_quantized_matches_reference(cls, kw, bits) -> None:
     """Codes equal the reference's (8 bits: within one on rounding ties), absmax and
     parameters within float32 rounding, after every step."""
     _quant_lockstep(cls, kw, bits, steps=4, sizes=QSIZES, backend="triton")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_triton_quantized_plan_saves_loads_and_continues_bit_identically(bits) -> None:
+    """Quantized state in a cached plan's flat buffers (codes and absmax as views):
+    checkpoints round trip and training continues bit for bit."""
+    _save_load_continue(bits, sizes=QSIZES, backend="triton")
+
+
+def test_triton_quantized_state_lives_in_the_plan() -> None:
+    params = [torch.randn(n).requires_grad_() for n in (5000, 10, 300)]
+    opt = adamkit.AdamW(params, backend="triton", state_bits=4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    plan = opt._plans[0]
+    assert len(plan.segments) == 2  # quantized (5000) and 32-bit (the small ones)
+    st = opt.state[params[0]]
+    assert st["exp_avg_codes"].shape == (2500,) and st["exp_avg_sq_absmax"].shape == (40,)
+    assert st["quant_bits"] == 4 and st["quant_dither"] == 1
+    assert st["exp_avg_codes"].untyped_storage().data_ptr() == plan._buffers[0].untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -764,6 +764,8 @@ class Tables:
     units: np.ndarray | None = None
     #: the tensors' device (the Triton kernels' plans; these kernels take CPU tensors)
     device: torch.device | None = None
+    #: each tensor's step count (the Triton kernels' quantized plans: dithered codes)
+    steps: np.ndarray | None = None
 
 
 def chunk_table(numels: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .._scalars import StepScalars
 from ..quant import QUANT_BITS, QuantFormat
-from ..quant.codebooks import dither_phase, dither_tables
+from ..quant.codebooks import DITHER_STEP, dither_phase, dither_tables
 from .numba_cpu import Tables
 from .registry import register
 
@@ -700,21 +700,30 @@ def _launch_addresses(
 def _tables_step(
     algo: int, tab: Tables, s: StepScalars, *, maximize: bool, mask_nonfinite: bool, sr_seed: int | None
 ) -> int | Tensor:
-    """A step over a cached plan's address tables (:class:`adamkit.kernels.numba_cpu.Tables`,
-    dense state): tensors without a chunk in ``tab.chunks`` are left out."""
+    """A step over a cached plan's address tables (:class:`adamkit.kernels.numba_cpu.Tables`;
+    quantized state when ``tab.state_dtype`` is a :class:`QuantFormat`): tensors without
+    a chunk in ``tab.chunks`` are left out."""
     n = tab.ptrs.shape[0]
     if tab.chunks.shape[0] == 0:
         return 0
+    assert tab.device is not None, "a plan's tables name their device"
     numels = np.zeros(n, dtype=np.int64)
     np.maximum.at(numels, tab.chunks[:, 0], tab.chunks[:, 2])
     scal = np.zeros((n, SCALARS), dtype=np.float64)
     scal[:, :2] = tab.scal
+    fmt = tab.state_dtype if isinstance(tab.state_dtype, QuantFormat) else None
+    names: tuple[str, ...] = ()
+    if fmt is not None:
+        assert tab.steps is not None, "quantized plans name each tensor's step"
+        steps = tab.steps.astype(np.int64)
+        scal[:, 2] = ((steps - 1) * DITHER_STEP) & _M32
+        scal[:, 3] = (steps * DITHER_STEP) & _M32
+        names = tuple(fmt.codebook(k).name for k in _KEYS[algo])
     work = np.float64 if tab.param_dtype == torch.float64 else np.float32
     consts = host_consts(s.beta1, s.beta2, s.eps, s.decay, s.l2, maximize, work)
-    assert tab.device is not None, "a plan's tables name their device"
     return _launch_addresses(
-        tab.ptrs, numels, tab.param_dtype, tab.state_dtype, tab.device, (scal, consts), algo=algo,
-        fmt=None, books=(), amsgrad=algo == 1, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=tab.salts,
+        tab.ptrs, numels, tab.param_dtype, None if fmt else tab.state_dtype, tab.device, (scal, consts), algo=algo,
+        fmt=fmt, books=names, amsgrad=algo == 1, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=tab.salts,
         amp=None,
     )  # fmt: skip
 

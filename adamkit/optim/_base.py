@@ -36,7 +36,7 @@ from ..kernels.registry import (
 )
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat, dequantize, quantize
 from ..quant.codebooks import DITHER_STEP
-from ._plan import GroupPlan, TrackedState, _Launch
+from ._plan import GroupPlan, TrackedState, _Launch, quant_meta
 
 #: What ``nonfinite=`` accepts; see :class:`AdamFamily`.
 NONFINITE_MODES = ("mask", "skip", "propagate", "raise")
@@ -71,11 +71,6 @@ def quant_format_of(state: Mapping[str, Any]) -> QuantFormat | None:
     if "quant_bits" not in state:
         return None
     return QuantFormat.from_key(int(state["quant_bits"]), int(state["quant_block"]), int(state.get("quant_dither", 0)))
-
-
-def quant_meta(fmt: QuantFormat) -> dict[str, int]:
-    """The state entries that name ``fmt`` (see :data:`QUANT_META`)."""
-    return {"quant_bits": fmt.bits, "quant_block": fmt.block_key, "quant_dither": int(fmt.dither)}
 
 
 def state_columns(keys: Iterable[str], fmt: StateFormat) -> list[str]:
@@ -521,15 +516,15 @@ class AdamFamily(Optimizer):
             return None
         for p in params:
             state = self.state.get(p) or {}
-            if (
-                p.device != device
-                or p.is_complex()
-                or any(not isinstance(t, Tensor) or (k != "step" and t.shape != p.shape) for k, t in state.items())
-            ):
+            if p.device != device or p.is_complex():
                 return None  # the general path handles (or explains) it
+            fmt = quant_format_of(state) or p.dtype
+            for k, t in state.items():
+                if k in QUANT_META:
+                    continue
+                if not isinstance(t, Tensor) or (k != "step" and tuple(t.shape) != _expected_shape(k, p, fmt)):
+                    return None
             layout = self._layout(p, None, state, group)
-            if isinstance(layout[1], QuantFormat):
-                return None  # quantized state steps on the general path (plans hold dense state)
             try:
                 kernel = self._kernel(group, device.type, layout)
             except KernelUnavailableError:

@@ -44,6 +44,7 @@ from .. import _memory
 from ..kernels.metadata import SLICE, Walker
 from ..kernels.numba_cpu import Tables, chunk_table, unit_table
 from ..kernels.registry import Kernel
+from ..quant import QuantFormat
 
 _GRAD = attrgetter("grad")
 _CDATA = attrgetter("_cdata")
@@ -162,11 +163,30 @@ class _KeptGrads:
         self.freed = True
 
 
+def quant_meta(fmt: QuantFormat) -> dict[str, int]:
+    """The state entries that name a quantized format (``quant_bits``, ``quant_block``,
+    ``quant_dither``)."""
+    return {"quant_bits": fmt.bits, "quant_block": fmt.block_key, "quant_dither": int(fmt.dither)}
+
+
+def _columns(keys: tuple[str, ...], fmt: Any) -> list[tuple[str, torch.dtype, Callable[[Tensor], int] | None]]:
+    """The flat state columns of a format: (state entry, dtype, elements per parameter;
+    None: the parameter's own shape). Dense: one per key in the state dtype; quantized
+    (:class:`adamkit.quant.QuantFormat`): codes (uint8) and absmax (float32) per key."""
+    if isinstance(fmt, torch.dtype):
+        return [(k, fmt, None) for k in keys]
+    out: list[tuple[str, torch.dtype, Callable[[Tensor], int] | None]] = []
+    for k in keys:
+        out.append((f"{k}_codes", torch.uint8, lambda p: fmt.code_bytes(p.numel())))
+        out.append((f"{k}_absmax", torch.float32, lambda p: fmt.blocks(p.numel())))
+    return out
+
+
 class _Segment:
-    """The parameters of a plan that share (param dtype, state dtype): one kernel call."""
+    """The parameters of a plan that share (param dtype, state format): one kernel call."""
 
     def __init__(
-        self, kernel: Kernel, members: np.ndarray, params: Sequence[Tensor], n_state: int, state_dtype: torch.dtype
+        self, kernel: Kernel, members: np.ndarray, params: Sequence[Tensor], n_state: int, state_dtype: Any
     ) -> None:
         self.kernel = kernel
         self.state_dtype = state_dtype
@@ -189,7 +209,7 @@ class GroupPlan:
         kernels: the kernel of each parameter.
         state: the optimizer's ``state`` (read and updated in place).
         keys: the state keys besides ``step``.
-        state_dtypes: the state dtype of each parameter.
+        state_dtypes: the state dtype (or quantized format) of each parameter.
         step_dtype: dtype of the ``step`` counters.
         signature: the group settings the plan depends on (compared each step).
     """
@@ -222,22 +242,28 @@ class GroupPlan:
         by_layout: dict[tuple[Any, ...], list[int]] = {}
         for i, (p, sd) in enumerate(zip(params, state_dtypes)):
             by_layout.setdefault((p.dtype, sd, id(kernels[i])), []).append(i)
+        self.meta: list[dict[str, int]] = [{} for _ in params]  # quantized state's format entries
         self.segments = []
         self._buffers = []  # keeps the flat state alive
         for (_, sd, _), idx in by_layout.items():
-            seg = _Segment(kernels[idx[0]], np.array(idx, dtype=np.int64), params, len(keys), sd)
-            for col, key in enumerate(keys):
-                size = int(seg.offsets[-1])  # CPU state on huge pages where possible
-                flat = (
-                    _memory.zeros(size, sd)
-                    if self.device.type == "cpu"
-                    else torch.zeros(size, dtype=sd, device=self.device)
-                )
+            columns = _columns(keys, sd)
+            seg = _Segment(kernels[idx[0]], np.array(idx, dtype=np.int64), params, len(columns), sd)
+            for col, (key, dtype, count) in enumerate(columns):
+                sizes = seg.numels if count is None else np.array([count(params[i]) for i in idx], dtype=np.int64)
+                offsets = np.concatenate([[0], np.cumsum(sizes)])
+                size = int(offsets[-1])
+                if self.device.type == "cpu":
+                    flat = _memory.zeros(size, dtype)  # on huge pages where possible
+                else:
+                    flat = torch.zeros(size, dtype=dtype, device=self.device)
                 self._buffers.append(flat)
                 for row, i in enumerate(idx):
-                    view = flat[seg.offsets[row] : seg.offsets[row + 1]].view(params[i].shape)
-                    self.views[i][key] = view
+                    view = flat[offsets[row] : offsets[row + 1]]
+                    self.views[i][key] = view.view(params[i].shape) if count is None else view
                     seg.ptrs[row, 2 + col] = view.data_ptr()
+            if not isinstance(sd, torch.dtype):
+                for i in idx:
+                    self.meta[i] = quant_meta(sd)
             self.segments.append(seg)
         # adopt existing state (from earlier steps or a checkpoint): same values, our storage
         self.has_state = np.zeros(len(params), dtype=bool)
@@ -247,7 +273,7 @@ class GroupPlan:
                 for key, view in self.views[i].items():
                     if key in old:  # a key missing (amsgrad switched on) starts at zero
                         view.copy_(old[key])
-                state[p] = state.adopt({**old, **self.views[i]})
+                state[p] = state.adopt({**old, **self.views[i], **self.meta[i]})
                 self.has_state[i] = True
         self.version = state.version
 
@@ -443,7 +469,7 @@ class _Launch:
         plan = self.plan
         fresh = np.flatnonzero(self.active & ~plan.has_state)
         for i in fresh:
-            state[plan.params[i]] = state.adopt(plan.views[i])
+            state[plan.params[i]] = state.adopt({**plan.views[i], **plan.meta[i]})
         if fresh.size:
             plan.has_state[fresh] = True
             plan.version = state.version
@@ -480,7 +506,10 @@ class _Launch:
                 seg.ptrs[:, 0], seg.ptrs[:, 1], seg_scal = self.pptrs[members], self.gptrs[members], scal[members]
             if not everyone:
                 chunks, units = chunks[self.active[seg.members][chunks[:, 0]]], None
-            tab = Tables(seg.ptrs, chunks, seg_scal, seg.members, seg.param_dtype, seg.state_dtype, units, plan.device)
+            steps = plan.steps.numpy()[seg.members]  # dithered 4-bit codes depend on them
+            tab = Tables(
+                seg.ptrs, chunks, seg_scal, seg.members, seg.param_dtype, seg.state_dtype, units, plan.device, steps
+            )
             masked += seg.kernel.tables(
                 tab, per_step[0], amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed
             )

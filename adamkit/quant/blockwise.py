@@ -40,6 +40,7 @@ for an all-zero block). A ``root`` codebook quantizes ``sqrt(x)`` instead (and
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -74,10 +75,11 @@ class QuantFormat:
     @staticmethod
     def from_key(bits: int, block_key: int, dither: int | None = None) -> QuantFormat:
         """The format a checkpoint names: ``block_key`` 0 means one block per tensor;
-        ``dither`` 0 or 1 (absent: a checkpoint from before dithering, nearest codes)."""
+        ``dither`` 0 or 1 (absent: a checkpoint from before dithering, nearest codes).
+        Kept per key: every step asks for each tensor's format."""
         if dither not in (None, 0, 1):
             raise ValueError(f"quant_dither must be 0 or 1, got {dither!r}")
-        return QuantFormat(bits, None if block_key == 0 else block_key, bool(dither))
+        return _format(bits, block_key, bool(dither))
 
     def __post_init__(self) -> None:
         if self.bits not in QUANT_BITS:
@@ -114,6 +116,11 @@ class QuantFormat:
     def block_of(self, numel: int) -> int:
         """The block length for a tensor of ``numel`` elements."""
         return max(numel, 1) if self.block_size is None else self.block_size
+
+
+@functools.lru_cache(maxsize=64)
+def _format(bits: int, block_key: int, dither: bool) -> QuantFormat:
+    return QuantFormat(bits, None if block_key == 0 else block_key, dither)
 
 
 def _blocked(x: Tensor, block: int) -> Tensor:
