@@ -206,14 +206,20 @@ def test_masking_matches_reference(info: OptimizerInfo, kw: dict, layout: str) -
     """Blocks with a non-finite gradient take the kernels' rare path (element by element
     from the first such block of a chunk on); the result is the reference's, the count
     the number of NaN/±inf elements."""
+    masking_lockstep(info, kw, layout, "numba", SIZES, steps=4)
+
+
+def masking_lockstep(info: OptimizerInfo, kw: dict, layout: str, backend: str, sizes: list[int], steps: int) -> None:
+    """A fused backend and the reference in lockstep on gradients with NaN/±inf in many
+    places (:func:`_grads_with_nonfinite`); equal results and counts."""
     dtype, state_bits, sr = MASK_LAYOUTS[layout]
-    fused_params = _params(dtype)
+    fused_params = _params(dtype, sizes)
     ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
     kw = {**copy.deepcopy(kw), "state_bits": state_bits, "stochastic_rounding": sr}
-    fused = info.cls(fused_params, **kw, backend="numba")
+    fused = info.cls(fused_params, **kw, backend=backend)
     ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference")
     expected = 0
-    for step in range(4):
+    for step in range(steps):
         grads = _grads_with_nonfinite(fused_params, step, None)
         expected += sum(int((~torch.isfinite(g)).sum()) for g in grads if g is not None)
         for p, q, g in zip(fused_params, ref_params, grads):
@@ -233,12 +239,19 @@ def test_masking_matches_reference(info: OptimizerInfo, kw: dict, layout: str) -
 # ---------------------------------------------------------------- stochastic rounding
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::5], ids=ALL_CONFIG_IDS[::5])
 def test_stochastic_rounding_matches_reference_bit_for_bit(info: OptimizerInfo, kw: dict) -> None:
-    """The kernel draws the reference's random bits (one counter-based stream per tensor)."""
-    fused_params = _params(torch.bfloat16)
+    """The kernel draws the reference's random bits (one counter-based stream per tensor):
+    within one ulp (the rounded fp32 values themselves may differ in their last bit)."""
+    sr_lockstep(info, kw, "numba", SIZES, steps=4, exact=False)
+
+
+def sr_lockstep(info: OptimizerInfo, kw: dict, backend: str, sizes: list[int], steps: int, exact: bool) -> None:
+    """bf16 parameters rounded stochastically by a fused backend and the reference in
+    lockstep: equal (``exact``) or within one ulp."""
+    fused_params = _params(torch.bfloat16, sizes)
     ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    fused = info.cls(fused_params, **copy.deepcopy(kw), backend="numba", stochastic_rounding=True)
+    fused = info.cls(fused_params, **copy.deepcopy(kw), backend=backend, stochastic_rounding=True)
     ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference", stochastic_rounding=True)
-    for step in range(4):
+    for step in range(steps):
         for p, q, g in zip(fused_params, ref_params, _grads(fused_params, step, None)):
             p.grad = None if g is None else g.clone()
             q.grad = None if g is None else g.clone()
@@ -247,7 +260,10 @@ def test_stochastic_rounding_matches_reference_bit_for_bit(info: OptimizerInfo, 
         torch.manual_seed(step)
         ref.step()
         for i, (p, q) in enumerate(zip(fused_params, ref_params)):
-            _assert_close_any(p.detach(), q.detach(), f"step {step} param {i}")
+            if exact:
+                assert torch.equal(p.detach(), q.detach()), f"step {step} param {i}"
+            else:
+                _assert_close_any(p.detach(), q.detach(), f"step {step} param {i}")
         _sync(fused, fused_params, ref, ref_params)
 
 

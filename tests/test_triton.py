@@ -7,7 +7,6 @@ tests that need CUDA skip without it.
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -16,12 +15,9 @@ from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo
 from test_kernels import (
     MASK_LAYOUTS,
     _assert_close_any,
-    _compare_and_resync,
-    _grads,
-    _grads_with_nonfinite,
     _lockstep,
-    _params,
-    _sync,
+    masking_lockstep,
+    sr_lockstep,
 )
 from test_kernels import test_cached_plan_follows_changes as _plan_follows_changes
 from test_quant import QCONFIGS, QIDS
@@ -79,48 +75,13 @@ def test_triton_complex_params() -> None:
 @pytest.mark.parametrize("layout", MASK_LAYOUTS)
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::6], ids=ALL_CONFIG_IDS[::6])
 def test_triton_masking_matches_reference(info: OptimizerInfo, kw: dict, layout: str) -> None:
-    dtype, state_bits, sr = MASK_LAYOUTS[layout]
-    fused_params = _params(dtype, SIZES)
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    kw = {**copy.deepcopy(kw), "state_bits": state_bits, "stochastic_rounding": sr}
-    fused = info.cls(fused_params, **kw, backend="triton")
-    ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference")
-    expected = 0
-    for step in range(3):
-        grads = _grads_with_nonfinite(fused_params, step, None)
-        expected += sum(int((~torch.isfinite(g)).sum()) for g in grads if g is not None)
-        for p, q, g in zip(fused_params, ref_params, grads):
-            p.grad = None if g is None else g.clone()
-            q.grad = None if g is None else g.clone()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            torch.manual_seed(step)
-            fused.step()
-            torch.manual_seed(step)
-            ref.step()
-        _compare_and_resync(fused, fused_params, ref, ref_params, step)
-    assert expected > 0
-    assert fused.nonfinite_count == ref.nonfinite_count == expected
+    masking_lockstep(info, kw, layout, "triton", SIZES, steps=3)
 
 
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::7], ids=ALL_CONFIG_IDS[::7])
 def test_triton_stochastic_rounding_matches_reference_bit_for_bit(info: OptimizerInfo, kw: dict) -> None:
     """The numba kernels' and the reference's random bits: bf16 parameters equal to the bit."""
-    fused_params = _params(torch.bfloat16, SIZES)
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    fused = info.cls(fused_params, **copy.deepcopy(kw), backend="triton", stochastic_rounding=True)
-    ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference", stochastic_rounding=True)
-    for step in range(3):
-        for p, q, g in zip(fused_params, ref_params, _grads(fused_params, step, None)):
-            p.grad = None if g is None else g.clone()
-            q.grad = None if g is None else g.clone()
-        torch.manual_seed(step)
-        fused.step()
-        torch.manual_seed(step)
-        ref.step()
-        for i, (p, q) in enumerate(zip(fused_params, ref_params)):
-            assert torch.equal(p.detach(), q.detach()), f"step {step} param {i}"
-        _sync(fused, fused_params, ref, ref_params)
+    sr_lockstep(info, kw, "triton", SIZES, steps=3, exact=True)
 
 
 # ------------------------------------------------------------------ quantized state
