@@ -1,0 +1,64 @@
+"""Compile the Triton kernels for an H100/H200 (sm_90) with Triton's real compiler,
+no GPU needed, and check their PTX: what the interpreter cannot show (front-end rules,
+lowering, ptxas). Run by ``test_triton.py`` in a process without TRITON_INTERPRET;
+prints one line per problem and exits non-zero if there is any."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import adamkit.kernels.triton_cuda as tc  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+T = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
+DENSE = {"meta": "*i64", "work": "*i64", "scal": "*fp64", "consts": "*fp64", "count": "*i32", "amp": "*fp32"}
+QUANT = {**{k: v for k, v in DENSE.items() if k != "amp"}, "books": "*fp32", "amp": "*fp32", "block": "i32"}
+APPROXIMATE = ("div.full", "div.approx", "sqrt.approx", "rsqrt.approx")
+
+
+def build(fn, args: dict, const: dict) -> str:
+    signature = {**args, **{k: "constexpr" for k in const}}
+    src = ASTSource(fn=fn, signature=signature, constexprs=const)
+    return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False}).asm["ptx"]
+
+
+def main() -> int:
+    problems = []
+    variants = 0
+    for (p, s), (algo, mask, sr, scaled) in itertools.product(
+        [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp64", "fp64")],
+        [(0, True, False, False), (1, True, False, True), (2, False, True, False)],
+    ):
+        const = dict(P=T[p], S=T[s], W=T["fp64" if p == "fp64" else "fp32"], ADAMAX=algo == 2, AMSGRAD=algo == 1,
+                     MASK=mask, SR=sr and p == "bf16", FTZ=s == "bf16", SCALED=scaled, BLOCK=tc.BLOCK)  # fmt: skip
+        ptx = build(tc._dense_kernel, DENSE, const)
+        variants += 1
+        problems += [f"dense {p}/{s} algo {algo}: {op}" for op in APPROXIMATE if op in ptx]
+        if p != "fp64" and "div.rn.f32" not in ptx:
+            problems.append(f"dense {p}/{s} algo {algo}: no correctly rounded division")
+    for bits, (p, algo, scaled, sr) in itertools.product(
+        (8, 4), [("fp32", 0, False, False), ("bf16", 1, True, True), ("fp16", 2, False, False)]
+    ):
+        qb = triton.next_power_of_2(128 // (8 // bits) if bits == 4 else 256)
+        const = dict(P=T[p], ADAMAX=algo == 2, AMSGRAD=algo == 1, MASK=True, SR=sr, SCALED=scaled, BITS=bits,
+                     ROOT=bits == 4 and algo != 2, ROWS=tc.QUANT_TILE // (qb * (8 // bits)), QB=qb)  # fmt: skip
+        ptx = build(tc._quant_kernel, QUANT, const)
+        variants += 1
+        problems += [f"quant {bits} bits {p} algo {algo}: {op}" for op in APPROXIMATE if op in ptx]
+    for line in problems:
+        print(line)
+    print(f"{variants} kernel variants compiled for sm_90, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
