@@ -39,10 +39,14 @@ def main() -> int:
         [(0, True, False, False), (1, True, False, True), (2, False, True, False)],
     ):
         const = dict(P=T[p], S=T[s], W=T["fp64" if p == "fp64" else "fp32"], ADAMAX=algo == 2, AMSGRAD=algo == 1,
-                     MASK=mask, SR=sr and p == "bf16", FTZ=s == "bf16", SCALED=scaled, BLOCK=tc.BLOCK)  # fmt: skip
+                     MASK=mask, SR=sr and p == "bf16", FTZ=s == "bf16", SCALED=scaled, BLOCK=tc.BLOCK,
+                     ALIGNED=True)  # fmt: skip
         ptx = build(tc._dense_kernel, DENSE, const)
         variants += 1
         problems += [f"dense {p}/{s} algo {algo}: {op}" for op in APPROXIMATE if op in ptx]
+        wide = ("v2.b64", "v2.f64") if p == "fp64" else ("v4",)  # full blocks: 16-byte accesses
+        if not any(f"ld.global.{w}" in ptx for w in wide) or not any(f"st.global.{w}" in ptx for w in wide):
+            problems.append(f"dense {p}/{s} algo {algo}: no 16-byte loads and stores")
         if p != "fp64" and "div.rn.f32" not in ptx:
             problems.append(f"dense {p}/{s} algo {algo}: no correctly rounded division")
     for bits, (p, algo, scaled, sr) in itertools.product(

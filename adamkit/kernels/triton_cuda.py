@@ -163,8 +163,15 @@ def _div(a, b):
 
 
 @triton.jit
-def _ptr(row, col, T: tl.constexpr):
-    return tl.load(row + col).to(tl.pointer_type(T))
+def _ptr(row, col, T: tl.constexpr, ALIGNED: tl.constexpr = False):
+    """Column ``col``'s address of a table row as a pointer to ``T``; ALIGNED: the
+    launcher checked that every such address is a multiple of 16 bytes, which lets
+    Triton load and store 16 bytes per instruction (it cannot know it of an address
+    read from memory: without the hint every element is its own 4-byte access)."""
+    ptr = tl.load(row + col).to(tl.pointer_type(T))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -226,11 +233,64 @@ def _go(flags_ptr, like, SCALED: tl.constexpr):
 
 # ------------------------------------------------------------------- 32/16-bit state
 @triton.jit
+def _cast(x, T: tl.constexpr, FTZ: tl.constexpr, SR: tl.constexpr, rnd):
+    """Float lanes ``x`` as ``T`` (bf16: :func:`_bf16`'s rounding)."""
+    if T == tl.bfloat16:
+        y = _bf16(x.to(tl.float32), FTZ, SR, rnd)
+    else:
+        y = x.to(T)
+    return y
+
+
+@triton.jit
+def _dense_body(row, t, offs, mask, scal, consts, count, amp,
+                P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr,
+                MASK: tl.constexpr, SR: tl.constexpr, FTZ: tl.constexpr, SCALED: tl.constexpr,
+                ALIGNED: tl.constexpr):  # fmt: skip
+    """The elements ``offs`` of tensor ``t``. ``mask`` is the same for all of them in a
+    full block (only found_inf), so loads and stores go 16 bytes at a time; elements
+    whose gradient is not finite get their loaded values stored back, bit for bit."""
+    p_ptr, g_ptr = _ptr(row, 2, P, ALIGNED), _ptr(row, 3, P, ALIGNED)
+    m_ptr, v_ptr = _ptr(row, 4, S, ALIGNED), _ptr(row, 5, S, ALIGNED)
+    lr_t, inv = tl.load(scal + 4 * t).to(W), tl.load(scal + 4 * t + 1).to(W)
+    rnd = offs.to(tl.uint32)
+    if SR:
+        rnd = _hash32(tl.load(row + 1).to(tl.uint32) + offs.to(tl.uint32) * 0x9E3779B1)
+    g = _grad(g_ptr, offs, mask, amp, W, SCALED)
+    if SCALED:  # the unscaled gradient written back, as torch's fused kernels do
+        tl.store(g_ptr + offs, _cast(g, P, False, False, rnd), mask=mask)
+    p_raw = tl.load(p_ptr + offs, mask=mask, other=0)
+    m_raw = tl.load(m_ptr + offs, mask=mask, other=0)
+    v_raw = tl.load(v_ptr + offs, mask=mask, other=0)
+    p, m, v = p_raw.to(W), m_raw.to(W), v_raw.to(W)
+    ok = offs == offs
+    if MASK:
+        ok = (g - g) == 0
+        bad = tl.sum((mask & ~ok).to(tl.int32), axis=0)
+        tl.atomic_add(count, bad, mask=bad > 0)  # one atomic per program would serialize in L2
+    if ADAMAX:
+        p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, W)
+    else:
+        x = v
+        if AMSGRAD:
+            x_ptr = _ptr(row, 6, S, ALIGNED)
+            x_raw = tl.load(x_ptr + offs, mask=mask, other=0)
+            x = x_raw.to(W)
+        p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, consts, lr_t, inv, W, AMSGRAD)
+        if AMSGRAD:
+            tl.store(x_ptr + offs, tl.where(ok, _cast(x1, S, FTZ, False, rnd), x_raw), mask=mask)
+    tl.store(p_ptr + offs, tl.where(ok, _cast(p1, P, False, SR, rnd), p_raw), mask=mask)
+    tl.store(m_ptr + offs, tl.where(ok, _cast(m1, S, FTZ, False, rnd), m_raw), mask=mask)
+    tl.store(v_ptr + offs, tl.where(ok, _cast(v1, S, FTZ, False, rnd), v_raw), mask=mask)
+
+
+@triton.jit
 def _dense_kernel(meta, work, scal, consts, count, amp,
                   P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr,
                   MASK: tl.constexpr, SR: tl.constexpr, FTZ: tl.constexpr, SCALED: tl.constexpr,
-                  BLOCK: tl.constexpr):  # fmt: skip
-    """One work item (tensor, first element) of a dense-state step.
+                  BLOCK: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    """One work item (tensor, first element) of a dense-state step: a full block of
+    BLOCK elements without an element mask (vectorized accesses), or a tensor's tail.
 
     meta: int64 [n, _COLS] (numel, stream, p, g, m, v, v_max); work: int64 [items, 2];
     scal: float64 [n, SCALARS] (step_size, inv_bc2_sqrt, phases); consts: float64 (``_LOW``...);
@@ -239,38 +299,18 @@ def _dense_kernel(meta, work, scal, consts, count, amp,
     w = tl.program_id(0)
     t = tl.load(work + 2 * w)
     row = meta + t * 10
-    offs = tl.load(work + 2 * w + 1) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = (offs < tl.load(row)) & _go(amp + 1, offs, SCALED)
-    p_ptr, g_ptr, m_ptr, v_ptr = _ptr(row, 2, P), _ptr(row, 3, P), _ptr(row, 4, S), _ptr(row, 5, S)
-    lr_t, inv = tl.load(scal + 4 * t).to(W), tl.load(scal + 4 * t + 1).to(W)
-    rnd = offs.to(tl.uint32)
-    if SR:
-        rnd = _hash32(tl.load(row + 1).to(tl.uint32) + offs.to(tl.uint32) * 0x9E3779B1)
-    g = _grad(g_ptr, offs, mask, amp, W, SCALED)
-    if SCALED:  # the unscaled gradient written back, as torch's fused kernels do
-        _store(g_ptr + offs, g, mask, P, False, False, rnd)
-    p = tl.load(p_ptr + offs, mask=mask, other=0).to(W)
-    m = tl.load(m_ptr + offs, mask=mask, other=0).to(W)
-    v = tl.load(v_ptr + offs, mask=mask, other=0).to(W)
-    keep = mask
-    if MASK:
-        ok = (g - g) == 0
-        keep = mask & ok
-        bad = tl.sum((mask & ~ok).to(tl.int32), axis=0)
-        tl.atomic_add(count, bad, mask=bad > 0)  # one atomic per program would serialize in L2
-    if ADAMAX:
-        p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, W)
+    start = tl.load(work + 2 * w + 1)
+    if ALIGNED:
+        start = tl.multiple_of(start, BLOCK)  # work items start at multiples of BLOCK
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    n = tl.load(row)
+    go = _go(amp + 1, offs, SCALED)
+    if start + BLOCK <= n:
+        _dense_body(row, t, offs, go, scal, consts, count, amp, P, S, W, ADAMAX, AMSGRAD, MASK, SR, FTZ, SCALED,
+                    ALIGNED)  # fmt: skip
     else:
-        x = v
-        if AMSGRAD:
-            x_ptr = _ptr(row, 6, S)
-            x = tl.load(x_ptr + offs, mask=mask, other=0).to(W)
-        p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, consts, lr_t, inv, W, AMSGRAD)
-        if AMSGRAD:
-            _store(x_ptr + offs, x1, keep, S, FTZ, False, rnd)
-    _store(p_ptr + offs, p1, keep, P, False, SR, rnd)
-    _store(m_ptr + offs, m1, keep, S, FTZ, False, rnd)
-    _store(v_ptr + offs, v1, keep, S, FTZ, False, rnd)
+        _dense_body(row, t, offs, go & (offs < n), scal, consts, count, amp, P, S, W, ADAMAX, AMSGRAD, MASK, SR,
+                    FTZ, SCALED, ALIGNED)  # fmt: skip
 
 
 # ------------------------------------------------------------------- quantized state
@@ -681,7 +721,8 @@ def _launch_addresses(
         _dense_kernel[grid](
             meta_d, items_d, scal, consts, count, amp_d if scaled else count,
             P=_TL[pdtype], S=_TL[sdtype], W=_TL[torch.float64 if pdtype == torch.float64 else torch.float32],
-            FTZ=sdtype == torch.bfloat16, BLOCK=BLOCK, enable_fp_fusion=False, **flags,
+            FTZ=sdtype == torch.bfloat16, BLOCK=BLOCK, ALIGNED=bool((ptrs % 16 == 0).all()), enable_fp_fusion=False,
+            **flags,
         )  # fmt: skip
     else:
         from ..quant import codebook

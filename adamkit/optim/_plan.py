@@ -250,7 +250,9 @@ class GroupPlan:
             seg = _Segment(kernels[idx[0]], np.array(idx, dtype=np.int64), params, len(columns), sd)
             for col, (key, dtype, count) in enumerate(columns):
                 sizes = seg.numels if count is None else np.array([count(params[i]) for i in idx], dtype=np.int64)
-                offsets = np.concatenate([[0], np.cumsum(sizes)])
+                # each view starts on 16 bytes: the GPU kernels then move 16 bytes per access
+                unit = max(1, 16 // dtype.itemsize)
+                offsets = np.concatenate([[0], np.cumsum(-(-sizes // unit) * unit)])
                 size = int(offsets[-1])
                 if self.device.type == "cpu":
                     flat = _memory.zeros(size, dtype)  # on huge pages where possible
@@ -258,7 +260,7 @@ class GroupPlan:
                     flat = torch.zeros(size, dtype=dtype, device=self.device)
                 self._buffers.append(flat)
                 for row, i in enumerate(idx):
-                    view = flat[offsets[row] : offsets[row + 1]]
+                    view = flat[offsets[row] : offsets[row] + sizes[row]]
                     self.views[i][key] = view.view(params[i].shape) if count is None else view
                     seg.ptrs[row, 2 + col] = view.data_ptr()
             if not isinstance(sd, torch.dtype):
