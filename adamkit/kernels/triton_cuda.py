@@ -128,12 +128,13 @@ def _bf16(x, FTZ: tl.constexpr, SR: tl.constexpr, rnd):
 
 
 @triton.jit
-def _store(ptr, x, mask, T: tl.constexpr, FTZ: tl.constexpr, SR: tl.constexpr, rnd):
-    """Store float lanes ``x`` as ``T``."""
+def _cast(x, T: tl.constexpr, FTZ: tl.constexpr, SR: tl.constexpr, rnd):
+    """Float lanes ``x`` as ``T`` (bf16: :func:`_bf16`'s rounding)."""
     if T == tl.bfloat16:
-        tl.store(ptr, _bf16(x.to(tl.float32), FTZ, SR, rnd), mask=mask)
+        y = _bf16(x.to(tl.float32), FTZ, SR, rnd)
     else:
-        tl.store(ptr, x.to(T), mask=mask)
+        y = x.to(T)
+    return y
 
 
 @triton.jit
@@ -232,16 +233,6 @@ def _go(flags_ptr, like, SCALED: tl.constexpr):
 
 
 # ------------------------------------------------------------------- 32/16-bit state
-@triton.jit
-def _cast(x, T: tl.constexpr, FTZ: tl.constexpr, SR: tl.constexpr, rnd):
-    """Float lanes ``x`` as ``T`` (bf16: :func:`_bf16`'s rounding)."""
-    if T == tl.bfloat16:
-        y = _bf16(x.to(tl.float32), FTZ, SR, rnd)
-    else:
-        y = x.to(T)
-    return y
-
-
 @triton.jit
 def _dense_body(row, t, offs, mask, scal, consts, count, amp,
                 P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr,
@@ -399,7 +390,7 @@ def _quant_half(meta_row, e, mask, scal_row, consts, books, count, amp, m_scale,
     lr_t, inv_bc = tl.load(scal_row).to(tl.float32), tl.load(scal_row + 1).to(tl.float32)
     g = _grad(g_ptr, e, mask, amp, tl.float32, SCALED)
     if SCALED:
-        _store(g_ptr + e, g, mask, P, False, False, e.to(tl.uint32))
+        tl.store(g_ptr + e, _cast(g, P, False, False, e), mask=mask)
     p = tl.load(p_ptr + e, mask=mask, other=0).to(tl.float32)
     h = _dither_hash(e, phase_old)
     m = _decode(_ptr(meta_row, 4, tl.uint8), e, mask, books, m_scale, h, BITS, HALF, False)
@@ -420,7 +411,7 @@ def _quant_half(meta_row, e, mask, scal_row, consts, books, count, amp, m_scale,
     rnd = e.to(tl.uint32)
     if SR:
         rnd = _hash32(tl.load(meta_row + 1).to(tl.uint32) + e.to(tl.uint32) * 0x9E3779B1)
-    _store(p_ptr + e, tl.where(ok, p1, p), mask, P, False, SR, rnd)
+    tl.store(p_ptr + e, _cast(tl.where(ok, p1, p), P, False, SR, rnd), mask=mask)
     m1, v1, x1 = tl.where(ok, m1, m), tl.where(ok, v1, v), tl.where(ok, x1, x)
     if ROOT:
         v1, x1 = tl.sqrt_rn(v1), tl.sqrt_rn(x1)
