@@ -1,13 +1,17 @@
 """Compile the Triton kernels for an H100/H200 (sm_90) with Triton's real compiler,
-no GPU needed, and check their PTX: what the interpreter cannot show (front-end rules,
-lowering, ptxas). Run by ``test_triton.py`` in a process without TRITON_INTERPRET;
-prints one line per problem and exits non-zero if there is any."""
+no GPU needed, and check their PTX and ptxas' resource report: what the interpreter
+cannot show (front-end rules, lowering, rounding modes, vector accesses, register
+spills). Run by ``test_triton.py`` in a process without TRITON_INTERPRET; prints one
+line per problem and exits non-zero if there is any."""
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -31,6 +35,32 @@ def build(fn, args: dict, const: dict) -> str:
     return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False}).asm["ptx"]
 
 
+def resources(ptx: str) -> tuple[int, int]:
+    """(registers per thread, bytes spilled) of ``ptx`` for sm_90, from Triton's ptxas."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", path, "-o", os.devnull],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+    assert regs and spills, done.stderr
+    return int(regs.group(1)), int(spills.group(1))
+
+
+def checked(name: str, ptx: str) -> list[str]:
+    """Problems every variant must not have: approximate division or square root, and
+    register spills (local memory traffic in a memory-bound step)."""
+    problems = [f"{name}: {op}" for op in APPROXIMATE if op in ptx]
+    regs, spilled = resources(ptx)
+    if spilled:
+        problems.append(f"{name}: {spilled} bytes of registers spilled ({regs} registers)")
+    return problems
+
+
 def main() -> int:
     problems = []
     variants = 0
@@ -43,7 +73,7 @@ def main() -> int:
                      ALIGNED=True)  # fmt: skip
         ptx = build(tc._dense_kernel, DENSE, const)
         variants += 1
-        problems += [f"dense {p}/{s} algo {algo}: {op}" for op in APPROXIMATE if op in ptx]
+        problems += checked(f"dense {p}/{s} algo {algo}", ptx)
         wide = ("v2.b64", "v2.f64") if p == "fp64" else ("v4",)  # full blocks: 16-byte accesses
         if not any(f"ld.global.{w}" in ptx for w in wide) or not any(f"st.global.{w}" in ptx for w in wide):
             problems.append(f"dense {p}/{s} algo {algo}: no 16-byte loads and stores")
@@ -52,12 +82,16 @@ def main() -> int:
     for bits, (p, algo, scaled, sr) in itertools.product(
         (8, 4), [("fp32", 0, False, False), ("bf16", 1, True, True), ("fp16", 2, False, False)]
     ):
-        qb = triton.next_power_of_2(128 // (8 // bits) if bits == 4 else 256)
+        width = 256 if bits == 8 else 128
         const = dict(P=T[p], ADAMAX=algo == 2, AMSGRAD=algo == 1, MASK=True, SR=sr, SCALED=scaled, BITS=bits,
-                     ROOT=bits == 4 and algo != 2, ROWS=tc.QUANT_TILE // (qb * (8 // bits)), QB=qb)  # fmt: skip
+                     ROOT=bits == 4 and algo != 2, ROWS=tc.QUANT_TILE // width, E=width, ALIGNED=True)  # fmt: skip
         ptx = build(tc._quant_kernel, QUANT, const)
         variants += 1
-        problems += [f"quant {bits} bits {p} algo {algo}: {op}" for op in APPROXIMATE if op in ptx]
+        name = f"quant {bits} bits {p} algo {algo}"
+        problems += checked(name, ptx)
+        wide = ("v4",) if p == "fp32" else ("v2", "v4")  # whole tiles: 4 or more elements per access
+        if not any(f"ld.global.{w}" in ptx for w in wide) or not any(f"st.global.{w}" in ptx for w in wide):
+            problems.append(f"{name}: parameters not loaded and stored 4 elements at a time")
     for line in problems:
         print(line)
     print(f"{variants} kernel variants compiled for sm_90, {len(problems)} problems")

@@ -20,7 +20,7 @@ from test_kernels import (
     sr_lockstep,
 )
 from test_kernels import test_cached_plan_follows_changes as _plan_follows_changes
-from test_quant import QCONFIGS, QIDS
+from test_quant import QCONFIGS, QIDS, _encoder_probe
 from test_quant import _lockstep as _quant_lockstep
 from test_quant import test_save_load_continue_bit_identical as _save_load_continue
 
@@ -132,6 +132,53 @@ def test_triton_quantized_masks_nonfinite_like_reference(bits) -> None:
         params = _quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=3, bad=4097, sizes=QSIZES,
                                  backend="triton")  # fmt: skip
     assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("name", ["dynamic8", "udynamic8"])
+def test_triton_8bit_encoder_equals_binary_search(name: str) -> None:
+    """``_encode8`` (one load from the packed table) gives ``torch.searchsorted``'s code
+    over the midpoints for random magnitudes over 18 decades, every midpoint and its
+    neighbours, ±0, ±1, and NaN of either sign (255)."""
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def encode(y_ptr, book, out, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out + offs, triton_cuda._encode8(tl.load(y_ptr + offs), book + 256))
+
+    y = np.concatenate([_encoder_probe(name), np.array([np.nan, -np.nan], dtype=np.float32)])
+    y = torch.from_numpy(np.pad(y, (0, -y.size % 4096)))
+    out = torch.empty(y.shape, dtype=torch.int32)
+    encode[(y.numel() // 4096,)](y, triton_cuda._books((name,) * 3, 8, y.device), out, BLOCK=4096)
+    expected = torch.searchsorted(adamkit.quant.codebook(name).midpoints, y)
+    assert torch.equal(out.long(), expected)
+    assert (out[torch.isnan(y)] == 255).all() and torch.isnan(y).sum() == 2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_triton_quantized_full_tiles_are_aligned(monkeypatch, bits: int) -> None:
+    """Work items of whole power-of-two blocks take the unmasked path with 16-byte
+    accesses (ALIGNED) when every address allows it, and ragged ones the masked path,
+    both in lockstep with the reference."""
+    flags = []
+    real = triton_cuda._quant_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                flags.append(kw["ALIGNED"])
+                return real[grid](*args, **kw)
+
+            return launch
+
+    monkeypatch.setattr(triton_cuda, "_quant_kernel", Spy())
+    _quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=2, sizes=[6000, 4097, 700], backend="triton")
+    assert flags and all(flags)  # plan buffers are 16-byte aligned; 6000 has whole tiles and a tail
+    flags.clear()
+    _quant_lockstep(adamkit.AdamW, {}, bits, steps=2, sizes=[6000], backend="triton", block_size=96)
+    assert flags and not any(flags)  # a block that is not a power of two
 
 
 def test_triton_quantized_stochastic_rounding_matches_reference() -> None:

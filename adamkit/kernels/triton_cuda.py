@@ -58,7 +58,7 @@ from torch import Tensor
 
 from .._scalars import StepScalars
 from ..quant import QUANT_BITS, QuantFormat
-from ..quant.codebooks import DITHER_STEP, dither_phase, dither_tables
+from ..quant.codebooks import _LOW_BITS, _ONE_BITS, DITHER_STEP, TABLE_BITS, dither_phase, dither_tables, encoder_table
 from .numba_cpu import Tables
 from .registry import register
 
@@ -74,7 +74,15 @@ EXPLICIT_DEVICES = ("cpu",) if INTERPRETED else ()
 #: elementwise Triton kernels (tuned on a GPU when one is at hand).
 BLOCK = 1024
 #: Elements per program with quantized state (whole blocks: ``rows`` = this / block).
-QUANT_TILE = 2048
+QUANT_TILE = 512
+#: float32 entries per state in the codebooks' table: at 8 bits the 256 values, then
+#: the packed encoder table (:func:`adamkit.quant.encoder_table`, 6658 int32 entries).
+_BOOK = 7168
+BOOK = tl.constexpr(_BOOK)
+_ENC_SHIFT = 23 - TABLE_BITS
+# the packed table's constants, as the kernels read them
+_ENC_LOW, _ENC_ONE = tl.constexpr(_LOW_BITS), tl.constexpr(_ONE_BITS)
+_ENC_SHIFT, _ENC_HALF = tl.constexpr(_ENC_SHIFT), tl.constexpr(((_ONE_BITS - _LOW_BITS) >> _ENC_SHIFT) + 1)
 #: Width of the address table: numel, random stream, then up to 8 pointers (param,
 #: grad, and codes/absmax of up to three state tensors).
 _COLS = 10
@@ -306,21 +314,21 @@ def _dense_kernel(meta, work, scal, consts, count, amp,
 
 # ------------------------------------------------------------------- quantized state
 @triton.jit
-def _decode8(codes_ptr, offs, mask, values, scale):
-    code = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-    return tl.load(values + code, mask=mask, other=0.0) * scale
-
-
-@triton.jit
-def _encode8(y, mids):
-    """The count of midpoints below ``y`` (0-255; NaN: 255), as ``torch.searchsorted``:
-    a binary search of 8 table loads."""
-    code = tl.zeros(y.shape, tl.int32)
-    for shift in tl.static_range(7, -1, -1):
-        probe = code + (1 << shift)
-        above = ~(y <= tl.load(mids + probe - 1))
-        code = tl.where(above, probe, code)
-    return code
+def _encode8(y, packed):
+    """The nearest 8-bit code of normalized values ``y`` (ties to the lower code; NaN:
+    255), exactly as a binary search over the 255 midpoints (``torch.searchsorted``),
+    with one load from the packed table of :func:`adamkit.quant.encoder_table`
+    (``packed``: its int32 entries, stored as float32 bits): the magnitude's exponent
+    and top 7 fraction bits pick a slice holding at most one midpoint, whose low 16
+    bits one integer compare tests."""
+    bits = y.to(tl.int32, bitcast=True)
+    mag = tl.minimum(tl.maximum(bits & 0x7FFFFFFF, _ENC_LOW), _ENC_ONE)
+    negative = bits < 0
+    index = ((mag - _ENC_LOW) >> _ENC_SHIFT) + tl.where(negative, _ENC_HALF, 0)
+    entry = tl.load(packed + index).to(tl.int32, bitcast=True)
+    low, slice_low = mag & 0xFFFF, entry & 0xFFFF
+    above = tl.where(negative, low < slice_low, low > slice_low)
+    return tl.where(y != y, 255, (entry >> 16) + above.to(tl.int32))
 
 
 @triton.jit
@@ -344,11 +352,13 @@ def _decode4(code, h, tab, scale, ROOT: tl.constexpr):
 @triton.jit
 def _encode4(y, h, tab):
     """Normalized values to dithered 4-bit codes (the reference's float32 and integer
-    operations: the interval by 14 compares, the position in 2^-16 codes, the dither)."""
+    operations): the interval from the value's cell (one of 32, see
+    :class:`adamkit.quant.codebooks.DitherTables`) and one compare with the value inside
+    it, the position in 2^-16 codes, the dither."""
     y = _nan_max(y, tl.zeros_like(y) + tl.load(tab))
-    k = tl.zeros(y.shape, tl.int32)
-    for i in tl.static_range(1, 15):
-        k += (y >= tl.load(tab + i)).to(tl.int32)
+    cell = (y * tl.load(tab + 144) + tl.load(tab + 145)).to(tl.int32)
+    cell = tl.minimum(tl.maximum(cell, 0), 31)
+    k = tl.load(tab + 112 + cell).to(tl.int32, bitcast=True) + (y >= tl.load(tab + 80 + cell)).to(tl.int32)
     position = (y * tl.load(tab + 16 + k) + tl.load(tab + 32 + k)).to(tl.int32)
     return tl.minimum((position + (h >> 16).to(tl.int32)) >> 16, 15)
 
@@ -369,35 +379,61 @@ def _inverse(top):
 
 
 @triton.jit
-def _decode(codes, e, mask, book, scale, h, BITS: tl.constexpr, HALF: tl.constexpr, ROOT: tl.constexpr):
-    """The decoded state at elements ``e`` (8 bits: one code per byte; 4 bits: the low
-    nibble for HALF 0, the high one for HALF 1)."""
+def _decode(codes, cb, cmask, book, scale, h, BITS: tl.constexpr, ROOT: tl.constexpr,
+            ROWS: tl.constexpr, E: tl.constexpr):  # fmt: skip
+    """The decoded [ROWS, E] state from the code bytes at ``cb`` ([ROWS, E] at 8 bits;
+    [ROWS, E/2] at 4 bits, the low nibble the even element: both nibbles are taken
+    apart and interleaved back, so that elements stay in order)."""
+    byte = tl.load(codes + cb, mask=cmask, other=0).to(tl.int32)
     if BITS == 8:
-        x = _decode8(codes, e, mask, book, scale)
+        x = tl.load(book + byte) * scale
     else:
-        byte = tl.load(codes + (e >> 1), mask=mask, other=0)
-        x = _decode4(((byte >> (4 * HALF)) & 15).to(tl.int32), h, book, scale, ROOT)
+        code = tl.reshape(tl.join(byte & 15, byte >> 4), [ROWS, E])
+        x = _decode4(code, h, book, scale, ROOT)
     return x
 
 
 @triton.jit
-def _quant_half(meta_row, e, mask, scal_row, consts, books, count, amp, m_scale, v_scale, x_scale, phase_old,
+def _encode(codes, cb, cmask, y, mask, h, book, BITS: tl.constexpr, ROWS: tl.constexpr, E: tl.constexpr):
+    """Store the codes of the normalized [ROWS, E] values ``y`` at the bytes ``cb``
+    (4 bits: even and odd elements' codes split apart and packed in one byte, a
+    missing odd element's code 0, as the reference pads)."""
+    if BITS == 8:
+        tl.store(codes + cb, _encode8(y, book + 256).to(tl.uint8), mask=cmask)
+    else:
+        lo, hi = tl.split(tl.reshape(tl.where(mask, _encode4(y, h, book), 0), [ROWS, E // 2, 2]))
+        tl.store(codes + cb, (lo | (hi << 4)).to(tl.uint8), mask=cmask)
+
+
+@triton.jit
+def _quant_body(row, t, blk, live, offs, mask, cb, cmask, scal, consts, books, count, amp,
                 P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr, SR: tl.constexpr,
-                SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr, HALF: tl.constexpr):  # fmt: skip
-    """Decode, the rule, the parameters stored: the new moments of elements ``e`` (roots
-    for a root codebook); masked elements keep their decoded moments."""
-    p_ptr, g_ptr = _ptr(meta_row, 2, P), _ptr(meta_row, 3, P)
+                SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr, ROWS: tl.constexpr, E: tl.constexpr,
+                ALIGNED: tl.constexpr):  # fmt: skip
+    """Blocks ``blk`` (rows of the [ROWS, E] tile ``offs``; ``live``: the rows to step,
+    ``mask`` the elements, ``cb``/``cmask`` their code bytes) of tensor ``t``: decode,
+    the rule, the parameters stored, each row's new absmax, encode. Masked elements keep
+    their decoded moments (re-encoded with the row) and their parameter's bits."""
+    p_ptr, g_ptr = _ptr(row, 2, P, ALIGNED), _ptr(row, 3, P, ALIGNED)
+    mc, sc = _ptr(row, 4, tl.uint8, ALIGNED), _ptr(row, 6, tl.uint8, ALIGNED)
+    ma, sa = _ptr(row, 5, tl.float32), _ptr(row, 7, tl.float32)
+    scal_row = scal + 4 * t
     lr_t, inv_bc = tl.load(scal_row).to(tl.float32), tl.load(scal_row + 1).to(tl.float32)
-    g = _grad(g_ptr, e, mask, amp, tl.float32, SCALED)
+    phase_old, phase_new = tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32)
+    g = _grad(g_ptr, offs, mask, amp, tl.float32, SCALED)
     if SCALED:
-        tl.store(g_ptr + e, _cast(g, P, False, False, e), mask=mask)
-    p = tl.load(p_ptr + e, mask=mask, other=0).to(tl.float32)
-    h = _dither_hash(e, phase_old)
-    m = _decode(_ptr(meta_row, 4, tl.uint8), e, mask, books, m_scale, h, BITS, HALF, False)
-    v = _decode(_ptr(meta_row, 6, tl.uint8), e, mask, books + 512, v_scale, h, BITS, HALF, ROOT)
+        tl.store(g_ptr + offs, _cast(g, P, False, False, offs), mask=mask)
+    p_raw = tl.load(p_ptr + offs, mask=mask, other=0)
+    p = p_raw.to(tl.float32)
+    h = _dither_hash(offs, phase_old)
+    m = _decode(mc, cb, cmask, books, tl.load(ma + blk, mask=live, other=0.0)[:, None], h, BITS, False, ROWS, E)
+    v = _decode(sc, cb, cmask, books + BOOK, tl.load(sa + blk, mask=live, other=0.0)[:, None], h, BITS, ROOT,
+                ROWS, E)  # fmt: skip
     x = v
     if AMSGRAD:
-        x = _decode(_ptr(meta_row, 8, tl.uint8), e, mask, books + 1024, x_scale, h, BITS, HALF, ROOT)
+        xc, xa = _ptr(row, 8, tl.uint8, ALIGNED), _ptr(row, 9, tl.float32)
+        x = _decode(xc, cb, cmask, books + 2 * BOOK, tl.load(xa + blk, mask=live, other=0.0)[:, None], h, BITS,
+                    ROOT, ROWS, E)  # fmt: skip
     ok = mask
     if MASK:
         ok = mask & ((g - g) == 0)
@@ -408,87 +444,68 @@ def _quant_half(meta_row, e, mask, scal_row, consts, books, count, amp, m_scale,
         x1 = v1
     else:
         p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, consts, lr_t, inv_bc, tl.float32, AMSGRAD)
-    rnd = e.to(tl.uint32)
+    rnd = offs.to(tl.uint32)
     if SR:
-        rnd = _hash32(tl.load(meta_row + 1).to(tl.uint32) + e.to(tl.uint32) * 0x9E3779B1)
-    tl.store(p_ptr + e, _cast(tl.where(ok, p1, p), P, False, SR, rnd), mask=mask)
+        rnd = _hash32(tl.load(row + 1).to(tl.uint32) + offs.to(tl.uint32) * 0x9E3779B1)
+    tl.store(p_ptr + offs, tl.where(ok, _cast(p1, P, False, SR, rnd), p_raw), mask=mask)
     m1, v1, x1 = tl.where(ok, m1, m), tl.where(ok, v1, v), tl.where(ok, x1, x)
     if ROOT:
         v1, x1 = tl.sqrt_rn(v1), tl.sqrt_rn(x1)
     zero = tl.zeros_like(m1)
-    return tl.where(mask, m1, zero), tl.where(mask, v1, zero), tl.where(mask, x1, zero)
-
-
-@triton.jit
-def _encode(codes, offs, mask, y, y_odd, odd, h0, h1, book, BITS: tl.constexpr):
-    """Store the codes of normalized values ``y`` (4 bits: ``y`` the even elements and
-    ``y_odd`` the odd ones, present where ``odd``; one byte per pair)."""
-    if BITS == 8:
-        tl.store(codes + offs, _encode8(y, book + 256).to(tl.uint8), mask=mask)
-    else:
-        lo = _encode4(y, h0, book)
-        hi = tl.where(odd, _encode4(y_odd, h1, book), 0)
-        tl.store(codes + (offs >> 1), (lo | (hi << 4)).to(tl.uint8), mask=mask)
+    m1, v1, x1 = tl.where(mask, m1, zero), tl.where(mask, v1, zero), tl.where(mask, x1, zero)
+    h = _dither_hash(offs, phase_new)
+    absmax, inv = _inverse(_magnitude_top(m1))
+    tl.store(ma + blk, absmax, mask=live)
+    _encode(mc, cb, cmask, m1 * inv[:, None], mask, h, books, BITS, ROWS, E)
+    absmax, inv = _inverse(_magnitude_top(v1))
+    tl.store(sa + blk, absmax, mask=live)
+    _encode(sc, cb, cmask, v1 * inv[:, None], mask, h, books + BOOK, BITS, ROWS, E)
+    if AMSGRAD:
+        absmax, inv = _inverse(_magnitude_top(x1))
+        tl.store(xa + blk, absmax, mask=live)
+        _encode(xc, cb, cmask, x1 * inv[:, None], mask, h, books + 2 * BOOK, BITS, ROWS, E)
 
 
 @triton.jit
 def _quant_kernel(meta, work, scal, consts, books, count, amp, block,
                   P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr,
                   SR: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr,
-                  ROWS: tl.constexpr, QB: tl.constexpr):  # fmt: skip
+                  ROWS: tl.constexpr, E: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
     """One work item (tensor, first block) of a quantized-state step: ROWS blocks of
-    ``block`` elements as a [ROWS, QB] tile (QB: the block's elements, at 4 bits its
-    pairs, rounded up to a power of two). At 4 bits the tile holds the even elements
-    and a second one the odd elements, so that a byte's two codes meet.
+    ``block`` elements as a [ROWS, E] tile (E: ``block`` rounded up to a power of two).
+    ALIGNED: ``block`` is E and every address is 16-byte aligned, so a work item of
+    whole blocks runs without an element mask, its elements and codes 16 bytes per
+    access; a tensor's last item runs masked.
 
     meta: int64 [n, _COLS] (numel, stream, p, g, then codes and absmax per state);
-    books: float32, 512 per state (8 bits: values at 0, midpoints at 256; 4 bits: values,
-    rate, offset, up, down, 16 each); the rest as :func:`_dense_kernel`.
+    books: float32, BOOK per state (8 bits: values at 0, the packed encoder table at
+    256; 4 bits: values, rate, offset, up, down, 16 each, then the 32 cells' thresholds
+    and firsts, the cell scale and offset); the rest as
+    :func:`_dense_kernel`.
     """
     w = tl.program_id(0)
     t = tl.load(work + 2 * w)
     row = meta + t * 10
     n = tl.load(row)
-    blk = tl.load(work + 2 * w + 1) + tl.arange(0, ROWS).to(tl.int64)
-    live = (blk * block < n) & _go(amp + 1, blk, SCALED)
-    stride = 8 // BITS
-    cols = tl.arange(0, QB).to(tl.int64)
-    offs = blk[:, None] * block + cols[None, :] * stride
-    mask = live[:, None] & (cols[None, :] < block // stride) & (offs < n)
-    ma, va = _ptr(row, 5, tl.float32), _ptr(row, 7, tl.float32)
-    m_scale = tl.load(ma + blk, mask=live, other=0.0)[:, None]
-    v_scale = tl.load(va + blk, mask=live, other=0.0)[:, None]
-    x_scale = v_scale
-    if AMSGRAD:
-        x_scale = tl.load(_ptr(row, 9, tl.float32) + blk, mask=live, other=0.0)[:, None]
-    scal_row = scal + 4 * t
-    phase_old, phase_new = tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32)
-    m, v, x = _quant_half(row, offs, mask, scal_row, consts, books, count, amp, m_scale, v_scale, x_scale,
-                          phase_old, P, ADAMAX, AMSGRAD, MASK, SR, SCALED, BITS, ROOT, 0)  # fmt: skip
-    m_top, v_top, x_top = _magnitude_top(m), _magnitude_top(v), _magnitude_top(x)
-    odd = mask & (offs + 1 < n)
-    m_odd, v_odd, x_odd = m, v, x
-    if BITS == 4:
-        m_odd, v_odd, x_odd = _quant_half(row, offs + 1, odd, scal_row, consts, books, count, amp, m_scale,
-                                          v_scale, x_scale, phase_old, P, ADAMAX, AMSGRAD, MASK, SR, SCALED,
-                                          BITS, ROOT, 1)  # fmt: skip
-        m_top = tl.maximum(m_top, _magnitude_top(m_odd))
-        v_top = tl.maximum(v_top, _magnitude_top(v_odd))
-        x_top = tl.maximum(x_top, _magnitude_top(x_odd))
-    h0, h1 = _dither_hash(offs, phase_new), _dither_hash(offs + 1, phase_new)
-    m_abs, m_inv = _inverse(m_top)
-    tl.store(ma + blk, m_abs, mask=live)
-    _encode(_ptr(row, 4, tl.uint8), offs, mask, m * m_inv[:, None], m_odd * m_inv[:, None], odd, h0, h1, books,
-            BITS)  # fmt: skip
-    v_abs, v_inv = _inverse(v_top)
-    tl.store(va + blk, v_abs, mask=live)
-    _encode(_ptr(row, 6, tl.uint8), offs, mask, v * v_inv[:, None], v_odd * v_inv[:, None], odd, h0, h1,
-            books + 512, BITS)  # fmt: skip
-    if AMSGRAD:
-        x_abs, x_inv = _inverse(x_top)
-        tl.store(_ptr(row, 9, tl.float32) + blk, x_abs, mask=live)
-        _encode(_ptr(row, 8, tl.uint8), offs, mask, x * x_inv[:, None], x_odd * x_inv[:, None], odd, h0, h1,
-                books + 1024, BITS)  # fmt: skip
+    first = tl.load(work + 2 * w + 1)
+    blk = first + tl.arange(0, ROWS).to(tl.int64)
+    go = _go(amp + 1, blk, SCALED)
+    cols = tl.arange(0, E).to(tl.int64)
+    pairs = tl.arange(0, E * BITS // 8).to(tl.int64)
+    if ALIGNED and (first + ROWS) * E <= n:
+        every = tl.broadcast_to(go[:, None], [ROWS, E])  # constant along rows: whole accesses
+        every_byte = tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8])
+        _quant_body(row, t, blk, go, blk[:, None] * E + cols[None, :], every, blk[:, None] * (E * BITS // 8)
+                    + pairs[None, :], every_byte, scal, consts, books, count, amp, P, ADAMAX, AMSGRAD, MASK, SR,
+                    SCALED, BITS, ROOT, ROWS, E, ALIGNED)  # fmt: skip
+    else:
+        live = go & (blk * block < n)
+        offs = blk[:, None] * block + cols[None, :]
+        cb = blk[:, None] * (block * BITS // 8) + pairs[None, :]
+        mask = live[:, None] & (cols[None, :] < block) & (offs < n)
+        cmask = live[:, None] & (pairs[None, :] < block * BITS // 8) & (cb * (8 // BITS) < n)
+        _quant_body(row, t, blk, live, offs, mask, cb, cmask, scal, consts, books, count, amp, P, ADAMAX, AMSGRAD,
+                    MASK, SR, SCALED, BITS, ROOT, ROWS, E, False)  # fmt: skip
 
 
 # ------------------------------------------------------------------------ launchers
@@ -595,19 +612,19 @@ def _to_device(host: np.ndarray, device: torch.device) -> Tensor:
 
 @functools.cache
 def _books(names: tuple[str, ...], bits: int, device: torch.device) -> Tensor:
-    """The codebooks' tables the quantized kernel reads, 512 floats per state."""
-    from .. import quant
-
-    out = np.zeros((3, 512), dtype=np.float32)
+    """The codebooks' tables the quantized kernel reads, BOOK floats per state."""
+    out = np.zeros((3, _BOOK), dtype=np.float32)
     for k, name in enumerate(names):
         if bits == 8:
-            book = quant.codebooks.codebook(name)
-            out[k, :256] = book.values.numpy()
-            out[k, 256:511] = book.midpoints.numpy()
-        else:
+            packed, _, values = encoder_table(name)
+            out[k, :256] = values
+            out[k, 256 : 256 + packed.size] = packed.view(np.float32)
+        else:  # values, rate, offset, up, down; cells' thresholds and firsts; cell scale and offset
             tab = dither_tables(name)
             for r, values in enumerate((tab.values, tab.rate, tab.offset, tab.up, tab.down)):
                 out[k, 16 * r : 16 * r + 16] = values
+            out[k, 80:112], out[k, 112:144] = tab.threshold, tab.first.astype(np.int32).view(np.float32)
+            out[k, 144:146] = tab.cell_scale, tab.cell_offset
     return torch.from_numpy(out.reshape(-1)).to(device)
 
 
@@ -688,9 +705,8 @@ def _launch_addresses(
         items = _items(numels, BLOCK)
     else:
         block = int(fmt.block_size)
-        stride = 8 // fmt.bits
-        qb = triton.next_power_of_2(-(-block // stride))
-        rows = max(1, QUANT_TILE // (qb * stride))
+        width = triton.next_power_of_2(block)
+        rows = max(1, QUANT_TILE // width)
         items = _items(-(-numels // block), rows)
     if items.shape[0] == 0:
         return 0
@@ -720,9 +736,12 @@ def _launch_addresses(
 
         root = codebook(books[1]).root
         tabs = _books(books + (books[-1],) * (3 - len(books)), fmt.bits, device)
+        accessed = ptrs[:, [0, 1, *range(2, ptrs.shape[1], 2)]]  # param, grad, codes (not absmax)
+        aligned = width == block and block % 32 == 0 and bool((accessed % 16 == 0).all())
         _quant_kernel[grid](
             meta_d, items_d, scal, consts, tabs, count, amp_d if scaled else count, block,
-            P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, QB=qb, enable_fp_fusion=False, **flags,
+            P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, E=width, ALIGNED=aligned, enable_fp_fusion=False,
+            **flags,
         )  # fmt: skip
     if not mask_nonfinite or kept:
         return 0
