@@ -84,7 +84,8 @@ def main() -> int:
     ):
         width = 256 if bits == 8 else 128
         const = dict(P=T[p], ADAMAX=algo == 2, AMSGRAD=algo == 1, MASK=True, SR=sr, SCALED=scaled, BITS=bits,
-                     ROOT=bits == 4 and algo != 2, ROWS=tc.QUANT_TILE // width, E=width, ALIGNED=True)  # fmt: skip
+                     ROOT=bits == 4 and algo != 2, ROWS=tc.QUANT_TILE // width, E=width, TILES=tc.QUANT_TILES,
+                     ALIGNED=True)  # fmt: skip
         ptx = build(tc._quant_kernel, QUANT, const)
         variants += 1
         name = f"quant {bits} bits {p} algo {algo}"

@@ -73,8 +73,12 @@ EXPLICIT_DEVICES = ("cpu",) if INTERPRETED else ()
 #: memory-bound step wants many bytes in flight per SM; 1024 is the usual choice for
 #: elementwise Triton kernels (tuned on a GPU when one is at hand).
 BLOCK = 1024
-#: Elements per program with quantized state (whole blocks: ``rows`` = this / block).
+#: Elements per tile with quantized state (whole blocks: ``rows`` = this / block): 4 per
+#: thread. 2048 needed 255 registers and spilled (ptxas); 512 needs 82-119 (about 20
+#: resident warps per SM). A program steps QUANT_TILES tiles, so that its tensor's
+#: addresses and constants are read once for 2048 elements.
 QUANT_TILE = 512
+QUANT_TILES = 2
 #: float32 entries per state in the codebooks' table: at 8 bits the 256 values, then
 #: the packed encoder table (:func:`adamkit.quant.encoder_table`, 6658 int32 entries).
 _BOOK = 7168
@@ -184,39 +188,42 @@ def _ptr(row, col, T: tl.constexpr, ALIGNED: tl.constexpr = False):
 
 
 @triton.jit
-def _const(consts, k, W: tl.constexpr):
-    return tl.load(consts + k).to(W)
+def _consts(consts, W: tl.constexpr):
+    """The rule's constants (``_LOW``...) as ``W`` scalars, loaded once per program."""
+    return (tl.load(consts).to(W), tl.load(consts + 1).to(W), tl.load(consts + 2).to(W), tl.load(consts + 3).to(W),
+            tl.load(consts + 4).to(W), tl.load(consts + 5).to(W), tl.load(consts + 6).to(W),
+            tl.load(consts + 7).to(W), tl.load(consts + 8).to(W))  # fmt: skip
 
 
 @triton.jit
-def _adam_rule(g, p, m, v, x, consts, lr_t, inv, W: tl.constexpr, AMSGRAD: tl.constexpr):
+def _adam_rule(g, p, m, v, x, c, lr_t, inv, AMSGRAD: tl.constexpr):
     """Adam/AdamW for float lanes: new (p, m, v, v_max); ``reference.adam_rule_``
     operation for operation, rounded as torch's CPU ops round (measured bit for bit):
     ``add(alpha)`` is one FMA, ``addcmul`` ``fma(value·a, b, self)``, ``addcdiv``
     ``self + (value·a) / b``, and torch's lerp ``m + w·(g-m)`` for ``w < 0.5`` and
     ``g - (g-m)·(1-w)`` otherwise, fused (``c1`` is ``w`` or ``-(1-w)``, ``low`` picks
-    the base)."""
-    g = tl.fma(tl.zeros_like(p) + _const(consts, 7, W), p, g * _const(consts, 8, W))  # ±g + l2·θ
-    base = tl.where(tl.load(consts + 0) != 0, m, g)
-    m1 = tl.fma(tl.zeros_like(g) + _const(consts, 2, W), g - m, base)
-    v1 = tl.fma(_const(consts, 4, W) * g, g, _const(consts, 3, W) * v)
+    the base); ``c``: :func:`_consts`."""
+    g = tl.fma(tl.zeros_like(p) + c[7], p, g * c[8])  # ±g + l2·θ
+    base = tl.where(c[0] != 0, m, g)
+    m1 = tl.fma(tl.zeros_like(g) + c[2], g - m, base)
+    v1 = tl.fma(c[4] * g, g, c[3] * v)
     if AMSGRAD:
         x1 = _nan_max(x, v1)
     else:
         x1 = v1
-    denom = _sqrt(x1) * inv + _const(consts, 5, W)
-    p1 = p * _const(consts, 6, W) + _div(-lr_t * m1, denom)
+    denom = _sqrt(x1) * inv + c[5]
+    p1 = p * c[6] + _div(-lr_t * m1, denom)
     return p1, m1, v1, x1
 
 
 @triton.jit
-def _adamax_rule(g, p, m, u, consts, lr_t, W: tl.constexpr):
+def _adamax_rule(g, p, m, u, c, lr_t):
     """Adamax for float lanes: new (p, m, u); ``reference.adamax_rule_``, rounded as
     :func:`_adam_rule` says."""
-    g = tl.fma(tl.zeros_like(p) + _const(consts, 7, W), p, g * _const(consts, 8, W))
-    base = tl.where(tl.load(consts + 0) != 0, m, g)
-    m1 = tl.fma(tl.zeros_like(g) + _const(consts, 2, W), g - m, base)
-    u1 = _nan_max(_const(consts, 3, W) * u, tl.abs(g) + _const(consts, 5, W))
+    g = tl.fma(tl.zeros_like(p) + c[7], p, g * c[8])
+    base = tl.where(c[0] != 0, m, g)
+    m1 = tl.fma(tl.zeros_like(g) + c[2], g - m, base)
+    u1 = _nan_max(c[3] * u, tl.abs(g) + c[5])
     return p + _div(-lr_t * m1, u1), m1, u1
 
 
@@ -266,16 +273,16 @@ def _dense_body(row, t, offs, mask, scal, consts, count, amp,
     if MASK:
         ok = (g - g) == 0
         bad = tl.sum((mask & ~ok).to(tl.int32), axis=0)
-        tl.atomic_add(count, bad, mask=bad > 0)  # one atomic per program would serialize in L2
+        tl.atomic_add(count, bad, mask=bad > 0, sem="relaxed")  # one atomic per program would serialize in L2
     if ADAMAX:
-        p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, W)
+        p1, m1, v1 = _adamax_rule(g, p, m, v, _consts(consts, W), lr_t)
     else:
         x = v
         if AMSGRAD:
             x_ptr = _ptr(row, 6, S, ALIGNED)
             x_raw = tl.load(x_ptr + offs, mask=mask, other=0)
             x = x_raw.to(W)
-        p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, consts, lr_t, inv, W, AMSGRAD)
+        p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, _consts(consts, W), lr_t, inv, AMSGRAD)
         if AMSGRAD:
             tl.store(x_ptr + offs, tl.where(ok, _cast(x1, S, FTZ, False, rnd), x_raw), mask=mask)
     tl.store(p_ptr + offs, tl.where(ok, _cast(p1, P, False, SR, rnd), p_raw), mask=mask)
@@ -342,7 +349,7 @@ def _decode4(code, h, tab, scale, ROOT: tl.constexpr):
     """Dithered 4-bit codes to values (``tab``: float32 rows values, rate, offset, up,
     down of 16 entries); squared for a root codebook."""
     back = (32768 - (h >> 16).to(tl.int32)).to(tl.float32)
-    slope = tl.where(back >= 0, tl.load(tab + 48 + code), tl.load(tab + 64 + code))
+    slope = tl.load(tab + tl.where(back >= 0, 48, 64) + code)  # up or down: one load
     x = (tl.load(tab + code) + back * slope) * scale
     if ROOT:
         x = x * x
@@ -406,20 +413,19 @@ def _encode(codes, cb, cmask, y, mask, h, book, BITS: tl.constexpr, ROWS: tl.con
 
 
 @triton.jit
-def _quant_body(row, t, blk, live, offs, mask, cb, cmask, scal, consts, books, count, amp,
+def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp,
                 P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr, SR: tl.constexpr,
-                SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr, ROWS: tl.constexpr, E: tl.constexpr,
-                ALIGNED: tl.constexpr):  # fmt: skip
+                SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr, ROWS: tl.constexpr,
+                E: tl.constexpr):  # fmt: skip
     """Blocks ``blk`` (rows of the [ROWS, E] tile ``offs``; ``live``: the rows to step,
-    ``mask`` the elements, ``cb``/``cmask`` their code bytes) of tensor ``t``: decode,
-    the rule, the parameters stored, each row's new absmax, encode. Masked elements keep
-    their decoded moments (re-encoded with the row) and their parameter's bits."""
-    p_ptr, g_ptr = _ptr(row, 2, P, ALIGNED), _ptr(row, 3, P, ALIGNED)
-    mc, sc = _ptr(row, 4, tl.uint8, ALIGNED), _ptr(row, 6, tl.uint8, ALIGNED)
-    ma, sa = _ptr(row, 5, tl.float32), _ptr(row, 7, tl.float32)
-    scal_row = scal + 4 * t
-    lr_t, inv_bc = tl.load(scal_row).to(tl.float32), tl.load(scal_row + 1).to(tl.float32)
-    phase_old, phase_new = tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32)
+    ``mask`` the elements, ``cb``/``cmask`` their code bytes) of one tensor (``ptrs``:
+    param, grad, then codes and absmax per state; ``s``: its step size, inv_bc2_sqrt,
+    dither phases and random stream; ``c``: :func:`_consts`): decode, the rule, the
+    parameters stored, each row's new absmax, encode. Masked elements keep their
+    decoded moments (re-encoded with the row) and their parameter's bits. Returns the
+    count of masked elements."""
+    p_ptr, g_ptr, mc, ma, sc, sa, xc, xa = ptrs
+    lr_t, inv_bc, phase_old, phase_new, stream = s
     g = _grad(g_ptr, offs, mask, amp, tl.float32, SCALED)
     if SCALED:
         tl.store(g_ptr + offs, _cast(g, P, False, False, offs), mask=mask)
@@ -431,22 +437,21 @@ def _quant_body(row, t, blk, live, offs, mask, cb, cmask, scal, consts, books, c
                 ROWS, E)  # fmt: skip
     x = v
     if AMSGRAD:
-        xc, xa = _ptr(row, 8, tl.uint8, ALIGNED), _ptr(row, 9, tl.float32)
         x = _decode(xc, cb, cmask, books + 2 * BOOK, tl.load(xa + blk, mask=live, other=0.0)[:, None], h, BITS,
                     ROOT, ROWS, E)  # fmt: skip
     ok = mask
+    bad = tl.full([], 0, tl.int32)
     if MASK:
         ok = mask & ((g - g) == 0)
         bad = tl.sum(tl.sum((mask & ~ok).to(tl.int32), axis=1), axis=0)
-        tl.atomic_add(count, bad, mask=bad > 0)
     if ADAMAX:
-        p1, m1, v1 = _adamax_rule(g, p, m, v, consts, lr_t, tl.float32)
+        p1, m1, v1 = _adamax_rule(g, p, m, v, c, lr_t)
         x1 = v1
     else:
-        p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, consts, lr_t, inv_bc, tl.float32, AMSGRAD)
+        p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, c, lr_t, inv_bc, AMSGRAD)
     rnd = offs.to(tl.uint32)
     if SR:
-        rnd = _hash32(tl.load(row + 1).to(tl.uint32) + offs.to(tl.uint32) * 0x9E3779B1)
+        rnd = _hash32(stream + offs.to(tl.uint32) * 0x9E3779B1)
     tl.store(p_ptr + offs, tl.where(ok, _cast(p1, P, False, SR, rnd), p_raw), mask=mask)
     m1, v1, x1 = tl.where(ok, m1, m), tl.where(ok, v1, v), tl.where(ok, x1, x)
     if ROOT:
@@ -464,48 +469,62 @@ def _quant_body(row, t, blk, live, offs, mask, cb, cmask, scal, consts, books, c
         absmax, inv = _inverse(_magnitude_top(x1))
         tl.store(xa + blk, absmax, mask=live)
         _encode(xc, cb, cmask, x1 * inv[:, None], mask, h, books + 2 * BOOK, BITS, ROWS, E)
+    return bad
 
 
 @triton.jit
 def _quant_kernel(meta, work, scal, consts, books, count, amp, block,
                   P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr,
                   SR: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr,
-                  ROWS: tl.constexpr, E: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
-    """One work item (tensor, first block) of a quantized-state step: ROWS blocks of
-    ``block`` elements as a [ROWS, E] tile (E: ``block`` rounded up to a power of two).
-    ALIGNED: ``block`` is E and every address is 16-byte aligned, so a work item of
-    whole blocks runs without an element mask, its elements and codes 16 bytes per
-    access; a tensor's last item runs masked.
+                  ROWS: tl.constexpr, E: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    """One work item (tensor, first block) of a quantized-state step: TILES tiles, one
+    after the other, of ROWS blocks of ``block`` elements as a [ROWS, E] tile (E:
+    ``block`` rounded up to a power of two). The tensor's addresses, scalars and the
+    rule's constants are read once per item. ALIGNED: ``block`` is E and every address
+    is 16-byte aligned, so a tile of whole blocks runs without an element mask, its
+    elements and codes 16 bytes per access; a tensor's last tile runs masked.
 
     meta: int64 [n, _COLS] (numel, stream, p, g, then codes and absmax per state);
     books: float32, BOOK per state (8 bits: values at 0, the packed encoder table at
     256; 4 bits: values, rate, offset, up, down, 16 each, then the 32 cells' thresholds
-    and firsts, the cell scale and offset); the rest as
-    :func:`_dense_kernel`.
+    and firsts, the cell scale and offset); the rest as :func:`_dense_kernel`.
     """
     w = tl.program_id(0)
     t = tl.load(work + 2 * w)
     row = meta + t * 10
     n = tl.load(row)
     first = tl.load(work + 2 * w + 1)
-    blk = first + tl.arange(0, ROWS).to(tl.int64)
-    go = _go(amp + 1, blk, SCALED)
+    ptrs = (_ptr(row, 2, P, ALIGNED), _ptr(row, 3, P, ALIGNED), _ptr(row, 4, tl.uint8, ALIGNED),
+            _ptr(row, 5, tl.float32), _ptr(row, 6, tl.uint8, ALIGNED), _ptr(row, 7, tl.float32),
+            _ptr(row, 8, tl.uint8, ALIGNED), _ptr(row, 9, tl.float32))  # fmt: skip
+    scal_row = scal + 4 * t
+    s = (tl.load(scal_row).to(tl.float32), tl.load(scal_row + 1).to(tl.float32),
+         tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32),
+         tl.load(row + 1).to(tl.uint32))  # fmt: skip
+    c = _consts(consts, tl.float32)
+    go = _go(amp + 1, tl.arange(0, ROWS), SCALED)
     cols = tl.arange(0, E).to(tl.int64)
     pairs = tl.arange(0, E * BITS // 8).to(tl.int64)
-    if ALIGNED and (first + ROWS) * E <= n:
-        every = tl.broadcast_to(go[:, None], [ROWS, E])  # constant along rows: whole accesses
-        every_byte = tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8])
-        _quant_body(row, t, blk, go, blk[:, None] * E + cols[None, :], every, blk[:, None] * (E * BITS // 8)
-                    + pairs[None, :], every_byte, scal, consts, books, count, amp, P, ADAMAX, AMSGRAD, MASK, SR,
-                    SCALED, BITS, ROOT, ROWS, E, ALIGNED)  # fmt: skip
-    else:
-        live = go & (blk * block < n)
-        offs = blk[:, None] * block + cols[None, :]
-        cb = blk[:, None] * (block * BITS // 8) + pairs[None, :]
-        mask = live[:, None] & (cols[None, :] < block) & (offs < n)
-        cmask = live[:, None] & (pairs[None, :] < block * BITS // 8) & (cb * (8 // BITS) < n)
-        _quant_body(row, t, blk, live, offs, mask, cb, cmask, scal, consts, books, count, amp, P, ADAMAX, AMSGRAD,
-                    MASK, SR, SCALED, BITS, ROOT, ROWS, E, False)  # fmt: skip
+    bad = tl.full([], 0, tl.int32)
+    for i in range(TILES):
+        b0 = first + i * ROWS
+        blk = b0 + tl.arange(0, ROWS).to(tl.int64)
+        if ALIGNED and (b0 + ROWS) * E <= n:
+            every = tl.broadcast_to(go[:, None], [ROWS, E])  # constant along rows: whole accesses
+            every_byte = tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8])
+            bad += _quant_body(ptrs, s, c, blk, go, blk[:, None] * E + cols[None, :], every,
+                               blk[:, None] * (E * BITS // 8) + pairs[None, :], every_byte, books, amp, P, ADAMAX,
+                               AMSGRAD, MASK, SR, SCALED, BITS, ROOT, ROWS, E)  # fmt: skip
+        elif b0 * block < n:
+            live = go & (blk * block < n)
+            offs = blk[:, None] * block + cols[None, :]
+            cb = blk[:, None] * (block * BITS // 8) + pairs[None, :]
+            mask = live[:, None] & (cols[None, :] < block) & (offs < n)
+            cmask = live[:, None] & (pairs[None, :] < block * BITS // 8) & (cb * (8 // BITS) < n)
+            bad += _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, P, ADAMAX, AMSGRAD, MASK,
+                               SR, SCALED, BITS, ROOT, ROWS, E)  # fmt: skip
+    if MASK:
+        tl.atomic_add(count, bad, mask=bad > 0, sem="relaxed")  # one atomic per program that masked anything
 
 
 # ------------------------------------------------------------------------ launchers
@@ -707,7 +726,7 @@ def _launch_addresses(
         block = int(fmt.block_size)
         width = triton.next_power_of_2(block)
         rows = max(1, QUANT_TILE // width)
-        items = _items(-(-numels // block), rows)
+        items = _items(-(-numels // block), rows * QUANT_TILES)
     if items.shape[0] == 0:
         return 0
     tables = _device_tables(np.concatenate([meta.reshape(-1), items.reshape(-1)]), device)
@@ -740,8 +759,8 @@ def _launch_addresses(
         aligned = width == block and block % 32 == 0 and bool((accessed % 16 == 0).all())
         _quant_kernel[grid](
             meta_d, items_d, scal, consts, tabs, count, amp_d if scaled else count, block,
-            P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, E=width, ALIGNED=aligned, enable_fp_fusion=False,
-            **flags,
+            P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, E=width, TILES=QUANT_TILES, ALIGNED=aligned,
+            enable_fp_fusion=False, **flags,
         )  # fmt: skip
     if not mask_nonfinite or kept:
         return 0
