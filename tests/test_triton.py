@@ -391,11 +391,13 @@ CAPTURABLE = [
 def test_capturable_equals_the_host_path(cls, kw, state_bits: int) -> None:
     """capturable=True computes the step scalars on the device from device ``step``
     counters and a device ``lr`` (a scheduler writing it in place): bit for bit what
-    the host path computes, including lagging steps."""
+    the host path computes, including lagging steps (the general path) and, with every
+    gradient present, through the group's cached plan (at 8/4 bits two segments: the
+    small tensors keep 32-bit state)."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(n, generator=gen).requires_grad_() for n in (1, 300, 5000)]
     twins = [p.detach().clone().requires_grad_() for p in params]
-    common = dict(backend="triton", state_bits=state_bits, min_quant_size=0, **kw)
+    common = dict(backend="triton", state_bits=state_bits, min_quant_size=1000, **kw)
     a = cls(params, lr=torch.tensor(0.01), capturable=True, **common)
     b = cls(twins, lr=torch.tensor(0.01), **common)
     schedulers = [torch.optim.lr_scheduler.StepLR(o, 2, 0.5) for o in (a, b)]
@@ -412,6 +414,10 @@ def test_capturable_equals_the_host_path(cls, kw, state_bits: int) -> None:
             assert torch.equal(a.state[p]["step"], b.state[q]["step"])
             assert a.state[p]["step"].device == p.device
     assert float(a.state[params[1]]["step"]) == 4.0
+    plan = a._plans[0]  # the last steps had every gradient: the plan path
+    assert plan.capturable and len(plan.segments) == (2 if state_bits in (8, 4) else 1)
+    steps = a.state[params[2]]["step"]
+    assert steps.untyped_storage().data_ptr() == plan.steps.untyped_storage().data_ptr()
 
 
 def test_capturable_step_reads_nothing_on_the_host(monkeypatch) -> None:
@@ -429,11 +435,19 @@ def test_capturable_step_reads_nothing_on_the_host(monkeypatch) -> None:
     def host_read(*args, **kwargs):
         raise AssertionError("a tensor was read on the host during a capturable step")
 
+    from adamkit.optim._plan import _Launch
+
+    planned = []
+    real = _Launch.run_on_device
+    monkeypatch.setattr(_Launch, "run_on_device", lambda self, *a, **k: planned.append(1) or real(self, *a, **k))
     with monkeypatch.context() as m:
         for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
             m.setattr(torch.Tensor, name, host_read)
-        opt.step()
-    assert float(opt.state[params[0]]["step"]) == 2.0
+        opt.step()  # the group's plan
+        params[0].grad = None
+        opt.step()  # a gradient missing: the general path
+    assert planned == [1]
+    assert [float(opt.state[p]["step"]) for p in params] == [2.0, 3.0]
 
 
 def test_capturable_found_inf_skips_on_the_device() -> None:

@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -598,12 +599,18 @@ def host_scalars(s: StepScalars, n: int) -> np.ndarray:
 #: Address and work tables already on the GPU, by their contents: the same tensors
 #: step after step cost no host-to-device copy, and a step captured in a CUDA graph
 #: (which cannot copy from pageable memory) finds the tables its warm-up step made.
-_TABLES: dict[tuple[torch.device, bytes], Tensor] = {}
+_TABLES: dict[tuple[Any, ...], Tensor] = {}
 _TABLES_KEPT = 64
 
 
-def _device_tables(host: np.ndarray, device: torch.device) -> Tensor:
-    key = (device, host.tobytes())
+def _device_tables(
+    host: np.ndarray, device: torch.device, build: Callable[[], np.ndarray] | None = None, kind: Any = None
+) -> Tensor:
+    """``host`` on ``device``, from the cache; or, with ``build``, what it builds from
+    ``host`` (only when ``(kind, host)`` is not in the cache: a launch's work items
+    follow from its address table, and hashing them too cost ~1 ms a step for GPT-2's
+    120,000 items)."""
+    key = (device, kind, host.tobytes())
     found = _TABLES.get(key)
     if found is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -613,7 +620,7 @@ def _device_tables(host: np.ndarray, device: torch.device) -> Tensor:
             )
         if len(_TABLES) >= _TABLES_KEPT:
             _TABLES.pop(next(iter(_TABLES)))
-        found = _TABLES[key] = _to_device(host, device)
+        found = _TABLES[key] = _to_device(host if build is None else build(), device)
     return found
 
 
@@ -721,16 +728,20 @@ def _launch_addresses(
     meta[:, 1] = _streams(sr_seed, salts, n)
     meta[:, 2 : 2 + ptrs.shape[1]] = ptrs
     if fmt is None:
-        items = _items(numels, BLOCK)
+        units, per_item = numels, BLOCK
     else:
         block = int(fmt.block_size)
         width = triton.next_power_of_2(block)
         rows = max(1, QUANT_TILE // width)
-        items = _items(-(-numels // block), rows * QUANT_TILES)
-    if items.shape[0] == 0:
+        units, per_item = -(-numels // block), rows * QUANT_TILES
+    if not units.any():
         return 0
-    tables = _device_tables(np.concatenate([meta.reshape(-1), items.reshape(-1)]), device)
+    flat = meta.reshape(-1)
+    tables = _device_tables(
+        flat, device, lambda: np.concatenate([flat, _items(units, per_item).reshape(-1)]), (fmt, per_item)
+    )
     meta_d, items_d = tables[: meta.size], tables[meta.size :]
+    n_items = items_d.shape[0] // 2
     scal, consts = scalars
     if isinstance(scal, np.ndarray):
         buf = _to_device(np.concatenate([scal.reshape(-1), consts]), device)
@@ -741,7 +752,7 @@ def _launch_addresses(
     amp_d = _amp(device, amp)
     scaled = amp_d is not None
     flags = dict(ADAMAX=algo == 2, AMSGRAD=amsgrad, MASK=mask_nonfinite, SR=sr_seed is not None, SCALED=scaled)
-    grid = (items.shape[0],)
+    grid = (n_items,)
     if fmt is None:
         assert sdtype is not None
         _dense_kernel[grid](
@@ -768,50 +779,82 @@ def _launch_addresses(
 
 
 def _tables_step(
-    algo: int, tab: Tables, s: StepScalars, *, maximize: bool, mask_nonfinite: bool, sr_seed: int | None
+    algo: int,
+    tab: Tables,
+    s: StepScalars | tuple[Tensor, Tensor],
+    *,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None,
+    amp: tuple[Tensor | None, Tensor | None] | None = None,
+    count: Tensor | None = None,
 ) -> int | Tensor:
     """A step over a cached plan's address tables (:class:`adamkit.kernels.numba_cpu.Tables`;
     quantized state when ``tab.state_dtype`` is a :class:`QuantFormat`): tensors without
-    a chunk in ``tab.chunks`` are left out."""
+    a chunk in ``tab.chunks`` are left out. ``s``: the host's step scalars (per-tensor
+    values from ``tab.scal`` and ``tab.steps``), or a capturable step's (per-tensor
+    scalars, constants) on the device (:func:`host_scalars`' and :func:`host_consts`'
+    layouts); ``amp`` and ``count`` as for :func:`adam_`."""
     n = tab.ptrs.shape[0]
     if tab.chunks.shape[0] == 0:
         return 0
     assert tab.device is not None, "a plan's tables name their device"
     numels = np.zeros(n, dtype=np.int64)
     np.maximum.at(numels, tab.chunks[:, 0], tab.chunks[:, 2])
-    scal = np.zeros((n, SCALARS), dtype=np.float64)
-    scal[:, :2] = tab.scal
     fmt = tab.state_dtype if isinstance(tab.state_dtype, QuantFormat) else None
-    names: tuple[str, ...] = ()
-    if fmt is not None:
-        assert tab.steps is not None, "quantized plans name each tensor's step"
-        steps = tab.steps.astype(np.int64)
-        scal[:, 2] = ((steps - 1) * DITHER_STEP) & _M32
-        scal[:, 3] = (steps * DITHER_STEP) & _M32
-        names = tuple(fmt.codebook(k).name for k in _KEYS[algo])
-    work = np.float64 if tab.param_dtype == torch.float64 else np.float32
-    consts = host_consts(s.beta1, s.beta2, s.eps, s.decay, s.l2, maximize, work)
+    names = () if fmt is None else tuple(fmt.codebook(k).name for k in _KEYS[algo])
+    if isinstance(s, StepScalars):
+        scal = np.zeros((n, SCALARS), dtype=np.float64)
+        scal[:, :2] = tab.scal
+        if fmt is not None:
+            assert tab.steps is not None, "quantized plans name each tensor's step"
+            steps = tab.steps.astype(np.int64)
+            scal[:, 2] = ((steps - 1) * DITHER_STEP) & _M32
+            scal[:, 3] = (steps * DITHER_STEP) & _M32
+        work = np.float64 if tab.param_dtype == torch.float64 else np.float32
+        scalars: tuple = (scal, host_consts(s.beta1, s.beta2, s.eps, s.decay, s.l2, maximize, work))
+    else:
+        scalars = s
     return _launch_addresses(
-        tab.ptrs, numels, tab.param_dtype, None if fmt else tab.state_dtype, tab.device, (scal, consts), algo=algo,
+        tab.ptrs, numels, tab.param_dtype, None if fmt else tab.state_dtype, tab.device, scalars, algo=algo,
         fmt=fmt, books=names, amsgrad=algo == 1, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=tab.salts,
-        amp=None,
+        amp=amp, count=count,
     )  # fmt: skip
 
 
 def adam_tables_(
-    tab: Tables, s: StepScalars, *, amsgrad: bool, maximize: bool, mask_nonfinite: bool, sr_seed: int | None = None
+    tab: Tables,
+    s: StepScalars | tuple[Tensor, Tensor],
+    *,
+    amsgrad: bool,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    amp: tuple[Tensor | None, Tensor | None] | None = None,
+    count: Tensor | None = None,
 ) -> int | Tensor:
     """Fused Adam/AdamW over a cached plan's tables; the masked count."""
-    return _tables_step(int(amsgrad), tab, s, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed)
+    return _tables_step(
+        int(amsgrad), tab, s, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, amp=amp, count=count
+    )
 
 
 def adamax_tables_(
-    tab: Tables, s: StepScalars, *, amsgrad: bool, maximize: bool, mask_nonfinite: bool, sr_seed: int | None = None
+    tab: Tables,
+    s: StepScalars | tuple[Tensor, Tensor],
+    *,
+    amsgrad: bool,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    amp: tuple[Tensor | None, Tensor | None] | None = None,
+    count: Tensor | None = None,
 ) -> int | Tensor:
     """Fused Adamax over a cached plan's tables; the masked count."""
     if amsgrad:
         raise ValueError("Adamax has no AMSGrad variant")
-    return _tables_step(2, tab, s, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed)
+    return _tables_step(2, tab, s, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, amp=amp,
+                        count=count)  # fmt: skip
 
 
 _KEYS = {0: ("exp_avg", "exp_avg_sq"), 1: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), 2: ("exp_avg", "exp_inf")}

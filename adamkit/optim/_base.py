@@ -473,11 +473,12 @@ class AdamFamily(Optimizer):
     def _prepare(self, index: int, group: Mapping[str, Any], amp: bool = False) -> _Work:
         """Validate one group's step (nothing changes) and say how it will run (with
         an AMP grad scale, always the general path)."""
-        check_hyperparameters(group, f" (param group {index})", read_device=not group.get("capturable"))
-        plan = None if amp or group.get("capturable") else self._plan_for(index, group)
+        capturable = bool(group.get("capturable"))
+        check_hyperparameters(group, f" (param group {index})", read_device=not capturable)
+        plan = None if amp and not capturable else self._plan_for(index, group)
         if plan is not None:
             launch, grads = plan.prepare()
-            if launch is not None:
+            if launch is not None and not (capturable and launch.idx is not None):  # capturable: all or general
                 return _Work(index, group, launch=launch, all_grads=grads)
         return _Work(index, group, triples=self._collect(index, group))
 
@@ -491,6 +492,11 @@ class AdamFamily(Optimizer):
             mask_nonfinite=self.nonfinite == "mask",
             sr_seed=sr_seed,
         )
+        if work.launch is not None and group.get("capturable"):
+            del flags["sr_seed"]  # capturable steps reject stochastic rounding
+            scalars = partial(self._capturable_scalars, group, maximize=flags["maximize"])
+            count = self._device_counter(work.launch.plan.device)
+            return work.launch.run_on_device(self.state, scalars, amp=amp, count=count, **flags)
         if work.launch is not None:
             return work.launch.run(self.state, partial(self._step_scalars, group), **flags)
         if group.get("capturable"):
@@ -501,7 +507,8 @@ class AdamFamily(Optimizer):
         """The cached plan of a group whose parameters a table kernel takes, else None."""
         params = group["params"]
         keys = self._state_keys(group)
-        signature = (keys, group["backend"], group["fused"], group["state_bits"], _scalar_dtype())
+        capturable = bool(group.get("capturable"))
+        signature = (keys, group["backend"], group["fused"], group["state_bits"], _scalar_dtype(), capturable)
         plan = self._plans.get(index)
         if plan is not None and plan.intact(params, self.state, signature):
             return plan
@@ -529,11 +536,11 @@ class AdamFamily(Optimizer):
                 kernel = self._kernel(group, device.type, layout)
             except KernelUnavailableError:
                 return None  # the general path raises it, naming the parameter
-            if kernel.tables is None:
+            if kernel.tables is None or (capturable and kernel.backend != "triton"):
                 return None
             kernels.append(kernel)
             state_dtypes.append(layout[1])
-        plan = GroupPlan(params, kernels, self.state, keys, state_dtypes, _scalar_dtype(), signature)
+        plan = GroupPlan(params, kernels, self.state, keys, state_dtypes, _scalar_dtype(), signature, capturable)
         self._plans[index] = plan
         return plan
 
@@ -701,6 +708,28 @@ class AdamFamily(Optimizer):
         counts ``steps`` (float64 [n]), for a capturable step."""
         raise NotImplementedError
 
+    def _capturable_scalars(
+        self, group: Mapping[str, Any], steps: Tensor, param_dtype: torch.dtype, *, maximize: bool
+    ) -> tuple[Tensor, Tensor]:
+        """A capturable step's device tables for tensors at step counts ``steps``
+        (float64 [n], on the device): per-tensor scalars [n, 4] (step_size, inv_bc2_sqrt,
+        dither phases of the step before and this one) and the rule's constants, with
+        the decay computed on the device from a tensor ``lr``."""
+        from ..kernels.triton_cuda import host_consts
+
+        hyper = self._hyperparameters({**group, "lr": 0.0}) if isinstance(group["lr"], Tensor) else None
+        hyper = hyper or self._hyperparameters(group)
+        step_size, inv, decay, l2 = self._device_scalars(group, steps)
+        dither = torch.stack([steps - 1, steps]).to(torch.int64) * DITHER_STEP % 2**32
+        scal = torch.stack([step_size, inv, dither[0].double(), dither[1].double()], dim=1).contiguous()
+        work = np.float64 if param_dtype in (torch.float64, torch.complex128) else np.float32
+        fixed = float(decay) if not isinstance(decay, Tensor) else 1.0
+        host = host_consts(hyper["beta1"], hyper["beta2"], hyper["eps"], fixed, l2, maximize, work)
+        consts = _device_consts(host, steps.device)
+        if isinstance(decay, Tensor):  # a tensor lr on the device: the decay is computed there
+            consts = torch.cat([consts[:6], decay.reshape(1).to(torch.float64), consts[7:]])
+        return scal, consts
+
     def _device_counter(self, device: torch.device) -> Tensor:
         """The device-side count of masked elements of capturable steps on ``device``."""
         counters = self.__dict__.setdefault("_device_counts", {})
@@ -726,8 +755,6 @@ class AdamFamily(Optimizer):
         a warm-up step), masked elements counted on the device."""
         if not triples:
             return 0
-        from ..kernels.triton_cuda import host_consts
-
         keys = self._state_keys(group)
         layouts = [self._layout(p, g, self.state.get(p, {}), group) for _, p, g in triples]  # checked: _collect
         for _, p, _ in triples:
@@ -742,21 +769,11 @@ class AdamFamily(Optimizer):
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, ((_, p, _), layout) in enumerate(zip(triples, layouts)):
             buckets[(p.device, layout)].append(i)
-        hyper = self._hyperparameters({**group, "lr": 0.0}) if isinstance(group["lr"], Tensor) else None
-        hyper = hyper or self._hyperparameters(group)
         grad_scale, found_inf = amp
         for (device, layout), idx in buckets.items():
             fmt = layout[1]
             t = torch.stack([steps[i] for i in idx]).to(torch.float64)
-            step_size, inv, decay, l2 = self._device_scalars(group, t)
-            dither = torch.stack([t - 1, t]).to(torch.int64) * DITHER_STEP % 2**32
-            scal = torch.stack([step_size, inv, dither[0].double(), dither[1].double()], dim=1).contiguous()
-            work = np.float64 if layout[0] in (torch.float64, torch.complex128) else np.float32
-            fixed = float(decay) if not isinstance(decay, Tensor) else 1.0
-            host = host_consts(hyper["beta1"], hyper["beta2"], hyper["eps"], fixed, l2, maximize, work)
-            consts = _device_consts(host, device)
-            if isinstance(decay, Tensor):  # a tensor lr on the device: the decay is computed there
-                consts = torch.cat([consts[:6], decay.reshape(1).to(torch.float64), consts[7:]])
+            scal, consts = self._capturable_scalars(group, t, layout[0], maximize=maximize)
             self._kernel(group, device.type, layout).fn(
                 [triples[i][1] for i in idx],
                 [triples[i][2] for i in idx],

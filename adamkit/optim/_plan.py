@@ -199,6 +199,7 @@ class _Segment:
         self.units = unit_table(self.chunks)
         self.ptrs = np.zeros((len(members), 2 + n_state), dtype=np.int64)
         self.param_dtype = params[members[0]].dtype
+        self.on_device: Tensor | None = None  # members as a device index (a capturable plan's, not whole)
 
 
 class GroupPlan:
@@ -212,6 +213,8 @@ class GroupPlan:
         state_dtypes: the state dtype (or quantized format) of each parameter.
         step_dtype: dtype of the ``step`` counters.
         signature: the group settings the plan depends on (compared each step).
+        capturable: ``step`` counters on the parameters' device, advanced there
+            (:meth:`_Launch.run_on_device`), as torch's ``capturable=True`` keeps them.
     """
 
     def __init__(
@@ -223,16 +226,18 @@ class GroupPlan:
         state_dtypes: Sequence[torch.dtype],
         step_dtype: torch.dtype,
         signature: tuple[Any, ...],
+        capturable: bool = False,
     ) -> None:
         self.params = list(params)
         self.device = params[0].device
+        self.capturable = capturable
         self._on_device = _ON_DEVICE[self.device.type]
         self.keys = keys
         self.signature = signature
         self.numels = [p.numel() for p in params]
         self.dtypes = [p.dtype for p in params]
         self.nbytes = [p.nbytes for p in params]
-        self.steps = torch.zeros(len(params), dtype=step_dtype)
+        self.steps = torch.zeros(len(params), dtype=step_dtype, device=self.device if capturable else "cpu")
         self.pptrs = np.full(len(params), -1, dtype=np.int64)  # parameter addresses last seen
         self._walker = Walker(self.params)
         self._kept: _KeptGrads | None = None  # last step's gradients, and
@@ -266,6 +271,8 @@ class GroupPlan:
             if not isinstance(sd, torch.dtype):
                 for i in idx:
                     self.meta[i] = quant_meta(sd)
+            if capturable and not seg.whole:
+                seg.on_device = torch.from_numpy(seg.members).to(self.device)
             self.segments.append(seg)
         # adopt existing state (from earlier steps or a checkpoint): same values, our storage
         self.has_state = np.zeros(len(params), dtype=bool)
@@ -469,12 +476,7 @@ class _Launch:
     ) -> int:
         """Create missing state, advance the steps, launch every segment."""
         plan = self.plan
-        fresh = np.flatnonzero(self.active & ~plan.has_state)
-        for i in fresh:
-            state[plan.params[i]] = state.adopt({**plan.views[i], **plan.meta[i]})
-        if fresh.size:
-            plan.has_state[fresh] = True
-            plan.version = state.version
+        self._adopt_new_state(state)
         everyone = self.idx is None
         if everyone:
             plan.steps.add_(1)
@@ -516,3 +518,54 @@ class _Launch:
                 tab, per_step[0], amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed
             )
         return masked
+
+    def _adopt_new_state(self, state: TrackedState) -> None:
+        """Give the parameters stepped for the first time their views of the flat state."""
+        plan = self.plan
+        fresh = np.flatnonzero(self.active & ~plan.has_state)
+        for i in fresh:
+            state[plan.params[i]] = state.adopt({**plan.views[i], **plan.meta[i]})
+        if fresh.size:
+            plan.has_state[fresh] = True
+            plan.version = state.version
+
+    def run_on_device(
+        self,
+        state: TrackedState,
+        scalars: Callable[[Tensor, torch.dtype], tuple[Tensor, Tensor]],
+        *,
+        amp: tuple[Tensor | None, Tensor | None],
+        count: Tensor,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+    ) -> int:
+        """A capturable step (every parameter has a gradient): the ``step`` counters
+        advance on the device (by ``1 - found_inf`` under GradScaler), ``scalars`` turns
+        them (float64 [n]) and the work dtype into the kernel's device tables
+        (per-tensor scalars, constants), masked elements are added to ``count``: nothing
+        is read on the host."""
+        plan = self.plan
+        assert self.idx is None and plan.capturable, "capturable plans step every parameter"
+        self._adopt_new_state(state)
+        plan.steps.add_(1)
+        plan.pptrs[:] = self.pptrs
+        t = plan.steps.to(torch.float64)
+        grad_scale, found_inf = amp
+        for seg in plan.segments:
+            if seg.whole:
+                seg.ptrs[:, 0], seg.ptrs[:, 1], seg_t = self.pptrs, self.gptrs, t
+            else:
+                members = seg.members
+                seg.ptrs[:, 0], seg.ptrs[:, 1] = self.pptrs[members], self.gptrs[members]
+                seg_t = t.index_select(0, seg.on_device)
+            tab = Tables(seg.ptrs, seg.chunks, np.zeros((0, 2)), seg.members, seg.param_dtype, seg.state_dtype,
+                         seg.units, plan.device)  # fmt: skip
+            seg.kernel.tables(
+                tab, scalars(seg_t, seg.param_dtype), amsgrad=amsgrad, maximize=maximize,
+                mask_nonfinite=mask_nonfinite, sr_seed=None,
+                amp=amp if grad_scale is not None or found_inf is not None else None, count=count,
+            )  # fmt: skip
+        if found_inf is not None:  # a skipped step does not count
+            plan.steps.sub_(found_inf.to(plan.steps.device, plan.steps.dtype))
+        return 0
