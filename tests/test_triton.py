@@ -220,7 +220,9 @@ def test_triton_plan_follows_changes(event: str) -> None:
 def test_grad_scaler_steps_like_torch(backend: str) -> None:
     """torch.amp.GradScaler hands the scale and found_inf to step(): the step divides the
     gradients by the scale (leaving them unscaled, as torch's fused kernels do) and
-    skips when found_inf is set, matching torch.optim.AdamW under the same scaler."""
+    skips when found_inf is set, matching torch.optim.AdamW under the same scaler, on
+    the group's cached plan (numba: the gradients divided first; triton: in the
+    kernel) as on the general path (reference)."""
     torch.manual_seed(0)
     model, twin = torch.nn.Linear(20, 5), torch.nn.Linear(20, 5)
     twin.load_state_dict(model.state_dict())
@@ -241,6 +243,7 @@ def test_grad_scaler_steps_like_torch(backend: str) -> None:
     torch.testing.assert_close(model.bias, twin.bias, atol=1e-6, rtol=1e-5)
     assert scalers[0].get_scale() == scalers[1].get_scale() == 512.0  # halved once, at the inf
     assert float(opt.state[model.weight]["step"]) == 4.0  # the skipped step does not count
+    assert bool(opt._plans) == (backend != "reference")  # the cached plan takes AMP steps too
 
 
 def test_grad_scale_divides_and_leaves_unscaled_gradients() -> None:

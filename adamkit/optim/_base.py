@@ -448,7 +448,7 @@ class AdamFamily(Optimizer):
                 loss = closure()
         self._settle_counts(wait=False)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        work = [self._prepare(i, group, amp=grad_scale is not None) for i, group in enumerate(self.param_groups)]
+        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
         on_device = all(group.get("capturable") for group in self.param_groups)
         if found_inf is not None and not on_device and float(found_inf) != 0:  # GradScaler saw inf/NaN: skip
             return loss
@@ -470,12 +470,11 @@ class AdamFamily(Optimizer):
         self._settle_counts(wait=False)
         return loss
 
-    def _prepare(self, index: int, group: Mapping[str, Any], amp: bool = False) -> _Work:
-        """Validate one group's step (nothing changes) and say how it will run (with
-        an AMP grad scale, always the general path)."""
+    def _prepare(self, index: int, group: Mapping[str, Any]) -> _Work:
+        """Validate one group's step (nothing changes) and say how it will run."""
         capturable = bool(group.get("capturable"))
         check_hyperparameters(group, f" (param group {index})", read_device=not capturable)
-        plan = None if amp and not capturable else self._plan_for(index, group)
+        plan = self._plan_for(index, group)
         if plan is not None:
             launch, grads = plan.prepare()
             if launch is not None and not (capturable and launch.idx is not None):  # capturable: all or general
@@ -498,7 +497,12 @@ class AdamFamily(Optimizer):
             count = self._device_counter(work.launch.plan.device)
             return work.launch.run_on_device(self.state, scalars, amp=amp, count=count, **flags)
         if work.launch is not None:
-            return work.launch.run(self.state, partial(self._step_scalars, group), **flags)
+            grad_scale = amp[0]
+            if grad_scale is not None and any(seg.kernel.backend != "triton" for seg in work.launch.plan.segments):
+                grads = [g for _, g in work.grads()]  # unscaled first, as on the general path
+                torch._foreach_div_(grads, grad_scale.to(work.launch.plan.device))
+                grad_scale = None
+            return work.launch.run(self.state, partial(self._step_scalars, group), grad_scale=grad_scale, **flags)
         if group.get("capturable"):
             return self._step_capturable(group, work.triples, amp, **flags)
         return self._step_group(group, work.triples, grad_scale=amp[0], **flags)

@@ -473,8 +473,10 @@ class _Launch:
         maximize: bool,
         mask_nonfinite: bool,
         sr_seed: int | None,
+        grad_scale: Tensor | None = None,
     ) -> int:
-        """Create missing state, advance the steps, launch every segment."""
+        """Create missing state, advance the steps, launch every segment (``grad_scale``:
+        an AMP scale the kernels divide the gradients by: the Triton kernels')."""
         plan = self.plan
         self._adopt_new_state(state)
         everyone = self.idx is None
@@ -514,9 +516,11 @@ class _Launch:
             tab = Tables(
                 seg.ptrs, chunks, seg_scal, seg.members, seg.param_dtype, seg.state_dtype, units, plan.device, steps
             )
+            amp = {} if grad_scale is None else {"amp": (grad_scale.to(plan.device), None)}
             masked += seg.kernel.tables(
-                tab, per_step[0], amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed
-            )
+                tab, per_step[0], amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed,
+                **amp,
+            )  # fmt: skip
         return masked
 
     def _adopt_new_state(self, state: TrackedState) -> None:
