@@ -822,39 +822,20 @@ def _tables_step(
     )  # fmt: skip
 
 
-def adam_tables_(
-    tab: Tables,
-    s: StepScalars | tuple[Tensor, Tensor],
-    *,
-    amsgrad: bool,
-    maximize: bool,
-    mask_nonfinite: bool,
-    sr_seed: int | None = None,
-    amp: tuple[Tensor | None, Tensor | None] | None = None,
-    count: Tensor | None = None,
-) -> int | Tensor:
-    """Fused Adam/AdamW over a cached plan's tables; the masked count."""
-    return _tables_step(
-        int(amsgrad), tab, s, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, amp=amp, count=count
-    )
+def adam_tables_(tab: Tables, s: StepScalars | tuple[Tensor, Tensor], *, amsgrad: bool, **kw: Any) -> int | Tensor:
+    """Fused Adam/AdamW over a cached plan's tables (keywords: :func:`_tables_step`'s);
+    the masked count."""
+    return _tables_step(int(amsgrad), tab, s, **kw)
 
 
 def adamax_tables_(
-    tab: Tables,
-    s: StepScalars | tuple[Tensor, Tensor],
-    *,
-    amsgrad: bool,
-    maximize: bool,
-    mask_nonfinite: bool,
-    sr_seed: int | None = None,
-    amp: tuple[Tensor | None, Tensor | None] | None = None,
-    count: Tensor | None = None,
+    tab: Tables, s: StepScalars | tuple[Tensor, Tensor], *, amsgrad: bool = False, **kw: Any
 ) -> int | Tensor:
-    """Fused Adamax over a cached plan's tables; the masked count."""
+    """Fused Adamax over a cached plan's tables (keywords: :func:`_tables_step`'s); the
+    masked count."""
     if amsgrad:
         raise ValueError("Adamax has no AMSGrad variant")
-    return _tables_step(2, tab, s, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, amp=amp,
-                        count=count)  # fmt: skip
+    return _tables_step(2, tab, s, **kw)
 
 
 _KEYS = {0: ("exp_avg", "exp_avg_sq"), 1: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), 2: ("exp_avg", "exp_inf")}
