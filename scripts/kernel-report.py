@@ -52,10 +52,11 @@ def _dense_full(meta, work, scal, consts, count, amp,
 
 
 @triton.jit
-def _quant_full(meta, work, scal, consts, books, count, amp, block,
+def _quant_full(meta, work, scal, consts, books, count, amp, block, tops,
                 P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr,
                 SR: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr,
-                ROWS: tl.constexpr, E: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+                ROWS: tl.constexpr, E: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr,
+                PASS: tl.constexpr):  # fmt: skip
     """``_quant_kernel`` on a work item of whole tiles: its prologue, then the whole-tile
     branch TILES times (unrolled, so that static counts are the item's)."""
     w = tl.program_id(0)
@@ -78,8 +79,8 @@ def _quant_full(meta, work, scal, consts, books, count, amp, block,
         blk = first + i * ROWS + tl.arange(0, ROWS).to(tl.int64)
         bad += tc._quant_body(ptrs, s, c, blk, go, blk[:, None] * E + cols[None, :],
                               tl.broadcast_to(go[:, None], [ROWS, E]), blk[:, None] * (E * BITS // 8) + pairs[None, :],
-                              tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8]), books, amp, P, ADAMAX, AMSGRAD,
-                              MASK, SR, SCALED, BITS, ROOT, ROWS, E)  # fmt: skip
+                              tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8]), books, amp, tops, P, ADAMAX,
+                              AMSGRAD, MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
     if MASK:
         tl.atomic_add(count, bad, mask=bad > 0, sem="relaxed")
 
@@ -125,7 +126,7 @@ def main() -> None:
     for bits, algo, label in [(8, 0, "AdamW"), (8, 1, "Adam amsgrad"), (4, 0, "AdamW")]:
         width = 256 if bits == 8 else 128
         const = dict(P=tl.float32, ADAMAX=False, AMSGRAD=algo == 1, MASK=True, SR=False, SCALED=False, BITS=bits,
-                     ROOT=bits == 4, ROWS=max(1, tc.QUANT_TILE // width), E=width, TILES=tc.QUANT_TILES,
+                     ROOT=bits == 4, ROWS=max(1, tc.QUANT_TILE // width), E=width, TILES=tc.QUANT_TILES, PASS=0,
                      ALIGNED=True)  # fmt: skip
         tile = const["ROWS"] * width * tc.QUANT_TILES
         table.add_row(*_row(f"{bits}-bit state, fp32 params, {label}", _quant_full, QUANT, const, tile))

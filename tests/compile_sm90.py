@@ -25,7 +25,8 @@ import adamkit.kernels.triton_cuda as tc  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 T = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
 DENSE = {"meta": "*i64", "work": "*i64", "scal": "*fp64", "consts": "*fp64", "count": "*i32", "amp": "*fp32"}
-QUANT = {**{k: v for k, v in DENSE.items() if k != "amp"}, "books": "*fp32", "amp": "*fp32", "block": "i32"}
+QUANT = {**{k: v for k, v in DENSE.items() if k != "amp"}, "books": "*fp32", "amp": "*fp32", "block": "i32",
+         "tops": "*i32"}  # fmt: skip
 APPROXIMATE = ("div.full", "div.approx", "sqrt.approx", "rsqrt.approx")
 
 
@@ -84,7 +85,7 @@ def main() -> int:
     ):
         width = 256 if bits == 8 else 128
         const = dict(P=T[p], ADAMAX=algo == 2, AMSGRAD=algo == 1, MASK=True, SR=sr, SCALED=scaled, BITS=bits,
-                     ROOT=bits == 4 and algo != 2, ROWS=tc.QUANT_TILE // width, E=width, TILES=tc.QUANT_TILES,
+                     ROOT=bits == 4 and algo != 2, ROWS=tc.QUANT_TILE // width, E=width, TILES=tc.QUANT_TILES, PASS=0,
                      ALIGNED=True)  # fmt: skip
         ptx = build(tc._quant_kernel, QUANT, const)
         variants += 1
@@ -93,6 +94,13 @@ def main() -> int:
         wide = ("v4",) if p == "fp32" else ("v2", "v4")  # whole tiles: 4 or more elements per access
         if not any(f"ld.global.{w}" in ptx for w in wide) or not any(f"st.global.{w}" in ptx for w in wide):
             problems.append(f"{name}: parameters not loaded and stored 4 elements at a time")
+    for step_pass in (1, 2):  # one absmax per tensor (block_wise=False): two launches
+        const = dict(P=T["fp32"], ADAMAX=False, AMSGRAD=True, MASK=True, SR=False, SCALED=True, BITS=8, ROOT=False,
+                     ROWS=tc.QUANT_TILE // 256, E=256, TILES=tc.QUANT_TILES, ALIGNED=True, PASS=step_pass)  # fmt: skip
+        variants += 1
+        problems += checked(
+            f"quant 8 bits, one absmax per tensor, pass {step_pass}", build(tc._quant_kernel, QUANT, const)
+        )
     for line in problems:
         print(line)
     print(f"{variants} kernel variants compiled for sm_90, {len(problems)} problems")

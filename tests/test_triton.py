@@ -187,6 +187,30 @@ def test_triton_quantized_full_tiles_are_aligned(monkeypatch, bits: int) -> None
     assert flags and not any(flags)  # a block that is not a power of two
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cls,kw", QCONFIGS, ids=QIDS)
+def test_triton_one_absmax_per_tensor_matches_reference(cls, kw, bits: int) -> None:
+    """``block_wise=False``: two launches (the tensor's new absmax, then the step),
+    in lockstep with the reference, non-finite gradients masked; the second pass
+    decodes with the old absmax that block 0's row overwrites meanwhile."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the masked elements' warning
+        _quant_lockstep(cls, kw, bits, steps=3, bad=4097, sizes=QSIZES, backend="triton",
+                        block_wise=False)  # fmt: skip
+
+
+def test_one_absmax_per_tensor_found_inf_skips() -> None:
+    p = torch.randn(5000, requires_grad=True)
+    opt = adamkit.AdamW([p], backend="triton", state_bits=8, block_wise=False)
+    p.grad = torch.randn(5000)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    q = p.detach().clone()
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(p, q) and all(torch.equal(opt.state[p][k], v) for k, v in before.items())
+
+
 def test_triton_quantized_stochastic_rounding_matches_reference() -> None:
     _quant_lockstep(adamkit.AdamW, {}, 8, torch.bfloat16, steps=3, sizes=QSIZES, backend="triton",
                     stochastic_rounding=True)  # fmt: skip
@@ -296,7 +320,8 @@ def test_auto_prefers_triton_on_cuda_and_numba_on_cpu() -> None:
 def test_triton_unsupported_layouts_are_explained() -> None:
     from adamkit.quant import QuantFormat
 
-    assert "block_wise=True" in triton_cuda.unsupported(torch.float32, QuantFormat(8, None), True)
+    assert triton_cuda.unsupported(torch.float32, QuantFormat(8, None), True) is None  # block_wise=False: 2 passes
+    assert "dithered" in triton_cuda.unsupported(torch.float32, QuantFormat(4, 128, dither=False), True)
     assert "contiguous" in triton_cuda.unsupported(torch.float32, torch.float32, False)
     assert "float64" in triton_cuda.unsupported(torch.float64, QuantFormat(8, 256), True)
     p = torch.zeros(64, 64)[:, ::2].requires_grad_()
@@ -320,7 +345,7 @@ def test_kernels_compile_for_sm90_with_correct_rounding() -> None:
     script = Path(__file__).with_name("compile_sm90.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "18 kernel variants compiled for sm_90, 0 problems" in done.stdout
+    assert "20 kernel variants compiled for sm_90, 0 problems" in done.stdout
 
 
 # ------------------------------------------------------------------ on a GPU
@@ -333,12 +358,15 @@ CUDA_CONFIGS = [
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("bits", [32, 16, 8, 4])
+@pytest.mark.parametrize("bits", [32, 16, 8, 4, "8-one-absmax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cls,kw", CUDA_CONFIGS, ids=["AdamW", "Adam-ams-max", "Adamax"])
-def test_cuda_matches_reference(cls, kw, bits: int, dtype: torch.dtype) -> None:
+def test_cuda_matches_reference(cls, kw, bits: int | str, dtype: torch.dtype) -> None:
     """On a GPU: the compiled kernels against the reference on the same device, NaN and
-    inf gradients masked alike."""
+    inf gradients masked alike; with one absmax per tensor, a 1M-element tensor's
+    programs run concurrently while block 0's row overwrites the absmax."""
+    if bits == "8-one-absmax":
+        bits, kw = 8, {**kw, "block_wise": False}
     sizes = [0, 1, 255, 4097, 1 << 20, *range(1, 300, 7)]
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(n, generator=gen).to("cuda", dtype).requires_grad_() for n in sizes]
@@ -395,9 +423,9 @@ CAPTURABLE = [
 ]
 
 
-@pytest.mark.parametrize("state_bits", [32, 16, 8, 4])
+@pytest.mark.parametrize("state_bits", [32, 16, 8, 4, "8-one-absmax"])
 @pytest.mark.parametrize("cls,kw", CAPTURABLE, ids=["AdamW", "Adam-ams-max", "Adamax"])
-def test_capturable_equals_the_host_path(cls, kw, state_bits: int) -> None:
+def test_capturable_equals_the_host_path(cls, kw, state_bits: int | str) -> None:
     """capturable=True computes the step scalars on the device from device ``step``
     counters and a device ``lr`` (a scheduler writing it in place): bit for bit what
     the host path computes, including lagging steps (the general path) and, with every
@@ -406,6 +434,8 @@ def test_capturable_equals_the_host_path(cls, kw, state_bits: int) -> None:
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(n, generator=gen).requires_grad_() for n in (1, 300, 5000)]
     twins = [p.detach().clone().requires_grad_() for p in params]
+    if state_bits == "8-one-absmax":  # block_wise=False: two launches, a scratch table made on the device
+        state_bits, kw = 8, {**kw, "block_wise": False}
     common = dict(backend="triton", state_bits=state_bits, min_quant_size=1000, **kw)
     a = cls(params, lr=torch.tensor(0.01), capturable=True, **common)
     b = cls(twins, lr=torch.tensor(0.01), **common)

@@ -80,6 +80,8 @@ BLOCK = 1024
 #: addresses and constants are read once for 2048 elements.
 QUANT_TILE = 512
 QUANT_TILES = 2
+#: The row length of state with one absmax per tensor (``block_wise=False``).
+DEFAULT_ROW = {8: 256, 4: 128}
 #: float32 entries per state in the codebooks' table: at 8 bits the 256 values, then
 #: the packed encoder table (:func:`adamkit.quant.encoder_table`, 6658 int32 entries).
 _BOOK = 7168
@@ -414,32 +416,72 @@ def _encode(codes, cb, cmask, y, mask, h, book, BITS: tl.constexpr, ROWS: tl.con
 
 
 @triton.jit
-def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp,
+def _new_absmax(y, state_top, absmax_ptr, blk, live, PASS: tl.constexpr, ROWS: tl.constexpr):
+    """The rows' new absmax and its inverse (PASS 0: each row's, stored; PASS 2: the
+    tensor's, from ``state_top``, stored by the row of block 0)."""
+    if PASS == 0:
+        absmax, inv = _inverse(_magnitude_top(y))
+        tl.store(absmax_ptr + blk, absmax, mask=live)
+    else:
+        absmax, inv = _inverse(tl.zeros([ROWS], tl.int32) + tl.load(state_top))
+        tl.store(absmax_ptr + blk * 0, absmax, mask=live & (blk == 0))
+    return inv
+
+
+@triton.jit
+def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
                 P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr, SR: tl.constexpr,
                 SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr, ROWS: tl.constexpr,
-                E: tl.constexpr):  # fmt: skip
+                E: tl.constexpr, PASS: tl.constexpr):  # fmt: skip
     """Blocks ``blk`` (rows of the [ROWS, E] tile ``offs``; ``live``: the rows to step,
     ``mask`` the elements, ``cb``/``cmask`` their code bytes) of one tensor (``ptrs``:
     param, grad, then codes and absmax per state; ``s``: its step size, inv_bc2_sqrt,
     dither phases and random stream; ``c``: :func:`_consts`): decode, the rule, the
     parameters stored, each row's new absmax, encode. Masked elements keep their
     decoded moments (re-encoded with the row) and their parameter's bits. Returns the
-    count of masked elements."""
+    count of masked elements.
+
+    PASS 0: block-wise state. One absmax per tensor (``block_wise=False``) takes two
+    launches, ``top`` pointing at the tensor's row of a zeroed int32 [n, 6] scratch
+    table: PASS 1 computes the new moments and only takes their largest magnitudes
+    (an atomic max per state into ``top[0:3]``) and copies the old absmax into
+    ``top[3:6]``; PASS 2 computes them again, decodes with that copy (block 0's absmax
+    is overwritten meanwhile), encodes with ``top[0:3]`` and stores everything."""
     p_ptr, g_ptr, mc, ma, sc, sa, xc, xa = ptrs
     lr_t, inv_bc, phase_old, phase_new, stream = s
     g = _grad(g_ptr, offs, mask, amp, tl.float32, SCALED)
-    if SCALED:
+    if SCALED and PASS != 1:
         tl.store(g_ptr + offs, _cast(g, P, False, False, offs), mask=mask)
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0)
     p = p_raw.to(tl.float32)
     h = _dither_hash(offs, phase_old)
-    m = _decode(mc, cb, cmask, books, tl.load(ma + blk, mask=live, other=0.0)[:, None], h, BITS, False, ROWS, E)
-    v = _decode(sc, cb, cmask, books + BOOK, tl.load(sa + blk, mask=live, other=0.0)[:, None], h, BITS, ROOT,
-                ROWS, E)  # fmt: skip
+    if PASS == 0:
+        m_old = tl.load(ma + blk, mask=live, other=0.0)
+        v_old = tl.load(sa + blk, mask=live, other=0.0)
+        x_old = v_old
+        if AMSGRAD:
+            x_old = tl.load(xa + blk, mask=live, other=0.0)
+    else:  # one absmax: PASS 1 reads it and keeps a copy, which PASS 2 reads
+        olds = top + 3 + tl.arange(0, ROWS) * 0
+        if PASS == 1:
+            m_old, v_old = tl.load(ma + blk * 0), tl.load(sa + blk * 0)
+            tl.store(olds, m_old.to(tl.int32, bitcast=True))
+            tl.store(olds + 1, v_old.to(tl.int32, bitcast=True))
+        else:
+            m_old = tl.load(olds).to(tl.float32, bitcast=True)
+            v_old = tl.load(olds + 1).to(tl.float32, bitcast=True)
+        x_old = v_old
+        if AMSGRAD:
+            if PASS == 1:
+                x_old = tl.load(xa + blk * 0)
+                tl.store(olds + 2, x_old.to(tl.int32, bitcast=True))
+            else:
+                x_old = tl.load(olds + 2).to(tl.float32, bitcast=True)
+    m = _decode(mc, cb, cmask, books, m_old[:, None], h, BITS, False, ROWS, E)
+    v = _decode(sc, cb, cmask, books + BOOK, v_old[:, None], h, BITS, ROOT, ROWS, E)
     x = v
     if AMSGRAD:
-        x = _decode(xc, cb, cmask, books + 2 * BOOK, tl.load(xa + blk, mask=live, other=0.0)[:, None], h, BITS,
-                    ROOT, ROWS, E)  # fmt: skip
+        x = _decode(xc, cb, cmask, books + 2 * BOOK, x_old[:, None], h, BITS, ROOT, ROWS, E)
     ok = mask
     bad = tl.full([], 0, tl.int32)
     if MASK:
@@ -453,31 +495,37 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp,
     rnd = offs.to(tl.uint32)
     if SR:
         rnd = _hash32(stream + offs.to(tl.uint32) * 0x9E3779B1)
-    tl.store(p_ptr + offs, tl.where(ok, _cast(p1, P, False, SR, rnd), p_raw), mask=mask)
+    if PASS != 1:
+        tl.store(p_ptr + offs, tl.where(ok, _cast(p1, P, False, SR, rnd), p_raw), mask=mask)
     m1, v1, x1 = tl.where(ok, m1, m), tl.where(ok, v1, v), tl.where(ok, x1, x)
     if ROOT:
         v1, x1 = tl.sqrt_rn(v1), tl.sqrt_rn(x1)
     zero = tl.zeros_like(m1)
     m1, v1, x1 = tl.where(mask, m1, zero), tl.where(mask, v1, zero), tl.where(mask, x1, zero)
-    h = _dither_hash(offs, phase_new)
-    absmax, inv = _inverse(_magnitude_top(m1))
-    tl.store(ma + blk, absmax, mask=live)
-    _encode(mc, cb, cmask, m1 * inv[:, None], mask, h, books, BITS, ROWS, E)
-    absmax, inv = _inverse(_magnitude_top(v1))
-    tl.store(sa + blk, absmax, mask=live)
-    _encode(sc, cb, cmask, v1 * inv[:, None], mask, h, books + BOOK, BITS, ROWS, E)
-    if AMSGRAD:
-        absmax, inv = _inverse(_magnitude_top(x1))
-        tl.store(xa + blk, absmax, mask=live)
-        _encode(xc, cb, cmask, x1 * inv[:, None], mask, h, books + 2 * BOOK, BITS, ROWS, E)
+    if PASS == 1:  # the tensor's largest magnitudes so far; nothing else is written
+        tl.atomic_max(top, tl.max(_magnitude_top(m1), axis=0), sem="relaxed")
+        tl.atomic_max(top + 1, tl.max(_magnitude_top(v1), axis=0), sem="relaxed")
+        if AMSGRAD:
+            tl.atomic_max(top + 2, tl.max(_magnitude_top(x1), axis=0), sem="relaxed")
+        bad = tl.full([], 0, tl.int32)  # counted by PASS 2
+    else:
+        h = _dither_hash(offs, phase_new)
+        inv = _new_absmax(m1, top, ma, blk, live, PASS, ROWS)
+        _encode(mc, cb, cmask, m1 * inv[:, None], mask, h, books, BITS, ROWS, E)
+        inv = _new_absmax(v1, top + 1, sa, blk, live, PASS, ROWS)
+        _encode(sc, cb, cmask, v1 * inv[:, None], mask, h, books + BOOK, BITS, ROWS, E)
+        if AMSGRAD:
+            inv = _new_absmax(x1, top + 2, xa, blk, live, PASS, ROWS)
+            _encode(xc, cb, cmask, x1 * inv[:, None], mask, h, books + 2 * BOOK, BITS, ROWS, E)
     return bad
 
 
 @triton.jit
-def _quant_kernel(meta, work, scal, consts, books, count, amp, block,
+def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
                   P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr,
                   SR: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr,
-                  ROWS: tl.constexpr, E: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+                  ROWS: tl.constexpr, E: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr,
+                  PASS: tl.constexpr = 0):  # fmt: skip
     """One work item (tensor, first block) of a quantized-state step: TILES tiles, one
     after the other, of ROWS blocks of ``block`` elements as a [ROWS, E] tile (E:
     ``block`` rounded up to a power of two). The tensor's addresses, scalars and the
@@ -488,7 +536,9 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block,
     meta: int64 [n, _COLS] (numel, stream, p, g, then codes and absmax per state);
     books: float32, BOOK per state (8 bits: values at 0, the packed encoder table at
     256; 4 bits: values, rate, offset, up, down, 16 each, then the 32 cells' thresholds
-    and firsts, the cell scale and offset); the rest as :func:`_dense_kernel`.
+    and firsts, the cell scale and offset); tops: int32 [n, 6], zeroed, for one absmax
+    per tensor (PASS 1 and 2, see :func:`_quant_body`; ``block`` then only cuts the
+    tensor into rows); the rest as :func:`_dense_kernel`.
     """
     w = tl.program_id(0)
     t = tl.load(work + 2 * w)
@@ -503,6 +553,7 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block,
          tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32),
          tl.load(row + 1).to(tl.uint32))  # fmt: skip
     c = _consts(consts, tl.float32)
+    top = tops + 6 * t
     go = _go(amp + 1, tl.arange(0, ROWS), SCALED)
     cols = tl.arange(0, E).to(tl.int64)
     pairs = tl.arange(0, E * BITS // 8).to(tl.int64)
@@ -514,17 +565,17 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block,
             every = tl.broadcast_to(go[:, None], [ROWS, E])  # constant along rows: whole accesses
             every_byte = tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8])
             bad += _quant_body(ptrs, s, c, blk, go, blk[:, None] * E + cols[None, :], every,
-                               blk[:, None] * (E * BITS // 8) + pairs[None, :], every_byte, books, amp, P, ADAMAX,
-                               AMSGRAD, MASK, SR, SCALED, BITS, ROOT, ROWS, E)  # fmt: skip
+                               blk[:, None] * (E * BITS // 8) + pairs[None, :], every_byte, books, amp, top, P,
+                               ADAMAX, AMSGRAD, MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
         elif b0 * block < n:
             live = go & (blk * block < n)
             offs = blk[:, None] * block + cols[None, :]
             cb = blk[:, None] * (block * BITS // 8) + pairs[None, :]
             mask = live[:, None] & (cols[None, :] < block) & (offs < n)
             cmask = live[:, None] & (pairs[None, :] < block * BITS // 8) & (cb * (8 // BITS) < n)
-            bad += _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, P, ADAMAX, AMSGRAD, MASK,
-                               SR, SCALED, BITS, ROOT, ROWS, E)  # fmt: skip
-    if MASK:
+            bad += _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top, P, ADAMAX, AMSGRAD,
+                               MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
+    if MASK and PASS != 1:
         tl.atomic_add(count, bad, mask=bad > 0, sem="relaxed")  # one atomic per program that masked anything
 
 
@@ -539,8 +590,6 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
             return f"the quantized triton kernels take {allowed} parameters, not {param_dtype}"
         if fmt.bits == 4 and not fmt.dither:
             return "the quantized triton kernels take dithered 4-bit state"
-        if fmt.block_size is None:
-            return "the triton kernels need block-wise quantized state (block_wise=True)"
         return None
     if param_dtype not in STATE_DTYPES:
         return f"the triton kernels take {sorted(map(str, STATE_DTYPES))} parameters, not {param_dtype}"
@@ -729,8 +778,8 @@ def _launch_addresses(
     meta[:, 2 : 2 + ptrs.shape[1]] = ptrs
     if fmt is None:
         units, per_item = numels, BLOCK
-    else:
-        block = int(fmt.block_size)
+    else:  # one absmax per tensor: rows of a block's length (two passes, see _quant_body)
+        block = int(fmt.block_size or DEFAULT_ROW[fmt.bits])
         width = triton.next_power_of_2(block)
         rows = max(1, QUANT_TILE // width)
         units, per_item = -(-numels // block), rows * QUANT_TILES
@@ -768,11 +817,14 @@ def _launch_addresses(
         tabs = _books(books + (books[-1],) * (3 - len(books)), fmt.bits, device)
         accessed = ptrs[:, [0, 1, *range(2, ptrs.shape[1], 2)]]  # param, grad, codes (not absmax)
         aligned = width == block and block % 32 == 0 and bool((accessed % 16 == 0).all())
-        _quant_kernel[grid](
-            meta_d, items_d, scal, consts, tabs, count, amp_d if scaled else count, block,
-            P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, E=width, TILES=QUANT_TILES, ALIGNED=aligned,
-            enable_fp_fusion=False, **flags,
-        )  # fmt: skip
+        passes = (0,) if fmt.block_size else (1, 2)
+        tops = count if fmt.block_size else torch.zeros((n, 6), dtype=torch.int32, device=device)
+        for step_pass in passes:
+            _quant_kernel[grid](
+                meta_d, items_d, scal, consts, tabs, count, amp_d if scaled else count, block, tops,
+                P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, E=width, TILES=QUANT_TILES, ALIGNED=aligned,
+                PASS=step_pass, enable_fp_fusion=False, **flags,
+            )  # fmt: skip
     if not mask_nonfinite or kept:
         return 0
     return int(count.item()) if device.type == "cpu" else count[0]

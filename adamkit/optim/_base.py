@@ -338,8 +338,6 @@ class AdamFamily(Optimizer):
         for i, beta in enumerate(group["betas"]):
             if isinstance(beta, Tensor) and beta.device.type != "cpu":
                 raise ValueError(f"{name}: capturable=True takes betas[{i}] as a float or a CPU tensor{where}")
-        if not group.get("block_wise", True) and group["state_bits"] in QUANT_BITS:
-            raise ValueError(f"{name}: capturable=True needs block-wise quantized state (block_wise=True){where}")
         for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
             kernel = self._kernel(group, device_type)
             if kernel.backend != "triton":
