@@ -717,21 +717,10 @@ def _amp(device: torch.device, amp: tuple[Tensor | None, Tensor | None] | None) 
 
 
 def _launch(
-    columns: list[list[Tensor]],
-    scalars: tuple[Tensor, Tensor] | tuple[np.ndarray, np.ndarray],
-    *,
-    algo: int,
-    fmt: QuantFormat | None,
-    books: tuple[str, ...],
-    amsgrad: bool,
-    mask_nonfinite: bool,
-    sr_seed: int | None,
-    salts: Sequence[int] | None,
-    amp: tuple[Tensor | None, Tensor | None] | None,
-    count: Tensor | None = None,
+    columns: list[list[Tensor]], scalars: tuple[Tensor, Tensor] | tuple[np.ndarray, np.ndarray], **kw: Any
 ) -> int | Tensor:
     """Launch one kernel over every tensor of ``columns`` (param, grad, then the state
-    columns): see :func:`_launch_addresses`."""
+    columns); keywords and result: :func:`_launch_addresses`'s."""
     params = columns[0]
     if not params:
         return 0
@@ -741,11 +730,8 @@ def _launch(
     n = len(params)
     ptrs = np.array([[t.data_ptr() for t in col] for col in columns], dtype=np.int64).T.reshape(n, len(columns))
     numels = np.fromiter((p.numel() for p in params), dtype=np.int64, count=n)
-    state = columns[2][0].dtype if fmt is None else None
-    return _launch_addresses(
-        ptrs, numels, params[0].dtype, state, params[0].device, scalars, algo=algo, fmt=fmt, books=books,
-        amsgrad=amsgrad, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=salts, amp=amp, count=count,
-    )  # fmt: skip
+    state = columns[2][0].dtype if kw["fmt"] is None else None
+    return _launch_addresses(ptrs, numels, params[0].dtype, state, params[0].device, scalars, **kw)
 
 
 def _launch_addresses(
