@@ -74,7 +74,7 @@ def _quant_full(meta, work, scal, consts, books, count, amp, block, tops,
     go = tc._go(amp + 1, tl.arange(0, ROWS), SCALED)
     cols = tl.arange(0, E).to(tl.int64)
     pairs = tl.arange(0, E * BITS // 8).to(tl.int64)
-    bad = tl.full([], 0, tl.int32)
+    bad = tl.zeros([ROWS, E], tl.int32)
     for i in tl.static_range(TILES):
         blk = first + i * ROWS + tl.arange(0, ROWS).to(tl.int64)
         bad += tc._quant_body(ptrs, s, c, blk, go, blk[:, None] * E + cols[None, :],
@@ -82,7 +82,8 @@ def _quant_full(meta, work, scal, consts, books, count, amp, block, tops,
                               tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8]), books, amp, tops, P, ADAMAX,
                               AMSGRAD, MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
     if MASK:
-        tl.atomic_add(count, bad, mask=bad > 0, sem="relaxed")
+        total = tl.sum(bad)
+        tl.atomic_add(count, total, mask=total > 0, sem="relaxed")
 
 
 def _compile(fn, args: dict, const: dict):

@@ -144,7 +144,8 @@ def test_triton_quantized_masks_nonfinite_like_reference(bits) -> None:
 def test_triton_8bit_encoder_equals_binary_search(name: str) -> None:
     """``_encode8`` (one load from the packed table) gives ``torch.searchsorted``'s code
     over the midpoints for random magnitudes over 18 decades, every midpoint and its
-    neighbours, ±0, ±1, and NaN of either sign (255)."""
+    neighbours, ±0, ±1, values beyond ±1 and ±inf, subnormals, and NaN of either sign
+    (255)."""
     import numpy as np
     import triton
     import triton.language as tl
@@ -152,9 +153,10 @@ def test_triton_8bit_encoder_equals_binary_search(name: str) -> None:
     @triton.jit
     def encode(y_ptr, book, out, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out + offs, triton_cuda._encode8(tl.load(y_ptr + offs), book + 256))
+        tl.store(out + offs, triton_cuda._encode8(tl.load(y_ptr + offs), book + triton_cuda._ENC_BASE))
 
-    y = np.concatenate([_encoder_probe(name), np.array([np.nan, -np.nan], dtype=np.float32)])
+    beyond = [np.inf, -np.inf, 2.0, -2.0, np.nextafter(1, 2), -np.nextafter(1, 2), 1e-45, -1e-45, np.nan, -np.nan]
+    y = np.concatenate([_encoder_probe(name), np.array(beyond, dtype=np.float32)])
     y = torch.from_numpy(np.pad(y, (0, -y.size % 4096)))
     out = torch.empty(y.shape, dtype=torch.int32)
     encode[(y.numel() // 4096,)](y, triton_cuda._books((name,) * 3, 8, y.device), out, BLOCK=4096)

@@ -12,10 +12,10 @@ cost one launch, and a 16M tensor is spread over every SM.
 * **8-bit and dithered 4-bit state** (:func:`_quant_kernel`): whole quantization
   blocks per program, as a [rows, block] tile: decode, the rule, each row's new absmax
   (an integer max over the magnitudes' bits, so NaN propagates as in the reference),
-  encode. 8-bit codes are the nearest value's by a branch-free binary search over the
-  255 midpoints (the count of midpoints below ``y``, as ``torch.searchsorted``); 4-bit
-  codes are the dithered positions of :mod:`adamkit.quant.blockwise`, even and odd
-  elements of a byte held as two tiles.
+  encode. 8-bit codes are the nearest value's (the count of midpoints below ``y``, as
+  ``torch.searchsorted``) from one table load and an add (:func:`_encode8`); 4-bit
+  codes are the dithered positions of :mod:`adamkit.quant.blockwise`, a byte's two
+  nibbles joined and split in the element tile.
 
 The rule is written once per algorithm (:func:`_adam_rule`, :func:`_adamax_rule`)
 and is the reference's: torch's ``lerp`` with its two forms, ``sqrt(v)·inv_bc2_sqrt
@@ -83,12 +83,13 @@ QUANT_TILES = 2
 #: The row length of state with one absmax per tensor (``block_wise=False``).
 DEFAULT_ROW = {8: 256, 4: 128}
 #: float32 entries per state in the codebooks' table: at 8 bits the 256 values, then
-#: the packed encoder table (:func:`adamkit.quant.encoder_table`, 6658 int32 entries).
+#: the packed encoder table (:func:`_carry_table`, 6658 int32 entries).
 _BOOK = 7168
 BOOK = tl.constexpr(_BOOK)
 _ENC_SHIFT = 23 - TABLE_BITS
-# the packed table's constants, as the kernels read them
-_ENC_LOW, _ENC_ONE = tl.constexpr(_LOW_BITS), tl.constexpr(_ONE_BITS)
+# the packed table's constants, as the kernels read them: its entries lie at 256 in a
+# state's book, and the slice of magnitude bits ``b`` at ``(b >> _ENC_SHIFT) - (LOW >> _ENC_SHIFT)``
+_ENC_LOW, _ENC_BASE = tl.constexpr(_LOW_BITS), tl.constexpr(256 - (_LOW_BITS >> _ENC_SHIFT))
 _ENC_SHIFT, _ENC_HALF = tl.constexpr(_ENC_SHIFT), tl.constexpr(((_ONE_BITS - _LOW_BITS) >> _ENC_SHIFT) + 1)
 #: Width of the address table: numel, random stream, then up to 8 pointers (param,
 #: grad, and codes/absmax of up to three state tensors).
@@ -327,18 +328,30 @@ def _dense_kernel(meta, work, scal, consts, count, amp,
 def _encode8(y, packed):
     """The nearest 8-bit code of normalized values ``y`` (ties to the lower code; NaN:
     255), exactly as a binary search over the 255 midpoints (``torch.searchsorted``),
-    with one load from the packed table of :func:`adamkit.quant.encoder_table`
-    (``packed``: its int32 entries, stored as float32 bits): the magnitude's exponent
-    and top 7 fraction bits pick a slice holding at most one midpoint, whose low 16
-    bits one integer compare tests."""
+    with one load from the packed table of :func:`_carry_table` (``packed``: its int32
+    entries, stored as float32 bits): the magnitude's exponent and top 7 fraction bits
+    pick a slice holding at most one midpoint, and adding the magnitude's low 16 bits
+    (their complement below zero) to the entry carries into its code exactly when the
+    value lies past that midpoint."""
+    y = tl.where(y < 1.0, y, 1.0)  # NaN and +inf: 1.0 (code 255); the rest of [-1, 1] as it is
+    y = tl.where(y > -1.0, y, -1.0)
     bits = y.to(tl.int32, bitcast=True)
-    mag = tl.minimum(tl.maximum(bits & 0x7FFFFFFF, _ENC_LOW), _ENC_ONE)
-    negative = bits < 0
-    index = ((mag - _ENC_LOW) >> _ENC_SHIFT) + tl.where(negative, _ENC_HALF, 0)
-    entry = tl.load(packed + index).to(tl.int32, bitcast=True)
-    low, slice_low = mag & 0xFFFF, entry & 0xFFFF
-    above = tl.where(negative, low < slice_low, low > slice_low)
-    return tl.where(y != y, 255, (entry >> 16) + above.to(tl.int32))
+    sign = bits >> 31  # 0, or -1 below zero
+    mag = tl.maximum(bits & 0x7FFFFFFF, _ENC_LOW)
+    entry = tl.load(packed + ((mag >> _ENC_SHIFT) + (sign & _ENC_HALF))).to(tl.int32, bitcast=True)
+    return (entry + ((mag ^ sign) & 0xFFFF)) >> 16
+
+
+def _carry_table(packed: np.ndarray) -> np.ndarray:
+    """:func:`adamkit.quant.encoder_table`'s packed entries (``candidate << 16 | low``)
+    rewritten so that ``(entry + low16(|y|)) >> 16`` is the code, ``low16`` complemented
+    below zero (:func:`_encode8`): above zero ``low`` becomes ``0xFFFF - low`` (a carry
+    exactly when ``low16(|y|) > low``); below zero it stays (a carry exactly when the
+    complement exceeds ``0xFFFF - low``, that is ``low16(|y|) < low``)."""
+    out = packed.astype(np.int64)
+    half = out.size // 2
+    out[:half] = (out[:half] & ~0xFFFF) | (0xFFFF - (out[:half] & 0xFFFF))
+    return out.astype(np.int32)
 
 
 @triton.jit
@@ -409,7 +422,7 @@ def _encode(codes, cb, cmask, y, mask, h, book, BITS: tl.constexpr, ROWS: tl.con
     (4 bits: even and odd elements' codes split apart and packed in one byte, a
     missing odd element's code 0, as the reference pads)."""
     if BITS == 8:
-        tl.store(codes + cb, _encode8(y, book + 256).to(tl.uint8), mask=cmask)
+        tl.store(codes + cb, _encode8(y, book + _ENC_BASE).to(tl.uint8), mask=cmask)
     else:
         lo, hi = tl.split(tl.reshape(tl.where(mask, _encode4(y, h, book), 0), [ROWS, E // 2, 2]))
         tl.store(codes + cb, (lo | (hi << 4)).to(tl.uint8), mask=cmask)
@@ -439,7 +452,7 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
     dither phases and random stream; ``c``: :func:`_consts`): decode, the rule, the
     parameters stored, each row's new absmax, encode. Masked elements keep their
     decoded moments (re-encoded with the row) and their parameter's bits. Returns the
-    count of masked elements.
+    masked elements as int32 ones in the tile (the kernel sums them once).
 
     PASS 0: block-wise state. One absmax per tensor (``block_wise=False``) takes two
     launches, ``top`` pointing at the tensor's row of a zeroed int32 [n, 6] scratch
@@ -483,10 +496,10 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
     if AMSGRAD:
         x = _decode(xc, cb, cmask, books + 2 * BOOK, x_old[:, None], h, BITS, ROOT, ROWS, E)
     ok = mask
-    bad = tl.full([], 0, tl.int32)
+    bad = tl.zeros([ROWS, E], tl.int32)
     if MASK:
         ok = mask & ((g - g) == 0)
-        bad = tl.sum(tl.sum((mask & ~ok).to(tl.int32), axis=1), axis=0)
+        bad = (mask & ~ok).to(tl.int32)
     if ADAMAX:
         p1, m1, v1 = _adamax_rule(g, p, m, v, c, lr_t)
         x1 = v1
@@ -507,7 +520,7 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
         tl.atomic_max(top + 1, tl.max(_magnitude_top(v1), axis=0), sem="relaxed")
         if AMSGRAD:
             tl.atomic_max(top + 2, tl.max(_magnitude_top(x1), axis=0), sem="relaxed")
-        bad = tl.full([], 0, tl.int32)  # counted by PASS 2
+        bad = tl.zeros([ROWS, E], tl.int32)  # counted by PASS 2
     else:
         h = _dither_hash(offs, phase_new)
         inv = _new_absmax(m1, top, ma, blk, live, PASS, ROWS)
@@ -534,9 +547,9 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
     elements and codes 16 bytes per access; a tensor's last tile runs masked.
 
     meta: int64 [n, _COLS] (numel, stream, p, g, then codes and absmax per state);
-    books: float32, BOOK per state (8 bits: values at 0, the packed encoder table at
-    256; 4 bits: values, rate, offset, up, down, 16 each, then the 32 cells' thresholds
-    and firsts, the cell scale and offset); tops: int32 [n, 6], zeroed, for one absmax
+    books: float32, BOOK per state (8 bits: values at 0, :func:`_carry_table` at 256;
+    4 bits: values, rate, offset, up, down, 16 each, then the 32 cells' thresholds and
+    firsts, the cell scale and offset); tops: int32 [n, 6], zeroed, for one absmax
     per tensor (PASS 1 and 2, see :func:`_quant_body`; ``block`` then only cuts the
     tensor into rows); the rest as :func:`_dense_kernel`.
     """
@@ -557,7 +570,7 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
     go = _go(amp + 1, tl.arange(0, ROWS), SCALED)
     cols = tl.arange(0, E).to(tl.int64)
     pairs = tl.arange(0, E * BITS // 8).to(tl.int64)
-    bad = tl.full([], 0, tl.int32)
+    bad = tl.zeros([ROWS, E], tl.int32)
     for i in range(TILES):
         b0 = first + i * ROWS
         blk = b0 + tl.arange(0, ROWS).to(tl.int64)
@@ -576,7 +589,8 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
             bad += _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top, P, ADAMAX, AMSGRAD,
                                MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
     if MASK and PASS != 1:
-        tl.atomic_add(count, bad, mask=bad > 0, sem="relaxed")  # one atomic per program that masked anything
+        total = tl.sum(bad)
+        tl.atomic_add(count, total, mask=total > 0, sem="relaxed")  # one atomic per program that masked anything
 
 
 # ------------------------------------------------------------------------ launchers
@@ -693,7 +707,7 @@ def _books(names: tuple[str, ...], bits: int, device: torch.device) -> Tensor:
         if bits == 8:
             packed, _, values = encoder_table(name)
             out[k, :256] = values
-            out[k, 256 : 256 + packed.size] = packed.view(np.float32)
+            out[k, 256 : 256 + packed.size] = _carry_table(packed).view(np.float32)
         else:  # values, rate, offset, up, down; cells' thresholds and firsts; cell scale and offset
             tab = dither_tables(name)
             for r, values in enumerate((tab.values, tab.rate, tab.offset, tab.up, tab.down)):
