@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 5, as one command for a session lent a GPU machine (the
-# device tool: `run` with command "bash scripts/gpu-check.sh", timeout_s ~560: the
-# tests compile every kernel variant they use first, which takes minutes).
+# device tool: `run` with command "bash scripts/gpu-check.sh", timeout_s 590: the
+# tests compile every kernel variant they use first). In order of importance, each
+# with its own time limit (at most 560 s in all): the CUDA tests, the bench, the
+# launch-settings sweep.
 # That machine's python3 has torch (CUDA), triton, numba and rich; adamkit runs from
-# the checkout. Results land in $OUT: the tests' log and the CUDA bench as JSON.
+# the checkout. Results land in $OUT: the tests' log, the CUDA bench and the sweep (JSON).
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -11,12 +13,14 @@ out="${OUT:-/tmp/adamkit-gpu}"
 mkdir -p "$out"
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
 # the compiled kernels against the reference on the GPU, and a CUDA-graph capture
-timeout 300 python3 -m pytest -q -m cuda tests/test_triton.py 2>&1 | tee "$out/tests-cuda.log"
+timeout 240 python3 -m pytest -q -m cuda tests/test_triton.py 2>&1 | tee "$out/tests-cuda.log"
 # adamkit vs torch fused/foreach (and bitsandbytes, when its wheel was carried) on the
 # GPU; not torch's for-loop, which takes seconds per step on 20,000 tensors
 opts=("adamkit" "adamkit state_bits=16" "adamkit 8-bit" "adamkit 4-bit" "torch fused" "torch foreach")
 if python3 -c "import bitsandbytes" 2>/dev/null; then
     opts+=("bitsandbytes AdamW8bit" "bitsandbytes AdamW32bit")
 fi
-timeout 220 python3 -m adamkit bench --device cuda --no-compile --no-accuracy --reps 20 \
+timeout 200 python3 -m adamkit bench --device cuda --no-compile --no-accuracy --reps 20 \
     --optimizers "${opts[@]}" --json "$out/bench-cuda.json" 2>&1 | tee "$out/bench-cuda.log"
+# the kernels' launch settings, timed (scripts/tune-cuda.py; its table says what to set)
+timeout 120 python3 scripts/tune-cuda.py --budget 90 --json "$out/tune-cuda.json" 2>&1 | tee "$out/tune-cuda.log"

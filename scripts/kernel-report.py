@@ -26,14 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from compile_sm90 import DENSE, QUANT, TARGET, resources  # noqa: E402
+from compile_sm90 import DENSE, QUANT, TARGET, options, resources  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import adamkit.kernels.triton_cuda as tc  # noqa: E402
 
-WARPS = 4  # Triton's default, which the launchers use
 REGS_PER_SM, MAX_WARPS = 65536, 64
 
 
@@ -82,14 +81,14 @@ def _quant_full(meta, work, scal, consts, books, count, amp, block, tops,
                               tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8]), books, amp, tops, P, ADAMAX,
                               AMSGRAD, MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
     if MASK:
-        total = tl.sum(bad)
+        total = tl.sum(tl.sum(bad, axis=1), axis=0)
         tl.atomic_add(count, total, mask=total > 0, sem="relaxed")
 
 
 def _compile(fn, args: dict, const: dict):
     signature = {**args, **{k: "constexpr" for k in const}}
     src = ASTSource(fn=fn, signature=signature, constexprs=const)
-    return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False, "num_warps": WARPS})
+    return triton.compile(src, target=TARGET, options=options(fn))
 
 
 def _sass(cubin: bytes) -> list[str]:
@@ -108,15 +107,17 @@ def _row(name: str, fn, args: dict, const: dict, elements: int) -> list[str]:
     whole = {"_dense_full": tc._dense_kernel, "_quant_full": tc._quant_kernel}[fn.__name__]
     regs, spilled = resources(_compile(whole, args, const).asm["ptx"])
     ops = _sass(full.asm["cubin"])
-    per_thread = elements / (32 * WARPS)
-    warps = min(MAX_WARPS, REGS_PER_SM // (32 * (-(-regs // 8) * 8)) // WARPS * WARPS)
+    per_program = options(fn)["num_warps"]
+    per_thread = elements / (32 * per_program)
+    warps = min(MAX_WARPS, REGS_PER_SM // (32 * (-(-regs // 8) * 8)) // per_program * per_program)
     loads = sum(op.startswith("LDG") for op in ops)
     return [name, str(regs), str(spilled), str(warps), f"{len(ops) / per_thread:.0f}", f"{loads / per_thread:.1f}"]
 
 
 def main() -> None:
     T = {"fp32": tl.float32, "bf16": tl.bfloat16}
-    table = Table(title=f"Triton kernels on sm_90 ({WARPS} warps per program; static, from ptxas and nvdisasm)")
+    title = f"Triton kernels on sm_90 (warps per program: dense {tc.DENSE_WARPS}, quantized {tc.QUANT_WARPS}, "
+    table = Table(title=title + f"at most {tc.QUANT_MAXNREG} registers; static, from ptxas and nvdisasm)")
     for col in ("variant", "registers", "spilled bytes", "warps / SM", "SASS / element", "loads / element"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     for p, s, algo, label in [("fp32", "fp32", 0, "AdamW"), ("fp32", "fp32", 1, "Adam amsgrad"),

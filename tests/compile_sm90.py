@@ -30,10 +30,17 @@ QUANT = {**{k: v for k, v in DENSE.items() if k != "amp"}, "books": "*fp32", "am
 APPROXIMATE = ("div.full", "div.approx", "sqrt.approx", "rsqrt.approx")
 
 
+def options(fn) -> dict:
+    """The compiler options the launchers give ``fn`` (warps, register cap)."""
+    if fn is tc._quant_kernel or "quant" in fn.__name__:
+        return {"enable_fp_fusion": False, "num_warps": tc.QUANT_WARPS, **tc._maxnreg()}
+    return {"enable_fp_fusion": False, "num_warps": tc.DENSE_WARPS}
+
+
 def build(fn, args: dict, const: dict) -> str:
     signature = {**args, **{k: "constexpr" for k in const}}
     src = ASTSource(fn=fn, signature=signature, constexprs=const)
-    return triton.compile(src, target=TARGET, options={"enable_fp_fusion": False}).asm["ptx"]
+    return triton.compile(src, target=TARGET, options=options(fn)).asm["ptx"]
 
 
 def resources(ptx: str) -> tuple[int, int]:
@@ -91,6 +98,8 @@ def main() -> int:
         variants += 1
         name = f"quant {bits} bits {p} algo {algo}"
         problems += checked(name, ptx)
+        if "ld.global.nc.b32" not in ptx:  # the codebooks' lookups (_gather), not Triton's 2-D gathers
+            problems.append(f"{name}: table lookups not by _gather's ld.global.nc")
         wide = ("v4",) if p == "fp32" else ("v2", "v4")  # whole tiles: 4 or more elements per access
         if not any(f"ld.global.{w}" in ptx for w in wide) or not any(f"st.global.{w}" in ptx for w in wide):
             problems.append(f"{name}: parameters not loaded and stored 4 elements at a time")

@@ -189,6 +189,28 @@ def test_triton_quantized_full_tiles_are_aligned(monkeypatch, bits: int) -> None
     assert flags and not any(flags)  # a block that is not a power of two
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [{"QUANT_TILE": 1024, "QUANT_TILES": 1}, {"QUANT_TILE": 512, "QUANT_TILES": 4}, {"QUANT_TILE": 256},
+     {"BLOCK": 512}, {"BLOCK": 4096}],
+    ids=["tile-1024x1", "tile-512x4", "tile-256x2", "block-512", "block-4096"],
+)  # fmt: skip
+def test_triton_launch_settings_the_tuner_sweeps(monkeypatch, settings: dict) -> None:
+    """Every tile and block size ``scripts/tune-cuda.py`` may choose steps as the
+    reference does: whole and ragged tiles, several tensors per launch, 8 and 4 bits,
+    one absmax per tensor (rows, tiles and work items all follow the settings)."""
+    for name, value in settings.items():
+        monkeypatch.setattr(triton_cuda, name, value)
+    if "BLOCK" in settings:
+        info, kw = ALL_CONFIGS[1]
+        _lockstep(info, kw, torch.float32, steps=2, sizes=[0, 1, 511, 4097, 9000, 300], backend="triton")
+        return
+    sizes = [6000, 4097, 700, 1, 2049]
+    for bits in (8, 4):
+        _quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=2, sizes=sizes, backend="triton")
+    _quant_lockstep(adamkit.AdamW, {}, 8, steps=2, sizes=sizes, backend="triton", block_wise=False)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("cls,kw", QCONFIGS, ids=QIDS)
 def test_triton_one_absmax_per_tensor_matches_reference(cls, kw, bits: int) -> None:

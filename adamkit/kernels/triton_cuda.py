@@ -80,6 +80,14 @@ BLOCK = 1024
 #: addresses and constants are read once for 2048 elements.
 QUANT_TILE = 512
 QUANT_TILES = 2
+#: Warps per program (Triton's default, 4, for both), and a cap on the registers per
+#: thread of the quantized kernel (None: ptxas' choice). For 8-bit AdamW ptxas takes 96
+#: (Triton 3.9) or 108 (3.6): 20 or 16 resident warps per SM. A cap of 96 keeps 20 with
+#: 3.6 too, but spills in its bf16 AMSGrad variants; ``scripts/tune-cuda.py`` times the
+#: choices on a GPU.
+DENSE_WARPS = 4
+QUANT_WARPS = 4
+QUANT_MAXNREG: int | None = None
 #: The row length of state with one absmax per tensor (``block_wise=False``).
 DEFAULT_ROW = {8: 256, 4: 128}
 #: float32 entries per state in the codebooks' table: at 8 bits the 256 values, then
@@ -189,6 +197,26 @@ def _ptr(row, col, T: tl.constexpr, ALIGNED: tl.constexpr = False):
     if ALIGNED:
         ptr = tl.multiple_of(ptr, 16)
     return ptr
+
+
+#: Compiled kernels look tables up with inline PTX (the interpreter cannot run it).
+_ASM_GATHER = tl.constexpr(not INTERPRETED)
+
+
+@triton.jit
+def _gather(base, index):
+    """``tl.load(base + index)`` for a lookup in a read-only table. Compiled, it is one
+    ``ld.global.nc`` per element as an elementwise op: Triton 3.6's coalescing pass
+    lays a load through data-dependent 2-D pointers out column-major (ties in its
+    contiguity sort), and the layout pass then moved the whole tile through shared
+    memory around each lookup (3.6: 166 SASS instructions per element for 8-bit AdamW,
+    133 with this; 3.9, which breaks the tie row-major, 128 either way)."""
+    if _ASM_GATHER:
+        x = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [base + index], dtype=tl.float32,
+                                      is_pure=True, pack=1)  # fmt: skip
+    else:
+        x = tl.load(base + index)
+    return x
 
 
 @triton.jit
@@ -338,7 +366,7 @@ def _encode8(y, packed):
     bits = y.to(tl.int32, bitcast=True)
     sign = bits >> 31  # 0, or -1 below zero
     mag = tl.maximum(bits & 0x7FFFFFFF, _ENC_LOW)
-    entry = tl.load(packed + ((mag >> _ENC_SHIFT) + (sign & _ENC_HALF))).to(tl.int32, bitcast=True)
+    entry = _gather(packed, (mag >> _ENC_SHIFT) + (sign & _ENC_HALF)).to(tl.int32, bitcast=True)
     return (entry + ((mag ^ sign) & 0xFFFF)) >> 16
 
 
@@ -365,8 +393,8 @@ def _decode4(code, h, tab, scale, ROOT: tl.constexpr):
     """Dithered 4-bit codes to values (``tab``: float32 rows values, rate, offset, up,
     down of 16 entries); squared for a root codebook."""
     back = (32768 - (h >> 16).to(tl.int32)).to(tl.float32)
-    slope = tl.load(tab + tl.where(back >= 0, 48, 64) + code)  # up or down: one load
-    x = (tl.load(tab + code) + back * slope) * scale
+    slope = _gather(tab, tl.where(back >= 0, 48, 64) + code)  # up or down: one load
+    x = (_gather(tab, code) + back * slope) * scale
     if ROOT:
         x = x * x
     return x
@@ -381,8 +409,8 @@ def _encode4(y, h, tab):
     y = _nan_max(y, tl.zeros_like(y) + tl.load(tab))
     cell = (y * tl.load(tab + 144) + tl.load(tab + 145)).to(tl.int32)
     cell = tl.minimum(tl.maximum(cell, 0), 31)
-    k = tl.load(tab + 112 + cell).to(tl.int32, bitcast=True) + (y >= tl.load(tab + 80 + cell)).to(tl.int32)
-    position = (y * tl.load(tab + 16 + k) + tl.load(tab + 32 + k)).to(tl.int32)
+    k = _gather(tab + 112, cell).to(tl.int32, bitcast=True) + (y >= _gather(tab + 80, cell)).to(tl.int32)
+    position = (y * _gather(tab + 16, k) + _gather(tab + 32, k)).to(tl.int32)
     return tl.minimum((position + (h >> 16).to(tl.int32)) >> 16, 15)
 
 
@@ -409,7 +437,7 @@ def _decode(codes, cb, cmask, book, scale, h, BITS: tl.constexpr, ROOT: tl.const
     apart and interleaved back, so that elements stay in order)."""
     byte = tl.load(codes + cb, mask=cmask, other=0).to(tl.int32)
     if BITS == 8:
-        x = tl.load(book + byte) * scale
+        x = _gather(book, byte) * scale
     else:
         code = tl.reshape(tl.join(byte & 15, byte >> 4), [ROWS, E])
         x = _decode4(code, h, book, scale, ROOT)
@@ -589,7 +617,7 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
             bad += _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top, P, ADAMAX, AMSGRAD,
                                MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
     if MASK and PASS != 1:
-        total = tl.sum(bad)
+        total = tl.sum(tl.sum(bad, axis=1), axis=0)
         tl.atomic_add(count, total, mask=total > 0, sem="relaxed")  # one atomic per program that masked anything
 
 
@@ -730,6 +758,11 @@ def _amp(device: torch.device, amp: tuple[Tensor | None, Tensor | None] | None) 
     return torch.stack(parts)
 
 
+def _maxnreg() -> dict[str, int]:
+    """The quantized kernel's register cap as a launch option (none if unset)."""
+    return {} if QUANT_MAXNREG is None else {"maxnreg": QUANT_MAXNREG}
+
+
 def _launch(
     columns: list[list[Tensor]], scalars: tuple[Tensor, Tensor] | tuple[np.ndarray, np.ndarray], **kw: Any
 ) -> int | Tensor:
@@ -808,7 +841,7 @@ def _launch_addresses(
             meta_d, items_d, scal, consts, count, amp_d if scaled else count,
             P=_TL[pdtype], S=_TL[sdtype], W=_TL[torch.float64 if pdtype == torch.float64 else torch.float32],
             FTZ=sdtype == torch.bfloat16, BLOCK=BLOCK, ALIGNED=bool((ptrs % 16 == 0).all()), enable_fp_fusion=False,
-            **flags,
+            num_warps=DENSE_WARPS, **flags,
         )  # fmt: skip
     else:
         from ..quant import codebook
@@ -823,7 +856,7 @@ def _launch_addresses(
             _quant_kernel[grid](
                 meta_d, items_d, scal, consts, tabs, count, amp_d if scaled else count, block, tops,
                 P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, E=width, TILES=QUANT_TILES, ALIGNED=aligned,
-                PASS=step_pass, enable_fp_fusion=False, **flags,
+                PASS=step_pass, enable_fp_fusion=False, num_warps=QUANT_WARPS, **_maxnreg(), **flags,
             )  # fmt: skip
     if not mask_nonfinite or kept:
         return 0
