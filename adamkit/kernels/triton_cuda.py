@@ -116,8 +116,9 @@ STATE_DTYPES = {
 }
 #: Parameter dtypes of quantized state (math in float32).
 QUANT_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: Indices into the constants table (float64, on the device).
-_LOW, _B1W, _C1, _B2, _B2W, _EPS, _DECAY, _L2, _GSIGN = range(9)
+#: Indices into the constants table (float64, on the device); with stochastic
+#: rounding, the step's random seed follows them (``_SEED``).
+_LOW, _B1W, _C1, _B2, _B2W, _EPS, _DECAY, _L2, _GSIGN, _SEED = range(10)
 #: Columns of the per-tensor scalars (float64): step_size, inv_bc2_sqrt and the dither
 #: phases the codes were written at and are written at (``dither_phase`` of t-1, t).
 SCALARS = 4
@@ -134,6 +135,14 @@ def _hash32(x):
     x *= 0x846CA68B
     x ^= x >> 16
     return x
+
+
+@triton.jit
+def _stream(row, consts):
+    """A tensor's stochastic-rounding stream: the step's seed (``consts[_SEED]``) mixed
+    with the tensor's salt hash (address table column 1), as the numba kernels'
+    ``_tensor_seed``: the address table stays the same from step to step."""
+    return _hash32(tl.load(consts + 9).to(tl.uint32) + tl.load(row + 1).to(tl.uint32))
 
 
 @triton.jit
@@ -293,7 +302,7 @@ def _dense_body(row, t, offs, mask, scal, consts, count, amp,
     lr_t, inv = tl.load(scal + 4 * t).to(W), tl.load(scal + 4 * t + 1).to(W)
     rnd = offs.to(tl.uint32)
     if SR:
-        rnd = _hash32(tl.load(row + 1).to(tl.uint32) + offs.to(tl.uint32) * 0x9E3779B1)
+        rnd = _hash32(_stream(row, consts) + offs.to(tl.uint32) * 0x9E3779B1)
     g = _grad(g_ptr, offs, mask, amp, W, SCALED)
     if SCALED:  # the unscaled gradient written back, as torch's fused kernels do
         tl.store(g_ptr + offs, _cast(g, P, False, False, rnd), mask=mask)
@@ -590,9 +599,11 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
             _ptr(row, 5, tl.float32), _ptr(row, 6, tl.uint8, ALIGNED), _ptr(row, 7, tl.float32),
             _ptr(row, 8, tl.uint8, ALIGNED), _ptr(row, 9, tl.float32))  # fmt: skip
     scal_row = scal + 4 * t
+    stream = tl.full([], 0, tl.uint32)
+    if SR:
+        stream = _stream(row, consts)
     s = (tl.load(scal_row).to(tl.float32), tl.load(scal_row + 1).to(tl.float32),
-         tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32),
-         tl.load(row + 1).to(tl.uint32))  # fmt: skip
+         tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32), stream)  # fmt: skip
     c = _consts(consts, tl.float32)
     top = tops + 6 * t
     go = _go(amp + 1, tl.arange(0, ROWS), SCALED)
@@ -650,13 +661,11 @@ def _np_hash32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(16))
 
 
-def _streams(seed: int | None, salts: Sequence[int] | None, n: int) -> np.ndarray:
-    """Each tensor's stochastic-rounding stream, as the numba kernels' ``_tensor_seed``."""
-    if seed is None:
-        return np.zeros(n, dtype=np.int64)
+def _salt_hashes(salts: Sequence[int] | np.ndarray | None, n: int) -> np.ndarray:
+    """Each tensor's salt, hashed: the part of the numba kernels' ``_tensor_seed`` that
+    does not change from step to step (:func:`_stream` adds the step's seed)."""
     salt = np.arange(n, dtype=np.uint64) if salts is None else np.asarray(salts, dtype=np.int64).astype(np.uint64)
-    mixed = (np.uint64(seed & _M32) + _np_hash32(salt & np.uint64(_M32))) & np.uint64(_M32)
-    return _np_hash32(mixed).astype(np.int64)
+    return _np_hash32(salt & np.uint64(_M32)).astype(np.int64)
 
 
 def _items(counts: np.ndarray, per_item: int) -> np.ndarray:
@@ -690,6 +699,9 @@ def host_scalars(s: StepScalars, n: int) -> np.ndarray:
 #: Address and work tables already on the GPU, by their contents: the same tensors
 #: step after step cost no host-to-device copy, and a step captured in a CUDA graph
 #: (which cannot copy from pageable memory) finds the tables its warm-up step made.
+#: The address table holds nothing that changes from step to step (stochastic
+#: rounding's seed travels with the constants), and the work items are kept by the
+#: tensors' sizes alone: gradients at new addresses cost one small copy.
 _TABLES: dict[tuple[Any, ...], Tensor] = {}
 _TABLES_KEPT = 64
 
@@ -699,8 +711,8 @@ def _device_tables(
 ) -> Tensor:
     """``host`` on ``device``, from the cache; or, with ``build``, what it builds from
     ``host`` (only when ``(kind, host)`` is not in the cache: a launch's work items
-    follow from its address table, and hashing them too cost ~1 ms a step for GPT-2's
-    120,000 items)."""
+    follow from its tensors' sizes, and hashing them instead cost ~1 ms a step for
+    GPT-2's 120,000 items)."""
     key = (device, kind, host.tobytes())
     found = _TABLES.get(key)
     if found is None:
@@ -807,7 +819,8 @@ def _launch_addresses(
     n = ptrs.shape[0]
     meta = np.zeros((n, _COLS), dtype=np.int64)
     meta[:, 0] = numels
-    meta[:, 1] = _streams(sr_seed, salts, n)
+    if sr_seed is not None:
+        meta[:, 1] = _salt_hashes(salts, n)
     meta[:, 2 : 2 + ptrs.shape[1]] = ptrs
     if fmt is None:
         units, per_item = numels, BLOCK
@@ -818,16 +831,16 @@ def _launch_addresses(
         units, per_item = -(-numels // block), rows * QUANT_TILES
     if not units.any():
         return 0
-    flat = meta.reshape(-1)
-    tables = _device_tables(
-        flat, device, lambda: np.concatenate([flat, _items(units, per_item).reshape(-1)]), (fmt, per_item)
-    )
-    meta_d, items_d = tables[: meta.size], tables[meta.size :]
+    meta_d = _device_tables(meta.reshape(-1), device)
+    items_d = _device_tables(units, device, lambda: _items(units, per_item).reshape(-1), ("items", per_item))
     n_items = items_d.shape[0] // 2
     scal, consts = scalars
     if isinstance(scal, np.ndarray):
-        buf = _to_device(np.concatenate([scal.reshape(-1), consts]), device)
+        seed = [] if sr_seed is None else [float(sr_seed & _M32)]
+        buf = _to_device(np.concatenate([scal.reshape(-1), consts, seed]), device)
         scal, consts = buf[: scal.size], buf[scal.size :]
+    elif sr_seed is not None:
+        raise ValueError("stochastic rounding takes the host's step scalars (capturable steps reject it)")
     kept = count is not None  # the caller's counter: it reads it when it wants to
     if count is None:
         count = torch.zeros(1, dtype=torch.int32, device=device)
