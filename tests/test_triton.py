@@ -568,6 +568,31 @@ def test_capturable_counts_masked_elements_on_the_device() -> None:
     assert torch.equal(p[[5, 2999]], before[[5, 2999]])
 
 
+def test_tables_a_captured_graph_reads_are_never_evicted(monkeypatch) -> None:
+    """A CUDA graph's replays read the device tables its capture found: they stay, however
+    many other tables later eager steps make (the cache keeps 64 others); a capture that
+    meets tensors without tables says to run a warm-up step. CUDA faked: the cache's
+    logic only."""
+    import numpy as np
+
+    monkeypatch.setattr(triton_cuda, "_TABLES", {})
+    monkeypatch.setattr(triton_cuda, "_CAPTURED", {})
+    monkeypatch.setattr(triton_cuda, "_to_device", lambda host, device: torch.from_numpy(host.copy()))
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    cuda = torch.device("cuda")
+    table = triton_cuda._device_tables(np.arange(5), cuda)  # a warm-up step makes it
+    capturing[0] = True
+    assert triton_cuda._device_tables(np.arange(5), cuda) is table  # the capture finds it
+    with pytest.raises(RuntimeError, match="warm-up step"):
+        triton_cuda._device_tables(np.arange(6), cuda)
+    capturing[0] = False
+    for k in range(2 * triton_cuda._TABLES_KEPT):  # later eager steps on other tensors
+        triton_cuda._device_tables(np.arange(k + 10), cuda)
+    assert len(triton_cuda._TABLES) == triton_cuda._TABLES_KEPT
+    assert triton_cuda._device_tables(np.arange(5), cuda) is table  # still the graph's
+
+
 def test_capturable_rejects_what_needs_the_host() -> None:
     p = [torch.randn(10, requires_grad=True)]
     with pytest.raises(ValueError, match="nonfinite='mask' or 'propagate'"):

@@ -704,6 +704,9 @@ def host_scalars(s: StepScalars, n: int) -> np.ndarray:
 #: tensors' sizes alone: gradients at new addresses cost one small copy.
 _TABLES: dict[tuple[Any, ...], Tensor] = {}
 _TABLES_KEPT = 64
+#: Tables a CUDA graph was captured with: its replays read them, so they are never
+#: evicted (evicted, their memory could be reused while the graph still points at it).
+_CAPTURED: dict[tuple[Any, ...], Tensor] = {}
 
 
 def _device_tables(
@@ -714,9 +717,13 @@ def _device_tables(
     follow from its tensors' sizes, and hashing them instead cost ~1 ms a step for
     GPT-2's 120,000 items)."""
     key = (device, kind, host.tobytes())
+    found = _CAPTURED.get(key)
+    if found is not None:
+        return found
     found = _TABLES.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if found is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if capturing:
             raise RuntimeError(
                 "adamkit: a step is being captured in a CUDA graph with tensors it has not seen; "
                 "run one step of the same optimizer on the same tensors before capturing (a warm-up step)"
@@ -724,6 +731,8 @@ def _device_tables(
         if len(_TABLES) >= _TABLES_KEPT:
             _TABLES.pop(next(iter(_TABLES)))
         found = _TABLES[key] = _to_device(host if build is None else build(), device)
+    elif capturing:
+        _CAPTURED[key] = _TABLES.pop(key)
     return found
 
 
