@@ -593,6 +593,25 @@ def test_tables_a_captured_graph_reads_are_never_evicted(monkeypatch) -> None:
     assert triton_cuda._device_tables(np.arange(5), cuda) is table  # still the graph's
 
 
+def test_graph_capture_needs_capturable(monkeypatch) -> None:
+    """As torch's optimizers: a step inside a CUDA graph capture with a group that is not
+    capturable raises (its host-side scalars would be frozen into the graph) and changes
+    nothing; a capturable one steps. CUDA faked: the check only."""
+    params = [torch.randn(100, requires_grad=True), torch.randn(10, requires_grad=True)]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    before = [p.detach().clone() for p in params]
+    opt = adamkit.AdamW([{"params": params[:1], "capturable": True}, {"params": params[1:]}], backend="triton")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="capturable is False"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+    opt.param_groups[1]["capturable"] = True
+    opt.step()
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))
+
+
 def test_capturable_rejects_what_needs_the_host() -> None:
     p = [torch.randn(10, requires_grad=True)]
     with pytest.raises(ValueError, match="nonfinite='mask' or 'propagate'"):

@@ -440,6 +440,7 @@ class AdamFamily(Optimizer):
         Returns:
             The closure's loss, or None.
         """
+        self._check_not_captured()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -467,6 +468,18 @@ class AdamFamily(Optimizer):
             self._pending_counts.append((count, event))
         self._settle_counts(wait=False)
         return loss
+
+    def _check_not_captured(self) -> None:
+        """torch's check: a step inside a CUDA graph capture needs ``capturable=True`` in
+        every group (the host path's step scalars and counts would be frozen into the
+        graph: every replay would repeat the captured step's bias corrections)."""
+        if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
+            return
+        if not all(group.get("capturable") for group in self.param_groups):
+            raise RuntimeError(
+                f"Attempting CUDA graph capture of step() for an instance of {type(self).__name__} but "
+                "param_groups' capturable is False."
+            )
 
     def _prepare(self, index: int, group: Mapping[str, Any]) -> _Work:
         """Validate one group's step (nothing changes) and say how it will run."""
