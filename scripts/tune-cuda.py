@@ -40,7 +40,7 @@ from rich.table import Table  # noqa: E402
 import adamkit  # noqa: E402
 import adamkit.kernels.triton_cuda as tc  # noqa: E402
 
-#: (name, settings, bytes moved per element, optimizer keywords)
+#: (name, bytes moved per element, optimizer keywords)
 DENSE = ("dense fp32 AdamW", 28, {})
 QUANT = ("8-bit AdamW", 16, {"state_bits": 8, "min_quant_size": 0})
 KNOBS = ("BLOCK", "DENSE_WARPS", "QUANT_TILE", "QUANT_TILES", "QUANT_WARPS", "QUANT_MAXNREG")

@@ -581,16 +581,16 @@ def test_tables_a_captured_graph_reads_are_never_evicted(monkeypatch) -> None:
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     cuda = torch.device("cuda")
-    table = triton_cuda._device_tables(np.arange(5), cuda)  # a warm-up step makes it
+    table = triton_cuda._device_tables(np.arange(5), cuda, capturable=True)  # a warm-up step makes it
     capturing[0] = True
-    assert triton_cuda._device_tables(np.arange(5), cuda) is table  # the capture finds it
+    assert triton_cuda._device_tables(np.arange(5), cuda, capturable=True) is table  # the capture finds it
     with pytest.raises(RuntimeError, match="warm-up step"):
-        triton_cuda._device_tables(np.arange(6), cuda)
+        triton_cuda._device_tables(np.arange(6), cuda, capturable=True)
     capturing[0] = False
     for k in range(2 * triton_cuda._TABLES_KEPT):  # later eager steps on other tensors
         triton_cuda._device_tables(np.arange(k + 10), cuda)
     assert len(triton_cuda._TABLES) == triton_cuda._TABLES_KEPT
-    assert triton_cuda._device_tables(np.arange(5), cuda) is table  # still the graph's
+    assert triton_cuda._device_tables(np.arange(5), cuda, capturable=True) is table  # still the graph's
 
 
 def test_graph_capture_needs_capturable(monkeypatch) -> None:

@@ -710,18 +710,24 @@ _CAPTURED: dict[tuple[Any, ...], Tensor] = {}
 
 
 def _device_tables(
-    host: np.ndarray, device: torch.device, build: Callable[[], np.ndarray] | None = None, kind: Any = None
+    host: np.ndarray,
+    device: torch.device,
+    build: Callable[[], np.ndarray] | None = None,
+    kind: Any = None,
+    capturable: bool = False,
 ) -> Tensor:
     """``host`` on ``device``, from the cache; or, with ``build``, what it builds from
     ``host`` (only when ``(kind, host)`` is not in the cache: a launch's work items
     follow from its tensors' sizes, and hashing them instead cost ~1 ms a step for
-    GPT-2's 120,000 items)."""
+    GPT-2's 120,000 items). ``capturable``: for a capturable step, the only kind that
+    may run inside a CUDA graph capture (``step()`` refuses the others), so the only
+    one that asks the GPU whether a capture is under way."""
     key = (device, kind, host.tobytes())
     found = _CAPTURED.get(key)
     if found is not None:
         return found
     found = _TABLES.get(key)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    capturing = capturable and device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if found is None:
         if capturing:
             raise RuntimeError(
@@ -840,11 +846,14 @@ def _launch_addresses(
         units, per_item = -(-numels // block), rows * QUANT_TILES
     if not units.any():
         return 0
-    meta_d = _device_tables(meta.reshape(-1), device)
-    items_d = _device_tables(units, device, lambda: _items(units, per_item).reshape(-1), ("items", per_item))
-    n_items = items_d.shape[0] // 2
     scal, consts = scalars
-    if isinstance(scal, np.ndarray):
+    on_device = not isinstance(scal, np.ndarray)  # a capturable step's scalars
+    meta_d = _device_tables(meta.reshape(-1), device, capturable=on_device)
+    items_d = _device_tables(
+        units, device, lambda: _items(units, per_item).reshape(-1), ("items", per_item), capturable=on_device
+    )
+    n_items = items_d.shape[0] // 2
+    if not on_device:
         seed = [] if sr_seed is None else [float(sr_seed & _M32)]
         buf = _to_device(np.concatenate([scal.reshape(-1), consts, seed]), device)
         scal, consts = buf[: scal.size], buf[scal.size :]

@@ -131,7 +131,7 @@ def _device_consts(host: np.ndarray, device: torch.device) -> Tensor:
     graph capture nothing can be copied from the host)."""
     from ..kernels.triton_cuda import _device_tables
 
-    return _device_tables(host.view(np.int64), device).view(torch.float64)
+    return _device_tables(host.view(np.int64), device, capturable=True).view(torch.float64)
 
 
 def _scalar_dtype() -> torch.dtype:
