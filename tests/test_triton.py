@@ -237,6 +237,75 @@ def test_triton_launch_settings_the_tuner_sweeps(monkeypatch, settings: dict) ->
     _quant_lockstep(adamkit.AdamW, {}, 8, steps=2, sizes=sizes, backend="triton", block_wise=False)
 
 
+@pytest.mark.parametrize(
+    "changes,error",
+    [({"BLOCK": 1000}, ValueError), ({"BLOCK": 2048.0}, ValueError), ({"DENSE_WARPS": True}, ValueError),
+     ({"QUANT_MAXNREG": 300}, ValueError), ({"QUANT_TILES": 0}, ValueError), ({"TILE": 512}, TypeError)],
+    ids=["not-pow2", "float", "bool", "maxnreg", "tiles", "unknown"],
+)  # fmt: skip
+def test_launch_settings_are_checked_before_any_changes(changes: dict, error: type) -> None:
+    """``launch_settings`` refuses a bad value, or an unknown name, naming it, and then
+    changes none of the settings, not even the good ones given beside it."""
+    before = triton_cuda.launch_settings()
+    with pytest.raises(error, match=next(iter(changes))):
+        triton_cuda.launch_settings(QUANT_TILE=1024, **changes)
+    after = triton_cuda.launch_settings(**before)  # restored, should a bug have changed them
+    assert after == before
+
+
+def test_launch_settings_take_effect_and_come_back(monkeypatch) -> None:
+    """Changed settings reach the next launch (a program per BLOCK elements: 4097
+    elements are 9 programs of 512) and the call returns the old ones, which restore
+    them; numpy ints are taken as ints."""
+    import numpy as np
+
+    before = triton_cuda.launch_settings()
+    grids = []
+    real = triton_cuda._dense_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_cuda, "_dense_kernel", Spy())
+    p = torch.zeros(4097, requires_grad=True)
+    p.grad = torch.ones(4097)
+    opt = adamkit.AdamW([p], backend="triton")
+    try:
+        assert triton_cuda.launch_settings(BLOCK=np.int64(512), DENSE_WARPS=8) == before
+        assert type(triton_cuda.BLOCK) is int
+        opt.step()
+    finally:
+        assert triton_cuda.launch_settings(**before)["BLOCK"] == 512
+    assert triton_cuda.launch_settings() == before
+    assert grids == [(9,)]
+    assert torch.allclose(p.detach(), torch.full((4097,), -1e-3))
+
+
+def test_tuner_proposes_only_clear_wins() -> None:
+    """``scripts/tune-cuda.py`` proposes a kernel's fastest settings against torch
+    fused only where they beat those in use by its margin, and skips failed variants."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "tune-cuda.py"
+    spec = importlib.util.spec_from_file_location("tune_cuda", path)
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    dense = [
+        {"kernel": "dense", "BLOCK": 1024, "DENSE_WARPS": 4, "current": True, "ms": 1.0, "vs_torch_fused": 1.00},
+        {"kernel": "dense", "BLOCK": 2048, "DENSE_WARPS": 8, "current": False, "ms": 0.9, "vs_torch_fused": 1.10},
+        {"kernel": "dense", "BLOCK": 4096, "DENSE_WARPS": 8, "error": "CompilationError"},
+    ]
+    quant = [
+        {"kernel": "8-bit", "QUANT_TILE": 512, "QUANT_TILES": 2, "current": True, "ms": 1.0, "vs_torch_fused": 1.50},
+        {"kernel": "8-bit", "QUANT_TILE": 1024, "QUANT_TILES": 1, "current": False, "ms": 0.97, "vs_torch_fused": 1.52},
+    ]
+    assert tune.fastest(dense + quant) == {"BLOCK": 2048, "DENSE_WARPS": 8}
+    assert tune.fastest(quant) == {}
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("cls,kw", QCONFIGS, ids=QIDS)
 def test_triton_one_absmax_per_tensor_matches_reference(cls, kw, bits: int) -> None:

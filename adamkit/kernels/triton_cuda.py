@@ -88,6 +88,41 @@ QUANT_TILES = 2
 DENSE_WARPS = 4
 QUANT_WARPS = 4
 QUANT_MAXNREG: int | None = None
+
+#: What each launch setting may be: (allowed values, what they are).
+_SETTINGS: dict[str, tuple[tuple[int | None, ...], str]] = {
+    "BLOCK": (tuple(1 << k for k in range(6, 15)), "a power of two from 64 to 16384"),
+    "DENSE_WARPS": ((1, 2, 4, 8, 16), "1, 2, 4, 8 or 16"),
+    "QUANT_TILE": (tuple(1 << k for k in range(6, 14)), "a power of two from 64 to 8192"),
+    "QUANT_TILES": (tuple(range(1, 17)), "an int from 1 to 16"),
+    "QUANT_WARPS": ((1, 2, 4, 8, 16), "1, 2, 4, 8 or 16"),
+    "QUANT_MAXNREG": ((None, *range(24, 256)), "None (ptxas' choice) or an int from 24 to 255"),
+}
+
+
+def launch_settings(**changes: int | None) -> dict[str, int | None]:
+    """The kernels' launch settings (``BLOCK``, ``DENSE_WARPS``, ``QUANT_TILE``,
+    ``QUANT_TILES``, ``QUANT_WARPS``, ``QUANT_MAXNREG``; see the module's constants),
+    as they were before this call; keywords change them, for the launches that follow
+    (each new combination compiles once). All are checked before any is changed.
+    ``scripts/tune-cuda.py`` times them on a GPU and prints the call for the fastest:
+
+        adamkit.kernels.triton_cuda.launch_settings(BLOCK=2048, DENSE_WARPS=8)
+    """
+    checked = {}
+    for name, value in changes.items():
+        if name not in _SETTINGS:
+            raise TypeError(f"launch_settings: unknown setting {name!r}; the settings are {sorted(_SETTINGS)}")
+        allowed, words = _SETTINGS[name]
+        integral = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+        if not (value is None or integral) or value not in allowed:
+            raise ValueError(f"launch_settings: {name} must be {words}, got {value!r}")
+        checked[name] = None if value is None else int(value)
+    before = {name: globals()[name] for name in _SETTINGS}
+    globals().update(checked)
+    return before
+
+
 #: The row length of state with one absmax per tensor (``block_wise=False``).
 DEFAULT_ROW = {8: 256, 4: 128}
 #: float32 entries per state in the codebooks' table: at 8 bits the 256 values, then
