@@ -237,6 +237,20 @@ def test_triton_launch_settings_the_tuner_sweeps(monkeypatch, settings: dict) ->
     _quant_lockstep(adamkit.AdamW, {}, 8, steps=2, sizes=sizes, backend="triton", block_wise=False)
 
 
+def _spy_on_dense_launches(monkeypatch) -> list[tuple[int, ...]]:
+    """The grids of the dense kernel's launches from now on (they still run)."""
+    grids: list[tuple[int, ...]] = []
+    real = triton_cuda._dense_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(triton_cuda, "_dense_kernel", Spy())
+    return grids
+
+
 @pytest.mark.parametrize(
     "changes,error",
     [({"BLOCK": 1000}, ValueError), ({"BLOCK": 2048.0}, ValueError), ({"DENSE_WARPS": True}, ValueError),
@@ -260,15 +274,7 @@ def test_launch_settings_take_effect_and_come_back(monkeypatch) -> None:
     import numpy as np
 
     before = triton_cuda.launch_settings()
-    grids = []
-    real = triton_cuda._dense_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(triton_cuda, "_dense_kernel", Spy())
+    grids = _spy_on_dense_launches(monkeypatch)
     p = torch.zeros(4097, requires_grad=True)
     p.grad = torch.ones(4097)
     opt = adamkit.AdamW([p], backend="triton")
@@ -339,15 +345,7 @@ def test_triton_quantized_stochastic_rounding_matches_reference() -> None:
 def test_many_tensors_take_one_launch(monkeypatch) -> None:
     """500 small tensors of one dtype: one kernel launch (a pointer table) from the
     group's cached plan, right results."""
-    launches = []
-    real = triton_cuda._dense_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(triton_cuda, "_dense_kernel", Spy())
+    launches = _spy_on_dense_launches(monkeypatch)
     info, kw = ALL_CONFIGS[1]
     sizes = [int(n) for n in torch.randint(1, 40, (500,), generator=torch.Generator().manual_seed(3))]
     opt, _ = _lockstep(info, kw, torch.float32, steps=2, sizes=sizes, backend="triton")
