@@ -354,6 +354,49 @@ def test_many_tensors_take_one_launch(monkeypatch) -> None:
     assert len(opt._plans) == 1  # through a cached plan (flat state, address tables), as numba's
 
 
+@pytest.mark.parametrize("bits", [32, 8])
+def test_kernels_launch_with_their_tensors_device_current(monkeypatch, bits: int) -> None:
+    """Triton launches on the current CUDA device's stream, whatever device the tensors
+    are on: every launch runs with its tensors' device made current (``_device_guard``,
+    spied on here; CPU tensors), from a plan and on the general path (a gradient
+    missing), capturable or not. On a GPU the guard is ``torch.cuda.device``."""
+    import contextlib
+
+    current: list[torch.device] = []
+
+    @contextlib.contextmanager
+    def guard(device):
+        current.append(device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    cuda1 = triton_cuda._device_guard(torch.device("cuda", 1))  # made, not entered: no GPU needed
+    assert isinstance(cuda1, torch.cuda.device) and cuda1.idx == 1
+    monkeypatch.setattr(triton_cuda, "_device_guard", guard)
+    seen = []
+    for name in ("_dense_kernel", "_quant_kernel"):
+
+        class Spy:
+            def __init__(self, real):
+                self.real = real
+
+            def __getitem__(self, grid):
+                seen.append(tuple(current))
+                return self.real[grid]
+
+        monkeypatch.setattr(triton_cuda, name, Spy(getattr(triton_cuda, name)))
+    for capturable in (False, True):
+        params = [torch.randn(n, requires_grad=True) for n in (300, 5000, 7)]
+        opt = adamkit.AdamW(params, backend="triton", state_bits=bits, min_quant_size=0, capturable=capturable)
+        for step in range(3):
+            for k, p in enumerate(params):
+                p.grad = None if step == 2 and k == 1 else torch.randn(p.shape)
+            opt.step()
+    assert len(seen) >= 6 and all(s == (torch.device("cpu"),) for s in seen)
+
+
 @pytest.mark.parametrize(
     "event",
     ["replace_state_tensor", "replace_state_dict", "delete_state", "param_data", "noncontiguous_grad", "new_param"],
@@ -708,6 +751,50 @@ def test_capturable_checkpoint_round_trip() -> None:
     back.load_state_dict(torch_opt.state_dict())
     for st in (twin.state, back.state):
         assert all(float(s["step"]) == 1.0 for s in st.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("capturable", [False, True], ids=["host", "capturable"])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_cuda_parameters_on_another_gpu_than_the_current_one(bits: int, capturable: bool) -> None:
+    """Parameters on the last GPU while the first is current (no ``set_device``): the
+    kernels run there and match the reference there, a NaN's masked count arrives, and
+    a GradScaler-style step whose scale and found_inf live on the first GPU (a
+    GradScaler keeps them on the device of the loss it scaled) unscales right."""
+    device = torch.device("cuda", torch.cuda.device_count() - 1)
+    torch.cuda.set_device(0)
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(n, generator=gen).to(device).requires_grad_() for n in (4097, 300, 1)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    kw = dict(state_bits=bits, min_quant_size=0)
+    a = adamkit.AdamW(params, backend="triton", capturable=capturable, **kw)
+    b = adamkit.AdamW(twins, backend="reference", **kw)
+    for step in range(4):
+        scale = 4.0 if step == 3 else 1.0
+        for p, q in zip(params, twins):
+            g = torch.randn(p.shape, generator=gen).to(device) * scale
+            if step == 1 and p.numel() == 300:
+                g[7] = float("nan")
+            p.grad, q.grad = g.clone(), g.clone()
+        for opt in (a, b):
+            if step == 3:
+                opt.grad_scale = torch.full((), scale, device="cuda:0")
+                opt.found_inf = torch.zeros((), device="cuda:0")
+            opt.step()
+            if step == 3:
+                del opt.grad_scale, opt.found_inf
+        for p, q in zip(params, twins):
+            _assert_close_any(p.detach(), q.detach(), "cuda")
+            with torch.no_grad():  # lockstep: no drift from codes a rounding tie apart
+                q.copy_(p)
+            for key, value in a.state[p].items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    b.state[q][key].copy_(value)
+    assert torch.cuda.current_device() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert a.nonfinite_count == b.nonfinite_count == 1
 
 
 @pytest.mark.cuda

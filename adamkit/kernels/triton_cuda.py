@@ -46,6 +46,7 @@ before this module is imported) on CPU tensors: the tests do so, and then the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -813,11 +814,19 @@ def _amp(device: torch.device, amp: tuple[Tensor | None, Tensor | None] | None) 
         return None
     scale, found = amp
     one = torch.ones((), dtype=torch.float32, device=device)
-    parts = [
-        one if scale is None else scale.reshape(()).float(),
-        0 * one if found is None else found.reshape(()).float(),
+    parts = [  # the scaler's tensors may be another device's (it keeps one per device)
+        one if scale is None else scale.reshape(()).to(device, torch.float32),
+        0 * one if found is None else found.reshape(()).to(device, torch.float32),
     ]
     return torch.stack(parts)
+
+
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` made the current CUDA device for the launches: Triton launches on the
+    current device's current stream, whatever device the tensors are on (torch's own
+    ops take it from their tensors), so parameters on ``cuda:1`` while ``cuda:0`` is
+    current would otherwise be stepped by a kernel on the wrong GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _maxnreg() -> dict[str, int]:
@@ -881,52 +890,53 @@ def _launch_addresses(
         units, per_item = -(-numels // block), rows * QUANT_TILES
     if not units.any():
         return 0
-    scal, consts = scalars
-    on_device = not isinstance(scal, np.ndarray)  # a capturable step's scalars
-    meta_d = _device_tables(meta.reshape(-1), device, capturable=on_device)
-    items_d = _device_tables(
-        units, device, lambda: _items(units, per_item).reshape(-1), ("items", per_item), capturable=on_device
-    )
-    n_items = items_d.shape[0] // 2
-    if not on_device:
-        seed = [] if sr_seed is None else [float(sr_seed & _M32)]
-        buf = _to_device(np.concatenate([scal.reshape(-1), consts, seed]), device)
-        scal, consts = buf[: scal.size], buf[scal.size :]
-    elif sr_seed is not None:
-        raise ValueError("stochastic rounding takes the host's step scalars (capturable steps reject it)")
-    kept = count is not None  # the caller's counter: it reads it when it wants to
-    if count is None:
-        count = torch.zeros(1, dtype=torch.int32, device=device)
-    amp_d = _amp(device, amp)
-    scaled = amp_d is not None
-    flags = dict(ADAMAX=algo == 2, AMSGRAD=amsgrad, MASK=mask_nonfinite, SR=sr_seed is not None, SCALED=scaled)
-    grid = (n_items,)
-    if fmt is None:
-        assert sdtype is not None
-        _dense_kernel[grid](
-            meta_d, items_d, scal, consts, count, amp_d if scaled else count,
-            P=_TL[pdtype], S=_TL[sdtype], W=_TL[torch.float64 if pdtype == torch.float64 else torch.float32],
-            FTZ=sdtype == torch.bfloat16, BLOCK=BLOCK, ALIGNED=bool((ptrs % 16 == 0).all()), enable_fp_fusion=False,
-            num_warps=DENSE_WARPS, **flags,
-        )  # fmt: skip
-    else:
-        from ..quant import codebook
-
-        root = codebook(books[1]).root
-        tabs = _books(books + (books[-1],) * (3 - len(books)), fmt.bits, device)
-        accessed = ptrs[:, [0, 1, *range(2, ptrs.shape[1], 2)]]  # param, grad, codes (not absmax)
-        aligned = width == block and block % 32 == 0 and bool((accessed % 16 == 0).all())
-        passes = (0,) if fmt.block_size else (1, 2)
-        tops = count if fmt.block_size else torch.zeros((n, 6), dtype=torch.int32, device=device)
-        for step_pass in passes:
-            _quant_kernel[grid](
-                meta_d, items_d, scal, consts, tabs, count, amp_d if scaled else count, block, tops,
-                P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, E=width, TILES=QUANT_TILES, ALIGNED=aligned,
-                PASS=step_pass, enable_fp_fusion=False, num_warps=QUANT_WARPS, **_maxnreg(), **flags,
+    with _device_guard(device):  # Triton launches on the current device's stream
+        scal, consts = scalars
+        on_device = not isinstance(scal, np.ndarray)  # a capturable step's scalars
+        meta_d = _device_tables(meta.reshape(-1), device, capturable=on_device)
+        items_d = _device_tables(
+            units, device, lambda: _items(units, per_item).reshape(-1), ("items", per_item), capturable=on_device
+        )
+        n_items = items_d.shape[0] // 2
+        if not on_device:
+            seed = [] if sr_seed is None else [float(sr_seed & _M32)]
+            buf = _to_device(np.concatenate([scal.reshape(-1), consts, seed]), device)
+            scal, consts = buf[: scal.size], buf[scal.size :]
+        elif sr_seed is not None:
+            raise ValueError("stochastic rounding takes the host's step scalars (capturable steps reject it)")
+        kept = count is not None  # the caller's counter: it reads it when it wants to
+        if count is None:
+            count = torch.zeros(1, dtype=torch.int32, device=device)
+        amp_d = _amp(device, amp)
+        scaled = amp_d is not None
+        flags = dict(ADAMAX=algo == 2, AMSGRAD=amsgrad, MASK=mask_nonfinite, SR=sr_seed is not None, SCALED=scaled)
+        grid = (n_items,)
+        if fmt is None:
+            assert sdtype is not None
+            _dense_kernel[grid](
+                meta_d, items_d, scal, consts, count, amp_d if scaled else count,
+                P=_TL[pdtype], S=_TL[sdtype], W=_TL[torch.float64 if pdtype == torch.float64 else torch.float32],
+                FTZ=sdtype == torch.bfloat16, BLOCK=BLOCK, ALIGNED=bool((ptrs % 16 == 0).all()), enable_fp_fusion=False,
+                num_warps=DENSE_WARPS, **flags,
             )  # fmt: skip
-    if not mask_nonfinite or kept:
-        return 0
-    return int(count.item()) if device.type == "cpu" else count[0]
+        else:
+            from ..quant import codebook
+
+            root = codebook(books[1]).root
+            tabs = _books(books + (books[-1],) * (3 - len(books)), fmt.bits, device)
+            accessed = ptrs[:, [0, 1, *range(2, ptrs.shape[1], 2)]]  # param, grad, codes (not absmax)
+            aligned = width == block and block % 32 == 0 and bool((accessed % 16 == 0).all())
+            passes = (0,) if fmt.block_size else (1, 2)
+            tops = count if fmt.block_size else torch.zeros((n, 6), dtype=torch.int32, device=device)
+            for step_pass in passes:
+                _quant_kernel[grid](
+                    meta_d, items_d, scal, consts, tabs, count, amp_d if scaled else count, block, tops,
+                    P=_TL[pdtype], BITS=fmt.bits, ROOT=root, ROWS=rows, E=width, TILES=QUANT_TILES, ALIGNED=aligned,
+                    PASS=step_pass, enable_fp_fusion=False, num_warps=QUANT_WARPS, **_maxnreg(), **flags,
+                )  # fmt: skip
+        if not mask_nonfinite or kept:
+            return 0
+        return int(count.item()) if device.type == "cpu" else count[0]
 
 
 def _tables_step(

@@ -463,8 +463,8 @@ class AdamFamily(Optimizer):
             self._note_nonfinite(on_host, "masked: their parameters and moments were left unchanged")
         for count in (m for m in masked if isinstance(m, Tensor)):
             event = torch.cuda.Event() if count.is_cuda else None
-            if event is not None:
-                event.record()
+            if event is not None:  # after the count's kernel: on its device's stream, not the current device's
+                event.record(torch.cuda.current_stream(count.device))
             self._pending_counts.append((count, event))
         self._settle_counts(wait=False)
         return loss
