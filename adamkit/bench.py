@@ -46,10 +46,27 @@ def gpt2_shapes(layers: int = 12, d: int = 768, vocab: int = 50257, ctx: int = 1
     return shapes + [(d,), (d,)]
 
 
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """ResNet-50's parameter shapes (torchvision's layout): 25,557,032 elements in 161
+    tensors, 53 of them 4-D convolution weights."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, inplanes, 1, 1), (width,), (width,), (width, width, 3, 3), (width,), (width,)]
+            shapes += [(4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:  # the downsampling shortcut
+                shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
+            inplanes = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
 WORKLOADS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "flat-16M": lambda: [(16 * 1024 * 1024,)],
     "gpt2": gpt2_shapes,
     "small": lambda: [(1000,)] * 20_000,
+    # convolution weights in channels_last, as CNNs are trained on GPUs (not a default)
+    "resnet50-cl": resnet50_shapes,
     # --quick
     "flat-1M": lambda: [(1024 * 1024,)],
     "gpt2-mini": lambda: gpt2_shapes(layers=2, d=256, vocab=8192, ctx=256),
@@ -269,10 +286,19 @@ def cuda_roofline(n: int, device: torch.device) -> tuple[float, Callable[[], Non
     return 28.0, lambda: dst.copy_(src)
 
 
+def _layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """``t``, or its channels_last copy if asked for and 4-D."""
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+
 def _params(
-    shapes: list[tuple[int, ...]], dtype: torch.dtype, grads: list[torch.Tensor], device: str = "cpu"
+    shapes: list[tuple[int, ...]],
+    dtype: torch.dtype,
+    grads: list[torch.Tensor],
+    device: str = "cpu",
+    channels_last: bool = False,
 ) -> list[torch.Tensor]:
-    ps = [torch.zeros(s, dtype=dtype, device=device).requires_grad_() for s in shapes]
+    ps = [_layout(torch.zeros(s, dtype=dtype, device=device), channels_last).requires_grad_() for s in shapes]
     for p, g in zip(ps, grads):
         p.grad = g  # shared: optimizers only read gradients
     return ps
@@ -303,7 +329,8 @@ def run_workload(
     dtype = DTYPES[dtype_name]
     n = sum(int(np.prod(s)) for s in shapes)
     gen = torch.Generator().manual_seed(0)
-    grads = [(torch.randn(s, generator=gen) * 1e-3).to(device, dtype) for s in shapes]
+    channels_last = workload.endswith("-cl")
+    grads = [_layout((torch.randn(s, generator=gen) * 1e-3).to(device, dtype), channels_last) for s in shapes]
     cuda = torch.device(device).type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     grad_sets = [grads, [g.clone() for g in grads]] if new_grads else [grads]
@@ -313,7 +340,7 @@ def run_workload(
     chosen = [c for c in chosen if dtype_name in c.dtypes]
     for c in chosen:
         try:
-            ps = _params(shapes, dtype, grads, device)
+            ps = _params(shapes, dtype, grads, device, channels_last)
             optimizers[c.name] = c.make(ps)
             steps[c.name] = optimizers[c.name].step
             params.append(ps)

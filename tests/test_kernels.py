@@ -17,6 +17,7 @@ from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo
 
 import adamkit
 from adamkit.kernels import metadata
+from adamkit.optim._plan import storage_order
 
 # sizes 0, 1, ragged SIMD tails, > one chunk (32768), and many small tensors
 SIZES = [0, 1, 255, 256, 4097, 70_001] + [
@@ -365,6 +366,103 @@ def test_cached_plan_follows_changes(event: str, backend: str = "numba") -> None
             ro.step()
             continue
         _step_both(fp, rp, fo, ro, seed)
+
+
+# ------------------------------------------------------------ channels_last weights
+#: a convolution net's parameters: 4-D weights (1x1 kernels and a size-1 dimension
+#: among them) and contiguous matrices and biases, in one group
+CONV_SHAPES = [(8, 4, 3, 3), (16, 8, 1, 1), (6, 1, 5, 5), (5, 3, 2, 7), (10, 12), (10,), (1, 3, 3, 3)]
+
+
+def layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t``, channels_last if it is 4-D."""
+    return t.clone(memory_format=torch.channels_last) if t.dim() == 4 else t.clone()
+
+
+def channels_last_lockstep(info: OptimizerInfo, kw: dict, backend: str, dtype: torch.dtype = torch.float32) -> None:
+    """4-D weights in ``channels_last`` (gradients laid out alike, as autograd makes
+    them) stepped by ``backend`` beside contiguous twins on the reference, in lockstep:
+    on the group's plan, on the general path (a gradient missing), with a gradient
+    laid out otherwise than its parameter, and after a parameter's data is replaced
+    by a contiguous tensor. The fused kernel takes the channels_last weights (not the
+    reference), and their state is laid out as they are, as torch's is."""
+    gen = torch.Generator().manual_seed(5)
+    base = [torch.randn(s, generator=gen, dtype=dtype) for s in CONV_SHAPES]
+    params = [layout(b).requires_grad_() for b in base]
+    twins = [b.clone().requires_grad_() for b in base]
+    assert not params[0].is_contiguous() and params[0].grad is None
+    fused = info.cls(params, **copy.deepcopy(kw), backend=backend)
+    ref = info.cls(twins, **copy.deepcopy(kw), backend="reference")
+    group = fused.param_groups[0]
+    expected = "numba" if backend == "auto" else backend
+    general = []  # steps that took the general path
+    for name in ("_step_group", "_step_capturable"):
+        real = getattr(fused, name)
+        setattr(fused, name, lambda *a, _real=real, **k: general.append(1) or _real(*a, **k))
+    for step in range(7):
+        grads = [torch.randn(s, generator=gen, dtype=dtype) for s in CONV_SHAPES]
+        for k, (p, q, g) in enumerate(zip(params, twins, grads)):
+            p.grad, q.grad = layout(g), g.clone()
+            if step == 2 and k == 1:
+                p.grad = q.grad = None  # the general path
+        if step == 3:  # a gradient laid out unlike its channels_last parameter
+            params[0].grad = grads[0].clone()
+            if backend != "auto":  # a forced fused kernel cannot take it: it says so, and nothing changes
+                before = [p.detach().clone() for p in params]
+                with pytest.raises(adamkit.KernelUnavailableError, match="laid out alike"):
+                    fused.step()
+                assert all(torch.equal(p, b) for p, b in zip(params, before))
+                params[0].grad = layout(grads[0])
+        if step == 5:
+            with torch.no_grad():
+                params[2].data = params[2].detach().contiguous()  # the layout changes under the plan
+        general.clear()
+        fused.step()
+        ref.step()
+        _compare_and_resync(fused, params, ref, twins, step)
+        if step in (1, 6):  # the plan's steps: the fused kernel, state laid out as its weight
+            assert 0 in fused._plans and not general
+            for p in params:
+                st = fused.state[p]
+                assert storage_order(st["exp_avg"]) == storage_order(p)  # strides, size-1 dimensions aside
+                chosen = fused._kernel(group, p.device.type, fused._layout(p, p.grad, st, group))
+                assert chosen.backend == expected, (p.shape, p.stride())
+
+
+@pytest.mark.parametrize("backend", ["numba", "auto"])
+@pytest.mark.parametrize("info,kw", ALL_CONFIGS[::5], ids=ALL_CONFIG_IDS[::5])
+def test_channels_last_weights_take_the_fused_kernel(info: OptimizerInfo, kw: dict, backend: str) -> None:
+    channels_last_lockstep(info, kw, backend)
+
+
+def test_channels_last_checkpoints_interoperate_with_torch() -> None:
+    """torch's AdamW on channels_last weights keeps channels_last state; adamkit loads
+    it, steps it on the fused kernel and agrees with torch in float64, and its
+    state_dict loads back into torch."""
+    gen = torch.Generator().manual_seed(9)
+    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in CONV_SHAPES]
+    ps = [[layout(b).requires_grad_() for b in base] for _ in range(2)]
+    theirs, ours = torch.optim.AdamW(ps[0], weight_decay=0.1), adamkit.AdamW(ps[1], weight_decay=0.1)
+    for step in range(6):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64) for s in CONV_SHAPES]
+        for p, q, g in zip(*ps, grads):
+            p.grad, q.grad = layout(g), layout(g)
+        theirs.step()
+        if step == 2:  # torch's checkpoint, taken mid-run
+            assert theirs.state[ps[0][0]]["exp_avg"].stride() == ps[0][0].stride()
+            ours.load_state_dict(theirs.state_dict())
+            with torch.no_grad():
+                for p, q in zip(*ps):
+                    q.copy_(p)
+        elif step > 2:
+            ours.step()
+            for p, q in zip(*ps):
+                torch.testing.assert_close(q, p, **TOL[torch.float64])
+    assert 0 in ours._plans
+    back = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in ps[1]], weight_decay=0.1)
+    back.load_state_dict(ours.state_dict())
+    first = back.state[back.param_groups[0]["params"][0]]["exp_avg"]
+    torch.testing.assert_close(first, ours.state[ps[1][0]]["exp_avg"], atol=0, rtol=0)
 
 
 def test_plan_state_checkpoints_round_trip_into_torch() -> None:

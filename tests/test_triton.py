@@ -16,6 +16,7 @@ from test_kernels import (
     MASK_LAYOUTS,
     _assert_close_any,
     _lockstep,
+    channels_last_lockstep,
     masking_lockstep,
     sr_lockstep,
 )
@@ -82,6 +83,13 @@ def test_triton_complex_params() -> None:
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::6], ids=ALL_CONFIG_IDS[::6])
 def test_triton_masking_matches_reference(info: OptimizerInfo, kw: dict, layout: str) -> None:
     masking_lockstep(info, kw, layout, "triton", SIZES, steps=3)
+
+
+@pytest.mark.parametrize("info,kw", ALL_CONFIGS[::10], ids=ALL_CONFIG_IDS[::10])
+def test_triton_channels_last_weights_take_the_kernel(info: OptimizerInfo, kw: dict) -> None:
+    """channels_last convolution weights (as CNNs on GPUs keep them): the Triton kernel
+    steps them as flat arrays beside their gradients and state (see the numba test)."""
+    channels_last_lockstep(info, kw, "triton")
 
 
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::7], ids=ALL_CONFIG_IDS[::7])

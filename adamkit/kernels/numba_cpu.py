@@ -741,7 +741,10 @@ def unsupported(param_dtype: torch.dtype, state_dtype: torch.dtype, contiguous: 
         allowed = sorted(map(str, STATE_DTYPES[param_dtype]))
         return f"the numba kernels keep the state of {param_dtype} parameters in {allowed}, not {state_dtype}"
     if not contiguous:
-        return "the numba kernels need contiguous parameters, gradients and state"
+        return (
+            "the numba kernels need the parameter, its gradient and its state contiguous, or all three laid out alike "
+            "in dense memory (channels_last, say) and no stochastic rounding"
+        )
     return None
 
 

@@ -671,8 +671,13 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
 # ------------------------------------------------------------------------ launchers
 def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str | None:
     """Why these kernels cannot take such a parameter, or None if they can."""
+    if not contiguous and isinstance(fmt, QuantFormat):
+        return "the quantized triton kernels need contiguous parameters and gradients"
     if not contiguous:
-        return "the triton kernels need contiguous parameters, gradients and state"
+        return (
+            "the triton kernels need the parameter, its gradient and its state contiguous, or all three laid out "
+            "alike in dense memory (channels_last, say) and no stochastic rounding"
+        )
     if isinstance(fmt, QuantFormat):
         if param_dtype not in QUANT_PARAM_DTYPES:
             allowed = [str(d) for d in QUANT_PARAM_DTYPES]

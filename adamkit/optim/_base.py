@@ -36,7 +36,7 @@ from ..kernels.registry import (
 )
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat, dequantize, quantize
 from ..quant.codebooks import DITHER_STEP
-from ._plan import GroupPlan, TrackedState, _Launch, quant_meta
+from ._plan import GroupPlan, TrackedState, _Launch, quant_meta, storage_order
 
 #: What ``nonfinite=`` accepts; see :class:`AdamFamily`.
 NONFINITE_MODES = ("mask", "skip", "propagate", "raise")
@@ -628,14 +628,25 @@ class AdamFamily(Optimizer):
     def _layout(
         self, p: Tensor, g: Tensor | None, state: Mapping[str, Any], group: Mapping[str, Any]
     ) -> tuple[torch.dtype, StateFormat, bool]:
-        """(param dtype, state format, all contiguous) of one parameter, for kernel choice.
+        """(param dtype, state format, flat) of one parameter, for kernel choice.
 
-        A parameter without state yet gets state of :meth:`_state_format`, contiguous.
+        ``flat``: the kernels may step parameter, gradient and state as flat arrays:
+        all contiguous, or, for 32/16-bit state without stochastic rounding, all laid
+        out alike in dense memory (``channels_last`` convolution weights, whose
+        gradients and ``zeros_like`` state torch lays out so). Quantized state is in the
+        elements' logical order, and stochastic rounding draws by it, so those need
+        contiguous parameters and gradients. A parameter without state yet gets state
+        of :meth:`_state_format`, laid out as the parameter.
         """
         tensors = [v for k, v in state.items() if k != "step" and k not in EXTRA_STATE and isinstance(v, Tensor)]
         fmt = quant_format_of(state) or (tensors[0].dtype if tensors else self._state_format(p, group))
-        contiguous = p.is_contiguous() and (g is None or g.is_contiguous()) and all(t.is_contiguous() for t in tensors)
-        return p.dtype, fmt, contiguous
+        if p.is_contiguous() and (g is None or g.is_contiguous()) and all(t.is_contiguous() for t in tensors):
+            return p.dtype, fmt, True
+        if isinstance(fmt, QuantFormat) or (group.get("stochastic_rounding") and p.dtype == torch.bfloat16):
+            return p.dtype, fmt, False
+        order = storage_order(p)
+        flat = order is not None and all(storage_order(t) == order for t in ([] if g is None else [g]) + tensors)
+        return p.dtype, fmt, flat
 
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         device = p.device if group.get("capturable") else None  # capturable: as torch, on the device

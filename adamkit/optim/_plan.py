@@ -11,13 +11,14 @@ built once and kept across steps:
 * the state columns of the address tables are filled once.
 
 Per step only what can change is read, with C-level ``map`` calls over the group
-(no per-tensor Python bytecode): the gradients, their size in bytes, contiguity,
-device and addresses, and the parameters' addresses. Each pass over 20,000 tensors
-costs 1-2 ms (a cache miss per tensor), so the checks are the ones torch does not
-already guarantee: the ``.grad`` setter and autograd keep a gradient's dtype, shape
-and device equal to its parameter's, but not its contiguity; the byte size still
-guards the kernel's reads against a gradient resized behind torch's back (a bf16
-gradient reinterpreted as fp16 through ``.data`` would go unnoticed). A parameter
+(no per-tensor Python bytecode): the gradients, their size in bytes, contiguity (or,
+for a ``channels_last`` parameter, its layout), device and addresses, and the
+parameters' addresses. Each pass over 20,000 tensors costs 1-2 ms (a cache miss per
+tensor), so the checks are the ones torch does not already guarantee: the ``.grad``
+setter and autograd keep a gradient's dtype, shape and device equal to its
+parameter's, but not its contiguity; the byte size still guards the kernel's reads
+against a gradient resized behind torch's back (a bf16 gradient reinterpreted as fp16
+through ``.data`` would go unnoticed). A parameter
 whose address changed (``p.data = ...``) is checked in full. The optimizer's ``state`` and
 every per-parameter dict in it are :class:`TrackedDict` s that count their
 mutations, so replacing ``opt.state[p]`` or ``opt.state[p]["exp_avg"]`` is noticed
@@ -55,6 +56,28 @@ _ref = weakref.ref
 _ON_DEVICE = {"cpu": attrgetter("is_cpu"), "cuda": attrgetter("is_cuda")}
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
+
+
+def storage_order(t: Tensor) -> tuple[int, ...] | None:
+    """``t``'s strides, those of its size-1 dimensions zeroed, if its elements fill
+    their span of storage without gaps or overlaps in some order of its dimensions
+    (contiguous, ``channels_last``, any permutation); else None. Tensors of one shape
+    with the same key hold each element at the same offset, so an elementwise kernel
+    can step them as flat arrays (torch gives a dense parameter's gradient its
+    parameter's strides, up to size-1 dimensions, and ``zeros_like`` its state)."""
+    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return None
+        expected *= size
+    return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
+
+
+def laid_out_like(t: Tensor, order: tuple[int, ...] | None) -> bool:
+    """Whether ``t`` has the :func:`storage_order` ``order``, or is contiguous if None
+    (a plan's key for a contiguous parameter)."""
+    return t.is_contiguous() if order is None else storage_order(t) == order
 
 
 class Counter:
@@ -237,6 +260,10 @@ class GroupPlan:
         self.numels = [p.numel() for p in params]
         self.dtypes = [p.dtype for p in params]
         self.nbytes = [p.nbytes for p in params]
+        #: each parameter's layout: None if contiguous, else its :func:`storage_order`
+        #: (``channels_last`` weights), which its gradients and state views share
+        self.orders = [None if p.is_contiguous() else storage_order(p) for p in params]
+        self._strided = any(o is not None for o in self.orders)
         self.steps = torch.zeros(len(params), dtype=step_dtype, device=self.device if capturable else "cpu")
         self.pptrs = np.full(len(params), -1, dtype=np.int64)  # parameter addresses last seen
         self._walker = Walker(self.params)
@@ -266,7 +293,12 @@ class GroupPlan:
                 self._buffers.append(flat)
                 for row, i in enumerate(idx):
                     view = flat[offsets[row] : offsets[row] + sizes[row]]
-                    self.views[i][key] = view.view(params[i].shape) if count is None else view
+                    if count is not None:
+                        self.views[i][key] = view
+                    elif self.orders[i] is None:
+                        self.views[i][key] = view.view(params[i].shape)
+                    else:  # laid out as the parameter, as torch's zeros_like state is
+                        self.views[i][key] = view.as_strided(params[i].shape, params[i].stride())
                     seg.ptrs[row, 2 + col] = view.data_ptr()
             if not isinstance(sd, torch.dtype):
                 for i in idx:
@@ -363,13 +395,21 @@ class GroupPlan:
                 if (
                     all(map(is_not, live, repeat(None)))  # not ``in``: that would call Tensor.__eq__
                     and list(map(_NBYTES, live)) == self.nbytes[lo:hi]
-                    and all(map(_is_contiguous, live))
+                    and self._laid_out(live, lo, hi)
                     and all(map(self._on_device, live))
                 ):
                     gptrs[lo:hi] = np.fromiter(map(_data_ptr, live), dtype=np.int64, count=hi - lo)
                 else:
                     gptrs = None
         return grads, pptrs, gptrs
+
+    def _laid_out(self, grads: list[Tensor], lo: int, hi: int, idx: np.ndarray | None = None) -> bool:
+        """Whether the gradients of parameters ``lo:hi`` (or those at ``idx``) are laid
+        out as their parameters: one C-level pass when every parameter is contiguous."""
+        if not self._strided:
+            return all(map(_is_contiguous, grads))
+        orders = self.orders[lo:hi] if idx is None else [self.orders[i] for i in idx]
+        return all(map(laid_out_like, grads, orders))
 
     def prepare(self) -> tuple[_Launch | None, list[Tensor | None] | None]:
         """Check this step's gradients and parameters: (the launch, the gradients), or
@@ -413,7 +453,7 @@ class GroupPlan:
         try:
             ok = (
                 list(map(_NBYTES, live_grads)) == nbytes
-                and all(map(_is_contiguous, live_grads))
+                and self._laid_out(live_grads, 0, n, idx)
                 and all(map(self._on_device, live_grads))
             )
             if not ok:
@@ -438,8 +478,10 @@ class GroupPlan:
         # a parameter whose storage moved (``p.data = ...``) is checked in full
         known = self.pptrs if idx is None else self.pptrs[idx]
         for k in np.flatnonzero(pptrs != known):
-            p = params[k]
-            if not (p.device == self.device and p.is_contiguous() and p.numel() == numels[k] and p.dtype == dtypes[k]):
+            p, order = params[k], self.orders[k if idx is None else idx[k]]
+            if not (p.device == self.device and p.numel() == numels[k] and p.dtype == dtypes[k]):
+                return None, grads
+            if not laid_out_like(p, order):
                 return None, grads
         if idx is None and self._fresh_grads < 2:  # remember them, unless they are new every step
             self._fresh_grads += self._kept is not None
