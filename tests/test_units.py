@@ -95,8 +95,8 @@ def test_bench_new_grads_gives_every_parameter_a_new_gradient_each_round(monkeyp
     seen: list[list[int]] = []
     real_params = bench._params
 
-    def spy(shapes, dtype, grads, device="cpu"):
-        ps = real_params(shapes, dtype, grads, device)
+    def spy(shapes, dtype, grads, device="cpu", channels_last=False):
+        ps = real_params(shapes, dtype, grads, device, channels_last)
         seen.append(ps)
         return ps
 
@@ -185,3 +185,17 @@ def test_bench_reads_state_bytes_and_measures_low_bit_accuracy() -> None:
     results, _ = bench.run_workload("flat-1M", "fp32", 1, chosen, lambda: None)
     assert [r.optimizer for r in results] == ["adamkit 8-bit", "torch fused"]
     assert results[0].state_bytes_per_param == pytest.approx(2 * (1 + 4 / 256))
+
+
+def test_bench_resnet50_workload_is_torchvisions_in_channels_last() -> None:
+    """resnet50-cl: torchvision's ResNet-50 parameter count, its 4-D weights and their
+    gradients in channels_last (the rest contiguous)."""
+    from adamkit import bench
+
+    shapes = bench.WORKLOADS["resnet50-cl"]()
+    assert len(shapes) == 161 and sum(int(np.prod(s)) for s in shapes) == 25_557_032
+    small = [(8, 4, 3, 3), (8,), (3, 5)]
+    grads = [bench._layout(torch.randn(s), True) for s in small]
+    ps = bench._params(small, torch.float32, grads, "cpu", channels_last=True)
+    assert ps[0].is_contiguous(memory_format=torch.channels_last) and not ps[0].is_contiguous()
+    assert grads[0].stride() == ps[0].stride() and ps[1].is_contiguous() and ps[2].is_contiguous()
