@@ -10,6 +10,8 @@ import torch
 from helpers import assert_close, assert_state_close, clone_params, make_params, set_grads
 from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OPTIM_IDS, OPTIMIZERS, OptimizerInfo
 
+import adamkit
+
 STEPS = 25
 
 
@@ -203,3 +205,32 @@ def test_grad_scaler_and_deepcopy(info: OptimizerInfo) -> None:
     assert a.state[ours[0]]["step"].item() == 5 and a.nonfinite_count == 0
     c = copy.deepcopy(a)
     assert c.state_dict()["param_groups"] == a.state_dict()["param_groups"] and c.nonfinite == a.nonfinite
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_a_compiled_training_step_steps_as_eager(backend: str) -> None:
+    """``torch.compile`` of a whole training step (zero_grad, forward, backward,
+    ``step()``): the step runs eagerly behind a graph break (``torch.compiler.disable``)
+    instead of dynamo tracing into the kernels (the Numba dispatcher crashed it), and
+    the parameters agree with an eager twin's (to float32 rounding: inductor's forward
+    and backward round differently from eager's)."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [adamkit.AdamW(m.parameters(), lr=0.01, backend=backend) for m in models]
+    x = torch.randn(8, 16)
+
+    def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+    start = [p.detach().clone() for p in models[0].parameters()]
+    compiled = torch.compile(train_step)
+    for _ in range(3):
+        compiled(models[0], opts[0])
+        train_step(models[1], opts[1])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not any(torch.equal(a, s) for a, s in zip(models[0].parameters(), start))  # it did step
+    assert float(opts[0].state[models[0][0].weight]["step"]) == 3.0

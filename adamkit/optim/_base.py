@@ -426,6 +426,7 @@ class AdamFamily(Optimizer):
         return triples
 
     # ------------------------------------------------------------------------- step
+    @torch.compiler.disable  # under torch.compile: a graph break, the step run eagerly (see README)
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
