@@ -204,18 +204,7 @@ def test_triton_quantized_full_tiles_are_aligned(monkeypatch, bits: int) -> None
     """Work items of whole power-of-two blocks take the unmasked path with 16-byte
     accesses (ALIGNED) when every address allows it, and ragged ones the masked path,
     both in lockstep with the reference."""
-    flags = []
-    real = triton_cuda._quant_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kw):
-                flags.append(kw["ALIGNED"])
-                return real[grid](*args, **kw)
-
-            return launch
-
-    monkeypatch.setattr(triton_cuda, "_quant_kernel", Spy())
+    flags = _spy_on_launches(monkeypatch, "_quant_kernel", lambda grid, kw: kw["ALIGNED"])
     _quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=2, sizes=[6000, 4097, 700], backend="triton")
     assert flags and all(flags)  # plan buffers are 16-byte aligned; 6000 has whole tiles and a tail
     flags.clear()
@@ -245,18 +234,22 @@ def test_triton_launch_settings_the_tuner_sweeps(monkeypatch, settings: dict) ->
     _quant_lockstep(adamkit.AdamW, {}, 8, steps=2, sizes=sizes, backend="triton", block_wise=False)
 
 
-def _spy_on_dense_launches(monkeypatch) -> list[tuple[int, ...]]:
-    """The grids of the dense kernel's launches from now on (they still run)."""
-    grids: list[tuple[int, ...]] = []
-    real = triton_cuda._dense_kernel
+def _spy_on_launches(monkeypatch, name: str = "_dense_kernel", note=lambda grid, kw: grid) -> list:
+    """What ``note(grid, keywords)`` says of each launch of kernel ``name`` from now on
+    (by default its grid); the launches still run."""
+    notes: list = []
+    real = getattr(triton_cuda, name)
 
     class Spy:
         def __getitem__(self, grid):
-            grids.append(grid)
-            return real[grid]
+            def launch(*args, **kw):
+                notes.append(note(grid, kw))
+                return real[grid](*args, **kw)
 
-    monkeypatch.setattr(triton_cuda, "_dense_kernel", Spy())
-    return grids
+            return launch
+
+    monkeypatch.setattr(triton_cuda, name, Spy())
+    return notes
 
 
 @pytest.mark.parametrize(
@@ -282,7 +275,7 @@ def test_launch_settings_take_effect_and_come_back(monkeypatch) -> None:
     import numpy as np
 
     before = triton_cuda.launch_settings()
-    grids = _spy_on_dense_launches(monkeypatch)
+    grids = _spy_on_launches(monkeypatch)
     p = torch.zeros(4097, requires_grad=True)
     p.grad = torch.ones(4097)
     opt = adamkit.AdamW([p], backend="triton")
@@ -353,7 +346,7 @@ def test_triton_quantized_stochastic_rounding_matches_reference() -> None:
 def test_many_tensors_take_one_launch(monkeypatch) -> None:
     """500 small tensors of one dtype: one kernel launch (a pointer table) from the
     group's cached plan, right results."""
-    launches = _spy_on_dense_launches(monkeypatch)
+    launches = _spy_on_launches(monkeypatch)
     info, kw = ALL_CONFIGS[1]
     sizes = [int(n) for n in torch.randint(1, 40, (500,), generator=torch.Generator().manual_seed(3))]
     opt, _ = _lockstep(info, kw, torch.float32, steps=2, sizes=sizes, backend="triton")
@@ -383,18 +376,10 @@ def test_kernels_launch_with_their_tensors_device_current(monkeypatch, bits: int
     cuda1 = triton_cuda._device_guard(torch.device("cuda", 1))  # made, not entered: no GPU needed
     assert isinstance(cuda1, torch.cuda.device) and cuda1.idx == 1
     monkeypatch.setattr(triton_cuda, "_device_guard", guard)
-    seen = []
-    for name in ("_dense_kernel", "_quant_kernel"):
-
-        class Spy:
-            def __init__(self, real):
-                self.real = real
-
-            def __getitem__(self, grid):
-                seen.append(tuple(current))
-                return self.real[grid]
-
-        monkeypatch.setattr(triton_cuda, name, Spy(getattr(triton_cuda, name)))
+    guarded = [
+        _spy_on_launches(monkeypatch, name, lambda grid, kw: tuple(current))
+        for name in ("_dense_kernel", "_quant_kernel")
+    ]
     for capturable in (False, True):
         params = [torch.randn(n, requires_grad=True) for n in (300, 5000, 7)]
         opt = adamkit.AdamW(params, backend="triton", state_bits=bits, min_quant_size=0, capturable=capturable)
@@ -402,6 +387,7 @@ def test_kernels_launch_with_their_tensors_device_current(monkeypatch, bits: int
             for k, p in enumerate(params):
                 p.grad = None if step == 2 and k == 1 else torch.randn(p.shape)
             opt.step()
+    seen = guarded[0] + guarded[1]
     assert len(seen) >= 6 and all(s == (torch.device("cpu"),) for s in seen)
 
 

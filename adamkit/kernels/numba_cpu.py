@@ -55,7 +55,7 @@ from torch import Tensor
 from .._scalars import StepScalars
 from ._avx2_adam import adam_stream
 from ._simd import ISA
-from .registry import register
+from .registry import layout_refusal, register
 
 #: Elements per parallel work item: large enough to amortize the loop overhead,
 #: small enough that a 16M tensor gives every thread many items and a chunk's
@@ -741,10 +741,7 @@ def unsupported(param_dtype: torch.dtype, state_dtype: torch.dtype, contiguous: 
         allowed = sorted(map(str, STATE_DTYPES[param_dtype]))
         return f"the numba kernels keep the state of {param_dtype} parameters in {allowed}, not {state_dtype}"
     if not contiguous:
-        return (
-            "the numba kernels need the parameter, its gradient and its state contiguous, or all three laid out alike "
-            "in dense memory (channels_last, say) and no stochastic rounding"
-        )
+        return layout_refusal("numba")
     return None
 
 

@@ -54,6 +54,14 @@ class Kernel:
         return devices_ok and state_bits in self.state_bits
 
 
+def layout_refusal(backend: str) -> str:
+    """Why ``backend``'s elementwise kernels refuse a tensor's layout (``unsupported``)."""
+    return (
+        f"the {backend} kernels need the parameter, its gradient and its state contiguous, or all three laid out "
+        "alike in dense memory (channels_last, say) and no stochastic rounding"
+    )
+
+
 _KERNELS: list[Kernel] = []
 
 

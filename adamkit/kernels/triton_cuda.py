@@ -62,7 +62,7 @@ from .._scalars import StepScalars
 from ..quant import QUANT_BITS, QuantFormat
 from ..quant.codebooks import _LOW_BITS, _ONE_BITS, DITHER_STEP, TABLE_BITS, dither_phase, dither_tables, encoder_table
 from .numba_cpu import Tables
-from .registry import register
+from .registry import layout_refusal, register
 
 #: Whether Triton runs its interpreter (CPU tensors, numpy semantics) instead of compiling.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -674,10 +674,7 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
     if not contiguous and isinstance(fmt, QuantFormat):
         return "the quantized triton kernels need contiguous parameters and gradients"
     if not contiguous:
-        return (
-            "the triton kernels need the parameter, its gradient and its state contiguous, or all three laid out "
-            "alike in dense memory (channels_last, say) and no stochastic rounding"
-        )
+        return layout_refusal("triton")
     if isinstance(fmt, QuantFormat):
         if param_dtype not in QUANT_PARAM_DTYPES:
             allowed = [str(d) for d in QUANT_PARAM_DTYPES]

@@ -479,9 +479,8 @@ class GroupPlan:
         known = self.pptrs if idx is None else self.pptrs[idx]
         for k in np.flatnonzero(pptrs != known):
             p, order = params[k], self.orders[k if idx is None else idx[k]]
-            if not (p.device == self.device and p.numel() == numels[k] and p.dtype == dtypes[k]):
-                return None, grads
-            if not laid_out_like(p, order):
+            same = p.device == self.device and p.numel() == numels[k] and p.dtype == dtypes[k]
+            if not (same and laid_out_like(p, order)):
                 return None, grads
         if idx is None and self._fresh_grads < 2:  # remember them, unless they are new every step
             self._fresh_grads += self._kept is not None
