@@ -166,7 +166,9 @@ def test_simd_encoders(name: str) -> None:
         encoder(y.ctypes.data, y.size // _simd.LANES, np.float32(1.0), table.ctypes.data, codes.ctypes.data)
 
     y = _encoder_probe(name)
-    for size in (y.size // 32 * 32, y.size // 32 * 32 - 8):  # the AVX2 encoder's pairs, and an odd vector
+    lanes = _simd.LANES  # the ISA in use: 8 with AVX2, 16 with AVX-512
+    whole = y.size // (4 * lanes) * (4 * lanes)
+    for size in (whole, whole - lanes):  # pairs of vectors (the AVX2 encoder's unit), and an odd vector
         codes = np.zeros(size, dtype=np.uint8)
         run(y[:size], _simd.encoder_constants[name](), codes)
         np.testing.assert_array_equal(codes, decade_encode(y[:size], decade_tables(name)))
@@ -237,8 +239,9 @@ def test_dither_codec_kernels_equal_reference(name: str, simd: bool) -> None:
     y = np.concatenate([[1.0], L, np.nextafter(L, np.float32(2)), np.nextafter(L, np.float32(-2)),
                         gen.uniform(-1, 1, 8000), gen.standard_normal(1000) * 1e-3, [0.0, -0.0]])  # fmt: skip
     y = y.astype(np.float32)
-    y = np.clip(y if book.signed else np.abs(y), -1, 1)[: y.size // 32 * 32]
-    n, half = y.size, y.size // 2 - 8  # each part an odd number of 8-element vectors
+    lanes = _simd.LANES  # the ISA in use: 8 with AVX2, 16 with AVX-512
+    y = np.clip(y if book.signed else np.abs(y), -1, 1)[: y.size // (4 * lanes) * (4 * lanes)]
+    n, half = y.size, y.size // 2 - lanes  # each part an odd number of vectors of the ISA's width
     for step in (0, 1, 7, 123456789):
         want, absmax = quantize(torch.from_numpy(y), fmt, book, step)
         assert float(absmax) == 1.0  # so that the kernels' y is the reference's
