@@ -103,3 +103,14 @@ def assert_unchanged(before: Any, after: Any) -> None:
         for key in sb[k]:
             torch.testing.assert_close(sb[k][key], sa[k][key], atol=0, rtol=0, equal_nan=True)
     assert nb == na and gb == ga
+
+
+def run_isolated(code: str, timeout: float = 300, env: dict[str, str] | None = None) -> Any:
+    """Run ``code`` in a fresh Python process (a crash or hang there fails the caller's
+    test instead of ending the run): the ``subprocess.CompletedProcess``."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout)

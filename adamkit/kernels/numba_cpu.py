@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -54,6 +53,8 @@ from torch import Tensor
 
 from .._scalars import StepScalars
 from ._avx2_adam import adam_stream
+from ._checks import check_table
+from ._pool import on_threads
 from ._simd import ISA
 from .registry import layout_refusal, register
 
@@ -792,8 +793,13 @@ def unit_table(chunks: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], ends[ends < n], [n]]).astype(np.int64)
 
 
-def tables_for(columns: Sequence[Sequence[Tensor]], s: StepScalars, salts: Sequence[int] | None) -> Tables:
-    """Tables for lists of tensors (param, grad, state...), one step's scalars for all."""
+def tables_for(
+    columns: Sequence[Sequence[Tensor]], s: StepScalars, salts: Sequence[int] | None, fmt: object | None = None
+) -> Tables:
+    """Tables for lists of tensors (param, grad, state...; quantized state's codes and
+    absmax values in turn with a quantized ``fmt``), one step's scalars for all.
+    Raises ValueError for tensors the kernels cannot step (:func:`check_table`)."""
+    check_table(columns, "cpu", fmt)
     ptrs = np.array([[t.data_ptr() for t in row] for row in zip(*columns)], dtype=np.int64)
     n = len(columns[0])
     scal = np.empty((n, 2))
@@ -807,25 +813,6 @@ def tables_for(columns: Sequence[Sequence[Tensor]], s: StepScalars, salts: Seque
         columns[0][0].dtype,
         columns[2][0].dtype,
     )
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-def on_threads(kernel: Callable[..., int], args: tuple, n_units: int) -> list[int]:
-    """``kernel(*args)`` on up to torch.get_num_threads() threads (the caller is one of
-    them, the rest from a kept pool), no more than there are work units; the results."""
-    global _pool, _pool_size
-    threads = max(1, min(torch.get_num_threads(), n_units))
-    if threads == 1:
-        return [int(kernel(*args))]
-    if _pool is None or _pool_size != threads - 1:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool, _pool_size = ThreadPoolExecutor(threads - 1, thread_name_prefix="adamkit"), threads - 1
-    futures = [_pool.submit(kernel, *args) for _ in range(threads - 1)]
-    return [int(kernel(*args))] + [int(f.result()) for f in futures]
 
 
 def _launch(

@@ -642,7 +642,7 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
     if fmt.block_size is None or nc.CHUNK % fmt.block_size:
         return f"the quantized numba kernels need a block_size dividing {nc.CHUNK}, not {fmt.block_size}"
     if not contiguous:
-        return "the quantized numba kernels need contiguous parameters and gradients"
+        return "the quantized numba kernels need contiguous plain tensors (not a subclass such as DTensor)"
     return None
 
 
@@ -686,7 +686,7 @@ def _step(
     if not params:
         return 0
     columns = [params, grads] + [state[f"{k}_{part}"] for k in keys for part in ("codes", "absmax")]
-    tab = nc.tables_for(columns, s, salts)
+    tab = nc.tables_for(columns, s, salts, fmt)
     if tab.chunks.shape[0] == 0:
         return 0
     w = np.float32

@@ -106,7 +106,8 @@ def nonfinite_indices(tensors: Sequence[Tensor]) -> list[int]:
     bad: list[int] = []
     for idx in groups.values():
         norms = torch._foreach_norm([tensors[i] for i in idx], float("inf"))
-        finite = torch.stack(norms).isfinite().tolist()
+        finite = torch.stack(norms).isfinite()
+        finite = finite.tolist() if type(finite) is Tensor else [bool(x) for x in finite]  # subclasses: one by one
         bad.extend(i for i, ok in zip(idx, finite) if not ok)
     return sorted(bad)
 

@@ -57,8 +57,9 @@ class Kernel:
 def layout_refusal(backend: str) -> str:
     """Why ``backend``'s elementwise kernels refuse a tensor's layout (``unsupported``)."""
     return (
-        f"the {backend} kernels need the parameter, its gradient and its state contiguous, or all three laid out "
-        "alike in dense memory (channels_last, say) and no stochastic rounding"
+        f"the {backend} kernels need the parameter, its gradient and its state as plain tensors (not a subclass "
+        "such as DTensor), contiguous, or all three laid out alike in dense memory (channels_last, say) and no "
+        "stochastic rounding"
     )
 
 

@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from .. import _memory
 from .._scalars import StepScalars
 from ..kernels import reference
+from ..kernels._checks import is_plain, storage_order
 from ..kernels.registry import (
     STATE_BITS,
     Kernel,
@@ -36,7 +37,7 @@ from ..kernels.registry import (
 )
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat, dequantize, quantize
 from ..quant.codebooks import DITHER_STEP
-from ._plan import GroupPlan, TrackedState, _Launch, quant_meta, storage_order
+from ._plan import GroupPlan, TrackedState, _Launch, quant_meta
 
 #: What ``nonfinite=`` accepts; see :class:`AdamFamily`.
 NONFINITE_MODES = ("mask", "skip", "propagate", "raise")
@@ -92,6 +93,79 @@ def _expected_shape(column: str, p: Tensor, fmt: StateFormat) -> tuple[int, ...]
         return tuple(p.shape)
     n = p.numel()
     return (fmt.code_bytes(n),) if column.endswith("_codes") else (fmt.blocks(n),)
+
+
+def _step_problem(step: Any, read: bool) -> str | None:
+    """What makes a ``step`` entry unfit (None: nothing); its value is read only if ``read``."""
+    if isinstance(step, Tensor):
+        if step.numel() != 1 or step.is_complex() or step.layout != torch.strided:
+            return f"'step' must be one real number, got a {tuple(step.shape)} {step.dtype} tensor"
+        if not read:
+            return None
+        value = float(step)
+    elif isinstance(step, (int, float)) and not isinstance(step, bool):
+        value = float(step)
+    else:
+        return f"'step' must be a number or a 1-element tensor, got {type(step).__name__}"
+    if not (math.isfinite(value) and value >= 0 and value == math.floor(value)):
+        return f"'step' must be finite, whole and >= 0, got {value}"
+    return None
+
+
+def state_problem(
+    p: Tensor, state: Mapping[str, Any], keys: Iterable[str], read_step: bool = True, where: str = ""
+) -> str | None:
+    """What makes a parameter's state unfit for a step, or None: a bad ``step``, a bad
+    quantized format, entries that are not dense tensors on the parameter's device with
+    its shape (its codes' and blocks' counts when quantized), dense moments of more
+    than one dtype or of a dtype that cannot hold the parameter's state. Keys the group
+    needs and the state lacks are not a problem: they are created (``amsgrad`` switched
+    on). ``read_step``: whether ``step`` may be read on the host (not a capturable
+    step's device counter). ``where`` is put into the message where it reads well."""
+    if not state:
+        return None
+    if "step" not in state:
+        return f"state lacks 'step' (has {sorted(state)}){where}"
+    problem = _step_problem(state["step"], read_step)
+    if problem:
+        return problem + where
+    try:
+        fmt = quant_format_of(state)
+    except (KeyError, TypeError, ValueError) as err:
+        got = {k: state.get(k) for k in QUANT_META}
+        return f"bad quantized-state format {got}: {err}{where}"
+    dtypes: dict[str, torch.dtype] = {}
+    for key, t in state.items():
+        if key == "step" or key in QUANT_META:
+            continue
+        if not isinstance(t, Tensor):
+            return f"state {key!r} is a {type(t).__name__}, not a tensor{where}"
+        if t.layout != torch.strided or t.is_nested:
+            return f"state {key!r} is a {t.layout} tensor; state tensors are dense{where}"
+        if t.device != p.device:
+            return f"state {key!r} is on {t.device} but the parameter is on {p.device}{where}"
+        if tuple(t.shape) != _expected_shape(key, p, fmt or p.dtype):
+            return (
+                f"state {key!r} has shape {tuple(t.shape)} but the parameter has shape {tuple(p.shape)}{where}; "
+                "was the parameter resized?"
+            )
+        if key in EXTRA_STATE or fmt is not None:
+            kind = torch.float32 if key in EXTRA_STATE or key.endswith("_absmax") else torch.uint8
+            if t.dtype != kind:
+                return f"state {key!r} is {t.dtype}, expected {kind}{where}"
+        elif t.is_complex() != p.is_complex() or not (t.is_floating_point() or t.is_complex()):
+            return f"state {key!r} is {t.dtype}, which cannot hold a {p.dtype} parameter's state{where}"
+        elif key in keys or key in _MOMENTS:
+            dtypes[key] = t.dtype
+    if len(set(dtypes.values())) > 1:
+        got = {k: str(v) for k, v in dtypes.items()}
+        return f"state tensors must share one dtype, got {got}{where}"
+    return None
+
+
+#: Every dense moment any variant keeps: they must share a dtype whatever ``amsgrad`` is
+#: now (a kept ``max_exp_avg_sq`` is stepped again when it is switched back on).
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf")
 
 
 @dataclass
@@ -316,6 +390,12 @@ class AdamFamily(Optimizer):
         pc = group.get("percentile_clipping", 100)
         if isinstance(pc, bool) or not isinstance(pc, int) or not 0 <= pc <= 100:
             raise ValueError(f"percentile_clipping must be an int in [0, 100] (100 = off), got {pc!r}{where}")
+        for i, p in enumerate(params):
+            if isinstance(p, Tensor) and not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(
+                    f"{type(self).__name__} optimizes floating-point and complex tensors; parameter {i} is "
+                    f"{p.dtype}{where}"
+                )
         for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
             self._kernel(group, device_type)
 
@@ -384,15 +464,19 @@ class AdamFamily(Optimizer):
         super().add_param_group(param_group)
 
     def _collect(self, index: int, group: Mapping[str, Any]) -> list[tuple[int, Tensor, Tensor]]:
-        """(position, param, grad) of every parameter with a gradient, each checked."""
+        """(position, param, grad) of every parameter with a gradient, each checked. A
+        parameter listed twice is stepped once (torch warns of it when it is added)."""
         where = f"param group {index}"
         triples = []
         name = type(self).__name__
         forced = is_forced(group["backend"], group["fused"])
+        keys = self._state_keys(group)
+        seen: set[int] = set()
         for i, p in enumerate(group["params"]):
             g = p.grad
-            if g is None:
+            if g is None or id(p) in seen:
                 continue
+            seen.add(id(p))
             if g.is_sparse or g.layout != torch.strided:
                 raise RuntimeError(f"{name} does not support sparse gradients ({where}, parameter {i})")
             if g.shape != p.shape:
@@ -406,13 +490,9 @@ class AdamFamily(Optimizer):
                     f"({where}, parameter {i})"
                 )
             state = self.state.get(p, {})
-            fmt = quant_format_of(state) or p.dtype
-            for key, t in state.items():
-                if key != "step" and isinstance(t, Tensor) and tuple(t.shape) != _expected_shape(key, p, fmt):
-                    raise RuntimeError(
-                        f"state {key!r} has shape {tuple(t.shape)} but the parameter has shape "
-                        f"{tuple(p.shape)} ({where}, parameter {i}); was the parameter resized?"
-                    )
+            problem = state_problem(p, state, keys, not group.get("capturable"), f" ({where}, parameter {i})")
+            if problem:
+                raise RuntimeError(problem)
             if forced or group.get("capturable"):
                 kernel = self._kernel(
                     group, p.device.type, self._layout(p, g, state, group), f" ({where}, parameter {i})"
@@ -488,7 +568,11 @@ class AdamFamily(Optimizer):
         check_hyperparameters(group, f" (param group {index})", read_device=not capturable)
         plan = self._plan_for(index, group)
         if plan is not None:
-            launch, grads = plan.prepare()
+            launch, grads, stale = plan.prepare()
+            if stale:  # a parameter's dtype, size or layout changed: a plan for them, if one fits
+                self._plans.pop(index, None)
+                plan = self._plan_for(index, group)
+                launch, grads, _ = plan.prepare() if plan is not None else (None, None, False)
             if launch is not None and not (capturable and launch.idx is not None):  # capturable: all or general
                 return _Work(index, group, launch=launch, all_grads=grads)
         return _Work(index, group, triples=self._collect(index, group))
@@ -535,18 +619,14 @@ class AdamFamily(Optimizer):
         if group.get("percentile_clipping", 100) < 100:
             return None  # per-parameter gradient norms: the general path
         device = params[0].device
-        if device.type not in ("cpu", "cuda"):
+        if device.type not in ("cpu", "cuda") or len(set(map(id, params))) != len(params):
             return None
         for p in params:
             state = self.state.get(p) or {}
-            if p.device != device or p.is_complex():
+            if p.device != device or p.is_complex() or not is_plain(p):
                 return None  # the general path handles (or explains) it
-            fmt = quant_format_of(state) or p.dtype
-            for k, t in state.items():
-                if k in QUANT_META:
-                    continue
-                if not isinstance(t, Tensor) or (k != "step" and tuple(t.shape) != _expected_shape(k, p, fmt)):
-                    return None
+            if state_problem(p, state, keys, read_step=not capturable):
+                return None
             layout = self._layout(p, None, state, group)
             try:
                 kernel = self._kernel(group, device.type, layout)
@@ -641,6 +721,8 @@ class AdamFamily(Optimizer):
         """
         tensors = [v for k, v in state.items() if k != "step" and k not in EXTRA_STATE and isinstance(v, Tensor)]
         fmt = quant_format_of(state) or (tensors[0].dtype if tensors else self._state_format(p, group))
+        if not all(map(is_plain, [p, *tensors] if g is None else [p, g, *tensors])):
+            return p.dtype, fmt, False  # a subclass's data_ptr() may not be where its elements are
         if p.is_contiguous() and (g is None or g.is_contiguous()) and all(t.is_contiguous() for t in tensors):
             return p.dtype, fmt, True
         if isinstance(fmt, QuantFormat) or (group.get("stochastic_rounding") and p.dtype == torch.bfloat16):
@@ -878,6 +960,12 @@ class AdamFamily(Optimizer):
         if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
             raise ValueError("a state_dict must be a mapping with 'state' and 'param_groups'")
         saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(saved_state, Mapping):
+            raise ValueError(f"a state_dict's 'state' must be a mapping, got {type(saved_state).__name__}")
+        if not isinstance(saved_groups, (list, tuple)) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple)) for g in saved_groups
+        ):
+            raise ValueError("a state_dict's 'param_groups' must be a list of mappings, each with a 'params' list")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, "
@@ -918,26 +1006,27 @@ class AdamFamily(Optimizer):
             return {}
         keys = self._state_keys(group)
         saved_fmt = self._saved_format(saved, where)
-        columns = state_columns(keys, saved_fmt or p.dtype)
+        # AMSGrad's maximum may be missing (amsgrad switched on since the parameter was last
+        # stepped): the next step creates it, as it does without a checkpoint
+        columns = state_columns([k for k in keys if k != "max_exp_avg_sq"], saved_fmt or p.dtype)
         missing = [k for k in ("step", *columns) if k not in saved]
         if missing:
             raise ValueError(
                 f"{where}: state lacks {missing} (has {sorted(saved)}); "
                 f"{type(self).__name__} with these settings needs {['step', *columns]}"
             )
-        step = saved["step"]
-        if isinstance(step, Tensor) and step.numel() != 1:
-            raise ValueError(f"{where}: 'step' must be a single number, got shape {tuple(step.shape)}")
-        step = float(step)
-        if not (0.0 <= step < math.inf):
-            raise ValueError(f"{where}: 'step' must be finite and >= 0, got {step}")
-        out: dict[str, Any] = {"step": torch.tensor(step, dtype=_scalar_dtype())}
+        problem = _step_problem(saved["step"], read=True)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        out: dict[str, Any] = {"step": torch.tensor(float(saved["step"]), dtype=_scalar_dtype())}
         dense: dict[str, Tensor] = {}
         for key, value in saved.items():
             if key == "step" or key in QUANT_META:
                 continue
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value).__name__}")
+            if value.layout != torch.strided or value.is_nested:
+                raise ValueError(f"{where}: state {key!r} is a {value.layout} tensor; state tensors are dense")
             want = _expected_shape(key, p, saved_fmt or p.dtype)
             if tuple(value.shape) != want:
                 raise ValueError(f"{where}: state {key!r} has shape {tuple(value.shape)}, expected {want}")
@@ -945,6 +1034,8 @@ class AdamFamily(Optimizer):
                 kind = torch.float32 if key in EXTRA_STATE or key.endswith("_absmax") else torch.uint8
                 if value.dtype != kind:
                     raise ValueError(f"{where}: state {key!r} is {value.dtype}, expected {kind}")
+                if key.endswith("_absmax") and not bool(((value >= 0) & value.isfinite()).all()):
+                    raise ValueError(f"{where}: state {key!r} holds negative or non-finite block scales")
                 out[key] = value.detach().to(device=p.device, copy=True)
                 continue
             if value.is_complex() != p.is_complex() or not (value.is_floating_point() or value.is_complex()):
@@ -952,12 +1043,10 @@ class AdamFamily(Optimizer):
                     f"{where}: state {key!r} is {value.dtype}, which cannot hold a {p.dtype} parameter's state"
                 )
             dense[key] = value.detach().to(device=p.device, copy=True)
-        dtypes = {dense[k].dtype for k in keys if k in dense}
-        if len(dtypes) > 1:
-            raise ValueError(
-                f"{where}: state tensors {list(keys)} must share one dtype, got {sorted(map(str, dtypes))}"
-            )
-        return self._converted(out, dense, saved_fmt, keys, p, group)
+        dtypes = {k: str(dense[k].dtype) for k in (*keys, *_MOMENTS) if k in dense}
+        if len(set(dtypes.values())) > 1:
+            raise ValueError(f"{where}: state tensors must share one dtype, got {dtypes}")
+        return self._converted(out, dense, saved_fmt, p, group)
 
     @staticmethod
     def _saved_format(saved: Mapping[str, Any], where: str) -> QuantFormat | None:
@@ -975,7 +1064,6 @@ class AdamFamily(Optimizer):
         out: dict[str, Any],
         dense: dict[str, Tensor],
         saved_fmt: QuantFormat | None,
-        keys: tuple[str, ...],
         p: Tensor,
         group: Mapping[str, Any],
     ) -> dict[str, Any]:
@@ -989,13 +1077,13 @@ class AdamFamily(Optimizer):
             return out
         if saved_fmt is not None:  # decode
             n = p.numel()
-            for key in keys:
+            for key in [k for k in _MOMENTS if f"{k}_codes" in out]:
                 book = saved_fmt.codebook(key)
                 flat = dequantize(out.pop(f"{key}_codes"), out.pop(f"{key}_absmax"), saved_fmt, book, n, step)
                 dense[key] = flat.view(p.shape)
         if isinstance(target, QuantFormat):
             out.update(quant_meta(target))
-            for key in keys:
+            for key in [k for k in _MOMENTS if k in dense]:
                 codes, absmax = quantize(dense.pop(key).real, target, target.codebook(key), step)
                 out[f"{key}_codes"], out[f"{key}_absmax"] = codes, absmax
         out.update(dense)

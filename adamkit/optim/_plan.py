@@ -1,36 +1,35 @@
-"""Cached launch plans: flat state and address tables for table-driven kernels.
+"""Cached launch plans: state and address tables for table-driven kernels.
 
 For 20,000 small tensors torch's fused AdamW spends ~10 µs per tensor; a Python loop
 that merely looks at each tensor a few times costs ~1 µs. So a param group whose
-parameters a table kernel can all take (numba on the CPU) gets a :class:`GroupPlan`,
-built once and kept across steps:
+parameters a table kernel can all take (numba on the CPU, Triton on CUDA) gets a
+:class:`GroupPlan`, built once and kept across steps:
 
-* its state lives in one flat buffer per (state key, dtype segment); the tensors in
-  ``optimizer.state`` are views into it, so checkpoints keep torch's keys and shapes;
-* the ``step`` counters are 0-dim views into one flat tensor: one add per step;
-* the state columns of the address tables are filled once.
+* the address table's state columns are filled once: state the plan creates lives in
+  one flat buffer per (state key, dtype segment), and state a parameter already has
+  (earlier steps, a checkpoint) is used where it is, so a tensor taken from
+  ``optimizer.state`` stays the one the optimizer updates, as in torch;
+* the ``step`` counters are 0-dim views into one flat tensor: one add per step.
 
-Per step only what can change is read, with C-level ``map`` calls over the group
-(no per-tensor Python bytecode): the gradients, their size in bytes, contiguity (or,
-for a ``channels_last`` parameter, its layout), device and addresses, and the
-parameters' addresses. Each pass over 20,000 tensors costs 1-2 ms (a cache miss per
-tensor), so the checks are the ones torch does not already guarantee: the ``.grad``
-setter and autograd keep a gradient's dtype, shape and device equal to its
-parameter's, but not its contiguity; the byte size still guards the kernel's reads
-against a gradient resized behind torch's back (a bf16 gradient reinterpreted as fp16
-through ``.data`` would go unnoticed). A parameter
-whose address changed (``p.data = ...``) is checked in full. The optimizer's ``state`` and
-every per-parameter dict in it are :class:`TrackedDict` s that count their
-mutations, so replacing ``opt.state[p]`` or ``opt.state[p]["exp_avg"]`` is noticed
-at no per-step cost (comparing 60,000 tensor identities cost 6 ms a step). Anything
-unexpected sends the step down the general path, which explains errors precisely;
-a structural change (new parameters, replaced state, other settings) rebuilds the
-plan.
+What the plan reuses is checked every step, with C-level ``map`` calls over the group
+(no per-tensor Python bytecode), a slice of parameters at a time so that every pass
+over a slice finds its tensors' metadata in cache: for each parameter and gradient
+its type (plain tensors only: a subclass may not hold its data where ``data_ptr``
+says), dtype, size in bytes, layout (contiguous, or the parameter's ``channels_last``
+order), device and address. A gradient kept from the last step is checked as a new
+one is (``.grad.data = t`` and ``.grad.set_(t)`` re-point the same tensor), and a
+parameter whose data was replaced (``p.data = ...``) is followed where its dtype, size
+and layout are unchanged. The optimizer's ``state`` and every per-parameter dict in
+it are :class:`TrackedDict` s that count their mutations, so replacing
+``opt.state[p]`` or ``opt.state[p]["exp_avg"]`` is noticed at no per-step cost; the
+state tensors' storages are held by the plan, so whatever a user does to a state
+tensor, the kernels never write to freed memory. Anything unexpected sends the step
+down the general path, which explains errors precisely; a change of the parameters
+themselves or of the state rebuilds the plan.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from itertools import repeat
@@ -42,36 +41,20 @@ import torch
 from torch import Tensor
 
 from .. import _memory
-from ..kernels.metadata import SLICE, Walker
+from ..kernels._checks import LOWEST_ADDRESS, PLAIN_TYPES, storage_order
 from ..kernels.numba_cpu import Tables, chunk_table, unit_table
 from ..kernels.registry import Kernel
 from ..quant import QuantFormat
 
 _GRAD = attrgetter("grad")
-_CDATA = attrgetter("_cdata")
-_NBYTES = attrgetter("nbytes")
-_ref = weakref.ref
-#: whether a tensor is on a plan's kind of device (a plan's tensors share one device;
-#: autograd keeps a gradient on its parameter's)
+_DTYPE = attrgetter("dtype")
+_SHAPE = attrgetter("shape")
+#: whether a tensor is on a plan's kind of device (a plan's tensors share one device)
 _ON_DEVICE = {"cpu": attrgetter("is_cpu"), "cuda": attrgetter("is_cuda")}
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
-
-
-def storage_order(t: Tensor) -> tuple[int, ...] | None:
-    """``t``'s strides, those of its size-1 dimensions zeroed, if its elements fill
-    their span of storage without gaps or overlaps in some order of its dimensions
-    (contiguous, ``channels_last``, any permutation); else None. Tensors of one shape
-    with the same key hold each element at the same offset, so an elementwise kernel
-    can step them as flat arrays (torch gives a dense parameter's gradient its
-    parameter's strides, up to size-1 dimensions, and ``zeros_like`` its state)."""
-    dims = sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1)
-    expected = 1
-    for stride, size in dims:
-        if stride != expected:
-            return None
-        expected *= size
-    return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
+#: Parameters per slice of the per-step checks: their metadata stays in L2 between passes.
+SLICE = 512
 
 
 def laid_out_like(t: Tensor, order: tuple[int, ...] | None) -> bool:
@@ -134,6 +117,9 @@ class TrackedDict(_Tracking, dict):
         self._counter = counter
         dict.__init__(self, *args)
 
+    def __reduce__(self) -> Any:  # dict's sets the items before the counter exists
+        return (TrackedDict, (self._counter, dict(self)))
+
 
 class TrackedState(_Tracking, defaultdict):
     """``optimizer.state``: param -> :class:`TrackedDict`, mutations counted."""
@@ -170,20 +156,6 @@ def _rebuild_state(counter: Counter, items: list[tuple[Any, Any]]) -> TrackedSta
     for key, value in items:
         defaultdict.__setitem__(state, key, value)
     return state
-
-
-class _KeptGrads:
-    """The ids of one step's gradients, and whether any of them has been freed since."""
-
-    def __init__(self, grads: list[Tensor]) -> None:
-        self.freed = False
-        self.ids = list(map(id, grads))
-        self.impls = np.fromiter(map(_CDATA, grads), dtype=np.int64, count=len(grads))  # their TensorImpls
-        callback = self._freed
-        self._refs = [_ref(g, callback) for g in grads]  # kept alive: their callbacks fire
-
-    def _freed(self, _ref: weakref.ref) -> None:
-        self.freed = True
 
 
 def quant_meta(fmt: QuantFormat) -> dict[str, int]:
@@ -226,12 +198,14 @@ class _Segment:
 
 
 class GroupPlan:
-    """Flat state and tables for one param group; see the module docstring.
+    """State and tables for one param group; see the module docstring.
 
     Args:
-        params: the group's parameters (all on the CPU, all taken by table kernels).
+        params: the group's parameters (plain tensors on one device, all taken by
+            table kernels, each listed once).
         kernels: the kernel of each parameter.
-        state: the optimizer's ``state`` (read and updated in place).
+        state: the optimizer's ``state`` (read and updated in place); a parameter's
+            existing state must be in its format, on its device, laid out as it is.
         keys: the state keys besides ``step``.
         state_dtypes: the state dtype (or quantized format) of each parameter.
         step_dtype: dtype of the ``step`` counters.
@@ -246,77 +220,80 @@ class GroupPlan:
         kernels: Sequence[Kernel],
         state: TrackedState,
         keys: tuple[str, ...],
-        state_dtypes: Sequence[torch.dtype],
+        state_dtypes: Sequence[Any],
         step_dtype: torch.dtype,
         signature: tuple[Any, ...],
         capturable: bool = False,
     ) -> None:
         self.params = list(params)
+        n = len(self.params)
         self.device = params[0].device
         self.capturable = capturable
         self._on_device = _ON_DEVICE[self.device.type]
         self.keys = keys
         self.signature = signature
-        self.numels = [p.numel() for p in params]
+        self.numels = np.array([p.numel() for p in params], dtype=np.int64)
         self.dtypes = [p.dtype for p in params]
-        self.nbytes = [p.nbytes for p in params]
+        self.shapes = [p.shape for p in params]
         #: each parameter's layout: None if contiguous, else its :func:`storage_order`
-        #: (``channels_last`` weights), which its gradients and state views share
+        #: (``channels_last`` weights), which its gradients and state share
         self.orders = [None if p.is_contiguous() else storage_order(p) for p in params]
         self._strided = any(o is not None for o in self.orders)
-        self.steps = torch.zeros(len(params), dtype=step_dtype, device=self.device if capturable else "cpu")
-        self.pptrs = np.full(len(params), -1, dtype=np.int64)  # parameter addresses last seen
-        self._walker = Walker(self.params)
-        self._kept: _KeptGrads | None = None  # last step's gradients, and
-        self._gptrs = np.zeros(0, dtype=np.int64)  # their addresses
-        self._fresh_grads = 0  # steps whose gradients were new tensors
-        self.views: list[dict[str, Tensor]] = [{"step": self.steps[i]} for i in range(len(params))]
+        self.steps = torch.zeros(n, dtype=step_dtype, device=self.device if capturable else "cpu")
+        self.views: list[dict[str, Tensor]] = [{"step": self.steps[i]} for i in range(n)]
+        self.meta: list[dict[str, int]] = [{} for _ in params]  # quantized state's format entries
+        self.segments: list[_Segment] = []
+        self._held: list[Any] = []  # the flat buffers, and the storages of state used where it is
         by_layout: dict[tuple[Any, ...], list[int]] = {}
         for i, (p, sd) in enumerate(zip(params, state_dtypes)):
             by_layout.setdefault((p.dtype, sd, id(kernels[i])), []).append(i)
-        self.meta: list[dict[str, int]] = [{} for _ in params]  # quantized state's format entries
-        self.segments = []
-        self._buffers = []  # keeps the flat state alive
         for (_, sd, _), idx in by_layout.items():
             columns = _columns(keys, sd)
             seg = _Segment(kernels[idx[0]], np.array(idx, dtype=np.int64), params, len(columns), sd)
             for col, (key, dtype, count) in enumerate(columns):
                 sizes = seg.numels if count is None else np.array([count(params[i]) for i in idx], dtype=np.int64)
-                # each view starts on 16 bytes: the GPU kernels then move 16 bytes per access
-                unit = max(1, 16 // dtype.itemsize)
-                offsets = np.concatenate([[0], np.cumsum(-(-sizes // unit) * unit)])
-                size = int(offsets[-1])
-                if self.device.type == "cpu":
-                    flat = _memory.zeros(size, dtype)  # on huge pages where possible
-                else:
-                    flat = torch.zeros(size, dtype=dtype, device=self.device)
-                self._buffers.append(flat)
+                existing = [(state.get(params[i]) or {}).get(key) for i in idx]
+                fresh = [row for row, t in enumerate(existing) if t is None]
+                views = iter(self._flat(sizes[fresh], dtype))
                 for row, i in enumerate(idx):
-                    view = flat[offsets[row] : offsets[row] + sizes[row]]
-                    if count is not None:
-                        self.views[i][key] = view
+                    if existing[row] is not None:  # earlier steps' or a checkpoint's: kept where it is
+                        tensor = existing[row]
+                        self._held.append(tensor.untyped_storage())
+                    elif count is not None:
+                        tensor = next(views)
                     elif self.orders[i] is None:
-                        self.views[i][key] = view.view(params[i].shape)
+                        tensor = next(views).view(params[i].shape)
                     else:  # laid out as the parameter, as torch's zeros_like state is
-                        self.views[i][key] = view.as_strided(params[i].shape, params[i].stride())
-                    seg.ptrs[row, 2 + col] = view.data_ptr()
+                        tensor = next(views).as_strided(params[i].shape, params[i].stride())
+                    self.views[i][key] = tensor
+                    seg.ptrs[row, 2 + col] = tensor.data_ptr()
             if not isinstance(sd, torch.dtype):
                 for i in idx:
                     self.meta[i] = quant_meta(sd)
             if capturable and not seg.whole:
                 seg.on_device = torch.from_numpy(seg.members).to(self.device)
             self.segments.append(seg)
-        # adopt existing state (from earlier steps or a checkpoint): same values, our storage
-        self.has_state = np.zeros(len(params), dtype=bool)
+        self.has_state = np.zeros(n, dtype=bool)
         for i, p in enumerate(params):
             old = state.get(p)
             if old:
-                for key, view in self.views[i].items():
-                    if key in old:  # a key missing (amsgrad switched on) starts at zero
-                        view.copy_(old[key])
+                self.views[i]["step"].copy_(old["step"])
                 state[p] = state.adopt({**old, **self.views[i], **self.meta[i]})
                 self.has_state[i] = True
         self.version = state.version
+
+    def _flat(self, sizes: np.ndarray, dtype: torch.dtype) -> list[Tensor]:
+        """Views of one new zero buffer, ``sizes`` elements each, each starting on 16
+        bytes (the GPU kernels then move 16 bytes per access)."""
+        unit = max(1, 16 // dtype.itemsize)
+        offsets = np.concatenate([[0], np.cumsum(-(-sizes // unit) * unit)]).astype(np.int64)
+        size = int(offsets[-1])
+        if self.device.type == "cpu":
+            flat = _memory.zeros(size, dtype)  # on huge pages where possible
+        else:
+            flat = torch.zeros(size, dtype=dtype, device=self.device)
+        self._held.append(flat)
+        return [flat[int(lo) : int(lo) + int(k)] for lo, k in zip(offsets[:-1], sizes)]
 
     def intact(self, params: list[Tensor], state: TrackedState, signature: tuple) -> bool:
         """Whether the group and its state are still what this plan was built for
@@ -330,164 +307,68 @@ class GroupPlan:
             and all(map(is_, params, self.params))
         )
 
-    def _same_grads(self, grads: list[Tensor | None]) -> bool:
-        """Whether ``grads`` are the very tensors checked last step (gradients kept
-        across steps: ``zero_grad(set_to_none=False)``, accumulation).
+    def _alike(self, tensors: list[Tensor], lo: int, hi: int, idx: np.ndarray | None = None) -> bool:
+        """Whether ``tensors`` (of parameters ``lo:hi``, or those at ``idx``) are plain
+        tensors with the parameters' dtypes, shapes, layouts and device, as the plan
+        was built for: one C-level pass for each."""
+        if idx is None:
+            dtypes, shapes = self.dtypes[lo:hi], self.shapes[lo:hi]
+        else:
+            dtypes, shapes = [self.dtypes[i] for i in idx], [self.shapes[i] for i in idx]
+        return (
+            set(map(type, tensors)) <= PLAIN_TYPES
+            and list(map(_DTYPE, tensors)) == dtypes
+            and list(map(_SHAPE, tensors)) == shapes
+            and self._laid_out(tensors, lo, hi, idx)
+            and all(map(self._on_device, tensors))
+        )
 
-        Compared by ``id``: while none of last step's gradients has been freed (their
-        weak references' callbacks say so), no other live object can have the same id.
-        Cheaper than dereferencing 20,000 weak references; gradients the user drops are
-        freed as usual.
-        """
-        kept = self._kept
-        return kept is not None and not kept.freed and list(map(id, grads)) == kept.ids
+    def _laid_out(self, tensors: list[Tensor], lo: int, hi: int, idx: np.ndarray | None = None) -> bool:
+        """Whether ``tensors`` are laid out as the parameters ``lo:hi`` (or those at
+        ``idx``): one C-level pass when every parameter is contiguous."""
+        if not self._strided:
+            return all(map(_is_contiguous, tensors))
+        orders = self.orders[lo:hi] if idx is None else [self.orders[i] for i in idx]
+        return all(map(laid_out_like, tensors, orders))
 
-    def _kept_grads(self) -> np.ndarray | None:
-        """The parameter addresses, if the gradients are the very tensors checked last
-        step (as :meth:`_same_grads`), found without reading ``.grad``; else None.
-
-        The metadata walker finds each gradient's TensorImpl, compared with those of
-        last step's gradients: while none of them has been freed, no other tensor can
-        have one of their TensorImpls. On 20,000 parameters this replaced reading
-        ``.grad`` (5-6 ms after a large step) by a ~1.5 ms walk.
-        """
-        kept, walker, params = self._kept, self._walker, self.params
-        if kept is None or kept.freed or not walker.finds_grads:
-            return None
-        n = len(params)
-        pptrs = np.empty(n, dtype=np.int64)
-        for lo in range(0, n, SLICE):
-            hi = min(lo + SLICE, n)
-            if not np.array_equal(walker.grads(lo, hi), kept.impls[lo:hi]):
-                return None
-            pptrs[lo:hi] = np.fromiter(map(_data_ptr, params[lo:hi]), dtype=np.int64, count=hi - lo)
-        return pptrs
-
-    def _remember(self, grads: list[Tensor], gptrs: np.ndarray) -> None:
-        self._kept = _KeptGrads(grads)
-        self._gptrs = gptrs
-
-    def read(self, check_grads: bool) -> tuple[list[Tensor | None], np.ndarray, np.ndarray | None]:
-        """This step's gradients, parameter addresses and, with ``check_grads``, the
-        gradients' addresses if every parameter has a gradient that passes the checks
-        of :meth:`prepare` (else None: :meth:`prepare` checks them itself). Raises
-        RuntimeError for a tensor without storage.
-
-        Slice by slice behind the metadata prefetcher (see
-        :mod:`adamkit.kernels.metadata`) when it is on, so every pass over a slice finds
-        its metadata in L2. 20,000 parameters after a large step: 10.1 -> 8 ms for
-        ``.grad`` and addresses; 18.7 -> 14 ms with new gradients to check.
-        """
-        params, n, walker = self.params, len(self.params), self._walker
-        if not walker.active:
-            return list(map(_GRAD, params)), np.fromiter(map(_data_ptr, params), dtype=np.int64, count=n), None
+    def prepare(self) -> tuple[_Launch | None, list[Tensor | None] | None, bool]:
+        """Check this step's parameters and gradients: ``(launch, gradients, False)``,
+        or ``(None, None, stale)`` to send the step down the general path, ``stale``
+        when a parameter is no longer what the plan was built for (a new dtype, size or
+        layout: the plan is rebuilt). Nothing is changed."""
+        params, n = self.params, len(self.params)
+        if not self.capturable:
+            steps = self.steps.numpy()
+            if not (np.isfinite(steps).all() and (steps >= 0).all()):  # edited in place
+                return None, None, True
         grads: list[Tensor | None] = []
         pptrs = np.empty(n, dtype=np.int64)
-        gptrs = np.empty(n, dtype=np.int64) if check_grads else None
-        for lo in range(0, n, SLICE):
-            hi = min(lo + SLICE, n)
-            walker.warm(lo, hi)
-            part = params[lo:hi]
-            grads += map(_GRAD, part)
-            pptrs[lo:hi] = np.fromiter(map(_data_ptr, part), dtype=np.int64, count=hi - lo)
-            if gptrs is not None:
-                live = grads[lo:hi]
-                if (
-                    all(map(is_not, live, repeat(None)))  # not ``in``: that would call Tensor.__eq__
-                    and list(map(_NBYTES, live)) == self.nbytes[lo:hi]
-                    and self._laid_out(live, lo, hi)
-                    and all(map(self._on_device, live))
-                ):
-                    gptrs[lo:hi] = np.fromiter(map(_data_ptr, live), dtype=np.int64, count=hi - lo)
-                else:
-                    gptrs = None
-        return grads, pptrs, gptrs
-
-    def _laid_out(self, grads: list[Tensor], lo: int, hi: int, idx: np.ndarray | None = None) -> bool:
-        """Whether the gradients of parameters ``lo:hi`` (or those at ``idx``) are laid
-        out as their parameters: one C-level pass when every parameter is contiguous."""
-        if not self._strided:
-            return all(map(_is_contiguous, grads))
-        orders = self.orders[lo:hi] if idx is None else [self.orders[i] for i in idx]
-        return all(map(laid_out_like, grads, orders))
-
-    def prepare(self) -> tuple[_Launch | None, list[Tensor | None] | None]:
-        """Check this step's gradients and parameters: (the launch, the gradients), or
-        (None, ...) to send the step to the general path.
-
-        Gradients that are the same tensor objects as last step's keep last step's
-        checks and addresses (4 of the 6 passes over the group); a gradient resized in
-        place (``resize_``, ``set_``) behind torch's back between steps goes unnoticed
-        then.
-        """
-        n = len(self.params)
+        gptrs = np.zeros(n, dtype=np.int64)
         try:
-            kept_pptrs = self._kept_grads()
-            if kept_pptrs is not None and np.array_equal(kept_pptrs, self.pptrs):
-                return _Launch(self, np.ones(n, dtype=bool), None, self._gptrs, kept_pptrs), None
-            kept = self._kept
-            fresh = kept is None or kept.freed or self._walker.finds_grads  # else maybe kept, by id
-            grads, all_pptrs, all_gptrs = self.read(check_grads=fresh)
+            for lo in range(0, n, SLICE):
+                hi = min(lo + SLICE, n)
+                part = params[lo:hi]
+                if not self._alike(part, lo, hi):
+                    return None, None, True
+                pptrs[lo:hi] = np.fromiter(map(_data_ptr, part), dtype=np.int64, count=hi - lo)
+                live = list(map(_GRAD, part))
+                grads += live
+                idx = None
+                if not all(map(is_not, live, repeat(None))):  # not ``in``: that would call Tensor.__eq__
+                    idx = lo + np.flatnonzero(np.fromiter(map(is_not, live, repeat(None)), dtype=bool, count=hi - lo))
+                    live = [grads[i] for i in idx]
+                if not self._alike(live, lo, hi, idx):
+                    return None, None, False
+                at = slice(lo, hi) if idx is None else idx
+                gptrs[at] = np.fromiter(map(_data_ptr, live), dtype=np.int64, count=len(live))
         except RuntimeError:  # e.g. a tensor without storage
-            return None, None
-        if not fresh and self._same_grads(grads):
-            if not np.array_equal(all_pptrs, self.pptrs):
-                self._kept = None
-                return self.prepare()
-            return _Launch(self, np.ones(n, dtype=bool), None, self._gptrs, all_pptrs), grads
-        if all_gptrs is not None:  # every gradient present and checked
-            active, idx, params, numels, dtypes = np.ones(n, dtype=bool), None, self.params, self.numels, self.dtypes
-            return self._launch_fresh(grads, active, idx, params, numels, dtypes, all_gptrs, all_pptrs)
+            return None, None, False
         active = np.fromiter(map(is_not, grads, repeat(None)), dtype=bool, count=n)
-        if active.all():
-            idx, params, live_grads, numels, dtypes = None, self.params, grads, self.numels, self.dtypes
-            nbytes, pptrs = self.nbytes, all_pptrs
-        else:
-            idx = np.flatnonzero(active)
-            params = [self.params[i] for i in idx]
-            live_grads = [grads[i] for i in idx]
-            numels = [self.numels[i] for i in idx]
-            dtypes = [self.dtypes[i] for i in idx]
-            nbytes = [self.nbytes[i] for i in idx]
-            pptrs = all_pptrs[idx]
-        try:
-            ok = (
-                list(map(_NBYTES, live_grads)) == nbytes
-                and self._laid_out(live_grads, 0, n, idx)
-                and all(map(self._on_device, live_grads))
-            )
-            if not ok:
-                return None, grads
-            gptrs = np.fromiter(map(_data_ptr, live_grads), dtype=np.int64, count=len(live_grads))
-        except RuntimeError:  # e.g. a tensor without storage
-            return None, grads
-        return self._launch_fresh(grads, active, idx, params, numels, dtypes, gptrs, pptrs)
-
-    def _launch_fresh(
-        self,
-        grads: list[Tensor | None],
-        active: np.ndarray,
-        idx: np.ndarray | None,
-        params: list[Tensor],
-        numels: list[int],
-        dtypes: list[torch.dtype],
-        gptrs: np.ndarray,
-        pptrs: np.ndarray,
-    ) -> tuple[_Launch | None, list[Tensor | None]]:
-        """The launch for checked new gradients, once moved parameters are checked too."""
-        # a parameter whose storage moved (``p.data = ...``) is checked in full
-        known = self.pptrs if idx is None else self.pptrs[idx]
-        for k in np.flatnonzero(pptrs != known):
-            p, order = params[k], self.orders[k if idx is None else idx[k]]
-            same = p.device == self.device and p.numel() == numels[k] and p.dtype == dtypes[k]
-            if not (same and laid_out_like(p, order)):
-                return None, grads
-        if idx is None and self._fresh_grads < 2:  # remember them, unless they are new every step
-            self._fresh_grads += self._kept is not None
-            self._remember(grads, gptrs)  # type: ignore[arg-type]
-        else:
-            self._kept = None
-        return _Launch(self, active, idx, gptrs, pptrs), grads
+        freed = ((pptrs < LOWEST_ADDRESS) | (active & (gptrs < LOWEST_ADDRESS))) & (self.numels > 0)
+        if freed.any():  # the general path says which
+            return None, None, False
+        idx = None if active.all() else np.flatnonzero(active)
+        return _Launch(self, active, idx, gptrs, pptrs), grads, False
 
 
 class _Launch:
@@ -496,14 +377,9 @@ class _Launch:
     def __init__(
         self, plan: GroupPlan, active: np.ndarray, idx: np.ndarray | None, gptrs: np.ndarray, pptrs: np.ndarray
     ) -> None:
-        self.plan, self.active, self.idx = plan, active, idx
-        n = len(plan.params)
-        if idx is None:
-            self.gptrs, self.pptrs = gptrs, pptrs
-        else:
-            self.gptrs = np.zeros(n, dtype=np.int64)
-            self.pptrs = np.zeros(n, dtype=np.int64)
-            self.gptrs[idx], self.pptrs[idx] = gptrs, pptrs
+        """``active``: which parameters have a gradient (``idx``: their indices, or None
+        for all); ``gptrs``, ``pptrs``: every parameter's gradient and data addresses."""
+        self.plan, self.active, self.idx, self.gptrs, self.pptrs = plan, active, idx, gptrs, pptrs
 
     def run(
         self,
@@ -523,11 +399,9 @@ class _Launch:
         everyone = self.idx is None
         if everyone:
             plan.steps.add_(1)
-            plan.pptrs[:] = self.pptrs
             values = plan.steps.numpy()
         else:
             plan.steps[torch.from_numpy(self.idx)] += 1
-            plan.pptrs[self.active] = self.pptrs[self.active]
             values = plan.steps.numpy()[self.idx]
         if values.size == 0:
             return 0
@@ -594,7 +468,6 @@ class _Launch:
         assert self.idx is None and plan.capturable, "capturable plans step every parameter"
         self._adopt_new_state(state)
         plan.steps.add_(1)
-        plan.pptrs[:] = self.pptrs
         t = plan.steps.to(torch.float64)
         grad_scale, found_inf = amp
         for seg in plan.segments:
