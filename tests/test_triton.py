@@ -151,7 +151,7 @@ def test_triton_quantized_state_lives_in_the_plan() -> None:
     st = opt.state[params[0]]
     assert st["exp_avg_codes"].shape == (2500,) and st["exp_avg_sq_absmax"].shape == (40,)
     assert st["quant_bits"] == 4 and st["quant_dither"] == 1
-    assert st["exp_avg_codes"].untyped_storage().data_ptr() == plan._buffers[0].untyped_storage().data_ptr()
+    assert st["exp_avg_codes"].untyped_storage().data_ptr() == plan._held[0].untyped_storage().data_ptr()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
