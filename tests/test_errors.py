@@ -40,6 +40,52 @@ def test_bad_hyperparameters(info: OptimizerInfo, kw: dict, pattern: str) -> Non
         info.cls(make_params(), **kw)
 
 
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_hyperparameters_are_checked_before_the_parameters_are_read(info: OptimizerInfo) -> None:
+    """As torch: a bad lr is reported even when params is not a list of tensors."""
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -1.0"):
+        info.cls(None, lr=-1.0)
+    with pytest.raises(ValueError, match=r"Invalid epsilon value: -1.0"):  # torch's order: lr, eps, betas
+        info.cls(None, eps=-1.0, betas=(2.0, 0.9))
+    with pytest.raises(TypeError, match=r"params argument given to the optimizer should be an iterable"):
+        info.cls(torch.zeros(2, requires_grad=True))
+
+
+ADAM_TENSOR_COMBINATIONS = [
+    (dict(betas=(0.9, torch.tensor(0.99))), r"betas must be either both floats or both Tensors"),
+    (dict(betas=(torch.tensor(0.9), 0.99)), r"betas must be either both floats or both Tensors"),
+    (dict(lr=torch.tensor(1e-3), foreach=True), r"lr as a Tensor is not supported for capturable=False and foreach"),
+    (
+        dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
+        r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True",
+    ),
+]
+
+
+@pytest.mark.parametrize("kw,pattern", ADAM_TENSOR_COMBINATIONS, ids=[p for _, p in ADAM_TENSOR_COMBINATIONS])
+@pytest.mark.parametrize("cls", [adamkit.Adam, adamkit.AdamW], ids=["Adam", "AdamW"])
+def test_adams_tensor_hyperparameter_combinations(cls: type, kw: dict, pattern: str) -> None:
+    """torch.optim.Adam's checks, at construction (params=None: before they are read) and
+    by add_param_group, which then adds nothing."""
+    with pytest.raises(ValueError, match=pattern):
+        cls(None, **kw)
+    params = make_params()
+    opt = cls(params[:3])
+    with pytest.raises(ValueError, match=pattern + r".*\(param group 1\)"):
+        opt.add_param_group({"params": params[3:], **kw})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_scheduler_may_mix_float_and_tensor_betas_between_steps() -> None:
+    """The combination checks are torch's constructor checks, not repeated at each step:
+    OneCycleLR writes a float beta1 beside a tensor beta2, which torch steps."""
+    params = make_params()
+    opt = adamkit.Adam(params, betas=(torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64)))
+    opt.param_groups[0]["betas"] = (0.85, opt.param_groups[0]["betas"][1])
+    set_grads([params], 0)
+    opt.step()
+
+
 @pytest.mark.parametrize(
     "option,pattern",
     [

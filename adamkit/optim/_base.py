@@ -153,8 +153,8 @@ def _as_float(name: str, value: Any, where: str) -> float:
 def check_hyperparameters(group: Mapping[str, Any], where: str = "", read_device: bool = True) -> None:
     """Raise ValueError/TypeError unless lr, betas, eps and weight_decay are valid.
 
-    Messages follow torch's (``Invalid learning rate: -1.0``) with the group named.
-    NaN and infinities are rejected too (torch lets NaN through). Without
+    Messages follow torch's (``Invalid learning rate: -1.0``) with the group named, in
+    torch's order. NaN and infinities are rejected too (torch lets NaN through). Without
     ``read_device`` (a capturable step) a tensor ``lr`` is not read, only its shape
     checked: on a GPU that would wait for it, and fail inside a CUDA graph capture.
     """
@@ -165,6 +165,9 @@ def check_hyperparameters(group: Mapping[str, Any], where: str = "", read_device
             raise ValueError(f"Invalid learning rate: {lr}{where}")
     elif lr_value.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr_value.shape)}{where}")
+    eps = _as_float("eps", group["eps"], where)
+    if not (0.0 <= eps < math.inf):
+        raise ValueError(f"Invalid epsilon value: {eps}{where}")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
@@ -172,9 +175,6 @@ def check_hyperparameters(group: Mapping[str, Any], where: str = "", read_device
         b = _as_float(f"betas[{i}]", beta, where)
         if not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b}{where}")
-    eps = _as_float("eps", group["eps"], where)
-    if not (0.0 <= eps < math.inf):
-        raise ValueError(f"Invalid epsilon value: {eps}{where}")
     wd = _as_float("weight_decay", group["weight_decay"], where)
     if not (0.0 <= wd < math.inf):
         raise ValueError(f"Invalid weight_decay value: {wd}{where}")
@@ -205,6 +205,8 @@ class AdamFamily(Optimizer):
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "mask") -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        check_hyperparameters(defaults)  # before the parameters are read, as torch
+        self._check_new_group(defaults, "")
         self.nonfinite = nonfinite
         self._nonfinite_count = 0
         self._pending_counts: list[tuple[Tensor, Any]] = []
@@ -296,6 +298,7 @@ class AdamFamily(Optimizer):
         """Everything about a param group that can be wrong, before anything changes."""
         where = f" (param group {index})"
         check_hyperparameters(group, where)
+        self._check_new_group(group, where)
         if group.get("differentiable"):
             raise NotImplementedError(f"{type(self).__name__}: differentiable=True is not supported yet{where}")
         if group.get("capturable"):
@@ -318,6 +321,11 @@ class AdamFamily(Optimizer):
             raise ValueError(f"percentile_clipping must be an int in [0, 100] (100 = off), got {pc!r}{where}")
         for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
             self._kernel(group, device_type)
+
+    def _check_new_group(self, group: Mapping[str, Any], where: str) -> None:
+        """Hook: how the arguments of a group being added combine (torch's checks of
+        its class, made at construction before the parameters are read, and by
+        ``add_param_group``; not at each step, where a scheduler may change them)."""
 
     def _check_capturable(self, group: Mapping[str, Any], where: str, params: Iterable[Tensor]) -> None:
         """What ``capturable=True`` needs: the Triton kernels, and nothing that reads the
