@@ -216,9 +216,12 @@ class AdamFamily(Optimizer):
         super().__init__(params, defaults)
         self.state: TrackedState = TrackedState(self.state)
 
+    #: Kept by pickling and ``copy.deepcopy`` besides torch's defaults, state and
+    #: groups; the count under its private name (``nonfinite_count`` is a property),
+    #: so that a copy has the public attributes of the original, no more.
     _EXTRA_ATTRIBUTES: ClassVar[dict[str, Any]] = {
         "nonfinite": "mask",
-        "nonfinite_count": 0,
+        "_nonfinite_count": 0,
         "skipped_steps": 0,
         "_warned_nonfinite": False,
     }
@@ -249,12 +252,18 @@ class AdamFamily(Optimizer):
                 self._note_nonfinite(masked, "masked: their parameters and moments were left unchanged")
 
     def __getstate__(self) -> dict[str, Any]:
-        """torch pickles only defaults, state and groups; keep the non-finite policy too."""
+        """torch pickles only defaults, state and groups; keep the non-finite policy too.
+        The state as plain dicts: its mutation counting is rebuilt on loading."""
         state = super().__getstate__()
+        state["state"] = defaultdict(dict, {p: dict(st) for p, st in self.state.items()})
         state.update({k: getattr(self, k) for k in self._EXTRA_ATTRIBUTES})
+        state["_nonfinite_count"] = self.nonfinite_count  # with capturable steps' device counts
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "nonfinite_count" in state:  # pickled by adamkit 0.1
+            state = dict(state)
+            state["_nonfinite_count"] = state.pop("nonfinite_count")
         self._plans = {}  # new state: plans are rebuilt from it on the next step
         self._pending_counts = []
         for key, default in self._EXTRA_ATTRIBUTES.items():
