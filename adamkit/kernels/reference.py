@@ -97,11 +97,12 @@ def nonfinite_indices(tensors: Sequence[Tensor]) -> list[int]:
     """Indices of the tensors holding at least one NaN or ±inf (one read pass each).
 
     The infinity norm propagates NaN, so one ``_foreach_norm`` per (device, dtype)
-    and one host sync answer for the whole list.
+    and one host sync answer for the whole list. Tensors on the meta device (shapes
+    without values) have none.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        if t.numel():  # the inf-norm of an empty tensor is undefined
+        if t.numel() and t.device.type != "meta":  # the inf-norm of an empty tensor is undefined; meta has no values
             groups[(t.device, t.dtype)].append(i)
     bad: list[int] = []
     for idx in groups.values():

@@ -328,7 +328,8 @@ class AdamFamily(Optimizer):
         pc = group.get("percentile_clipping", 100)
         if isinstance(pc, bool) or not isinstance(pc, int) or not 0 <= pc <= 100:
             raise ValueError(f"percentile_clipping must be an int in [0, 100] (100 = off), got {pc!r}{where}")
-        for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
+        # Meta tensors are placeholders (shapes without values): as torch, checked when they step.
+        for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)} - {"meta"}):
             self._kernel(group, device_type)
 
     def _check_new_group(self, group: Mapping[str, Any], where: str) -> None:
