@@ -88,15 +88,45 @@ def test_a_scheduler_may_mix_float_and_tensor_betas_between_steps() -> None:
 
 @pytest.mark.parametrize(
     "option,pattern",
-    [
-        ("differentiable", r"differentiable=True is not supported yet"),
-        ("capturable", r"capturable=True needs the triton kernels .* 'cpu' tensors get the numba kernels"),
-    ],
+    [("capturable", r"capturable=True needs the triton kernels .* 'cpu' tensors get the numba kernels")],
 )
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
 def test_unsupported_options_name_themselves(info: OptimizerInfo, option: str, pattern: str) -> None:
     with pytest.raises(NotImplementedError, match=pattern):
         info.cls(make_params(), **{option: True})
+
+
+DIFFERENTIABLE_REFUSALS = [
+    (dict(fused=True), RuntimeError, r"`fused` does not support `differentiable` \(param group 0\)"),
+    (dict(backend="numba"), ValueError, r"differentiable=True steps the reference rule .* not with backend='numba'"),
+    (dict(state_bits=16), ValueError, r"not with state_bits=16"),
+    (dict(state_bits=8), ValueError, r"not with state_bits=8"),
+    (dict(stochastic_rounding=True), ValueError, r"not with stochastic_rounding=True"),
+    (dict(percentile_clipping=95), ValueError, r"not with percentile_clipping=95"),
+    (dict(capturable=True), ValueError, r"not with capturable=True"),
+]
+
+
+@pytest.mark.parametrize("kw,error,pattern", DIFFERENTIABLE_REFUSALS, ids=[p for _, _, p in DIFFERENTIABLE_REFUSALS])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_differentiable_refuses_what_is_not_differentiable(
+    info: OptimizerInfo, kw: dict, error: type, pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        info.cls(make_params(), differentiable=True, **kw)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_differentiable_refuses_a_step_count_that_requires_grad(info: OptimizerInfo) -> None:
+    params = [p.detach() for p in make_params(complex_param=False)]  # leaves that require grad: no in-place step
+    opt = info.cls(params, differentiable=True)
+    set_grads([params], 0, frozen=lambda s, i: False)
+    opt.step()
+    opt.state[params[-1]]["step"].requires_grad_()
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"`requires_grad` is not supported for `step` in differentiable mode"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))
 
 
 @pytest.mark.parametrize(

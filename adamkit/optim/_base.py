@@ -27,6 +27,7 @@ from .. import _memory
 from .._scalars import StepScalars
 from ..kernels import reference
 from ..kernels.registry import (
+    FUSED_BACKENDS,
     STATE_BITS,
     Kernel,
     KernelUnavailableError,
@@ -198,9 +199,13 @@ class AdamFamily(Optimizer):
     """
 
     algorithm: ClassVar[str]
-    #: torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of
-    #: unscaling the gradients and checking them itself (see :meth:`step`).
-    _step_supports_amp_scaling: ClassVar[bool] = True
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of
+        unscaling the gradients and checking them itself (see :meth:`step`); not to a
+        differentiable optimizer, which, as torch's, leaves that to the scaler."""
+        return not self.defaults.get("differentiable", False)
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "mask") -> None:
         if nonfinite not in NONFINITE_MODES:
@@ -309,7 +314,7 @@ class AdamFamily(Optimizer):
         check_hyperparameters(group, where)
         self._check_new_group(group, where)
         if group.get("differentiable"):
-            raise NotImplementedError(f"{type(self).__name__}: differentiable=True is not supported yet{where}")
+            self._check_differentiable(group, where)
         if group.get("capturable"):
             self._check_capturable(group, where, params)
         if group.get("foreach") and group.get("fused"):
@@ -336,6 +341,26 @@ class AdamFamily(Optimizer):
         """Hook: how the arguments of a group being added combine (torch's checks of
         its class, made at construction before the parameters are read, and by
         ``add_param_group``; not at each step, where a scheduler may change them)."""
+
+    def _check_differentiable(self, group: Mapping[str, Any], where: str) -> None:
+        """What ``differentiable=True`` refuses: a step autograd can record is the
+        reference rule on 32-bit state (see :meth:`_step_differentiable`); the fused
+        kernels, quantized or bf16 state and the host-side extras are not differentiable."""
+        name = type(self).__name__
+        if group.get("fused"):
+            raise RuntimeError(f"`fused` does not support `differentiable`{where}")
+        refused = {
+            f"backend={group['backend']!r}": group["backend"] in FUSED_BACKENDS,
+            f"state_bits={group['state_bits']}": group["state_bits"] != 32,
+            "capturable=True": bool(group.get("capturable")),
+            "stochastic_rounding=True": bool(group.get("stochastic_rounding")),
+            f"percentile_clipping={group.get('percentile_clipping')}": group.get("percentile_clipping", 100) < 100,
+        }
+        for option, used in refused.items():
+            if used:
+                raise ValueError(
+                    f"{name}: differentiable=True steps the reference rule on 32-bit state, not with {option}{where}"
+                )
 
     def _check_capturable(self, group: Mapping[str, Any], where: str, params: Iterable[Tensor]) -> None:
         """What ``capturable=True`` needs: the Triton kernels, and nothing that reads the
@@ -504,7 +529,7 @@ class AdamFamily(Optimizer):
         """Validate one group's step (nothing changes) and say how it will run."""
         capturable = bool(group.get("capturable"))
         check_hyperparameters(group, f" (param group {index})", read_device=not capturable)
-        plan = self._plan_for(index, group)
+        plan = None if group.get("differentiable") else self._plan_for(index, group)
         if plan is not None:
             launch, grads = plan.prepare()
             if launch is not None and not (capturable and launch.idx is not None):  # capturable: all or general
@@ -535,6 +560,9 @@ class AdamFamily(Optimizer):
             return work.launch.run(self.state, partial(self._step_scalars, group), grad_scale=grad_scale, **flags)
         if group.get("capturable"):
             return self._step_capturable(group, work.triples, amp, **flags)
+        if group.get("differentiable"):
+            with torch.enable_grad():  # step() runs without: only this group's step is recorded
+                return self._step_differentiable(group, work.triples, grad_scale=amp[0], **flags)
         return self._step_group(group, work.triples, grad_scale=amp[0], **flags)
 
     def _plan_for(self, index: int, group: Mapping[str, Any]) -> GroupPlan | None:
@@ -745,6 +773,50 @@ class AdamFamily(Optimizer):
                 mask_nonfinite=mask_nonfinite,
                 sr_seed=sr_seed,
                 salts=[triples[i][0] for i in idx],
+            )
+        return masked
+
+    def _step_differentiable(
+        self,
+        group: Mapping[str, Any],
+        triples: list[tuple[int, Tensor, Tensor]],
+        *,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+        sr_seed: int | None,
+        grad_scale: Tensor | None = None,
+    ) -> int:
+        """``differentiable=True``: each parameter stepped by its algorithm's rule written
+        for autograd (:func:`~adamkit.kernels.reference.differentiable_step_`), with
+        gradients enabled, so that the new parameters and state carry a graph back to the
+        gradients, the previous state and tensor hyperparameters. Never a fused kernel
+        nor a cached plan. Returns the count of masked elements."""
+        keys = self._state_keys(group)
+        steps = [self.state.get(p, {}).get("step") for _, p, _ in triples]
+        if any(isinstance(t, Tensor) and t.requires_grad for t in steps):  # checked before anything changes
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        rule = reference.DIFFERENTIABLE_RULES[self.algorithm]
+        masked = 0
+        for _, p, g in triples:
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, group)
+            state = self.state[p]
+            self._add_missing_state(p, state, state[keys[0]].dtype, group)  # e.g. amsgrad switched on
+            state["step"] += 1
+            masked += reference.differentiable_step_(
+                rule,
+                p,
+                g if grad_scale is None else g / grad_scale.to(g.device),
+                [state[k] for k in keys],
+                float(state["step"]),
+                hyper,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                decoupled=bool(group.get("decoupled_weight_decay", False)),
+                mask_nonfinite=mask_nonfinite,
             )
         return masked
 

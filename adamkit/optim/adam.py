@@ -38,7 +38,13 @@ _ARGS = """
         capturable: keep ``step`` on the parameters' device and compute the step
             scalars there, with no host read, so that ``step()`` can be captured in a
             CUDA graph (the Triton kernels; see the README).
-        differentiable: not supported yet (NotImplementedError).
+        differentiable: as in torch, ``step()`` runs with autograd recording, so that
+            the new parameters and state carry a graph back to the gradients, the old
+            state and tensor hyperparameters: the reference rule, one tensor at a time,
+            in place on the parameters and state, out of place where autograd needs the
+            old values. Not with ``fused=True`` (RuntimeError, as torch), a fused
+            ``backend``, ``state_bits`` other than 32, ``capturable``,
+            ``stochastic_rounding`` or ``percentile_clipping`` (ValueError).
         fused: None picks the fastest kernel available, True demands a fused kernel
             (or raises), False forces the reference implementation.
         backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
