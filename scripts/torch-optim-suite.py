@@ -60,7 +60,8 @@ def _worker(variant: str, test_file: Path, junit: Path, extra: list[str]) -> int
         for info in db:
             info.optim_cls = getattr(adamkit, info.name)
     args = [f"{test_file}::TestOptimRenewedCPU", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
-    args += ["--rootdir", str(test_file.parent), "-o", "addopts=", *extra]
+    # Not a PyTorch checkout's pytest.ini options or conftest plugins: the file's tests alone.
+    args += ["--rootdir", str(test_file.parent), "-o", "addopts=", "--noconftest", *extra]
     return int(pytest.main(args))
 
 
