@@ -40,17 +40,93 @@ def test_bad_hyperparameters(info: OptimizerInfo, kw: dict, pattern: str) -> Non
         info.cls(make_params(), **kw)
 
 
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_hyperparameters_are_checked_before_the_parameters_are_read(info: OptimizerInfo) -> None:
+    """As torch: a bad lr is reported even when params is not a list of tensors."""
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -1.0"):
+        info.cls(None, lr=-1.0)
+    with pytest.raises(ValueError, match=r"Invalid epsilon value: -1.0"):  # torch's order: lr, eps, betas
+        info.cls(None, eps=-1.0, betas=(2.0, 0.9))
+    with pytest.raises(TypeError, match=r"params argument given to the optimizer should be an iterable"):
+        info.cls(torch.zeros(2, requires_grad=True))
+
+
+ADAM_TENSOR_COMBINATIONS = [
+    (dict(betas=(0.9, torch.tensor(0.99))), r"betas must be either both floats or both Tensors"),
+    (dict(betas=(torch.tensor(0.9), 0.99)), r"betas must be either both floats or both Tensors"),
+    (dict(lr=torch.tensor(1e-3), foreach=True), r"lr as a Tensor is not supported for capturable=False and foreach"),
+    (
+        dict(betas=(torch.tensor(0.9), torch.tensor(0.99)), foreach=True),
+        r"betas\[0\] as a Tensor is not supported for capturable=False and foreach=True",
+    ),
+]
+
+
+@pytest.mark.parametrize("kw,pattern", ADAM_TENSOR_COMBINATIONS, ids=[p for _, p in ADAM_TENSOR_COMBINATIONS])
+@pytest.mark.parametrize("cls", [adamkit.Adam, adamkit.AdamW], ids=["Adam", "AdamW"])
+def test_adams_tensor_hyperparameter_combinations(cls: type, kw: dict, pattern: str) -> None:
+    """torch.optim.Adam's checks, at construction (params=None: before they are read) and
+    by add_param_group, which then adds nothing."""
+    with pytest.raises(ValueError, match=pattern):
+        cls(None, **kw)
+    params = make_params()
+    opt = cls(params[:3])
+    with pytest.raises(ValueError, match=pattern + r".*\(param group 1\)"):
+        opt.add_param_group({"params": params[3:], **kw})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_scheduler_may_mix_float_and_tensor_betas_between_steps() -> None:
+    """The combination checks are torch's constructor checks, not repeated at each step:
+    OneCycleLR writes a float beta1 beside a tensor beta2, which torch steps."""
+    params = make_params()
+    opt = adamkit.Adam(params, betas=(torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.99, dtype=torch.float64)))
+    opt.param_groups[0]["betas"] = (0.85, opt.param_groups[0]["betas"][1])
+    set_grads([params], 0)
+    opt.step()
+
+
 @pytest.mark.parametrize(
     "option,pattern",
-    [
-        ("differentiable", r"differentiable=True is not supported yet"),
-        ("capturable", r"capturable=True needs the triton kernels .* 'cpu' tensors get the numba kernels"),
-    ],
+    [("capturable", r"capturable=True needs the triton kernels .* 'cpu' tensors get the numba kernels")],
 )
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
 def test_unsupported_options_name_themselves(info: OptimizerInfo, option: str, pattern: str) -> None:
     with pytest.raises(NotImplementedError, match=pattern):
         info.cls(make_params(), **{option: True})
+
+
+DIFFERENTIABLE_REFUSALS = [
+    (dict(fused=True), RuntimeError, r"`fused` does not support `differentiable` \(param group 0\)"),
+    (dict(backend="numba"), ValueError, r"differentiable=True steps the reference rule .* not with backend='numba'"),
+    (dict(state_bits=16), ValueError, r"not with state_bits=16"),
+    (dict(state_bits=8), ValueError, r"not with state_bits=8"),
+    (dict(stochastic_rounding=True), ValueError, r"not with stochastic_rounding=True"),
+    (dict(percentile_clipping=95), ValueError, r"not with percentile_clipping=95"),
+    (dict(capturable=True), ValueError, r"not with capturable=True"),
+]
+
+
+@pytest.mark.parametrize("kw,error,pattern", DIFFERENTIABLE_REFUSALS, ids=[p for _, _, p in DIFFERENTIABLE_REFUSALS])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_differentiable_refuses_what_is_not_differentiable(
+    info: OptimizerInfo, kw: dict, error: type, pattern: str
+) -> None:
+    with pytest.raises(error, match=pattern):
+        info.cls(make_params(), differentiable=True, **kw)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_differentiable_refuses_a_step_count_that_requires_grad(info: OptimizerInfo) -> None:
+    params = [p.detach() for p in make_params(complex_param=False)]  # leaves that require grad: no in-place step
+    opt = info.cls(params, differentiable=True)
+    set_grads([params], 0, frozen=lambda s, i: False)
+    opt.step()
+    opt.state[params[-1]]["step"].requires_grad_()
+    before = snapshot(opt, params)
+    with pytest.raises(RuntimeError, match=r"`requires_grad` is not supported for `step` in differentiable mode"):
+        opt.step()
+    assert_unchanged(before, snapshot(opt, params))
 
 
 @pytest.mark.parametrize(
@@ -59,20 +135,23 @@ def test_unsupported_options_name_themselves(info: OptimizerInfo, option: str, p
         (dict(backend="triton"), r"no triton kernel for .* on 'meta' with state_bits=32"),
         (dict(state_bits=8, backend="triton"), r"no triton kernel for .* on 'meta' with state_bits=8"),
         (dict(backend="numba"), r"no numba kernel for .* on 'meta' with state_bits=32"),
+        (
+            dict(fused=True),
+            r"`fused=True` requires all the params to be floating point Tensors of supported devices: .*"
+            r"no triton or numba kernel for .* on 'meta'",
+        ),
     ],
 )
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
-def test_unavailable_kernels_raise_clearly(info: OptimizerInfo, kw: dict, pattern: str) -> None:
+def test_unavailable_kernels_raise_clearly_at_the_step(info: OptimizerInfo, kw: dict, pattern: str) -> None:
+    """Meta parameters are placeholders (shapes without values): as in torch, a fused
+    kernel is asked for when they step, not when the optimizer is made."""
+    p = torch.zeros(5000, device="meta", requires_grad=True)  # large enough for 8-bit state
+    opt = info.cls([p], **kw)
+    p.grad = torch.zeros(5000, device="meta")
     with pytest.raises(adamkit.KernelUnavailableError, match=pattern):
-        info.cls([torch.zeros(3, device="meta", requires_grad=True)], **kw)
-
-
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
-def test_fused_on_a_device_without_fused_kernels(info: OptimizerInfo) -> None:
-    p = torch.zeros(3, device="meta", requires_grad=True)
-    with pytest.raises(adamkit.KernelUnavailableError, match=r"no triton or numba kernel for .* on 'meta'.*fused=True"):
-        info.cls([p], fused=True)
-    info.cls([p])  # auto: the reference takes any device
+        opt.step()
+    assert not opt.state[p]
 
 
 @pytest.mark.parametrize(

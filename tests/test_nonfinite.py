@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -134,3 +136,30 @@ def test_propagate_is_torchs_behaviour(info: OptimizerInfo) -> None:
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-10, rtol=1e-10, equal_nan=True)
     assert not torch.isfinite(params[0]).all()
     assert opt.nonfinite_count == 0
+
+
+def _public(opt: torch.optim.Optimizer) -> set[str]:
+    return {k for k in opt.__dict__ if not k.startswith("_")}
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
+def test_copies_keep_the_policy_and_the_counts(info: OptimizerInfo) -> None:
+    """``copy.deepcopy`` and pickling keep ``nonfinite``, the count and ``skipped_steps``,
+    and the copy has the original's public attributes, no more (torch's
+    test_deepcopy_copies_all_public_attrs); a pickle of adamkit 0.1 still loads."""
+    params = make_params()
+    opt = info.cls(params, nonfinite="skip")
+    set_grads([params], 0, frozen=ALL)
+    params[0].grad[0, 0] = NAN
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    set_grads([params], 1, frozen=ALL)
+    opt.step()
+    old = opt.__getstate__()
+    old["nonfinite_count"] = old.pop("_nonfinite_count")  # adamkit 0.1 pickled it so
+    legacy = info.cls.__new__(info.cls)
+    legacy.__setstate__(old)
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt)), legacy):
+        assert _public(twin) == _public(opt)
+        assert (twin.nonfinite, twin.nonfinite_count, twin.skipped_steps) == ("skip", 1, 1)
+        assert twin.state_dict()["param_groups"] == opt.state_dict()["param_groups"]

@@ -50,13 +50,16 @@ def test_nonfinite_indices() -> None:
     assert reference.nonfinite_indices([torch.tensor([3e38, 3e38])]) == []  # large but finite
 
 
-def test_reference_runs_on_the_meta_device() -> None:
-    """The reference is pure torch: any device works, as far as its ops are implemented."""
+@pytest.mark.parametrize("nonfinite", ["mask", "skip", "raise", "propagate"])
+def test_reference_runs_on_the_meta_device(nonfinite: str) -> None:
+    """The reference is pure torch: any device works, as far as its ops are implemented.
+    Meta tensors have no values: the non-finite screening passes them (as torch, which
+    steps meta parameters with ``fused=None``)."""
     p = torch.nn.Parameter(torch.zeros(4, device="meta"))
     p.grad = torch.zeros(4, device="meta")
-    opt = adamkit.AdamW([p], nonfinite="propagate")
+    opt = adamkit.AdamW([p], nonfinite=nonfinite)
     opt.step()
-    assert opt.state[p]["exp_avg"].device.type == "meta"
+    assert opt.state[p]["exp_avg"].device.type == "meta" and opt.state[p]["step"].item() == 1
 
 
 def test_cli_demo_runs_and_agrees_with_torch() -> None:

@@ -17,6 +17,7 @@ gradient elements it masked because they were not finite.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 
@@ -97,11 +98,12 @@ def nonfinite_indices(tensors: Sequence[Tensor]) -> list[int]:
     """Indices of the tensors holding at least one NaN or ±inf (one read pass each).
 
     The infinity norm propagates NaN, so one ``_foreach_norm`` per (device, dtype)
-    and one host sync answer for the whole list.
+    and one host sync answer for the whole list. Tensors on the meta device (shapes
+    without values) have none.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        if t.numel():  # the inf-norm of an empty tensor is undefined
+        if t.numel() and t.device.type != "meta":  # the inf-norm of an empty tensor is undefined; meta has no values
             groups[(t.device, t.dtype)].append(i)
     bad: list[int] = []
     for idx in groups.values():
@@ -321,3 +323,127 @@ def _quantized_step(dense_kernel: Callable[..., int]) -> Callable[..., int]:
 
 adam_quantized_ = register("adam", backend="reference", state_bits=QUANT_BITS)(_quantized_step(adam_))
 adamax_quantized_ = register("adamax", backend="reference", state_bits=QUANT_BITS)(_quantized_step(adamax_))
+
+
+# ------------------------------------------------------------- differentiable=True
+# A step autograd records: one tensor at a time (torch's _foreach ops have no
+# derivatives), in place on the parameter and the state as the rules above, never on
+# the gradient, and out of place wherever autograd saves a value that this step would
+# then overwrite. Hyperparameters may be tensors that autograd follows (their bias
+# corrections computed here, from the step count ``t``).
+
+Hyper = float | Tensor
+
+
+def _hyper(value: float | Tensor, like: Tensor) -> Hyper:
+    """A float as a float; a 1-element tensor as a 0-d tensor of ``like``'s dtype and device
+    (a cast autograd records, so gradients reach the tensor the group holds)."""
+    return value.reshape(()).to(like.device, like.dtype) if isinstance(value, Tensor) else float(value)
+
+
+def _coupled_l2(g: Tensor, p: Tensor, wd: Hyper) -> Tensor:
+    """``g + λ·θ``, out of place; with a tensor λ autograd keeps θ, so a copy of it (the
+    step overwrites θ)."""
+    return g + wd * p.clone() if isinstance(wd, Tensor) else g.add(p, alpha=wd)
+
+
+def adam_single_(
+    p: Tensor,
+    g: Tensor,
+    state: Sequence[Tensor],
+    t: float,
+    h: Mapping[str, float | Tensor],
+    *,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+) -> None:
+    """Adam / AdamW on one tensor at step ``t``, differentiably: :func:`adam_rule_` with
+    ``step_size = lr / (1 - β1^t)`` and ``1 / sqrt(1 - β2^t)`` computed from ``h``.
+    ``m`` enters the update, and the old ``v_max`` the maximum, as copies."""
+    lr, beta1, beta2, eps, wd = (_hyper(h[k], p) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+    m, v, *vmax = state
+    if maximize:
+        g = -g
+    if isinstance(wd, Tensor) or wd != 0.0:
+        if decoupled:
+            p.mul_(1 - lr * wd)
+        else:
+            g = _coupled_l2(g, p, wd)
+    m.lerp_(g, 1 - beta1)
+    if isinstance(beta2, Tensor):
+        v.lerp_(g * g, 1 - beta2)  # β2·v + (1-β2)·g², where addcmul_ takes no tensor factor
+    else:
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if amsgrad:
+        vmax[0].copy_(torch.maximum(vmax[0].clone(), v))
+        v = vmax[0]
+    bc2 = 1 - beta2**t
+    inv_bc2_sqrt = bc2.rsqrt() if isinstance(bc2, Tensor) else 1.0 / math.sqrt(bc2)
+    denom = v.sqrt() * inv_bc2_sqrt + eps
+    p.sub_(m.clone() / denom * (lr / (1 - beta1**t)))
+
+
+def adamax_single_(
+    p: Tensor,
+    g: Tensor,
+    state: Sequence[Tensor],
+    t: float,
+    h: Mapping[str, float | Tensor],
+    *,
+    amsgrad: bool = False,
+    maximize: bool,
+    decoupled: bool = False,
+) -> None:
+    """Adamax on one tensor at step ``t``, differentiably: :func:`adamax_rule_` with
+    ``step_size = lr / (1 - β1^t)`` computed from ``h`` (``amsgrad`` and ``decoupled``
+    are accepted for one signature, and unused)."""
+    lr, beta1, beta2, eps, wd = (_hyper(h[k], p) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+    m, u = state
+    if maximize:
+        g = -g
+    if isinstance(wd, Tensor) or wd != 0.0:
+        g = _coupled_l2(g, p, wd)
+    m.lerp_(g, 1 - beta1)
+    decayed = (u.clone() if isinstance(beta2, Tensor) else u) * beta2  # u is overwritten next
+    u.copy_(torch.maximum(decayed, g.abs() + eps))
+    p.sub_(m / u * (lr / (1 - beta1**t)))
+
+
+#: The differentiable rule of each algorithm (``AdamFamily.algorithm``).
+DIFFERENTIABLE_RULES: dict[str, Callable[..., None]] = {"adam": adam_single_, "adamax": adamax_single_}
+
+
+def differentiable_step_(
+    rule: Callable[..., None],
+    p: Tensor,
+    g: Tensor,
+    state: Sequence[Tensor],
+    t: float,
+    h: Mapping[str, float | Tensor],
+    *,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled: bool,
+    mask_nonfinite: bool,
+) -> int:
+    """One parameter's step with ``rule`` (from :data:`DIFFERENTIABLE_RULES`), with what
+    :func:`_run` does around a rule, in ops autograd records: complex tensors viewed as
+    real, math in at least float32 (bf16/fp16 values widened, stored back rounded), and
+    with ``mask_nonfinite`` the elements whose gradient is not finite restored (and
+    counted). Returns the number masked."""
+    ps, gs, sts = _real(p), _real(g), [_real(t_) for t_ in state]
+    work = _work_dtype(ps.dtype, sts[0].dtype)
+    wp, wg, wsts = ps.to(work), gs.to(work), [s.to(work) for s in sts]
+    bad = ~torch.isfinite(g) if mask_nonfinite and g.device.type != "meta" else None
+    masked = int(bad.sum()) if bad is not None else 0
+    saved = [x.clone() for x in (wp, *wsts)] if masked else []
+    rule(wp, wg, wsts, t, h, amsgrad=amsgrad, maximize=maximize, decoupled=decoupled)
+    if masked:
+        keep = bad.unsqueeze(-1).expand_as(gs) if g.is_complex() else bad  # a complex element counts once
+        for new, before in zip((wp, *wsts), saved):
+            new.copy_(torch.where(keep, before, new))
+    for stored, new in zip((ps, *sts), (wp, *wsts)):
+        if new is not stored:
+            stored.copy_(new)
+    return masked

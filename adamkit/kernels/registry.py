@@ -140,7 +140,11 @@ def resolve(
                 return k
     what = f"{' or '.join(wanted)} kernel for {algorithm} on {device_type!r} with state_bits={state_bits}"
     have = sorted({(k.backend, str(sorted(k.state_bits))) for k in _KERNELS if k.algorithm == algorithm})
-    raise KernelUnavailableError(
-        f"no {what}; registered for {algorithm} (backend, state_bits): {have or 'none'}"
-        + (" (fused=True asks for a fused kernel)" if fused else "")
-    )
+    message = f"no {what}; registered for {algorithm} (backend, state_bits): {have or 'none'}"
+    if fused:  # torch's words for it first
+        devices = sorted({d for k in _KERNELS if k.fused and k.algorithm == algorithm for d in k.device_types or ()})
+        message = (
+            "`fused=True` requires all the params to be floating point Tensors of supported devices: "
+            f"{devices} ({message})"
+        )
+    raise KernelUnavailableError(message)

@@ -28,6 +28,7 @@ from .._scalars import StepScalars
 from ..kernels import reference
 from ..kernels._checks import is_plain, storage_order
 from ..kernels.registry import (
+    FUSED_BACKENDS,
     STATE_BITS,
     Kernel,
     KernelUnavailableError,
@@ -227,8 +228,8 @@ def _as_float(name: str, value: Any, where: str) -> float:
 def check_hyperparameters(group: Mapping[str, Any], where: str = "", read_device: bool = True) -> None:
     """Raise ValueError/TypeError unless lr, betas, eps and weight_decay are valid.
 
-    Messages follow torch's (``Invalid learning rate: -1.0``) with the group named.
-    NaN and infinities are rejected too (torch lets NaN through). Without
+    Messages follow torch's (``Invalid learning rate: -1.0``) with the group named, in
+    torch's order. NaN and infinities are rejected too (torch lets NaN through). Without
     ``read_device`` (a capturable step) a tensor ``lr`` is not read, only its shape
     checked: on a GPU that would wait for it, and fail inside a CUDA graph capture.
     """
@@ -239,6 +240,9 @@ def check_hyperparameters(group: Mapping[str, Any], where: str = "", read_device
             raise ValueError(f"Invalid learning rate: {lr}{where}")
     elif lr_value.numel() != 1:
         raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr_value.shape)}{where}")
+    eps = _as_float("eps", group["eps"], where)
+    if not (0.0 <= eps < math.inf):
+        raise ValueError(f"Invalid epsilon value: {eps}{where}")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
@@ -246,9 +250,6 @@ def check_hyperparameters(group: Mapping[str, Any], where: str = "", read_device
         b = _as_float(f"betas[{i}]", beta, where)
         if not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {b}{where}")
-    eps = _as_float("eps", group["eps"], where)
-    if not (0.0 <= eps < math.inf):
-        raise ValueError(f"Invalid epsilon value: {eps}{where}")
     wd = _as_float("weight_decay", group["weight_decay"], where)
     if not (0.0 <= wd < math.inf):
         raise ValueError(f"Invalid weight_decay value: {wd}{where}")
@@ -272,13 +273,19 @@ class AdamFamily(Optimizer):
     """
 
     algorithm: ClassVar[str]
-    #: torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of
-    #: unscaling the gradients and checking them itself (see :meth:`step`).
-    _step_supports_amp_scaling: ClassVar[bool] = True
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler hands over ``grad_scale`` and ``found_inf`` instead of
+        unscaling the gradients and checking them itself (see :meth:`step`); not to a
+        differentiable optimizer, which, as torch's, leaves that to the scaler."""
+        return not self.defaults.get("differentiable", False)
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "mask") -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        check_hyperparameters(defaults)  # before the parameters are read, as torch
+        self._check_new_group(defaults, "")
         self.nonfinite = nonfinite
         self._nonfinite_count = 0
         self._pending_counts: list[tuple[Tensor, Any]] = []
@@ -288,9 +295,12 @@ class AdamFamily(Optimizer):
         super().__init__(params, defaults)
         self.state: TrackedState = TrackedState(self.state)
 
+    #: Kept by pickling and ``copy.deepcopy`` besides torch's defaults, state and
+    #: groups; the count under its private name (``nonfinite_count`` is a property),
+    #: so that a copy has the public attributes of the original, no more.
     _EXTRA_ATTRIBUTES: ClassVar[dict[str, Any]] = {
         "nonfinite": "mask",
-        "nonfinite_count": 0,
+        "_nonfinite_count": 0,
         "skipped_steps": 0,
         "_warned_nonfinite": False,
     }
@@ -321,12 +331,18 @@ class AdamFamily(Optimizer):
                 self._note_nonfinite(masked, "masked: their parameters and moments were left unchanged")
 
     def __getstate__(self) -> dict[str, Any]:
-        """torch pickles only defaults, state and groups; keep the non-finite policy too."""
+        """torch pickles only defaults, state and groups; keep the non-finite policy too.
+        The state as plain dicts: its mutation counting is rebuilt on loading."""
         state = super().__getstate__()
+        state["state"] = defaultdict(dict, {p: dict(st) for p, st in self.state.items()})
         state.update({k: getattr(self, k) for k in self._EXTRA_ATTRIBUTES})
+        state["_nonfinite_count"] = self.nonfinite_count  # with capturable steps' device counts
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "nonfinite_count" in state:  # pickled by adamkit 0.1
+            state = dict(state)
+            state["_nonfinite_count"] = state.pop("nonfinite_count")
         self._plans = {}  # new state: plans are rebuilt from it on the next step
         self._pending_counts = []
         for key, default in self._EXTRA_ATTRIBUTES.items():
@@ -370,8 +386,9 @@ class AdamFamily(Optimizer):
         """Everything about a param group that can be wrong, before anything changes."""
         where = f" (param group {index})"
         check_hyperparameters(group, where)
+        self._check_new_group(group, where)
         if group.get("differentiable"):
-            raise NotImplementedError(f"{type(self).__name__}: differentiable=True is not supported yet{where}")
+            self._check_differentiable(group, where)
         if group.get("capturable"):
             self._check_capturable(group, where, params)
         if group.get("foreach") and group.get("fused"):
@@ -396,8 +413,34 @@ class AdamFamily(Optimizer):
                     f"{type(self).__name__} optimizes floating-point and complex tensors; parameter {i} is "
                     f"{p.dtype}{where}"
                 )
-        for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
+        # Meta tensors are placeholders (shapes without values): as torch, checked when they step.
+        for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)} - {"meta"}):
             self._kernel(group, device_type)
+
+    def _check_new_group(self, group: Mapping[str, Any], where: str) -> None:
+        """Hook: how the arguments of a group being added combine (torch's checks of
+        its class, made at construction before the parameters are read, and by
+        ``add_param_group``; not at each step, where a scheduler may change them)."""
+
+    def _check_differentiable(self, group: Mapping[str, Any], where: str) -> None:
+        """What ``differentiable=True`` refuses: a step autograd can record is the
+        reference rule on 32-bit state (see :meth:`_step_differentiable`); the fused
+        kernels, quantized or bf16 state and the host-side extras are not differentiable."""
+        name = type(self).__name__
+        if group.get("fused"):
+            raise RuntimeError(f"`fused` does not support `differentiable`{where}")
+        refused = {
+            f"backend={group['backend']!r}": group["backend"] in FUSED_BACKENDS,
+            f"state_bits={group['state_bits']}": group["state_bits"] != 32,
+            "capturable=True": bool(group.get("capturable")),
+            "stochastic_rounding=True": bool(group.get("stochastic_rounding")),
+            f"percentile_clipping={group.get('percentile_clipping')}": group.get("percentile_clipping", 100) < 100,
+        }
+        for option, used in refused.items():
+            if used:
+                raise ValueError(
+                    f"{name}: differentiable=True steps the reference rule on 32-bit state, not with {option}{where}"
+                )
 
     def _check_capturable(self, group: Mapping[str, Any], where: str, params: Iterable[Tensor]) -> None:
         """What ``capturable=True`` needs: the Triton kernels, and nothing that reads the
@@ -566,7 +609,7 @@ class AdamFamily(Optimizer):
         """Validate one group's step (nothing changes) and say how it will run."""
         capturable = bool(group.get("capturable"))
         check_hyperparameters(group, f" (param group {index})", read_device=not capturable)
-        plan = self._plan_for(index, group)
+        plan = None if group.get("differentiable") else self._plan_for(index, group)
         if plan is not None:
             launch, grads, stale = plan.prepare()
             if stale:  # a parameter's dtype, size or layout changed: a plan for them, if one fits
@@ -601,6 +644,9 @@ class AdamFamily(Optimizer):
             return work.launch.run(self.state, partial(self._step_scalars, group), grad_scale=grad_scale, **flags)
         if group.get("capturable"):
             return self._step_capturable(group, work.triples, amp, **flags)
+        if group.get("differentiable"):
+            with torch.enable_grad():  # step() runs without: only this group's step is recorded
+                return self._step_differentiable(group, work.triples, grad_scale=amp[0], **flags)
         return self._step_group(group, work.triples, grad_scale=amp[0], **flags)
 
     def _plan_for(self, index: int, group: Mapping[str, Any]) -> GroupPlan | None:
@@ -809,6 +855,50 @@ class AdamFamily(Optimizer):
                 mask_nonfinite=mask_nonfinite,
                 sr_seed=sr_seed,
                 salts=[triples[i][0] for i in idx],
+            )
+        return masked
+
+    def _step_differentiable(
+        self,
+        group: Mapping[str, Any],
+        triples: list[tuple[int, Tensor, Tensor]],
+        *,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+        sr_seed: int | None,
+        grad_scale: Tensor | None = None,
+    ) -> int:
+        """``differentiable=True``: each parameter stepped by its algorithm's rule written
+        for autograd (:func:`~adamkit.kernels.reference.differentiable_step_`), with
+        gradients enabled, so that the new parameters and state carry a graph back to the
+        gradients, the previous state and tensor hyperparameters. Never a fused kernel
+        nor a cached plan. Returns the count of masked elements."""
+        keys = self._state_keys(group)
+        steps = [self.state.get(p, {}).get("step") for _, p, _ in triples]
+        if any(isinstance(t, Tensor) and t.requires_grad for t in steps):  # checked before anything changes
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        rule = reference.DIFFERENTIABLE_RULES[self.algorithm]
+        masked = 0
+        for _, p, g in triples:
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, group)
+            state = self.state[p]
+            self._add_missing_state(p, state, state[keys[0]].dtype, group)  # e.g. amsgrad switched on
+            state["step"] += 1
+            masked += reference.differentiable_step_(
+                rule,
+                p,
+                g if grad_scale is None else g / grad_scale.to(g.device),
+                [state[k] for k in keys],
+                float(state["step"]),
+                hyper,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                decoupled=bool(group.get("decoupled_weight_decay", False)),
+                mask_nonfinite=mask_nonfinite,
             )
         return masked
 

@@ -32,12 +32,19 @@ _ARGS = """
         eps: ε added to the denominator.
         weight_decay: λ.
         amsgrad: use the running maximum of ``v`` (AMSGrad).
-        foreach: accepted for compatibility; the reference is always multi-tensor.
+        foreach: accepted for compatibility; the reference is always multi-tensor. As
+            in torch, ``foreach=True`` refuses a tensor ``lr`` or betas unless capturable.
         maximize: maximize the objective instead of minimizing it.
         capturable: keep ``step`` on the parameters' device and compute the step
             scalars there, with no host read, so that ``step()`` can be captured in a
             CUDA graph (the Triton kernels; see the README).
-        differentiable: not supported yet (NotImplementedError).
+        differentiable: as in torch, ``step()`` runs with autograd recording, so that
+            the new parameters and state carry a graph back to the gradients, the old
+            state and tensor hyperparameters: the reference rule, one tensor at a time,
+            in place on the parameters and state, out of place where autograd needs the
+            old values. Not with ``fused=True`` (RuntimeError, as torch), a fused
+            ``backend``, ``state_bits`` other than 32, ``capturable``,
+            ``stochastic_rounding`` or ``percentile_clipping`` (ValueError).
         fused: None picks the fastest kernel available, True demands a fused kernel
             (or raises), False forces the reference implementation.
         backend: ``"auto"``, ``"reference"``, ``"numba"`` or ``"triton"``.
@@ -137,6 +144,21 @@ class Adam(AdamFamily):
             percentile_clipping=percentile_clipping,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
+
+    def _check_new_group(self, group: Mapping[str, Any], where: str) -> None:
+        """torch.optim.Adam's checks of tensor hyperparameters: betas are both tensors or
+        neither, and with ``foreach=True`` a tensor lr or betas need ``capturable=True``
+        (adamkit has no separate foreach path, but raises where torch does)."""
+        betas = group["betas"]
+        tensors = [isinstance(b, Tensor) for b in betas]
+        if any(tensors) and not all(tensors):
+            raise ValueError(f"betas must be either both floats or both Tensors{where}")
+        if group.get("foreach") and not group.get("capturable"):
+            for name, value in [("lr", group["lr"]), ("betas[0]", betas[0]), ("betas[1]", betas[1])]:
+                if isinstance(value, Tensor):
+                    raise ValueError(
+                        f"{name} as a Tensor is not supported for capturable=False and foreach=True{where}"
+                    )
 
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         if group.get("amsgrad", False):

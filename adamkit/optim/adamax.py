@@ -34,7 +34,7 @@ class Adamax(AdamFamily):
         weight_decay: λ (coupled L2).
         foreach: accepted for compatibility (positional, as in torch).
         maximize: maximize the objective instead of minimizing it.
-        differentiable: not supported yet (NotImplementedError).
+        differentiable: a step autograd records, as in torch; see :class:`adamkit.Adam`.
         capturable: keep ``step`` on the parameters' device and compute the step
             scalars there, with no host read, so that ``step()`` can be captured in a
             CUDA graph (the Triton kernels; see the README).
