@@ -20,6 +20,22 @@ from helpers import run_isolated
 import adamkit
 
 
+@pytest.fixture(params=["python", "native"])
+def checks(request, monkeypatch) -> str:
+    """Run a test with the plans' per-step checks in Python, then in torch's C++ API
+    (:mod:`adamkit.kernels._native`, built here if not yet: only a missing compiler
+    skips it)."""
+    from adamkit.kernels import _native
+
+    if request.param == "python":
+        monkeypatch.setattr(_native, "module", lambda start=True, wait=False: None)
+    elif _native.module(wait=True) is None:
+        if not _native.compiler():
+            pytest.skip(f"no C++ compiler: {_native.status}")
+        pytest.fail(f"the native checks did not build: {_native.status}")
+    return request.param
+
+
 def _model_and_twin(cls=adamkit.AdamW, n: int = 3, size: int = 1000, **kw):
     """Parameters with an adamkit optimizer, and a copy of them with torch.optim's."""
     gen = torch.Generator().manual_seed(0)
@@ -82,6 +98,8 @@ p.grad = torch.randn_like(p)
 opt.step()  # the pool starts in the parent
 pid = os.fork()
 if pid == 0:
+    import signal
+    signal.alarm(60)  # a hung child ends itself (the test's timeout ends only its parent)
     p.grad = torch.randn_like(p)
     opt.step()
     os._exit(0 if np.isfinite(p.detach().numpy()).all() else 3)  # numpy: torch's OpenMP may hang after fork
@@ -169,7 +187,7 @@ def _lockstep(params, opt, twin, ref, steps, between, seed: int = 0) -> None:
 
 
 @pytest.mark.parametrize("how", ["data", "set_"])
-def test_kept_gradient_repointed_is_followed(how: str) -> None:
+def test_kept_gradient_repointed_is_followed(how: str, checks: str) -> None:
     """A kept gradient whose storage is swapped (``p.grad.data = t``, ``p.grad.set_(t)``)
     is read at its new address, not the old one."""
     params, opt, twin, ref = _model_and_twin(size=1000)
@@ -186,11 +204,14 @@ def test_kept_gradient_repointed_is_followed(how: str) -> None:
     _lockstep(params, opt, twin, ref, 6, swap)
 
 
-def test_kept_gradient_repointed_at_1m_elements_in_a_child() -> None:
+@pytest.mark.parametrize("native", ["0", "1"], ids=["python-checks", "native-checks"])
+def test_kept_gradient_repointed_at_1m_elements_in_a_child(native: str) -> None:
     """The same at a million elements, where reading the old address crashed: in a
     child process, so that a crash fails this test only."""
     code = """
 import torch, adamkit
+from adamkit.kernels import _native
+_native.module(wait=True)
 p = torch.nn.Parameter(torch.randn(1 << 20)); q = torch.nn.Parameter(p.detach().clone())
 a, b = adamkit.AdamW([p]), torch.optim.AdamW([q])
 p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
@@ -204,11 +225,11 @@ for step in range(4):
 assert torch.allclose(p, q, atol=1e-6), float((p - q).abs().max())
 print("ok")
 """
-    result = run_isolated(code)
+    result = run_isolated(code, env={"ADAMKIT_NATIVE_CHECKS": native})
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
-def test_parameter_data_sliced_behind_a_kept_gradient_raises_and_changes_nothing() -> None:
+def test_parameter_data_sliced_behind_a_kept_gradient_raises_and_changes_nothing(checks: str) -> None:
     """``p.data = p.data[:k]`` with the old gradient kept: torch's shape error, nothing
     written (before: no error, the old size written)."""
     params, opt, twin, ref = _model_and_twin(size=1000)
@@ -224,7 +245,7 @@ def test_parameter_data_sliced_behind_a_kept_gradient_raises_and_changes_nothing
         assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
 
 
-def test_parameter_data_replaced_is_followed() -> None:
+def test_parameter_data_replaced_is_followed(checks: str) -> None:
     """``p.data = new`` of the same size (a model moved, a weight re-initialised): the
     next step updates the new data."""
     params, opt, twin, ref = _model_and_twin(size=1000)
@@ -238,7 +259,7 @@ def test_parameter_data_replaced_is_followed() -> None:
     _lockstep(params, opt, twin, ref, 5, replace)
 
 
-def test_gradient_of_another_dtype_is_refused() -> None:
+def test_gradient_of_another_dtype_is_refused(checks: str) -> None:
     """A gradient of another dtype — a kept one re-pointed (``p.grad.data = ...``) to
     float16 bits of a bfloat16 parameter's size, or one set after ``p.grad_dtype =
     None`` — is refused as torch.optim refuses it (RuntimeError), nothing changed: its
@@ -261,11 +282,14 @@ def test_gradient_of_another_dtype_is_refused() -> None:
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
-def test_freed_storage_is_refused_not_read() -> None:
+@pytest.mark.parametrize("native", ["0", "1"], ids=["python-checks", "native-checks"])
+def test_freed_storage_is_refused_not_read(native: str) -> None:
     """A gradient whose storage was freed under it (``untyped_storage().resize_(0)``, as
     FSDP does) is never read through a stale or null address: an error, in a child."""
     code = """
 import torch, adamkit
+from adamkit.kernels import _native
+_native.module(wait=True)
 p = torch.nn.Parameter(torch.randn(1 << 20))
 opt = adamkit.AdamW([p])
 p.grad = torch.randn(2 << 20)[8:8 + (1 << 20)]
@@ -276,7 +300,7 @@ try:
 except (RuntimeError, ValueError) as err:
     print("refused:", err)
 """
-    result = run_isolated(code)
+    result = run_isolated(code, env={"ADAMKIT_NATIVE_CHECKS": native})
     assert result.returncode == 0 and "refused" in result.stdout, (result.stdout, result.stderr[-2000:])
 
 
@@ -430,7 +454,7 @@ def test_bad_block_scales_in_a_checkpoint_do_not_load(bits: int, value: float) -
 
 # ------------------------------------------------------------------------ state stays live
 @pytest.mark.parametrize("bits", [32, 16, 8])
-def test_state_taken_after_a_load_is_the_state_the_optimizer_updates(bits: int) -> None:
+def test_state_taken_after_a_load_is_the_state_the_optimizer_updates(bits: int, checks: str) -> None:
     """As in torch: after ``load_state_dict``, ``opt.state[p]["exp_avg"]`` (or the
     quantized codes) taken before the next step is the tensor that step updates."""
     params = [torch.randn(5000, requires_grad=True) for _ in range(3)]
@@ -492,3 +516,76 @@ def test_checkpoint_taken_after_amsgrad_switched_on_loads(bits: int) -> None:
         for p in other.param_groups[0]["params"]:
             p.grad = torch.randn(5000)
         other.step()
+
+
+def test_native_and_python_checks_agree() -> None:
+    """The plan's checks in C++ and in Python give the same verdict (launch, general
+    path, or rebuild) and the same addresses, for each change a user can make between
+    steps."""
+    from adamkit.kernels import _native
+
+    native = _native.module(wait=True)
+    if native is None:
+        pytest.skip(f"the native checks are not available: {_native.status}")
+
+    def fresh():
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).requires_grad_() for s in [(64,), (8, 8), (3, 5, 7), (0,), (1, 9)]]
+        params.append(torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_())
+        opt = adamkit.AdamW(params)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        return params, opt._plans[0]
+
+    def grad_data(params, k, make):
+        params[k].grad.data = make(params[k].grad)
+
+    edits = {
+        "nothing": lambda ps: None,
+        "grad None": lambda ps: setattr(ps[2], "grad", None),
+        "grad replaced": lambda ps: setattr(ps[1], "grad", torch.randn(8, 8)),
+        "grad repointed": lambda ps: grad_data(ps, 0, lambda g: torch.randn(64)),
+        "grad set_": lambda ps: ps[0].grad.set_(torch.randn(64)),
+        "grad transposed": lambda ps: grad_data(ps, 1, lambda g: g.t().contiguous().t()),
+        "grad strided": lambda ps: grad_data(ps, 0, lambda g: torch.randn(128)[::2]),
+        "grad dtype": lambda ps: grad_data(ps, 0, lambda g: g.double()),
+        "grad reshaped": lambda ps: grad_data(ps, 1, lambda g: g.reshape(64)),
+        "grad freed": lambda ps: ps[0].grad.untyped_storage().resize_(0),
+        "grad offset freed": lambda ps: (
+            grad_data(ps, 0, lambda g: torch.randn(128)[64:]),
+            ps[0].grad.untyped_storage().resize_(0),
+        ),
+        "grad wrapper": lambda ps: grad_data(ps, 0, lambda g: _two(g)),
+        "grad channels_last lost": lambda ps: grad_data(ps, 5, lambda g: g.contiguous()),
+        "param replaced": lambda ps: setattr(ps[0], "data", torch.randn(64)),
+        "param sliced": lambda ps: setattr(ps[0], "data", ps[0].data[:32]),
+        "param dtype": lambda ps: setattr(ps[1], "data", ps[1].data.double()),
+        "param transposed": lambda ps: setattr(ps[1], "data", ps[1].data.t()),
+        "param freed": lambda ps: ps[2].untyped_storage().resize_(0),
+    }
+    for name, edit in edits.items():
+        verdicts = []
+        for use_native in (False, True):
+            params, plan = fresh()
+            plan._record = plan._describe(native) if use_native else None  # as built
+            with torch.no_grad():
+                edit(params)
+            launch, _, stale = plan._prepare_native(native) if use_native else plan._prepare_python()
+            ptrs = None if launch is None else (launch.active.tolist(), launch.pptrs[launch.active].tolist(),
+                                                launch.gptrs[launch.active].tolist())  # fmt: skip
+            verdicts.append((launch is not None, stale, None if ptrs is None else ptrs[0]))
+            if use_native and launch is not None:
+                present = [k for k, p in enumerate(params) if p.grad is not None]
+                assert ptrs[1] == [params[k].data_ptr() for k in present], name
+                assert ptrs[2] == [params[k].grad.data_ptr() for k in present], name
+        if name in ("grad freed", "grad offset freed", "param freed", "grad wrapper"):
+            assert not verdicts[0][0] and not verdicts[1][0], name  # refused (stale or not: either rebuilds safely)
+        else:
+            assert verdicts[0] == verdicts[1], (name, verdicts)
+
+
+def _two(g: torch.Tensor) -> torch.Tensor:
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    return TwoTensor(g.clone(), g.clone())

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import _memory
+from ..kernels import _native
 from ..kernels._checks import LOWEST_ADDRESS, PLAIN_TYPES, storage_order
 from ..kernels.numba_cpu import Tables, chunk_table, unit_table
 from ..kernels.registry import Kernel
@@ -273,6 +274,7 @@ class GroupPlan:
             if capturable and not seg.whole:
                 seg.on_device = torch.from_numpy(seg.members).to(self.device)
             self.segments.append(seg)
+        self._record: tuple[np.ndarray, np.ndarray] | None = None  # the native checks' (see prepare)
         self.has_state = np.zeros(n, dtype=bool)
         for i, p in enumerate(params):
             old = state.get(p)
@@ -332,15 +334,47 @@ class GroupPlan:
         return all(map(laid_out_like, tensors, orders))
 
     def prepare(self) -> tuple[_Launch | None, list[Tensor | None] | None, bool]:
-        """Check this step's parameters and gradients: ``(launch, gradients, False)``,
-        or ``(None, None, stale)`` to send the step down the general path, ``stale``
-        when a parameter is no longer what the plan was built for (a new dtype, size or
-        layout: the plan is rebuilt). Nothing is changed."""
-        params, n = self.params, len(self.params)
+        """Check this step's parameters and gradients: ``(launch, gradients or None,
+        False)``, or ``(None, None, stale)`` to send the step down the general path,
+        ``stale`` when a parameter is no longer what the plan was built for (a new dtype,
+        size or layout: the plan is rebuilt). Nothing is changed.
+
+        The checks run in torch's C++ API once :mod:`adamkit.kernels._native` is loaded
+        (its build starts in the background for plans of many parameters), in Python
+        until then; both check the same things."""
         if not self.capturable:
             steps = self.steps.numpy()
             if not (np.isfinite(steps).all() and (steps >= 0).all()):  # edited in place
                 return None, None, True
+        native = _native.module(start=len(self.params) >= _native.MIN_PARAMS)
+        if native is None:
+            return self._prepare_python()
+        if self._record is None:  # the record is taken of parameters the Python checks pass
+            out = self._prepare_python()
+            if not out[2]:
+                self._record = self._describe(native)
+            return out
+        return self._prepare_native(native)
+
+    def _describe(self, native: Any) -> tuple[np.ndarray, np.ndarray]:
+        meta = np.empty((len(self.params), 6), dtype=np.int64)
+        layouts = np.empty(2 * sum(len(s) for s in self.shapes), dtype=np.int64)
+        native.describe(self.params, meta, layouts)
+        return meta, layouts
+
+    def _prepare_native(self, native: Any) -> tuple[_Launch | None, None, bool]:
+        n = len(self.params)
+        pptrs, gptrs, active = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint8)
+        verdict = native.check(self.params, tuple(PLAIN_TYPES), *self._record, pptrs, gptrs, active)
+        if verdict:
+            return None, None, verdict == 1
+        present = active.view(bool)
+        idx = None if present.all() else np.flatnonzero(present)
+        return _Launch(self, present, idx, gptrs, pptrs), None, False
+
+    def _prepare_python(self) -> tuple[_Launch | None, list[Tensor | None] | None, bool]:
+        """:meth:`prepare`'s checks in Python, with C-level ``map`` calls."""
+        params, n = self.params, len(self.params)
         grads: list[Tensor | None] = []
         pptrs = np.empty(n, dtype=np.int64)
         gptrs = np.zeros(n, dtype=np.int64)
