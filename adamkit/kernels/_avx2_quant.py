@@ -45,7 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..quant.codebooks import _DECADE_FLOOR_BITS, DECADE_BINADES, DITHER_ALONG, cells, decade_tables, dither_tables
-from ._avx2_adam import _F8, _I8V, LANES, RuleConstants, _broadcast, _fsplat, _Params, _splat, adam_rule
+from ._avx2_adam import _F8, _I8V, LANES, RuleConstants, _broadcast, _fsplat, _Params, _splat, adam_rule, rule_loops
 from ._avx512_adam import _call, _prefetch  # width-agnostic IR helpers (no AVX-512 instruction)
 from ._avx512_codes import _table, dither_constants  # the constant tables' layout (64-byte rows)
 
@@ -473,8 +473,8 @@ def _make_adam_rows(mask: bool):
             mtop = cgutils.alloca_once_value(builder, _splat(0))
             vtop = cgutils.alloca_once_value(builder, _splat(0))
             bad = cgutils.alloca_once_value(builder, ir.Constant(_I32, 0))
-            with cgutils.for_range(builder, count) as loop:
-                i = loop.index
+
+            def body(i: ir.Value, l2: bool) -> None:
                 off = builder.mul(i, ir.Constant(_I64, 4 * LANES))
                 poff = builder.mul(i, ir.Constant(_I64, LANES * io.size))
                 coff = builder.mul(i, ir.Constant(_I64, LANES))
@@ -484,7 +484,7 @@ def _make_adam_rows(mask: bool):
                 g, p = io.load(builder.add(g_at, poff)), io.load(builder.add(p_at, poff))
                 m = builder.fmul(_lookup_bytes(builder, mvals, builder.add(mc_at, coff)), mscale)
                 v = builder.fmul(_lookup_bytes(builder, vvals, builder.add(sc_at, coff)), vscale)
-                p1, m1, v1 = adam_rule(builder, k, g, p, m, v)
+                p1, m1, v1 = adam_rule(builder, k, g, p, m, v, l2)
                 if mask:  # the bad lanes keep their parameter and decoded moments
                     ok = builder.fcmp_ordered("==", builder.fsub(g, g), _fsplat(0.0))
                     p1, m1, v1 = (builder.select(ok, new, old) for new, old in ((p1, p), (m1, m), (v1, v)))
@@ -498,6 +498,8 @@ def _make_adam_rows(mask: bool):
                     bitsx = builder.and_(builder.bitcast(x, _I8V), _splat(0x7FFFFFFF))
                     old = builder.load(top)
                     builder.store(builder.select(builder.icmp_signed(">", bitsx, old), bitsx, old), top)
+
+            rule_loops(builder, k, count, body)
             tops = [_call(builder, "llvm.vector.reduce.smax.v8i32", _I32, [builder.load(t)]) for t in (mtop, vtop)]
             return context.make_tuple(builder, signature.return_type, [*tops, builder.load(bad)])
 

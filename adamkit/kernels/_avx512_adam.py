@@ -108,6 +108,7 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
             (p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals, vvals, mscale, vscale, low,
              c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, _) = args  # fmt: skip
             io = _Params(builder, signature.args[-1].dtype)
+            with_l2 = builder.fcmp_ordered("!=", l2, ir.Constant(l2.type, 0.0))
             c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale = (
                 _broadcast(builder, x) for x in (c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale)
             )
@@ -144,7 +145,8 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
                 if root:
                     v = builder.fmul(v, v)
                 # the rule, as _adam_rule computes it
-                gw = builder.fadd(builder.fmul(g, gsign), builder.fmul(l2, p))
+                gs = builder.fmul(g, gsign)
+                gw = builder.select(with_l2, builder.fadd(gs, builder.fmul(l2, p)), gs)  # 0·inf is NaN
                 m1 = _call(builder, "llvm.fma.v16f32", _F16, [c1, builder.fsub(gw, m), builder.select(low, m, gw)])
                 v1 = builder.fadd(builder.fmul(b2, v), builder.fmul(builder.fmul(b2w, gw), gw))
                 if mask:

@@ -479,7 +479,8 @@ def _adam_rule(g, p, m, v, x, low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, 
     ``c1`` is ``w`` or ``-(1-w)`` and ``low`` says which base: both forms in one,
     fused as torch's CPU lerp is.
     """
-    g = g * gsign + l2 * p  # gsign ±1: exact, and no branch on maximize
+    g = g * gsign  # gsign ±1: exact, and no branch on maximize
+    g = g + l2 * p if l2 != 0 else g  # never l2·p unused: 0·inf is NaN
     m1 = _fma(c1, g - m, m if low else g)
     v1 = b2 * v + b2w * g * g
     x1 = _nan_max(x, v1) if amsgrad else v1
@@ -648,7 +649,8 @@ def _adam_rest(ptrs, chunks, stops, scal, salts, plike, slike, consts, sr, seed,
 @njit(inline="always")
 def _adamax_rule(g, p, m, u, low, c1, b2, eps, lr_t, l2, gsign):
     """One element of Adamax: new (p, m, u)."""
-    g = g * gsign + l2 * p
+    g = g * gsign
+    g = g + l2 * p if l2 != 0 else g
     m1 = _fma(c1, g - m, m if low else g)
     u1 = _nan_max(b2 * u, np.abs(g) + eps)
     return p - lr_t * (m1 / u1), m1, u1

@@ -273,6 +273,14 @@ def _consts(consts, W: tl.constexpr):
 
 
 @triton.jit
+def _l2(g, p, c):
+    """``±g + l2·θ`` (one FMA), or ``±g`` when l2 is 0: never ``0·θ``, NaN for an
+    infinite parameter (whose moments stay finite, as torch's)."""
+    gs = g * c[8]
+    return tl.where(c[7] != 0, tl.fma(tl.zeros_like(p) + c[7], p, gs), gs)
+
+
+@triton.jit
 def _adam_rule(g, p, m, v, x, c, lr_t, inv, AMSGRAD: tl.constexpr):
     """Adam/AdamW for float lanes: new (p, m, v, v_max); ``reference.adam_rule_``
     operation for operation, rounded as torch's CPU ops round (measured bit for bit):
@@ -280,7 +288,7 @@ def _adam_rule(g, p, m, v, x, c, lr_t, inv, AMSGRAD: tl.constexpr):
     ``self + (value·a) / b``, and torch's lerp ``m + w·(g-m)`` for ``w < 0.5`` and
     ``g - (g-m)·(1-w)`` otherwise, fused (``c1`` is ``w`` or ``-(1-w)``, ``low`` picks
     the base); ``c``: :func:`_consts`."""
-    g = tl.fma(tl.zeros_like(p) + c[7], p, g * c[8])  # ±g + l2·θ
+    g = _l2(g, p, c)
     base = tl.where(c[0] != 0, m, g)
     m1 = tl.fma(tl.zeros_like(g) + c[2], g - m, base)
     v1 = tl.fma(c[4] * g, g, c[3] * v)
@@ -297,7 +305,7 @@ def _adam_rule(g, p, m, v, x, c, lr_t, inv, AMSGRAD: tl.constexpr):
 def _adamax_rule(g, p, m, u, c, lr_t):
     """Adamax for float lanes: new (p, m, u); ``reference.adamax_rule_``, rounded as
     :func:`_adam_rule` says."""
-    g = tl.fma(tl.zeros_like(p) + c[7], p, g * c[8])
+    g = _l2(g, p, c)
     base = tl.where(c[0] != 0, m, g)
     m1 = tl.fma(tl.zeros_like(g) + c[2], g - m, base)
     u1 = _nan_max(c[3] * u, tl.abs(g) + c[5])
