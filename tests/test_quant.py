@@ -255,7 +255,92 @@ def test_dither_codec_kernels_equal_reference(name: str, simd: bool) -> None:
         np.testing.assert_array_equal(out, values)
 
 
-# ----------------------------------------------------------------- reference codec
+def _any_float_probe(name: str, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """64 normalized values with NaN of either sign, ±inf, -3, -1e-45 and 1e30 at odd
+    places, and the codes a dithered 4-bit encoder must give them: NaN and anything
+    below ``L[0]`` as ``L[0]``, +inf and 1e30 code 15 (the reference's codes of the
+    values otherwise). Other finite values above 1 + 2^-22 reach no encoder (the
+    codec's are at most 1 + 2^-23): the SIMD ones give them a code of 0-15, not
+    necessarily 15 (their cell is past the 32-cell tables)."""
+    book = codebook(name)
+    low = float(book.values[0])
+    y = np.random.default_rng(step).uniform(low, 1.0, 64).astype(np.float32)
+    y[0] = 1.0
+    specials = [np.nan, np.uint32(0xFFC00000).view(np.float32), np.inf, -np.inf, -3.0, 1e30, -1e-45]
+    y[1 : 2 * len(specials) : 2] = specials
+    with np.errstate(invalid="ignore"):
+        high = y > 1.0
+        tame = np.where(np.isnan(y) | (y < low), low, np.where(high, 1.0, y)).astype(np.float32)
+    fmt = QuantFormat(4, None)
+    codes, absmax = quantize(torch.from_numpy(tame), fmt, book, step)
+    assert float(absmax) == 1.0
+    want = unpack(codes, fmt, y.size).numpy()
+    want[high] = 15
+    return y, want
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "portable"])
+@pytest.mark.parametrize("name", ["normal4_dither", "geo4_dither"])
+def test_dither_encoders_take_any_float(name: str, simd: bool) -> None:
+    """The kernels' dithered 4-bit encoders give every float a code of 0-15 (see
+    :func:`_any_float_probe`): a stray NaN never spills into the neighbouring nibble.
+    (The codec feeds them finite values: it saturates non-finite state first.)"""
+    from adamkit.kernels import _simd
+    from adamkit.kernels import numba_quant as nq
+    from adamkit.quant.codebooks import dither_phase
+
+    if simd and not _simd.SIMD:
+        pytest.skip("the CPU has neither AVX-512 nor AVX2")
+    encode, _ = _dither_codecs(simd)
+    table, first = _simd.encoder_constants[name](), dither_tables(name).first
+    for step in (0, 5):
+        y, want = _any_float_probe(name, step)
+        codes = np.zeros(y.size // 2, dtype=np.uint8)
+        encode(y, table, first, codes, dither_phase(step))
+        np.testing.assert_array_equal(unpack(torch.from_numpy(codes), QuantFormat(4, None), y.size).numpy(), want)
+    assert nq  # the scalar encoder is numba_quant._encode_dither
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_saturates_nonfinite_values(bits: int) -> None:
+    """A NaN or ±inf is stored as ± its block's largest finite magnitude (NaN as +; a
+    root codebook's root of -inf is NaN): the absmax stays finite and the rest of the
+    block, at 4 bits the neighbouring nibble too, encodes as it would without it."""
+    fmt = QuantFormat(bits, 64)
+    data = torch.randn(300, generator=torch.Generator().manual_seed(3))
+    spots, values = [5, 6, 7, 100, 201, 299], [math.nan, math.inf, -math.inf, math.nan, math.inf, -math.inf]
+    for key in ("exp_avg", "exp_avg_sq"):
+        book = fmt.codebook(key)
+        x = data if book.signed else data.abs()
+        poisoned, tame = x.clone(), x.clone()
+        poisoned[spots] = torch.tensor(values)
+        for i, value in zip(spots, values):
+            block = slice(i // 64 * 64, i // 64 * 64 + 64)
+            top = poisoned[block][poisoned[block].isfinite()].abs().max()
+            tame[i] = top if book.root or not value < 0 else -top
+        codes, absmax = quantize(poisoned, fmt, book, step=3)
+        assert torch.isfinite(absmax).all()
+        want_codes, want_absmax = quantize(tame, fmt, book, step=3)
+        assert torch.equal(codes, want_codes) and torch.equal(absmax, want_absmax), key
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_scales_subnormal_blocks_exactly(bits: int) -> None:
+    """A block whose absmax is subnormal (``1 / absmax`` would overflow) is encoded as
+    the block times 2^64: the same codes, its own absmax, the same relative error."""
+    fmt = QuantFormat(bits, 128)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(4)) * 1e-40
+    assert x.abs().max() < 2.0**-126 and (x != 0).all()
+    for key in ("exp_avg", "exp_inf"):  # the signed map and the unsigned one (not a root)
+        book = fmt.codebook(key)
+        data = x if book.signed else x.abs()
+        codes, absmax = quantize(data, fmt, book, step=2)
+        up_codes, up_absmax = quantize(data * 2.0**64, fmt, book, step=2)
+        assert torch.equal(codes, up_codes) and torch.equal(absmax * 2.0**64, up_absmax)
+        back = dequantize(codes, absmax, fmt, book, data.numel(), step=2)
+        assert ((back - data).abs() <= (0.3 if bits == 4 else 0.05) * data.abs().max()).all()
+
+
 @pytest.mark.parametrize("bits,block", [(8, 256), (8, 64), (4, 128), (4, 2), (8, None), (4, None)])
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 4097])
 def test_codec_round_trip(bits: int, block: int | None, n: int) -> None:
