@@ -21,7 +21,7 @@ from test_kernels import (
     sr_lockstep,
 )
 from test_kernels import test_cached_plan_follows_changes as _plan_follows_changes
-from test_quant import QCONFIGS, QIDS, _any_float_probe, _encoder_probe
+from test_quant import QCONFIGS, QIDS, _any_float_probe, _encoder_probe, _tiny_and_subnormal
 from test_quant import _lockstep as _quant_lockstep
 from test_quant import test_save_load_continue_bit_identical as _save_load_continue
 
@@ -131,6 +131,14 @@ def test_triton_quantized_matches_reference(cls, kw, bits) -> None:
     """Codes equal the reference's (8 bits: within one on rounding ties), absmax and
     parameters within float32 rounding, after every step."""
     _quant_lockstep(cls, kw, bits, steps=4, sizes=QSIZES, backend="triton")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cls,kw", QCONFIGS[::2], ids=QIDS[::2])
+def test_triton_quantized_matches_reference_on_tiny_moments(cls, kw, bits) -> None:
+    """Second moments far below their block's largest (8-bit codes keep them above 0)
+    and subnormal absmax values: ``test_quant.test_kernels_match_reference_on_tiny_moments``."""
+    _quant_lockstep(cls, kw, bits, steps=3, sizes=[4097, 300], backend="triton", scales=_tiny_and_subnormal)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -520,17 +520,21 @@ def _decode(codes, cb, cmask, book, scale, h, BITS: tl.constexpr, ROOT: tl.const
 
 
 @triton.jit
-def _encode(codes, cb, cmask, x, scaling, mask, h, book, BITS: tl.constexpr, ROWS: tl.constexpr, E: tl.constexpr):
+def _encode(codes, cb, cmask, x, scaling, mask, h, book, BITS: tl.constexpr, ROWS: tl.constexpr, E: tl.constexpr,
+            FLOOR: tl.constexpr):  # fmt: skip
     """Store the codes of the [ROWS, E] values ``x`` at the bytes ``cb``, normalized by
     ``scaling`` (:func:`_new_absmax`): a non-finite value saturated to ±absmax (NaN to
     +), as the reference's ``quantize`` (4 bits: even and odd elements' codes split
     apart and packed in one byte, a missing odd element's code 0, as the reference
-    pads)."""
+    pads). FLOOR (8 bits, the unsigned map): a value above 0 takes code 1 at least."""
     absmax, inv, scale = scaling
     x = tl.where((x - x) == 0, x, tl.where(x < 0, -absmax[:, None], absmax[:, None])) * scale[:, None]
     y = x * inv[:, None]
     if BITS == 8:
-        tl.store(codes + cb, _encode8(y, book + _ENC_BASE).to(tl.uint8), mask=cmask)
+        code = _encode8(y, book + _ENC_BASE)
+        if FLOOR:
+            code = tl.where(x > 0, tl.maximum(code, 1), code)
+        tl.store(codes + cb, code.to(tl.uint8), mask=cmask)
     else:
         lo, hi = tl.split(tl.reshape(tl.where(mask, _encode4(y, h, book), 0), [ROWS, E // 2, 2]))
         tl.store(codes + cb, (lo | (hi << 4)).to(tl.uint8), mask=cmask)
@@ -632,12 +636,12 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
     else:
         h = _dither_hash(offs, phase_new)
         scaling = _new_absmax(m1, top, ma, blk, live, PASS, ROWS)
-        _encode(mc, cb, cmask, m1, scaling, mask, h, books, BITS, ROWS, E)
+        _encode(mc, cb, cmask, m1, scaling, mask, h, books, BITS, ROWS, E, False)
         scaling = _new_absmax(v1, top + 1, sa, blk, live, PASS, ROWS)
-        _encode(sc, cb, cmask, v1, scaling, mask, h, books + BOOK, BITS, ROWS, E)
+        _encode(sc, cb, cmask, v1, scaling, mask, h, books + BOOK, BITS, ROWS, E, True)
         if AMSGRAD:
             scaling = _new_absmax(x1, top + 2, xa, blk, live, PASS, ROWS)
-            _encode(xc, cb, cmask, x1, scaling, mask, h, books + 2 * BOOK, BITS, ROWS, E)
+            _encode(xc, cb, cmask, x1, scaling, mask, h, books + 2 * BOOK, BITS, ROWS, E, True)
     return bad
 
 

@@ -19,7 +19,10 @@ the element's parameter). A ``root`` codebook quantizes ``sqrt(x)`` instead (and
 * **nearest codes** (8 bits): the code is the number of midpoints of ``L`` strictly
   below ``y`` (ties to the lower code); decoding gives ``L[code] · absmax``. The fused
   kernels compute exactly this; they may differ by one code where ``y`` lies on a
-  midpoint.
+  midpoint. In an unsigned map whose code 0 is 0 (``udynamic8``: second moments,
+  their maxima, ``exp_inf``), a value above 0 takes at least code 1 (3.25e-7 of the
+  absmax): a second moment rounded to zero would turn ``m / (sqrt(v) + ε)`` into
+  ``m / ε``.
 * **dithered codes** (4 bits, ``Codebook.dither``): ``y`` (raised to ``L[0]`` if
   below or NaN, lowered to 2 if above) becomes a continuous position,
   ``k + (y - L[k]) / (L[k+1] - L[k])`` for ``y``
@@ -178,6 +181,8 @@ def quantize(x: Tensor, fmt: QuantFormat, book: Codebook, step: int = 0) -> tupl
     else:
         mids = book.midpoints.to(x.device)
         codes = torch.searchsorted(mids, y.contiguous(), right=False).to(torch.uint8)
+        if not book.signed and float(book.values[0]) == 0.0:  # a value above 0 never decodes to 0
+            codes = torch.where(rows.reshape(-1)[:n] > 0, codes.clamp(min=1), codes)
     if fmt.bits == 4:
         codes = torch.nn.functional.pad(codes, (0, n % 2))
         codes = codes[0::2] | (codes[1::2] << 4)
