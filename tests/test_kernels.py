@@ -691,3 +691,115 @@ def test_numba_cache_follows_every_kernel_source(tmp_path, monkeypatch) -> None:
     finally:
         monkeypatch.undo()
         _cache.digest.cache_clear()
+
+
+# ------------------------------------------------------------- other instruction sets
+_AVX512_BUILD = """
+import sys
+
+import llvmlite.binding as ll
+
+bf16 = sys.argv[1] == "1"
+dtypes = sys.argv[2].split(",")
+host = ll.get_host_cpu_features
+
+
+def features():  # what adamkit reads to choose its SIMD code: an AVX-512 CPU's
+    f = host()
+    for name in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"):
+        f[name] = True
+    f["avx512bf16"] = bf16
+    return f
+
+
+ll.get_host_cpu_features = features
+
+import numba
+import torch
+
+from adamkit._scalars import adam_scalars
+from adamkit.kernels import _simd, numba_cpu, numba_quant
+from adamkit.quant import QuantFormat
+
+assert _simd.ISA == "avx512" and numba_cpu.HW_BF16 == bf16, (_simd.ISA, numba_cpu.HW_BF16)
+built = []
+
+
+def build_only(kernel, args, n_units):  # compiled for the target CPU, never run
+    kernel.compile(tuple(numba.typeof(a) for a in args))
+    built.append((kernel, kernel.signatures[-1]))
+    return [0]
+
+
+numba_cpu.on_threads = build_only
+s = adam_scalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, step=2.0)
+n = 4096
+for dtype in (getattr(torch, d) for d in dtypes):
+    p, g = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+    state = {k: [torch.zeros(n, dtype=dtype)] for k in ("exp_avg", "exp_avg_sq")}
+    numba_cpu.adam_([p], [g], state, s, amsgrad=False, maximize=False, mask_nonfinite=True)
+    for bits in (8, 4):
+        fmt = QuantFormat(bits, 256 if bits == 8 else 128)
+        state = {}
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[f"{key}_codes"] = [torch.zeros(fmt.code_bytes(n), dtype=torch.uint8)]
+            state[f"{key}_absmax"] = [torch.zeros(fmt.blocks(n))]
+        numba_quant.adam_quantized_([p], [g], state, s, fmt=fmt, amsgrad=False, maximize=False, mask_nonfinite=True)
+for kernel, sig in built:
+    assert "zmm" in kernel.inspect_asm(sig), kernel
+print("built", len(built))
+"""
+
+
+@pytest.mark.parametrize(
+    "cpu,bf16,dtypes", [("znver4", True, "float32,bfloat16"), ("skylake-avx512", False, "float32")]
+)
+def test_avx512_kernels_compile_for_an_avx512_cpu(cpu: str, bf16: bool, dtypes: str, tmp_path) -> None:
+    """Where the CPU has no AVX-512 its code cannot run, but it must still build: a
+    fresh process that reads the features of an AVX-512 CPU (AMD Zen 4's, with
+    AVX512-BF16, and Intel's) compiles the fused kernels for it, 32-bit and quantized
+    state (fp32 and bf16 parameters on Zen 4), with every AVX-512 intrinsic (the block
+    loops, the row encoders and decoders), without running them; their machine code
+    uses zmm registers. On an AVX-512 CPU the other tests run this code."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ADAMKIT_SIMD": "auto", "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": "",
+           "NUMBA_CACHE_DIR": str(tmp_path)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", _AVX512_BUILD, str(int(bf16)), dtypes], env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"built {3 * len(dtypes.split(','))}" in done.stdout
+
+
+def test_edge_cases_under_every_instruction_set_below_this_cpus() -> None:
+    """The non-finite and second-moment edge cases with the numba kernels under the
+    SIMD levels below this CPU's (``ADAMKIT_SIMD``: AVX2 on an AVX-512 CPU, and the
+    portable loops), each in a fresh process: pytest on a focused subset (AdamW and
+    Adam at every state width; the rest of their tests runs at this CPU's level)."""
+    import os
+    import subprocess
+    import sys
+
+    from adamkit.kernels import _avx2_quant, _simd
+
+    levels = {"avx512": ["avx2", "none"], "avx2": ["none"]}.get(_simd.ISA, [])
+    if _simd.ISA == "avx512" and not _avx2_quant.CPU_HAS_AVX2:
+        levels = ["none"]
+    if not levels:
+        pytest.skip("this process runs the portable loops already")
+    subset = (  # the code the SIMD level changes: quantized state, and 32/16-bit Adam/AdamW (AVX2's loop)
+        "(test_a_gradient_whose_moments_overflow and AdamW-numba and fp32) or (test_propagate_leaves and AdamW-numba)"
+        " or (test_an_infinite_parameter and (AdamW-numba or Adam-numba)) or test_dither_encoders_take_any_float"
+        " or ((test_kernels_match_reference_on_tiny or test_kernels_mask_nonfinite_like_reference)"
+        " and (AdamW-8 or AdamW-4))"
+    )
+    tests = os.path.dirname(__file__)
+    for simd in levels:
+        env = {**os.environ, "ADAMKIT_SIMD": simd}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", subset,
+               os.path.join(tests, "test_nonfinite.py"), os.path.join(tests, "test_quant.py")]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=os.path.dirname(tests))
+        assert done.returncode == 0, f"ADAMKIT_SIMD={simd}:\n{done.stdout[-3000:]}"
+        assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-500:]

@@ -258,7 +258,153 @@ def test_dither_codec_kernels_equal_reference(name: str, simd: bool) -> None:
         np.testing.assert_array_equal(out, values)
 
 
+def _any_float_probe(name: str, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """64 normalized values with NaN of either sign, ±inf, -3, -1e-45 and 1e30 at odd
+    places, and the codes a dithered 4-bit encoder must give them: NaN and anything
+    below ``L[0]`` as ``L[0]``, +inf and 1e30 code 15 (the reference's codes of the
+    values otherwise). Other finite values above 1 + 2^-22 reach no encoder (the
+    codec's are at most 1 + 2^-23): the SIMD ones give them a code of 0-15, not
+    necessarily 15 (their cell is past the 32-cell tables)."""
+    book = codebook(name)
+    low = float(book.values[0])
+    y = np.random.default_rng(step).uniform(low, 1.0, 64).astype(np.float32)
+    y[0] = 1.0
+    specials = [np.nan, np.uint32(0xFFC00000).view(np.float32), np.inf, -np.inf, -3.0, 1e30, -1e-45]
+    y[1 : 2 * len(specials) : 2] = specials
+    with np.errstate(invalid="ignore"):
+        high = y > 1.0
+        tame = np.where(np.isnan(y) | (y < low), low, np.where(high, 1.0, y)).astype(np.float32)
+    fmt = QuantFormat(4, None)
+    codes, absmax = quantize(torch.from_numpy(tame), fmt, book, step)
+    assert float(absmax) == 1.0
+    want = unpack(codes, fmt, y.size).numpy()
+    want[high] = 15
+    return y, want
+
+
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "portable"])
+@pytest.mark.parametrize("name", ["normal4_dither", "geo4_dither"])
+def test_dither_encoders_take_any_float(name: str, simd: bool) -> None:
+    """The kernels' dithered 4-bit encoders give every float a code of 0-15 (see
+    :func:`_any_float_probe`): a stray NaN never spills into the neighbouring nibble.
+    (The codec feeds them finite values: it saturates non-finite state first.)"""
+    from adamkit.kernels import _simd
+    from adamkit.kernels import numba_quant as nq
+    from adamkit.quant.codebooks import dither_phase
+
+    if simd and not _simd.SIMD:
+        pytest.skip("the CPU has neither AVX-512 nor AVX2")
+    encode, _ = _dither_codecs(simd)
+    table, first = _simd.encoder_constants[name](), dither_tables(name).first
+    for step in (0, 5):
+        y, want = _any_float_probe(name, step)
+        codes = np.zeros(y.size // 2, dtype=np.uint8)
+        encode(y, table, first, codes, dither_phase(step))
+        np.testing.assert_array_equal(unpack(torch.from_numpy(codes), QuantFormat(4, None), y.size).numpy(), want)
+    assert nq  # the scalar encoder is numba_quant._encode_dither
+
+
+@pytest.mark.parametrize("name", ["sqrt_geo4_dither", "geo4_dither"])
+def test_4bit_second_moment_maps_never_decode_to_zero(name: str) -> None:
+    """The 4-bit maps of second moments have no zero, and a dithered code's half step of
+    extrapolation below the lowest value stays above 0: a positive block never decodes
+    an element to 0 (root: 0.238² of the absmax at least)."""
+    fmt, book = QuantFormat(4, 128), codebook(name)
+    n = 4096
+    for step in (0, 1, 12345):
+        lowest = torch.zeros(n // 2, dtype=torch.uint8)
+        back = dequantize(lowest, torch.ones(fmt.blocks(n)), fmt, book, n, step)
+        assert float(back.min()) > (0.23**2 if book.root else 0.23)
+
+
 # ----------------------------------------------------------------- reference codec
+def test_small_second_moments_keep_a_nonzero_code() -> None:
+    """In the unsigned 8-bit map (code 0 is 0, code 1 is 3.25e-7 of the absmax) a value
+    above 0 takes code 1 at least, where it would round to 0: a second moment decoded
+    as 0 turns ``m / (sqrt(v) + ε)`` into ``m / ε``. bitsandbytes, with the same map,
+    keeps a nonzero code too."""
+    fmt = QuantFormat(8, 256)
+    book = fmt.codebook("exp_avg_sq")
+    assert book.name == "udynamic8" and float(book.values[0]) == 0.0
+    assert float(book.values[1]) == pytest.approx(3.25e-7, rel=1e-2)
+    x = torch.cat([torch.tensor([1.0, 0.0, 1e-7, 1e-30, 1e-45]), torch.logspace(-20, 0, 251)])
+    codes, absmax = quantize(x, fmt, book)
+    nearest = torch.searchsorted(book.midpoints, x)
+    assert torch.equal(codes.long(), torch.where(x > 0, nearest.clamp(min=1), nearest))
+    assert codes[1] == 0 and (codes[x > 0] >= 1).all()
+    assert torch.equal(dequantize(codes, absmax, fmt, book, x.numel()) > 0, x > 0)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
+def test_a_small_second_moment_beside_a_large_one_steps_as_torchs(backend: str) -> None:
+    """Gradients 1.0 and 1e-4 in one block, then 0: the second element's second moment
+    is 1e-8 of the block's largest. Rounded to code 0 it decoded as 0 and the element
+    moved by ``lr·m/ε`` = -4.2 in two AdamW8bit steps; now -0.0011 (torch -0.0017,
+    bitsandbytes' AdamW8bit -0.0010: ours no further from torch's when it is installed)."""
+    if backend == "triton":
+        triton_cuda = pytest.importorskip("adamkit.kernels.triton_cuda", reason="triton is not installed")
+        if not triton_cuda.INTERPRETED:
+            pytest.skip("steps CPU tensors: needs Triton's interpreter (TRITON_INTERPRET=1)")
+
+    def run(make) -> float:
+        p = torch.zeros(4096, requires_grad=True)
+        opt = make([p])
+        for g in ([1.0, 1e-4], [0.0, 0.0]):
+            p.grad = torch.zeros(4096)
+            p.grad[:2] = torch.tensor(g)
+            opt.step()
+        return float(p[1])
+
+    theirs = run(lambda ps: torch.optim.AdamW(ps, lr=1e-3))
+    ours = run(lambda ps: adamkit.AdamW(ps, lr=1e-3, state_bits=8, backend=backend))
+    assert theirs == pytest.approx(-0.00167, rel=1e-2) and abs(ours - theirs) < 1e-3, (ours, theirs)
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # an optional peer (the bench extra)
+        return
+    assert abs(ours - theirs) <= abs(run(lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3)) - theirs)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_saturates_nonfinite_values(bits: int) -> None:
+    """A NaN or ±inf is stored as ± its block's largest finite magnitude (NaN as +; a
+    root codebook's root of -inf is NaN): the absmax stays finite and the rest of the
+    block, at 4 bits the neighbouring nibble too, encodes as it would without it."""
+    fmt = QuantFormat(bits, 64)
+    data = torch.randn(300, generator=torch.Generator().manual_seed(3))
+    spots, values = [5, 6, 7, 100, 201, 299], [math.nan, math.inf, -math.inf, math.nan, math.inf, -math.inf]
+    for key in ("exp_avg", "exp_avg_sq"):
+        book = fmt.codebook(key)
+        x = data if book.signed else data.abs()
+        poisoned, tame = x.clone(), x.clone()
+        poisoned[spots] = torch.tensor(values)
+        for i, value in zip(spots, values):
+            block = slice(i // 64 * 64, i // 64 * 64 + 64)
+            top = poisoned[block][poisoned[block].isfinite()].abs().max()
+            tame[i] = top if book.root or not value < 0 else -top
+        codes, absmax = quantize(poisoned, fmt, book, step=3)
+        assert torch.isfinite(absmax).all()
+        want_codes, want_absmax = quantize(tame, fmt, book, step=3)
+        assert torch.equal(codes, want_codes) and torch.equal(absmax, want_absmax), key
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_scales_subnormal_blocks_exactly(bits: int) -> None:
+    """A block whose absmax is subnormal (``1 / absmax`` would overflow) is encoded as
+    the block times 2^64: the same codes, its own absmax, the same relative error."""
+    fmt = QuantFormat(bits, 128)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(4)) * 1e-40
+    assert x.abs().max() < 2.0**-126 and (x != 0).all()
+    for key in ("exp_avg", "exp_inf"):  # the signed map and the unsigned one (not a root)
+        book = fmt.codebook(key)
+        data = x if book.signed else x.abs()
+        codes, absmax = quantize(data, fmt, book, step=2)
+        up_codes, up_absmax = quantize(data * 2.0**64, fmt, book, step=2)
+        assert torch.equal(codes, up_codes) and torch.equal(absmax * 2.0**64, up_absmax)
+        back = dequantize(codes, absmax, fmt, book, data.numel(), step=2)
+        assert ((back - data).abs() <= (0.3 if bits == 4 else 0.05) * data.abs().max()).all()
+
+
 @pytest.mark.parametrize("bits,block", [(8, 256), (8, 64), (4, 128), (4, 2), (8, None), (4, None)])
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 4097])
 def test_codec_round_trip(bits: int, block: int | None, n: int) -> None:
@@ -328,17 +474,20 @@ def _pair(cls, kw, bits, dtype=torch.float32, sizes=SIZES, backend="numba", **ex
     return params, twins, cls(params, backend=backend, **common), cls(twins, backend="reference", **common)
 
 
-def _lockstep(cls, kw, bits, dtype=torch.float32, steps=7, bad=None, sizes=SIZES, backend="numba", **extra):
+def _lockstep(cls, kw, bits, dtype=torch.float32, steps=7, bad=None, sizes=SIZES, backend="numba", scales=None,
+              **extra):  # fmt: skip
     """Step a fused backend and the reference together; compare after every step (8-bit
     codes within one, on rounding ties only; dithered 4-bit codes equal), then copy the
-    kernel's state into the reference."""
+    kernel's state into the reference. ``scales(i, n)``: tensor ``i``'s gradient scales
+    (default ``10^(i-3)``)."""
     params, twins, fused, ref = _pair(cls, kw, bits, dtype, sizes, backend, **extra)
     gen = torch.Generator().manual_seed(11)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     off_by_one = total = 0
     for step in range(steps):
         for i, (p, q) in enumerate(zip(params, twins)):
-            g = (torch.randn(p.shape, generator=gen) * 10.0 ** (i - 3)).to(dtype)
+            scale = 10.0 ** (i - 3) if scales is None else scales(i, p.numel())
+            g = (torch.randn(p.shape, generator=gen) * scale).to(dtype)
             if bad is not None and step % 2 == 1 and g.numel():
                 g[bad % g.numel()] = float("nan")
                 g[(bad * 7) % g.numel()] = float("inf")
@@ -386,6 +535,23 @@ def test_kernels_mask_nonfinite_like_reference(cls, kw, bits) -> None:
     with pytest.warns(RuntimeWarning, match="non-finite"):
         params = _lockstep(cls, kw, bits, bad=4097)
     assert all(torch.isfinite(p).all() for p in params)
+
+
+def _tiny_and_subnormal(i: int, n: int) -> torch.Tensor:
+    """Gradient scales from 1 down to 1e-12 within blocks (second moments far below the
+    block's largest, which 8-bit codes must not round to zero) and, in the first 512
+    elements, 1e-20 (second moments of 1e-43: a subnormal absmax)."""
+    scale = torch.logspace(0, -12, 37).repeat(n // 37 + 1)[:n]
+    scale[:512] = 1e-20
+    return scale
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cls,kw", QCONFIGS[::2], ids=QIDS[::2])
+def test_kernels_match_reference_on_tiny_moments(cls, kw, bits) -> None:
+    """Second moments 1e-24 of their block's largest, and blocks whose absmax is
+    subnormal (the codec scales them by 2^64): the kernels' codes are the reference's."""
+    _lockstep(cls, kw, bits, scales=_tiny_and_subnormal, sizes=[4096, 70_001])
 
 
 @pytest.mark.skipif(not adamkit.kernels._simd.SIMD, reason="the CPU has neither AVX-512 nor AVX2")
@@ -528,6 +694,50 @@ def test_update_error_against_fp32() -> None:
     errors = {bits: float((_updates(bits) - exact).norm() / exact.norm()) for bits in (8, 4)}
     assert errors[8] < 0.03, errors  # bitsandbytes' maps and blocks: 0.02 in the bench workload
     assert errors[4] < 0.2, errors  # torchao's AdamW4bit: 0.24 there
+
+
+def _mlp_run(make, seed: int, steps: int = 300) -> torch.Tensor:
+    """A ReLU MLP (32-128-128-1) trained full-batch for ``steps`` steps on a seeded
+    regression whose 32 input features span scales 1 to 1e-5 (unnormalized data): the
+    first layer's blocks mix gradients 10^5 apart, second moments 10^10 apart. Its
+    parameters, flat."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -5, 32)
+    x = torch.randn(256, 32, generator=gen) * scales
+    y = torch.relu(x @ (torch.randn(32, 1, generator=gen) / scales[:, None] / 32))
+    torch.manual_seed(seed + 1)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(),
+                              torch.nn.Linear(128, 1))  # fmt: skip
+    opt = make(list(net.parameters()))
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def test_mlp_training_stays_near_fp32_adamw() -> None:
+    """Quantized AdamW trains the MLP of :func:`_mlp_run` near fp32 torch AdamW: the
+    relative L2 distance of the parameters, averaged over two seeds, was 0.38 at 8 bits
+    and 0.59 at 4 (the 4-bit codes' noise moves the weights of the tiny features, which
+    the loss hardly constrains); bitsandbytes' AdamW8bit 0.43 on the same runs (checked
+    when it is installed: ours must be no worse). Before 8-bit codes kept second moments
+    above 0 from code 0 (``m / ε`` updates), 1.18, the parameters up to 2.0 where
+    torch's stay below 0.45."""
+    seeds = (0, 1)
+    exact = {seed: _mlp_run(lambda ps: torch.optim.AdamW(ps, lr=1e-3), seed) for seed in seeds}
+
+    def distance(make) -> float:
+        return sum(float((_mlp_run(make, seed) - exact[seed]).norm() / exact[seed].norm()) for seed in seeds) / 2
+
+    ours = {b: distance(lambda ps, b=b: adamkit.AdamW(ps, lr=1e-3, state_bits=b, min_quant_size=0)) for b in (8, 4)}
+    assert ours[8] < 0.5 and ours[4] < 0.75, ours
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # an optional peer (the bench extra)
+        return
+    theirs = distance(lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-3, min_8bit_size=0))
+    assert ours[8] <= theirs, (ours, theirs)
 
 
 # -------------------------------------------------------------------- checkpoints

@@ -21,7 +21,7 @@ from test_kernels import (
     sr_lockstep,
 )
 from test_kernels import test_cached_plan_follows_changes as _plan_follows_changes
-from test_quant import QCONFIGS, QIDS, _encoder_probe
+from test_quant import QCONFIGS, QIDS, _any_float_probe, _encoder_probe, _tiny_and_subnormal
 from test_quant import _lockstep as _quant_lockstep
 from test_quant import test_save_load_continue_bit_identical as _save_load_continue
 
@@ -134,6 +134,14 @@ def test_triton_quantized_matches_reference(cls, kw, bits) -> None:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("cls,kw", QCONFIGS[::2], ids=QIDS[::2])
+def test_triton_quantized_matches_reference_on_tiny_moments(cls, kw, bits) -> None:
+    """Second moments far below their block's largest (8-bit codes keep them above 0)
+    and subnormal absmax values: ``test_quant.test_kernels_match_reference_on_tiny_moments``."""
+    _quant_lockstep(cls, kw, bits, steps=3, sizes=[4097, 300], backend="triton", scales=_tiny_and_subnormal)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 def test_triton_quantized_plan_saves_loads_and_continues_bit_identically(bits) -> None:
     """Quantized state in a cached plan's flat buffers (codes and absmax as views):
     checkpoints round trip and training continues bit for bit."""
@@ -197,6 +205,30 @@ def test_triton_8bit_encoder_equals_binary_search(name: str) -> None:
     expected = torch.searchsorted(adamkit.quant.codebook(name).midpoints, y)
     assert torch.equal(out.long(), expected)
     assert (out[torch.isnan(y)] == 255).all() and torch.isnan(y).sum() == 2
+
+
+@pytest.mark.parametrize("name", ["normal4_dither", "geo4_dither"])
+def test_triton_4bit_encoder_takes_any_float(name: str) -> None:
+    """``_encode4`` gives the reference's codes, and any float a code of 0-15 (NaN as
+    the lowest value, +inf code 15): see ``test_quant._any_float_probe``."""
+    import numpy as np
+    import triton
+    import triton.language as tl
+
+    from adamkit.quant.codebooks import DITHER_ALONG, dither_phase
+
+    @triton.jit
+    def encode(y_ptr, h_ptr, book, out, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(out + offs, triton_cuda._encode4(tl.load(y_ptr + offs), tl.load(h_ptr + offs).to(tl.uint32), book))
+
+    for step in (0, 5):
+        y, want = _any_float_probe(name, step)
+        h = (np.arange(y.size, dtype=np.int64) * DITHER_ALONG + dither_phase(step)) & 0xFFFFFFFF
+        out = torch.empty(y.size, dtype=torch.int32)
+        encode[(1,)](torch.from_numpy(y), torch.from_numpy(h), triton_cuda._books((name,) * 3, 4, "cpu"), out,
+                     BLOCK=y.size)  # fmt: skip
+        assert out.tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -45,7 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ..quant.codebooks import _DECADE_FLOOR_BITS, DECADE_BINADES, DITHER_ALONG, cells, decade_tables, dither_tables
-from ._avx2_adam import _F8, _I8V, LANES, RuleConstants, _broadcast, _fsplat, _Params, _splat, adam_rule
+from ._avx2_adam import _F8, _I8V, LANES, RuleConstants, _broadcast, _Params, _splat, adam_rule, rule_loops
 from ._avx512_adam import _call, _prefetch  # width-agnostic IR helpers (no AVX-512 instruction)
 from ._avx512_codes import _table, dither_constants  # the constant tables' layout (64-byte rows)
 
@@ -453,65 +453,54 @@ def decode_rows_dither4(typingctx, codes_addr, count, table_addr, scale, root, o
 
 
 # ------------------------------------------------------------------ the Adam block loop
-def _make_adam_rows(mask: bool):
-    """The 8-bit block loop, masking or not; the parameters' dtype is ``plike``'s. Same
-    arguments and results as :func:`adamkit.kernels._avx512_adam._make_adam_rows`'s.
+@intrinsic
+def adam_rows_8(typingctx, p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals_at, vvals_at, mscale, vscale, low,
+                c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, plike):  # fmt: skip  # noqa: ARG001
+    """The 8-bit block loop; the parameters' dtype is ``plike``'s. Same arguments and
+    results as :func:`adamkit.kernels._avx512_adam._make_adam_rows`'s: (largest |m|
+    bits, largest |v| bits). Blocks whose gradient needs masking take the numba loop.
 
     There is no 4-bit one: the two dither tables' decode rows (6 registers each) and the
     rule's constants overflow AVX2's 16 registers, and the spilling loop measured 5-10 %
     slower than decoding rows and running the numba loop (``_fused4``)."""
 
-    @intrinsic
-    def adam_rows(typingctx, p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals_at, vvals_at, mscale, vscale, low,
-                  c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, plike):  # fmt: skip  # noqa: ARG001
-        def codegen(context, builder, signature, args):
-            (p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals, vvals, mscale, vscale, low,
-             c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, _) = args  # fmt: skip
-            io = _Params(builder, signature.args[-1].dtype)
-            k = RuleConstants.of(builder, low, c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv)
-            mscale, vscale = _broadcast(builder, mscale), _broadcast(builder, vscale)
-            mtop = cgutils.alloca_once_value(builder, _splat(0))
-            vtop = cgutils.alloca_once_value(builder, _splat(0))
-            bad = cgutils.alloca_once_value(builder, ir.Constant(_I32, 0))
-            with cgutils.for_range(builder, count) as loop:
-                i = loop.index
-                off = builder.mul(i, ir.Constant(_I64, 4 * LANES))
-                poff = builder.mul(i, ir.Constant(_I64, LANES * io.size))
-                coff = builder.mul(i, ir.Constant(_I64, LANES))
-                for base, step in ((p_at, io.size), (g_at, io.size), (mc_at, 1), (sc_at, 1)):
-                    off_b = poff if step == io.size else coff
-                    _prefetch(builder, builder.add(builder.add(base, off_b), ir.Constant(_I64, int(AHEAD * step))))
-                g, p = io.load(builder.add(g_at, poff)), io.load(builder.add(p_at, poff))
-                m = builder.fmul(_lookup_bytes(builder, mvals, builder.add(mc_at, coff)), mscale)
-                v = builder.fmul(_lookup_bytes(builder, vvals, builder.add(sc_at, coff)), vscale)
-                p1, m1, v1 = adam_rule(builder, k, g, p, m, v)
-                if mask:  # the bad lanes keep their parameter and decoded moments
-                    ok = builder.fcmp_ordered("==", builder.fsub(g, g), _fsplat(0.0))
-                    p1, m1, v1 = (builder.select(ok, new, old) for new, old in ((p1, p), (m1, m), (v1, v)))
-                    lanes_bad = builder.bitcast(builder.not_(ok), ir.IntType(LANES))
-                    nbad = builder.zext(_call(builder, "llvm.ctpop.i8", ir.IntType(LANES), [lanes_bad]), _I32)
-                    builder.store(builder.add(builder.load(bad), nbad), bad)
-                io.store(builder.add(p_at, poff), p1)
-                builder.store(m1, _at(builder, m_at, off, _F8), align=4)
-                builder.store(v1, _at(builder, v_at, off, _F8), align=4)
-                for top, x in ((mtop, m1), (vtop, v1)):
-                    bitsx = builder.and_(builder.bitcast(x, _I8V), _splat(0x7FFFFFFF))
-                    old = builder.load(top)
-                    builder.store(builder.select(builder.icmp_signed(">", bitsx, old), bitsx, old), top)
-            tops = [_call(builder, "llvm.vector.reduce.smax.v8i32", _I32, [builder.load(t)]) for t in (mtop, vtop)]
-            return context.make_tuple(builder, signature.return_type, [*tops, builder.load(bad)])
+    def codegen(context, builder, signature, args):
+        (p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals, vvals, mscale, vscale, low,
+         c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, _) = args  # fmt: skip
+        io = _Params(builder, signature.args[-1].dtype)
+        k = RuleConstants.of(builder, low, c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv)
+        mscale, vscale = _broadcast(builder, mscale), _broadcast(builder, vscale)
+        mtop = cgutils.alloca_once_value(builder, _splat(0))
+        vtop = cgutils.alloca_once_value(builder, _splat(0))
 
-        f32 = types.float32
-        sig = types.UniTuple(types.int32, 3)(
-            *[types.int64] * 9, f32, f32, types.boolean, *[f32] * 9, types.int64, plike
-        )  # fmt: skip
-        return sig, codegen
+        def body(i: ir.Value, l2: bool) -> None:
+            off = builder.mul(i, ir.Constant(_I64, 4 * LANES))
+            poff = builder.mul(i, ir.Constant(_I64, LANES * io.size))
+            coff = builder.mul(i, ir.Constant(_I64, LANES))
+            for base, step in ((p_at, io.size), (g_at, io.size), (mc_at, 1), (sc_at, 1)):
+                off_b = poff if step == io.size else coff
+                _prefetch(builder, builder.add(builder.add(base, off_b), ir.Constant(_I64, int(AHEAD * step))))
+            g, p = io.load(builder.add(g_at, poff)), io.load(builder.add(p_at, poff))
+            m = builder.fmul(_lookup_bytes(builder, mvals, builder.add(mc_at, coff)), mscale)
+            v = builder.fmul(_lookup_bytes(builder, vvals, builder.add(sc_at, coff)), vscale)
+            p1, m1, v1 = adam_rule(builder, k, g, p, m, v, l2)
+            io.store(builder.add(p_at, poff), p1)
+            builder.store(m1, _at(builder, m_at, off, _F8), align=4)
+            builder.store(v1, _at(builder, v_at, off, _F8), align=4)
+            for top, x in ((mtop, m1), (vtop, v1)):
+                bitsx = builder.and_(builder.bitcast(x, _I8V), _splat(0x7FFFFFFF))
+                old = builder.load(top)
+                builder.store(builder.select(builder.icmp_signed(">", bitsx, old), bitsx, old), top)
 
-    return adam_rows
+        rule_loops(builder, k, count, body)
+        tops = [_call(builder, "llvm.vector.reduce.smax.v8i32", _I32, [builder.load(t)]) for t in (mtop, vtop)]
+        return context.make_tuple(builder, signature.return_type, tops)
 
-
-adam_rows_8 = _make_adam_rows(mask=False)
-adam_rows_8_masked = _make_adam_rows(mask=True)
+    f32 = types.float32
+    sig = types.UniTuple(types.int32, 2)(
+        *[types.int64] * 9, f32, f32, types.boolean, *[f32] * 9, types.int64, plike
+    )  # fmt: skip
+    return sig, codegen
 
 
 def simd_allowed() -> bool:

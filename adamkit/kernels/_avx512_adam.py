@@ -17,8 +17,8 @@ is a ``vrcp14ps`` estimate refined by a Newton step and a residual correction, w
 takes the quotient off the divider (shared with the square root) and gives the
 correctly rounded quotient but in rare cases, where it is one ulp away.
 
-With ``mask`` an element whose gradient is NaN/±inf keeps its parameter and decoded
-moments (selects), and the call counts them.
+Blocks whose gradient needs masking (NaN/±inf, or large enough to overflow) take the
+numba loop instead.
 """
 
 from __future__ import annotations
@@ -92,15 +92,15 @@ class _Params:
         b.store(x, b.inttoptr(addr, self.vec.as_pointer()), align=self.size)
 
 
-def _make_adam_rows(bits: int, root: bool, mask: bool):
+def _make_adam_rows(bits: int, root: bool):
     """An intrinsic for one bit width (``root``: the second moment's codebook holds
-    square roots) and masking choice; see the module's docstring. The parameters'
+    square roots); see the module's docstring. The parameters'
     dtype is the one of ``plike``'s (an array argument read for its type only)."""
 
     @intrinsic
     def adam_rows(typingctx, p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals_at, vvals_at, mscale, vscale, low,
                   c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, plike):  # fmt: skip  # noqa: ARG001
-        """Returns (largest |m| bits, largest |v| bits (of roots if ``root``), masked).
+        """Returns (largest |m| bits, largest |v| bits (of roots if ``root``)).
         At 8 bits ``mvals_at``/``vvals_at`` are the codebooks' 256 values; at 4 bits their
         dither tables, and ``h0`` the first element's dither hash of the codes' step."""
 
@@ -108,6 +108,7 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
             (p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals, vvals, mscale, vscale, low,
              c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, _) = args  # fmt: skip
             io = _Params(builder, signature.args[-1].dtype)
+            with_l2 = builder.fcmp_ordered("!=", l2, ir.Constant(l2.type, 0.0))
             c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale = (
                 _broadcast(builder, x) for x in (c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, mscale, vscale)
             )
@@ -116,7 +117,6 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
             i64 = count.type
             mtop = cgutils.alloca_once_value(builder, _splat(0))
             vtop = cgutils.alloca_once_value(builder, _splat(0))
-            bad = cgutils.alloca_once_value(builder, ir.Constant(_I32, 0))
             magnitude = _splat(0x7FFFFFFF)
             with cgutils.for_range(builder, count) as loop:
                 i = loop.index
@@ -144,20 +144,13 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
                 if root:
                     v = builder.fmul(v, v)
                 # the rule, as _adam_rule computes it
-                gw = builder.fadd(builder.fmul(g, gsign), builder.fmul(l2, p))
+                gs = builder.fmul(g, gsign)
+                gw = builder.select(with_l2, builder.fadd(gs, builder.fmul(l2, p)), gs)  # 0·inf is NaN
                 m1 = _call(builder, "llvm.fma.v16f32", _F16, [c1, builder.fsub(gw, m), builder.select(low, m, gw)])
                 v1 = builder.fadd(builder.fmul(b2, v), builder.fmul(builder.fmul(b2w, gw), gw))
-                if mask:
-                    ok = builder.fcmp_ordered("==", builder.fsub(g, g), ir.Constant(_F16, [0.0] * 16))
-                    m1, v1 = builder.select(ok, m1, m), builder.select(ok, v1, v)
-                    lanes = builder.bitcast(builder.not_(ok), ir.IntType(16))
-                    nbad = builder.zext(_call(builder, "llvm.ctpop.i16", ir.IntType(16), [lanes]), _I32)
-                    builder.store(builder.add(builder.load(bad), nbad), bad)
                 s = _call(builder, "llvm.sqrt.v16f32", _F16, [v1])
                 q = _divide(builder, m1, builder.fadd(builder.fmul(s, inv), eps))
                 p1 = builder.fsub(builder.fmul(p, decay), builder.fmul(lr_t, q))
-                if mask:
-                    p1 = builder.select(ok, p1, p)
                 io.store(builder.add(p_at, poff), p1)
                 v2 = s if root else v1
                 builder.store(m1, at(m_at), align=4)
@@ -167,10 +160,10 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
                     old = builder.load(top)
                     builder.store(builder.select(builder.icmp_signed(">", bitsx, old), bitsx, old), top)
             tops = [_call(builder, "llvm.vector.reduce.smax.v16i32", _I32, [builder.load(t)]) for t in (mtop, vtop)]
-            return context.make_tuple(builder, signature.return_type, [*tops, builder.load(bad)])
+            return context.make_tuple(builder, signature.return_type, tops)
 
         f32 = types.float32
-        sig = types.UniTuple(types.int32, 3)(
+        sig = types.UniTuple(types.int32, 2)(
             *[types.int64] * 9, f32, f32, types.boolean, *[f32] * 9, types.int64, plike
         )  # fmt: skip
         return sig, codegen
@@ -178,9 +171,7 @@ def _make_adam_rows(bits: int, root: bool, mask: bool):
     return adam_rows
 
 
-#: ``adam_rows_{bits}[mask]``: see :func:`_make_adam_rows` (4-bit second moments are
-#: square roots, as the kernels' 4-bit codebook ``sqrt_geo4_dither`` stores them).
-adam_rows_8 = _make_adam_rows(8, root=False, mask=False)
-adam_rows_8_masked = _make_adam_rows(8, root=False, mask=True)
-adam_rows_4 = _make_adam_rows(4, root=True, mask=False)
-adam_rows_4_masked = _make_adam_rows(4, root=True, mask=True)
+#: ``adam_rows_{bits}``: see :func:`_make_adam_rows` (4-bit second moments are square
+#: roots, as the kernels' 4-bit codebook ``sqrt_geo4_dither`` stores them).
+adam_rows_8 = _make_adam_rows(8, root=False)
+adam_rows_4 = _make_adam_rows(4, root=True)

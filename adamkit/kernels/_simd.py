@@ -27,7 +27,7 @@ LANES = 16 if ISA == "avx512" else 8
 FUSED4 = ISA == "avx512"
 
 if ISA == "avx512":
-    from ._avx512_adam import adam_rows_4, adam_rows_4_masked, adam_rows_8, adam_rows_8_masked
+    from ._avx512_adam import adam_rows_4, adam_rows_8
     from ._avx512_codes import ENCODER_CONSTANTS, decode_rows8, decode_rows_dither4, encode_rows_dither4
     from ._avx512_codes import encode_rows_dynamic8 as encode_rows_m8
     from ._avx512_codes import encode_rows_udynamic8 as encode_rows_v8
@@ -37,7 +37,6 @@ if ISA == "avx512":
 else:
     from ._avx2_quant import (
         adam_rows_8,
-        adam_rows_8_masked,
         decode_rows8,
         decode_rows_dither4,
         encode_rows_dither4,
@@ -45,7 +44,7 @@ else:
         encode_rows_v8,
     )
 
-    adam_rows_4 = adam_rows_4_masked = None  # see FUSED4
+    adam_rows_4 = None  # see FUSED4
     encoder_constants = {
         "dynamic8": lambda: _avx2.decade_constants8("dynamic8"),
         "udynamic8": lambda: _avx2.decade_constants8("udynamic8"),
@@ -53,7 +52,6 @@ else:
     }
 
 __all__ = [
-    "FUSED4", "ISA", "LANES", "SIMD", "adam_rows_4", "adam_rows_4_masked", "adam_rows_8", "adam_rows_8_masked",
-    "decode_rows8", "decode_rows_dither4", "encode_rows_dither4", "encode_rows_m8", "encode_rows_v8",
-    "encoder_constants",
+    "FUSED4", "ISA", "LANES", "SIMD", "adam_rows_4", "adam_rows_8", "decode_rows8", "decode_rows_dither4",
+    "encode_rows_dither4", "encode_rows_m8", "encode_rows_v8", "encoder_constants",
 ]  # fmt: skip

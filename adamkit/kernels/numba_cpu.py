@@ -18,10 +18,12 @@ and computes exactly :mod:`adamkit.kernels.reference`: torch's ``lerp`` formula 
 the first moment, ``sqrt(v)·inv_bc2_sqrt + ε``, NaN-propagating maxima.
 
 Non-finite gradients (``mask``): before updating a block the kernel checks its
-gradient (an integer max over the magnitudes' bits, from L1). A block with a NaN/±inf
+gradient (an integer max over the magnitudes' bits, from L1, against those of
+``HUGE``, 2^60 in float32 math). A block with a NaN/±inf or a gradient that large
 ends the kernel's pass over that chunk; after the parallel pass :func:`_adam_rest`
-finishes such chunks element by element, leaving the bad elements' parameter and
-moments as they were, and counts them. The common loop carries no selects: masking
+finishes such chunks element by element, leaving the parameter and moments of the
+elements :func:`_masked` picks (a NaN/±inf gradient, or one whose moments
+overflowed) as they were, and counts them. The common loop carries no selects: masking
 every element with selects cost 5% on 16M elements (10.4 -> 9.9 ms), and a second,
 masking copy of the loop in the same function cost 1 s of compile time.
 
@@ -435,40 +437,66 @@ def _blocks(lo, hi):
     return (BLOCK if blocked else max(hi - lo, 1)), blocked
 
 
-def _finite(a):
+#: Gradient magnitudes from which masking looks at the new moments, in float32 and
+#: float64 math (``reference.HUGE``): below, a finite gradient's moments cannot overflow.
+HUGE32 = np.float32(2.0**60)
+HUGE64 = 2.0**508
+
+
+def _tame(a):
     raise NotImplementedError
 
 
-@overload(_finite, inline="always")
-def _finite_ol(a):
-    """Whether every element of ``a`` is finite: the largest magnitude's bits against
-    the infinity's (an integer max vectorizes; a float reduction would not)."""
+@overload(_tame, inline="always")
+def _tame_ol(a):
+    """Whether every element of gradient ``a`` is below ``HUGE`` in magnitude (so finite):
+    the largest magnitude's bits against HUGE's (an integer max vectorizes; a float
+    reduction would not). fp16 never reaches 2^60: its infinity's bits."""
     if a.dtype in (types.uint16, types.int16):
-        inf = np.uint32(0x7F80 if a.dtype == types.uint16 else 0x7C00)
+        limit = np.uint32(0x5D80 if a.dtype == types.uint16 else 0x7C00)
 
         def impl(a):
             worst = np.uint32(0)
             for i in range(a.shape[0]):
                 worst = max(worst, np.uint32(a[i]) & np.uint32(0x7FFF))
-            return worst < inf
+            return worst < limit
 
     elif a.dtype == types.float32:
+        limit = np.uint32(0x5D800000)  # HUGE32's bits
 
         def impl(a):
             worst = np.uint32(0)
             for i in range(a.shape[0]):
                 worst = max(worst, np.uint32(_f32_bits(a[i]) & _U(0x7FFFFFFF)))
-            return worst < np.uint32(0x7F800000)
+            return worst < limit
 
     else:
 
         def impl(a):
             bad = np.uint32(0)
             for i in range(a.shape[0]):
-                bad |= np.uint32(not (a[i] - a[i] == 0))
+                bad |= np.uint32(not (abs(a[i]) < HUGE64))
             return bad == 0
 
     return impl
+
+
+def _huge(x):
+    raise NotImplementedError
+
+
+@overload(_huge, inline="always")
+def _huge_ol(x):
+    """``not |x| < HUGE`` for one float of the math dtype (NaN included)."""
+    limit = HUGE64 if x == types.float64 else HUGE32
+    return lambda x: not (abs(x) < limit)
+
+
+@njit(inline="always")
+def _masked(g, m1, v1, x1):
+    """Whether ``nonfinite="mask"`` leaves an element alone (``reference.masked_elements``):
+    its gradient is NaN/±inf, or so large that a new moment overflowed."""
+    return _huge(g) and not (g - g == 0 and m1 - m1 == 0 and v1 - v1 == 0 and x1 - x1 == 0)
 
 
 # -------------------------------------------------------------------- Adam / AdamW
@@ -480,7 +508,8 @@ def _adam_rule(g, p, m, v, x, low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, 
     ``c1`` is ``w`` or ``-(1-w)`` and ``low`` says which base: both forms in one,
     fused as torch's CPU lerp is.
     """
-    g = g * gsign + l2 * p  # gsign ±1: exact, and no branch on maximize
+    g = g * gsign  # gsign ±1: exact, and no branch on maximize
+    g = g + l2 * p if l2 != 0 else g  # never l2·p unused: 0·inf is NaN
     m1 = _fma(c1, g - m, m if low else g)
     v1 = b2 * v + b2w * g * g
     x1 = _nan_max(x, v1) if amsgrad else v1
@@ -540,7 +569,8 @@ def _adam_block(p, g, m, v, x, j0, sc, stream, amsgrad):
 def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, amsgrad, mask):
     """Adam/AdamW over the work units this thread claims.
 
-    With ``mask``, a chunk stops at the first block whose gradient has a NaN/±inf:
+    With ``mask``, a chunk stops at the first block whose gradient has a NaN/±inf or
+    a magnitude of at least ``HUGE``:
     ``stops[chunk]`` gets the block's first element, and :func:`_adam_rest` finishes
     the chunk element by element. Returns the number of chunks stopped.
 
@@ -569,7 +599,7 @@ def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike,
                 p, g = _piece(ptrs, t, 0, b, e, plike), _piece(ptrs, t, 1, b, e, plike)
                 m, v = _piece(ptrs, t, 2, b, e, slike), _piece(ptrs, t, 3, b, e, slike)
                 x = _piece(ptrs, t, 4, b, e, slike) if amsgrad else v
-                if mask and not _finite(g):  # left to _adam_rest from here on
+                if mask and not _tame(g):  # left to _adam_rest from here on
                     stops[c] = b
                     stopped += 1
                     break
@@ -611,8 +641,8 @@ _ADAM_KERNELS = {
 
 
 # The rare path, compiled the first time a non-finite gradient shows up: scalar code
-# that skips the elements whose gradient is NaN/±inf (their parameter and moments stay
-# as they were) and counts them. Kept apart so the common kernels carry neither the
+# that skips the elements _masked picks (their parameter and moments stay as they
+# were) and counts them. Kept apart so the common kernels carry neither the
 # selects (they cost 5% on 16M elements) nor a second copy of the loop (compile time).
 @njit(nogil=True, cache=True, error_model="numpy")
 def _adam_rest(ptrs, chunks, stops, scal, salts, plike, slike, consts, sr, seed, amsgrad):
@@ -629,14 +659,14 @@ def _adam_rest(ptrs, chunks, stops, scal, salts, plike, slike, consts, sr, seed,
         x = _piece(ptrs, t, 4, lo, hi, slike) if amsgrad else v
         for i in range(hi - lo):
             gi = _load(g, i)
-            if not (gi - gi == 0):
-                bad += 1
-                continue
             xi = _load(x, i) if amsgrad else _load(v, i)
             p1, m1, v1, x1 = _adam_rule(
                 gi, _load(p, i), _load(m, i), _load(v, i), xi,
                 low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, amsgrad,
             )  # fmt: skip
+            if _masked(gi, m1, v1, x1):
+                bad += 1
+                continue
             _store_param(p, i, p1, sr, stream, lo + i)
             _store(m, i, m1)
             _store(v, i, v1)
@@ -649,7 +679,8 @@ def _adam_rest(ptrs, chunks, stops, scal, salts, plike, slike, consts, sr, seed,
 @njit(inline="always")
 def _adamax_rule(g, p, m, u, low, c1, b2, eps, lr_t, l2, gsign):
     """One element of Adamax: new (p, m, u)."""
-    g = g * gsign + l2 * p
+    g = g * gsign
+    g = g + l2 * p if l2 != 0 else g
     m1 = _fma(c1, g - m, m if low else g)
     u1 = _nan_max(b2 * u, np.abs(g) + eps)
     return p - lr_t * (m1 / u1), m1, u1
@@ -687,7 +718,7 @@ def _adamax_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slik
                     _ahead(ptrs, t, b + AHEAD, hi, plike, slike)
                 p, g = _piece(ptrs, t, 0, b, e, plike), _piece(ptrs, t, 1, b, e, plike)
                 m, u = _piece(ptrs, t, 2, b, e, slike), _piece(ptrs, t, 3, b, e, slike)
-                if mask and not _finite(g):  # left to _adamax_rest from here on
+                if mask and not _tame(g):  # left to _adamax_rest from here on
                     stops[c] = b
                     stopped += 1
                     break
@@ -720,13 +751,13 @@ def _adamax_rest(ptrs, chunks, stops, scal, salts, plike, slike, consts, sr, see
         stream = _tensor_seed(seed, salts[t]) if sr else _U(0)
         p, g = _piece(ptrs, t, 0, lo, hi, plike), _piece(ptrs, t, 1, lo, hi, plike)
         m, u = _piece(ptrs, t, 2, lo, hi, slike), _piece(ptrs, t, 3, lo, hi, slike)
+        lr_t = scal[t, 0]
         for i in range(hi - lo):
             gi = _load(g, i)
-            if not (gi - gi == 0):
+            p1, m1, u1 = _adamax_rule(gi, _load(p, i), _load(m, i), _load(u, i), low, c1, b2, eps, lr_t, l2, gsign)
+            if _masked(gi, m1, u1, u1):
                 bad += 1
                 continue
-            lr_t = scal[t, 0]
-            p1, m1, u1 = _adamax_rule(gi, _load(p, i), _load(m, i), _load(u, i), low, c1, b2, eps, lr_t, l2, gsign)
             _store_param(p, i, p1, sr, stream, lo + i)
             _store(m, i, m1)
             _store(u, i, u1)

@@ -30,10 +30,14 @@ step's.
 
 Chunks hold whole blocks (``CHUNK`` is a multiple of ``block_size``; other block sizes
 and one absmax per tensor go to the reference). Masking non-finite gradients (``mask``):
-the bad element keeps its parameter and its decoded state, re-encoded with the block's
-new absmax. Only blocks whose gradient holds a NaN/±inf (a scan of the gradient finds
-them) pay for the selects, in the numba loop and the SIMD block loops alike (selecting
-in every vector cost 2-4 % of the AVX-512 8-bit step, ~15 % of the AVX2 one).
+the element :func:`~adamkit.kernels.numba_cpu._masked` picks (a NaN/±inf gradient, or
+one so large that its moments overflowed) keeps its parameter and its decoded state,
+re-encoded with the block's new absmax. Only blocks whose gradient holds a NaN/±inf or
+a magnitude of ``HUGE`` or more (a scan of the gradient finds them) pay for the
+selects, in the numba loop (selecting in every vector cost 2-4 % of the AVX-512 8-bit
+step, ~15 % of the AVX2 one). Encoding, the block's absmax is its largest finite
+magnitude and a non-finite value is stored saturated (:func:`_scale`, as the
+reference), so that a NaN under ``nonfinite="propagate"`` stays in its element.
 """
 
 from __future__ import annotations
@@ -67,9 +71,7 @@ from ._simd import (
     LANES,
     SIMD,
     adam_rows_4,
-    adam_rows_4_masked,
     adam_rows_8,
-    adam_rows_8_masked,
     decode_rows8,
     decode_rows_dither4,
     encode_rows_dither4,
@@ -82,10 +84,11 @@ from .numba_cpu import (
     _adam_rule,
     _adamax_rule,
     _claim,
-    _finite,
     _load,
+    _masked,
     _prefetch,
     _store_param,
+    _tame,
     _tensor_seed,
     _view,
     _wide_vectors,
@@ -205,37 +208,95 @@ def _decode_dither(code, h, tab):
 
 @njit(inline="always")
 def _encode_dither(y, h, tab, first):
-    """A normalized value's dithered 4-bit code (the reference's, operation for operation)."""
-    y = max(y, tab[14, 0])
+    """A normalized value's dithered 4-bit code (the reference's, operation for operation;
+    NaN as ``L[0]``, above 2 as 2: always a code of 0..15)."""
+    y = y if y > tab[14, 0] else tab[14, 0]
+    y = min(y, np.float32(2.0))
     cell = min(max(int(y * tab[9, 0] + tab[10, 0]), 0), 31)
     k = first[cell] + (1 if y >= tab[5 + (cell >> 4), cell & 15] else 0)
     position = int(y * tab[1, k] + tab[2, k])
     return min((position + (h >> 16)) >> 16, 15)
 
 
+_INF_BITS = np.int32(0x7F800000)
+_TINY_BITS = np.int32(0x00800000)  # 2^-126, float32's smallest normal
+_UP = np.float32(2.0**64)
+#: ``udynamic8``'s first nonzero value, 3.25e-7: a normalized value below it may take code 0.
+_FLOOR_Y = np.float32(encoder_table("udynamic8")[2][1])
+
+
+@njit
+def _saturate(row, n):
+    """Non-finite values of ``row[:n]`` to ± its largest finite magnitude (NaN to +);
+    returns that magnitude's bits."""
+    top = np.int32(0)
+    for i in range(n):
+        b = _magnitude_bits(row[i])
+        if b < _INF_BITS:
+            top = max(top, b)
+    absmax = _from_bits(top)
+    for i in range(n):
+        x = row[i]
+        if not (x - x == 0):
+            row[i] = -absmax if x < 0 else absmax
+    return top
+
+
 @njit(inline="always")
-def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows, h0):
-    """Encode ``row[:n]`` with absmax ``top`` into ``codes``; store it at ``absmax_at``.
-    With SIMD a vector at a time by ``encode_rows`` (the codebook's decade encoder in
-    ``_avx512_codes`` or ``_avx2_quant``), the rest from the packed table
-    (:func:`adamkit.quant.encoder_table`)."""
+def _scale(row, n, top):
+    """(absmax, 1 / absmax) of ``row[:n]``, whose largest magnitude's bits are ``top``
+    (NaN above +inf), as the reference's ``quantize``: a non-finite value saturated
+    first, a row whose absmax is subnormal multiplied by 2^64 (exact; ``1 / absmax``
+    would overflow). Both rare, in portable code after the SIMD loops: the same on
+    every ISA."""
+    if top >= _INF_BITS:
+        top = _saturate(row, n)
+    absmax = _from_bits(top)
+    if top >= _TINY_BITS:
+        return absmax, np.float32(1.0) / absmax
+    if top == 0:
+        return absmax, np.float32(0.0)
+    for i in range(n):
+        row[i] *= _UP
+    return absmax, np.float32(1.0) / (absmax * _UP)
+
+
+@njit(inline="always")
+def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows, h0, floor):
+    """Encode ``row[:n]`` (largest magnitude's bits ``top``, see :func:`_scale`) into
+    ``codes``; store its absmax at ``absmax_at``. With SIMD a vector at a time by
+    ``encode_rows`` (the codebook's decade encoder in ``_avx512_codes`` or
+    ``_avx2_quant``), the rest from the packed table (:func:`adamkit.quant.encoder_table`).
+    ``floor`` (an unsigned map whose code 0 is 0): a value above 0 takes code 1 at least."""
     packed = book[1]
-    inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
+    absmax, inv = _scale(row, n, top)
     done = 0
     if SIMD:
         done = n & ~(LANES - 1)
         encode_rows(row.ctypes.data, done // LANES, inv, book[3].ctypes.data, codes.ctypes.data, h0)
     for i in range(done, n):
         codes[i] = _encode(row[i] * inv, packed)
-    _put_f32(absmax_at, top)
+    if floor and inv > 0:
+        # only a row holding a value above 0 that may round to code 0 (below twice the
+        # first nonzero code's value) pays the pass over the codes: reading codes just
+        # stored cost ~8 % of the 8-bit step, this scan of the row ~2 %
+        lim = np.float32(2.0) * _FLOOR_Y / inv
+        low = False
+        for i in range(n):
+            low |= (row[i] > np.float32(0.0)) & (row[i] < lim)
+        if low:
+            for i in range(n):
+                codes[i] = max(codes[i], np.uint8(row[i] > np.float32(0.0)))
+    _put_f32(absmax_at, absmax)
 
 
 @njit(inline="always")
-def _encode_block4(codes, absmax_at, row, n, top, book, encode_rows, h0):
+def _encode_block4(codes, absmax_at, row, n, top, book, encode_rows, h0, floor):
     """:func:`_encode_block8` for dithered 4-bit codes, two per byte (low nibble first);
-    ``h0``: the block's first element's dither hash for this step."""
+    ``h0``: the block's first element's dither hash for this step (no ``floor``: the
+    4-bit maps of second moments have no 0)."""
     tab, first = book[0], book[1]
-    inv = np.float32(1.0) / top if top > 0 else np.float32(0.0)
+    absmax, inv = _scale(row, n, top)
     done = 0
     if SIMD:
         done = n & ~(LANES - 1)
@@ -247,7 +308,7 @@ def _encode_block4(codes, absmax_at, row, n, top, book, encode_rows, h0):
     if n & 1:
         last = _encode_dither(row[n - 1] * inv, _dither_hash(h0, n - 1), tab, first)
         _put_u8(codes.ctypes.data + (n >> 1), last)
-    _put_f32(absmax_at, top)
+    _put_f32(absmax_at, absmax)
 
 
 # The codebooks' row encoders as functions the kernels take as arguments (the dither
@@ -360,12 +421,13 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                     xc, xa = sc, sa
                 # masking costs selects in every vector (8 bits: ~15 % of the step in the
                 # AVX2 block loop, 0.6 ms per 16M elements in the numba loop; 4 bits: 2 ms):
-                # only blocks whose gradient holds a NaN/±inf pay them
-                dirty = mask and not _finite(g)
-                # Adam/AdamW's full blocks: one SIMD loop (_fused8/_fused4), prefetching too
-                done, nbad, mtop, stop = fused(p, g, mc, ma[k], sc, sa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                                               consts, sr or not simd, dirty, hd)  # fmt: skip
-                xtop = np.int32(0)
+                # only blocks whose gradient holds a NaN/±inf or a magnitude of HUGE or
+                # more pay them, in the numba loop
+                dirty = mask and not _tame(g)
+                # Adam/AdamW's other full blocks: one SIMD loop (_fused8/_fused4), prefetching too
+                done, mtop, stop = fused(p, g, mc, ma[k], sc, sa[k], n, rows, books, scal[t, 0], scal[t, 1],
+                                         consts, sr or dirty or not simd, hd)  # fmt: skip
+                nbad, xtop = 0, np.int32(0)
                 if not done:
                     _ahead(ptrs, t, b + AHEAD, min(n, hi - b - AHEAD), plike.itemsize, bits, amsgrad)
                     if dirty:
@@ -379,18 +441,19 @@ def _q_chunks(ptrs, chunks, units, counter, scal, salts, plike, consts, sr, seed
                             consts, sr, stream, b, hd, decode_row, amsgrad, False, root,
                         )  # fmt: skip
                 bad += nbad
-                encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, _from_bits(mtop), books[0], encode_m, he)
-                encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, _from_bits(stop), books[1], encode_v, he)
+                encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, mtop, books[0], encode_m, he, False)
+                encode_block(sc, ptrs[t, 5] + 4 * k, rows[1], n, stop, books[1], encode_v, he, True)
                 if amsgrad:
-                    encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, _from_bits(xtop), books[2], encode_v, he)
+                    encode_block(xc, ptrs[t, 7] + 4 * k, rows[2], n, xtop, books[2], encode_v, he, True)
     return bad + 0 * scratch.size  # scratch lives to here
 
 
 @njit(inline="always")
-def _fused_ok(n, sr, consts):
-    """Whether a block can go through the SIMD block loop: no stochastic rounding, ``n`` a
-    multiple of the lanes, ``ε`` a normal float."""
-    return not sr and n % LANES == 0 and consts[5] >= np.float32(1.2e-38)
+def _fused_ok(n, skip, consts):
+    """Whether a block can go through the SIMD block loop: not ``skip`` (stochastic
+    rounding, a gradient to mask, SIMD blocks off), ``n`` a multiple of the lanes, ``ε``
+    a normal float."""
+    return not skip and n % LANES == 0 and consts[5] >= np.float32(1.2e-38)
 
 
 @njit(inline="always")
@@ -402,34 +465,31 @@ def _rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, 
 
 
 # The ``fused`` of Adam/AdamW: full blocks through the SIMD block loop (_avx512_adam or
-# _avx2_quant) when it can, returning (done, masked, largest |m| bits, largest |v| bits);
-# not done: the caller's numba loop runs. ``mask``: the block's gradient holds a NaN/±inf.
-# ``if SIMD`` / ``if FUSED4``: a lone global in the condition, so numba prunes the branch
-# where that code is absent.
+# _avx2_quant) when it can, returning (done, largest |m| bits, largest |v| bits); not
+# done: the caller's numba loop runs. ``if SIMD`` / ``if FUSED4``: a lone global in the
+# condition, so numba prunes the branch where that code is absent.
 @njit(inline="always")
-def _fused8(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd):
+def _fused8(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, skip, hd):
     if SIMD:
-        if _fused_ok(n, sr, consts):
-            args = _rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, hd)
-            mtop, vtop, bad = adam_rows_8_masked(*args) if mask else adam_rows_8(*args)
-            return True, bad, mtop, vtop
-    return False, np.int32(0), np.int32(0), np.int32(0)
+        if _fused_ok(n, skip, consts):
+            mtop, vtop = adam_rows_8(*_rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, hd))
+            return True, mtop, vtop
+    return False, np.int32(0), np.int32(0)
 
 
 @njit(inline="always")
-def _fused4(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd):
+def _fused4(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, skip, hd):
     if FUSED4:
-        if _fused_ok(n, sr, consts):
-            args = _rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, hd)
-            mtop, vtop, bad = adam_rows_4_masked(*args) if mask else adam_rows_4(*args)
-            return True, bad, mtop, vtop
-    return False, np.int32(0), np.int32(0), np.int32(0)
+        if _fused_ok(n, skip, consts):
+            mtop, vtop = adam_rows_4(*_rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, hd))
+            return True, mtop, vtop
+    return False, np.int32(0), np.int32(0)
 
 
 @njit(inline="always")
-def _none(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, sr, mask, hd):
+def _none(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, skip, hd):
     """The ``fused`` of AMSGrad and Adamax: no block done here."""
-    return False, np.int32(0), np.int32(0), np.int32(0)
+    return False, np.int32(0), np.int32(0)
 
 
 @njit(inline="always")
@@ -479,7 +539,7 @@ def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t
             gi, pi, mi, vi, xi, low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, amsgrad
         )  # fmt: skip
         if mask:
-            ok = gi - gi == 0
+            ok = not _masked(gi, m1, v1, x1)
             bad += not ok
             p1 = p1 if ok else pi
             m1 = m1 if ok else mi
@@ -512,7 +572,7 @@ def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr
         gi, pi, mi, ui = _load(g, i), _load(p, i), m[i], v[i]
         p1, m1, u1 = _adamax_rule(gi, pi, mi, ui, low, c1, b2, eps, lr_t, l2, gsign)
         if mask:
-            ok = gi - gi == 0
+            ok = not _masked(gi, m1, u1, u1)
             bad += not ok
             p1 = p1 if ok else pi
             m1 = m1 if ok else mi

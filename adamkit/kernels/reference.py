@@ -94,8 +94,9 @@ def adamax_rule_(
     torch._foreach_addcdiv_(params, exp_avgs, exp_infs, value=-s.step_size)
 
 
-def nonfinite_indices(tensors: Sequence[Tensor]) -> list[int]:
-    """Indices of the tensors holding at least one NaN or ±inf (one read pass each).
+def nonfinite_indices(tensors: Sequence[Tensor], limit: float = math.inf) -> list[int]:
+    """Indices of the tensors holding at least one NaN or ±inf, or with ``limit``, one
+    element of magnitude ``>= limit`` (one read pass each).
 
     The infinity norm propagates NaN, so one ``_foreach_norm`` per (device, dtype)
     and one host sync answer for the whole list. Tensors on the meta device (shapes
@@ -108,9 +109,9 @@ def nonfinite_indices(tensors: Sequence[Tensor]) -> list[int]:
     bad: list[int] = []
     for idx in groups.values():
         norms = torch._foreach_norm([tensors[i] for i in idx], float("inf"))
-        finite = torch.stack(norms).isfinite()
-        finite = finite.tolist() if type(finite) is Tensor else [bool(x) for x in finite]  # subclasses: one by one
-        bad.extend(i for i, ok in zip(idx, finite) if not ok)
+        tame = torch.stack(norms) < limit  # NaN compares False
+        tame = tame.tolist() if type(tame) is Tensor else [bool(x) for x in tame]  # subclasses: one by one
+        bad.extend(i for i, ok in zip(idx, tame) if not ok)
     return sorted(bad)
 
 
@@ -165,6 +166,23 @@ def _work_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dty
     return torch.promote_types(torch.promote_types(param_dtype, state_dtype), torch.float32)
 
 
+#: Gradient magnitudes from which masking looks at the new moments, per math dtype:
+#: below, a finite gradient's square and moments cannot overflow (2^120 < 2^128; the
+#: kernels find such blocks in the same scan as NaN/±inf, by the float's bits).
+HUGE = {torch.float32: 2.0**60, torch.float64: 2.0**508}
+
+
+def masked_elements(g: Tensor, new_state: Sequence[Tensor]) -> Tensor:
+    """Which elements ``nonfinite="mask"`` leaves alone, given the gradient and the
+    rule's new state in the math dtype (real views): a gradient that is NaN/±inf, or
+    of magnitude ``>= HUGE`` with a new moment that is not finite (its square
+    overflowed). Every kernel decides so, element by element."""
+    finite = torch.isfinite(new_state[0])
+    for t in new_state[1:]:
+        finite &= torch.isfinite(t)
+    return ~torch.isfinite(g) | ((g.abs() >= HUGE[g.dtype]) & ~finite)
+
+
 def _run(
     rule: Callable[[TensorList, TensorList, list[TensorList]], None],
     params: Sequence[Tensor],
@@ -182,8 +200,9 @@ def _run(
     ``sr_seed`` is given; ``salts`` name the tensors'
     random streams, by default their positions). With ``mask_nonfinite``, elements
     whose gradient is not finite get their parameter and state restored afterwards,
-    and are counted (a complex element with a NaN or infinite part is one element,
-    restored whole).
+    and so are those whose gradient is so large that their new moments overflowed
+    (:func:`masked_elements`); they are counted (a complex element with such a part is
+    one element, restored whole).
     """
     if not params:
         return 0
@@ -195,16 +214,20 @@ def _run(
     work_gs = [g.to(work) for g in gs] if gs[0].dtype != work else gs
     work_sts = [[t.to(work) for t in ts] for ts in sts] if sts[0][0].dtype != work else sts
 
-    bad = nonfinite_indices(gs) if mask_nonfinite else []
+    # the tensors that may hold elements to mask, saved before the rule
+    bad = nonfinite_indices(gs, HUGE[work]) if mask_nonfinite else []
     saved = {i: [work_ps[i].clone()] + [ts[i].clone() for ts in work_sts] for i in bad}
     rule(work_ps, work_gs, work_sts)
     masked = 0
     for i, old in saved.items():
-        bad_elements = ~torch.isfinite(grads[i])  # a complex element counts once
-        keep = bad_elements.unsqueeze(-1).expand_as(gs[i]) if grads[i].is_complex() else bad_elements
+        keep = masked_elements(work_gs[i], [ts[i] for ts in work_sts])
+        if grads[i].is_complex():  # a complex element counts once, restored whole
+            keep = keep.any(-1, keepdim=True).expand_as(keep)
+            masked += int(keep[..., 0].sum())
+        else:
+            masked += int(keep.sum())
         for new, before in zip([work_ps[i]] + [ts[i] for ts in work_sts], old):
             new.copy_(torch.where(keep, before, new))
-        masked += int(bad_elements.sum())
     if work_ps is not ps:
         if sr_seed is not None and ps[0].dtype == torch.bfloat16:
             for i, (p, w) in enumerate(zip(ps, work_ps)):

@@ -11,8 +11,8 @@ cost one launch, and a 16M tensor is spread over every SM.
   bf16 or fp16 (fp64 with fp64 parameters); math in fp32 (fp64 for fp64).
 * **8-bit and dithered 4-bit state** (:func:`_quant_kernel`): whole quantization
   blocks per program, as a [rows, block] tile: decode, the rule, each row's new absmax
-  (an integer max over the magnitudes' bits, so NaN propagates as in the reference),
-  encode. 8-bit codes are the nearest value's (the count of midpoints below ``y``, as
+  (an integer max over the finite magnitudes' bits; a non-finite value is stored
+  saturated, as in the reference), encode. 8-bit codes are the nearest value's (the count of midpoints below ``y``, as
   ``torch.searchsorted``) from one table load and an add (:func:`_encode8`); 4-bit
   codes are the dithered positions of :mod:`adamkit.quant.blockwise`, a byte's two
   nibbles joined and split in the element tile.
@@ -34,7 +34,8 @@ tensor), so changing lr or betas does not recompile, and parameters whose ``step
 lags share the launch. Only the dtypes and the algorithm switches (AMSGRAD, ADAMAX,
 MASK, SR, the codebook kinds) are constants.
 
-Non-finite gradients (``mask``): the element keeps its parameter and moments, and is
+Non-finite gradients (``mask``): the element whose gradient is NaN/±inf, or so large
+that its moments overflowed (:func:`_masked`), keeps its parameter and moments, and is
 counted with one atomic add per program into a device counter, which the launcher
 returns as a tensor: reading it would make every step wait for the GPU, so the
 optimizer reads it only once it is ready (see :class:`adamkit.optim.AdamFamily`).
@@ -152,6 +153,8 @@ STATE_DTYPES = {
 }
 #: Parameter dtypes of quantized state (math in float32).
 QUANT_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: ``reference.HUGE``: gradient magnitudes from which masking looks at the new moments.
+_HUGE32, _HUGE64 = tl.constexpr(2.0**60), tl.constexpr(2.0**508)
 #: Indices into the constants table (float64, on the device); with stochastic
 #: rounding, the step's random seed follows them (``_SEED``).
 _LOW, _B1W, _C1, _B2, _B2W, _EPS, _DECAY, _L2, _GSIGN, _SEED = range(10)
@@ -273,6 +276,27 @@ def _consts(consts, W: tl.constexpr):
 
 
 @triton.jit
+def _l2(g, p, c):
+    """``±g + l2·θ`` (one FMA), or ``±g`` when l2 is 0: never ``0·θ``, NaN for an
+    infinite parameter (whose moments stay finite, as torch's)."""
+    gs = g * c[8]
+    return tl.where(c[7] != 0, tl.fma(tl.zeros_like(p) + c[7], p, gs), gs)
+
+
+@triton.jit
+def _masked(g, m1, v1, x1):
+    """Which elements ``nonfinite="mask"`` leaves alone (``reference.masked_elements``):
+    a NaN/±inf gradient, or one of magnitude ``HUGE`` or more (2^60 in float32 math,
+    2^508 in float64) whose new moments are not all finite."""
+    if g.dtype == tl.float64:
+        tame = tl.abs(g) < _HUGE64
+    else:
+        tame = tl.abs(g) < _HUGE32
+    finite = ((g - g) == 0) & ((m1 - m1) == 0) & ((v1 - v1) == 0) & ((x1 - x1) == 0)
+    return ~tame & ~finite
+
+
+@triton.jit
 def _adam_rule(g, p, m, v, x, c, lr_t, inv, AMSGRAD: tl.constexpr):
     """Adam/AdamW for float lanes: new (p, m, v, v_max); ``reference.adam_rule_``
     operation for operation, rounded as torch's CPU ops round (measured bit for bit):
@@ -280,7 +304,7 @@ def _adam_rule(g, p, m, v, x, c, lr_t, inv, AMSGRAD: tl.constexpr):
     ``self + (value·a) / b``, and torch's lerp ``m + w·(g-m)`` for ``w < 0.5`` and
     ``g - (g-m)·(1-w)`` otherwise, fused (``c1`` is ``w`` or ``-(1-w)``, ``low`` picks
     the base); ``c``: :func:`_consts`."""
-    g = tl.fma(tl.zeros_like(p) + c[7], p, g * c[8])  # ±g + l2·θ
+    g = _l2(g, p, c)
     base = tl.where(c[0] != 0, m, g)
     m1 = tl.fma(tl.zeros_like(g) + c[2], g - m, base)
     v1 = tl.fma(c[4] * g, g, c[3] * v)
@@ -297,7 +321,7 @@ def _adam_rule(g, p, m, v, x, c, lr_t, inv, AMSGRAD: tl.constexpr):
 def _adamax_rule(g, p, m, u, c, lr_t):
     """Adamax for float lanes: new (p, m, u); ``reference.adamax_rule_``, rounded as
     :func:`_adam_rule` says."""
-    g = tl.fma(tl.zeros_like(p) + c[7], p, g * c[8])
+    g = _l2(g, p, c)
     base = tl.where(c[0] != 0, m, g)
     m1 = tl.fma(tl.zeros_like(g) + c[2], g - m, base)
     u1 = _nan_max(c[3] * u, tl.abs(g) + c[5])
@@ -331,8 +355,8 @@ def _dense_body(row, t, offs, mask, scal, consts, count, amp,
                 MASK: tl.constexpr, SR: tl.constexpr, FTZ: tl.constexpr, SCALED: tl.constexpr,
                 ALIGNED: tl.constexpr):  # fmt: skip
     """The elements ``offs`` of tensor ``t``. ``mask`` is the same for all of them in a
-    full block (only found_inf), so loads and stores go 16 bytes at a time; elements
-    whose gradient is not finite get their loaded values stored back, bit for bit."""
+    full block (only found_inf), so loads and stores go 16 bytes at a time; the elements
+    :func:`_masked` picks get their loaded values stored back, bit for bit."""
     p_ptr, g_ptr = _ptr(row, 2, P, ALIGNED), _ptr(row, 3, P, ALIGNED)
     m_ptr, v_ptr = _ptr(row, 4, S, ALIGNED), _ptr(row, 5, S, ALIGNED)
     lr_t, inv = tl.load(scal + 4 * t).to(W), tl.load(scal + 4 * t + 1).to(W)
@@ -346,13 +370,9 @@ def _dense_body(row, t, offs, mask, scal, consts, count, amp,
     m_raw = tl.load(m_ptr + offs, mask=mask, other=0)
     v_raw = tl.load(v_ptr + offs, mask=mask, other=0)
     p, m, v = p_raw.to(W), m_raw.to(W), v_raw.to(W)
-    ok = offs == offs
-    if MASK:
-        ok = (g - g) == 0
-        bad = tl.sum((mask & ~ok).to(tl.int32), axis=0)
-        tl.atomic_add(count, bad, mask=bad > 0, sem="relaxed")  # one atomic per program would serialize in L2
     if ADAMAX:
         p1, m1, v1 = _adamax_rule(g, p, m, v, _consts(consts, W), lr_t)
+        x1 = v1
     else:
         x = v
         if AMSGRAD:
@@ -360,8 +380,13 @@ def _dense_body(row, t, offs, mask, scal, consts, count, amp,
             x_raw = tl.load(x_ptr + offs, mask=mask, other=0)
             x = x_raw.to(W)
         p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, _consts(consts, W), lr_t, inv, AMSGRAD)
-        if AMSGRAD:
-            tl.store(x_ptr + offs, tl.where(ok, _cast(x1, S, FTZ, False, rnd), x_raw), mask=mask)
+    ok = offs == offs
+    if MASK:
+        ok = ~_masked(g, m1, v1, x1)
+        bad = tl.sum((mask & ~ok).to(tl.int32), axis=0)
+        tl.atomic_add(count, bad, mask=bad > 0, sem="relaxed")  # one atomic per program would serialize in L2
+    if AMSGRAD:
+        tl.store(x_ptr + offs, tl.where(ok, _cast(x1, S, FTZ, False, rnd), x_raw), mask=mask)
     tl.store(p_ptr + offs, tl.where(ok, _cast(p1, P, False, SR, rnd), p_raw), mask=mask)
     tl.store(m_ptr + offs, tl.where(ok, _cast(m1, S, FTZ, False, rnd), m_raw), mask=mask)
     tl.store(v_ptr + offs, tl.where(ok, _cast(v1, S, FTZ, False, rnd), v_raw), mask=mask)
@@ -451,7 +476,8 @@ def _encode4(y, h, tab):
     operations): the interval from the value's cell (one of 32, see
     :class:`adamkit.quant.codebooks.DitherTables`) and one compare with the value inside
     it, the position in 2^-16 codes, the dither."""
-    y = _nan_max(y, tl.zeros_like(y) + tl.load(tab))
+    low = tl.load(tab)
+    y = tl.minimum(tl.where(y > low, y, low), 2.0)  # NaN: as L[0]; above 1: code 15
     cell = (y * tl.load(tab + 144) + tl.load(tab + 145)).to(tl.int32)
     cell = tl.minimum(tl.maximum(cell, 0), 31)
     k = _gather(tab + 112, cell).to(tl.int32, bitcast=True) + (y >= _gather(tab + 80, cell)).to(tl.int32)
@@ -461,17 +487,21 @@ def _encode4(y, h, tab):
 
 @triton.jit
 def _magnitude_top(x):
-    """The rows' largest magnitudes' bits (int32; NaN lies above +inf, so it propagates)."""
-    return tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    """The rows' largest finite magnitudes' bits (int32)."""
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.max(tl.where(bits < 0x7F800000, bits, 0), axis=1)
 
 
 @triton.jit
 def _inverse(top):
-    """``1 / absmax`` (0 for an all-zero or NaN block) from the magnitude bits."""
+    """(absmax, 1 / absmax, scale) from the magnitude bits, as the reference's
+    ``quantize``: ``inv`` 0 for an all-zero block; a subnormal absmax's rows are
+    multiplied by ``scale`` = 2^64 first (its inverse would overflow), others by 1."""
     absmax = top.to(tl.float32, bitcast=True)
     positive = absmax > 0
-    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(positive, absmax, 1.0))
-    return absmax, tl.where(positive, inv, 0.0)
+    scale = tl.where(absmax < 1.1754943508222875e-38, 1.8446744073709552e19, 1.0)
+    inv = tl.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.where(positive, absmax * scale, 1.0))
+    return absmax, tl.where(positive, inv, 0.0), scale
 
 
 @triton.jit
@@ -490,12 +520,21 @@ def _decode(codes, cb, cmask, book, scale, h, BITS: tl.constexpr, ROOT: tl.const
 
 
 @triton.jit
-def _encode(codes, cb, cmask, y, mask, h, book, BITS: tl.constexpr, ROWS: tl.constexpr, E: tl.constexpr):
-    """Store the codes of the normalized [ROWS, E] values ``y`` at the bytes ``cb``
-    (4 bits: even and odd elements' codes split apart and packed in one byte, a
-    missing odd element's code 0, as the reference pads)."""
+def _encode(codes, cb, cmask, x, scaling, mask, h, book, BITS: tl.constexpr, ROWS: tl.constexpr, E: tl.constexpr,
+            FLOOR: tl.constexpr):  # fmt: skip
+    """Store the codes of the [ROWS, E] values ``x`` at the bytes ``cb``, normalized by
+    ``scaling`` (:func:`_new_absmax`): a non-finite value saturated to ±absmax (NaN to
+    +), as the reference's ``quantize`` (4 bits: even and odd elements' codes split
+    apart and packed in one byte, a missing odd element's code 0, as the reference
+    pads). FLOOR (8 bits, the unsigned map): a value above 0 takes code 1 at least."""
+    absmax, inv, scale = scaling
+    x = tl.where((x - x) == 0, x, tl.where(x < 0, -absmax[:, None], absmax[:, None])) * scale[:, None]
+    y = x * inv[:, None]
     if BITS == 8:
-        tl.store(codes + cb, _encode8(y, book + _ENC_BASE).to(tl.uint8), mask=cmask)
+        code = _encode8(y, book + _ENC_BASE)
+        if FLOOR:
+            code = tl.where(x > 0, tl.maximum(code, 1), code)
+        tl.store(codes + cb, code.to(tl.uint8), mask=cmask)
     else:
         lo, hi = tl.split(tl.reshape(tl.where(mask, _encode4(y, h, book), 0), [ROWS, E // 2, 2]))
         tl.store(codes + cb, (lo | (hi << 4)).to(tl.uint8), mask=cmask)
@@ -503,15 +542,15 @@ def _encode(codes, cb, cmask, y, mask, h, book, BITS: tl.constexpr, ROWS: tl.con
 
 @triton.jit
 def _new_absmax(y, state_top, absmax_ptr, blk, live, PASS: tl.constexpr, ROWS: tl.constexpr):
-    """The rows' new absmax and its inverse (PASS 0: each row's, stored; PASS 2: the
-    tensor's, from ``state_top``, stored by the row of block 0)."""
+    """The rows' new absmax, its inverse and scale (:func:`_inverse`; PASS 0: each
+    row's, stored; PASS 2: the tensor's, from ``state_top``, stored by the row of block 0)."""
     if PASS == 0:
-        absmax, inv = _inverse(_magnitude_top(y))
+        absmax, inv, scale = _inverse(_magnitude_top(y))
         tl.store(absmax_ptr + blk, absmax, mask=live)
     else:
-        absmax, inv = _inverse(tl.zeros([ROWS], tl.int32) + tl.load(state_top))
+        absmax, inv, scale = _inverse(tl.zeros([ROWS], tl.int32) + tl.load(state_top))
         tl.store(absmax_ptr + blk * 0, absmax, mask=live & (blk == 0))
-    return inv
+    return absmax, inv, scale
 
 
 @triton.jit
@@ -568,16 +607,16 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
     x = v
     if AMSGRAD:
         x = _decode(xc, cb, cmask, books + 2 * BOOK, x_old[:, None], h, BITS, ROOT, ROWS, E)
-    ok = mask
-    bad = tl.zeros([ROWS, E], tl.int32)
-    if MASK:
-        ok = mask & ((g - g) == 0)
-        bad = (mask & ~ok).to(tl.int32)
     if ADAMAX:
         p1, m1, v1 = _adamax_rule(g, p, m, v, c, lr_t)
         x1 = v1
     else:
         p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, c, lr_t, inv_bc, AMSGRAD)
+    ok = mask
+    bad = tl.zeros([ROWS, E], tl.int32)
+    if MASK:
+        ok = mask & ~_masked(g, m1, v1, x1)
+        bad = (mask & ~ok).to(tl.int32)
     rnd = offs.to(tl.uint32)
     if SR:
         rnd = _hash32(stream + offs.to(tl.uint32) * 0x9E3779B1)
@@ -596,13 +635,13 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
         bad = tl.zeros([ROWS, E], tl.int32)  # counted by PASS 2
     else:
         h = _dither_hash(offs, phase_new)
-        inv = _new_absmax(m1, top, ma, blk, live, PASS, ROWS)
-        _encode(mc, cb, cmask, m1 * inv[:, None], mask, h, books, BITS, ROWS, E)
-        inv = _new_absmax(v1, top + 1, sa, blk, live, PASS, ROWS)
-        _encode(sc, cb, cmask, v1 * inv[:, None], mask, h, books + BOOK, BITS, ROWS, E)
+        scaling = _new_absmax(m1, top, ma, blk, live, PASS, ROWS)
+        _encode(mc, cb, cmask, m1, scaling, mask, h, books, BITS, ROWS, E, False)
+        scaling = _new_absmax(v1, top + 1, sa, blk, live, PASS, ROWS)
+        _encode(sc, cb, cmask, v1, scaling, mask, h, books + BOOK, BITS, ROWS, E, True)
         if AMSGRAD:
-            inv = _new_absmax(x1, top + 2, xa, blk, live, PASS, ROWS)
-            _encode(xc, cb, cmask, x1 * inv[:, None], mask, h, books + 2 * BOOK, BITS, ROWS, E)
+            scaling = _new_absmax(x1, top + 2, xa, blk, live, PASS, ROWS)
+            _encode(xc, cb, cmask, x1, scaling, mask, h, books + 2 * BOOK, BITS, ROWS, E, True)
     return bad
 
 

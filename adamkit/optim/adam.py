@@ -60,8 +60,10 @@ _ARGS = """
             per step) instead of to nearest, so that updates smaller than half a bf16
             ulp are not lost in pure-bf16 training. Other dtypes ignore it.
         nonfinite: what a NaN/±inf gradient element does: ``"mask"`` (default; that
-            element's parameter and moments stay unchanged, it is counted in
-            ``.nonfinite_count`` and a warning is issued once), ``"skip"`` (the whole
+            element's parameter and moments stay unchanged, and so do those of an
+            element whose gradient is so large (``|g| >= 2^60``) that its moments
+            would overflow; it is counted in ``.nonfinite_count`` and a warning is
+            issued once), ``"skip"`` (the whole
             step is skipped for every parameter, steps not incremented),
             ``"propagate"`` (torch's behaviour) or ``"raise"`` (FloatingPointError,
             nothing changed).

@@ -8,16 +8,24 @@ A state tensor of ``n`` elements in format :class:`QuantFormat` (``bits``,
 * ``absmax``: float32, one per block of ``block_size`` elements (the last block may be
   shorter; ``block_size=None``: one for the whole tensor).
 
-Each block is scaled by its ``absmax = max |x|``: ``y = x · (1 / absmax)`` in float32 (0
-for an all-zero block). A ``root`` codebook quantizes ``sqrt(x)`` instead (and
+Each block is scaled by its ``absmax``, the largest finite ``|x|``: ``y = x · (1 /
+absmax)`` in float32 (0 for an all-zero block; a block whose absmax is subnormal is
+multiplied by 2^64 first, exactly, as ``1 / absmax`` would overflow). A non-finite
+value is stored saturated, NaN as ``+absmax`` and ±inf as ``±absmax``, so that it
+cannot spread to the rest of its block (``nonfinite="propagate"`` leaves the NaN in
+the element's parameter). A ``root`` codebook quantizes ``sqrt(x)`` instead (and
 ``absmax`` is the block's largest root). Then, with the codebook's sorted values ``L``:
 
 * **nearest codes** (8 bits): the code is the number of midpoints of ``L`` strictly
   below ``y`` (ties to the lower code); decoding gives ``L[code] · absmax``. The fused
   kernels compute exactly this; they may differ by one code where ``y`` lies on a
-  midpoint.
+  midpoint. In an unsigned map whose code 0 is 0 (``udynamic8``: second moments,
+  their maxima, ``exp_inf``), a value above 0 takes at least code 1 (3.25e-7 of the
+  absmax): a second moment rounded to zero would turn ``m / (sqrt(v) + ε)`` into
+  ``m / ε``.
 * **dithered codes** (4 bits, ``Codebook.dither``): ``y`` (raised to ``L[0]`` if
-  below) becomes a continuous position, ``k + (y - L[k]) / (L[k+1] - L[k])`` for ``y``
+  below or NaN, lowered to 2 if above) becomes a continuous position,
+  ``k + (y - L[k]) / (L[k+1] - L[k])`` for ``y``
   in the interval ``k``, and the code is ``floor(position + u)``, at most 15, with
   ``u ∈ [0, 1)`` a dither known to encoder and decoder. Decoding subtracts it again,
   ``code + 1/2 - u``, and interpolates between the values (extrapolating half a code
@@ -53,6 +61,8 @@ from .codebooks import CODEBOOKS, DITHER_ALONG, UNDITHERED4, Codebook, codebook,
 QUANT_BITS = (8, 4)
 #: Default block sizes: bitsandbytes' 256 at 8 bits; 128 at 4 bits (Li et al. 2023).
 DEFAULT_BLOCK = {8: 256, 4: 128}
+#: float32's smallest normal (2^-126): below, ``1 / absmax`` would overflow.
+FLOAT32_TINY = 2.0**-126
 
 
 @dataclass(frozen=True)
@@ -154,18 +164,25 @@ def quantize(x: Tensor, fmt: QuantFormat, book: Codebook, step: int = 0) -> tupl
     n = x.numel()
     x = x.detach().float()
     rows = _blocked(x.sqrt() if book.root else x, fmt.block_of(n))
-    absmax = rows.abs().amax(dim=1)
-    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    finite = rows.isfinite()
+    absmax = torch.where(finite, rows.abs(), 0.0).amax(dim=1)
+    rows = torch.where(finite, rows, torch.where(rows < 0, -absmax[:, None], absmax[:, None]))  # NaN: +absmax
+    # a subnormal absmax's inverse overflows: such rows are scaled up first (exactly)
+    scale = torch.where(absmax < FLOAT32_TINY, 2.0**64, 1.0)
+    rows = rows * scale[:, None]
+    inv = torch.where(absmax > 0, 1.0 / (absmax * scale), 0.0)
     y = (rows * inv[:, None]).reshape(-1)[:n]
     if book.dither:
         t = _tables(book, x.device)
-        y = torch.maximum(y, t["values"][0])
+        y = torch.where(y > t["values"][0], y, t["values"][0]).clamp(max=2.0)  # NaN: as L[0]; > 1: code 15
         k = torch.searchsorted(t["values"][1:-1], y.contiguous(), right=True)  # the interval: 0..14
         position = (y * t["rate"][k] + t["offset"][k]).to(torch.int64)  # in 2^-16 codes, truncated
-        codes = ((position + dither(n, step, x.device)) >> 16).clamp(max=15).to(torch.uint8)
+        codes = ((position + dither(n, step, x.device)) >> 16).clamp(0, 15).to(torch.uint8)
     else:
         mids = book.midpoints.to(x.device)
         codes = torch.searchsorted(mids, y.contiguous(), right=False).to(torch.uint8)
+        if not book.signed and float(book.values[0]) == 0.0:  # a value above 0 never decodes to 0
+            codes = torch.where(rows.reshape(-1)[:n] > 0, codes.clamp(min=1), codes)
     if fmt.bits == 4:
         codes = torch.nn.functional.pad(codes, (0, n % 2))
         codes = codes[0::2] | (codes[1::2] << 4)
