@@ -356,6 +356,36 @@ def test_an_infinite_parameter_keeps_finite_moments(cls, kw, backend, state_bits
     assert ours.nonfinite_count == 0
 
 
+@pytest.mark.parametrize("state_bits", WIDTHS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_infinite_parameter_under_l2_is_not_masked(backend, state_bits) -> None:
+    """With Adam's L2 term an infinite parameter makes its moments infinite, as in
+    torch: not masked (its gradient is small), though a NaN gradient in its block sends
+    the block to the masking path; its parameter turns NaN, the rest of its block
+    steps on (quantized: the state saturated)."""
+    _needs(backend)
+    params, twins = _edge_params(torch.float32), _edge_params(torch.float32)
+    for ps in (params, twins):
+        with torch.no_grad():
+            ps[0][3] = float("inf")
+    common = dict(lr=0.01, weight_decay=0.1, state_bits=state_bits, min_quant_size=0)
+    ours, ref = adamkit.Adam(params, backend=backend, **common), adamkit.Adam(twins, backend="reference", **common)
+    for step in range(2):
+        for ps in (params, twins):
+            grads = _edge_grads(ps, step)
+            grads[0][5] = float("nan")
+            for p, g in zip(ps, grads):
+                p.grad = g
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ours.step()
+            ref.step()
+        for p, r in zip(params, twins):
+            _close(p, r, f"step {step}: {backend} against the reference")
+    assert ours.nonfinite_count == ref.nonfinite_count == 2  # the NaN gradients
+    assert params[0][3].isnan() and params[0][:3].isfinite().all() and params[0][4:].isfinite().all()
+
+
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
 def test_reference_keeps_an_infinite_parameters_moments_finite_as_torch(info: OptimizerInfo) -> None:
     """torch.optim in float64 keeps the moments of an infinite parameter finite when no
