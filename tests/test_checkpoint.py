@@ -205,14 +205,31 @@ def test_loading_an_adamax_checkpoint_into_adam_names_the_missing_key() -> None:
         adamkit.Adam(clone_params(params)).load_state_dict(adamax.state_dict())
 
 
-def test_amsgrad_checkpoint_needs_max_exp_avg_sq() -> None:
+def test_amsgrad_checkpoint_without_max_exp_avg_sq_starts_the_maximum_at_zero() -> None:
+    """A torch checkpoint taken without AMSGrad loads into an AMSGrad optimizer (as
+    switching ``amsgrad`` on mid-run does): the running maximum starts at zero, so the
+    steps match torch.optim given that zero maximum explicitly."""
     params = make_params()
     plain = torch.optim.Adam(params)
     _train(plain, params, range(2))
     sd = plain.state_dict()
     sd["param_groups"][0]["amsgrad"] = True
-    with pytest.raises(ValueError, match=r"lacks \['max_exp_avg_sq'\]"):
-        adamkit.Adam(clone_params(params)).load_state_dict(sd)
+    ours = adamkit.Adam(clone_params(params))
+    ours.load_state_dict(copy.deepcopy(sd))
+    for state in sd["state"].values():
+        state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"])
+    theirs_params = clone_params(params)
+    theirs = torch.optim.Adam(theirs_params)
+    theirs.load_state_dict(sd)
+    ours_params = ours.param_groups[0]["params"]
+    _train(ours, ours_params, range(2, 6), others=[(theirs, theirs_params)])
+    assert_close(ours_params, theirs_params, torch.float64, "params")
+    assert_close(
+        [ours.state[p]["max_exp_avg_sq"] for p in ours_params],
+        [theirs.state[p]["max_exp_avg_sq"] for p in theirs_params],
+        torch.float64,
+        "max_exp_avg_sq",
+    )
 
 
 def test_load_state_dict_hooks_run() -> None:

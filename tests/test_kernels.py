@@ -649,6 +649,7 @@ print(sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.val
 """
 
 
+@pytest.mark.heavy
 def test_numba_cache_follows_every_kernel_source(tmp_path, monkeypatch) -> None:
     """Numba's on-disk cache of adamkit's kernels is keyed on all their sources and the
     SIMD setting (``adamkit.kernels._cache``), not only on the defining file: a second
@@ -751,6 +752,7 @@ print("built", len(built))
 """
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "cpu,bf16,dtypes", [("znver4", True, "float32,bfloat16"), ("skylake-avx512", False, "float32")]
 )
@@ -773,6 +775,7 @@ def test_avx512_kernels_compile_for_an_avx512_cpu(cpu: str, bf16: bool, dtypes: 
     assert f"built {3 * len(dtypes.split(','))}" in done.stdout
 
 
+@pytest.mark.heavy
 def test_edge_cases_under_every_instruction_set_below_this_cpus() -> None:
     """The non-finite and second-moment edge cases with the numba kernels under the
     SIMD levels below this CPU's (``ADAMKIT_SIMD``: AVX2 on an AVX-512 CPU, and the

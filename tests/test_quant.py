@@ -953,6 +953,7 @@ print("subprocess ok")
 """
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("simd", ["none", "avx2"])
 def test_capped_simd_in_a_fresh_process(simd: str, tmp_path) -> None:
     """The portable scalar path (``ADAMKIT_SIMD=none``) and, on an AVX-512 CPU, the AVX2
