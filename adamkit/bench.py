@@ -585,6 +585,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
+    if args.plot:  # before the minutes of timing, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit("adamkit bench --plot needs matplotlib: pip install matplotlib (or the bench extra)") from None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("adamkit bench --device cuda: torch sees no CUDA GPU here")

@@ -138,6 +138,19 @@ def test_bench_on_cuda_without_a_gpu_says_so() -> None:
         bench.main(["--quick", "--device", "cuda"])
 
 
+def test_bench_plot_without_matplotlib_says_so_before_timing(monkeypatch) -> None:
+    import sys
+
+    from adamkit import bench
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    timed = []
+    monkeypatch.setattr(bench, "run_workload", lambda *a, **k: timed.append(a) or ([], 1.0))
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        bench.main(["--quick", "--plot", "x.png"])
+    assert not timed
+
+
 def test_state_buffers_are_zeros_on_huge_pages_where_linux_allows() -> None:
     big = _memory.zeros(3 * _memory.HUGE_PAGE // 4 + 5, torch.float32)  # 6 MiB and a bit
     assert big.dtype == torch.float32 and big.numel() == 3 * _memory.HUGE_PAGE // 4 + 5
