@@ -589,7 +589,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise SystemExit("adamkit bench --plot needs matplotlib: pip install matplotlib (or the bench extra)") from None
+            raise SystemExit("adamkit bench --plot needs matplotlib (pip install matplotlib)") from None
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("adamkit bench --device cuda: torch sees no CUDA GPU here")
