@@ -589,3 +589,124 @@ def _two(g: torch.Tensor) -> torch.Tensor:
     from torch.testing._internal.two_tensor import TwoTensor
 
     return TwoTensor(g.clone(), g.clone())
+
+
+def test_gradient_dropped_by_another_thread_during_a_step_is_still_held() -> None:
+    """The checks in C++ keep every storage they passed alive until the step is done:
+    another thread replacing ``p.grad`` while the kernels run (they release the GIL)
+    once freed the gradient they were reading (a segfault)."""
+    code = """
+import threading, time, torch, adamkit
+from adamkit.kernels import _native
+if _native.module(wait=True) is None:
+    raise SystemExit("native checks unavailable: " + str(_native.status))
+N = 1 << 20
+ps = [torch.nn.Parameter(torch.randn(N)) for _ in range(2)] + [torch.nn.Parameter(torch.randn(10)) for _ in range(1100)]
+opt = adamkit.AdamW(ps)
+for p in ps:
+    p.grad = torch.randn_like(p)
+opt.step(); opt.step()
+assert opt._plans[0]._record is not None  # the C++ checks are in use
+stop = False
+def other():
+    while not stop:
+        for p in ps[:2]:
+            p.grad = torch.full((N,), 0.5)
+t = threading.Thread(target=other); t.start(); t0 = time.time()
+try:
+    while time.time() - t0 < 4:
+        opt.step()
+finally:
+    stop = True; t.join()
+assert all(torch.isfinite(p).all() for p in ps[:2])
+print("ok")
+"""
+    result = run_isolated(code)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
+def test_plans_of_several_groups_stay_cached(monkeypatch) -> None:
+    """A plan's own writes of its parameters' state do not invalidate another group's
+    plan: two groups build two plans, once (they once rebuilt each other every step)."""
+    from adamkit.optim import _plan
+
+    built = []
+    init = _plan.GroupPlan.__init__
+    monkeypatch.setattr(_plan.GroupPlan, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+    a, b = torch.randn(100, requires_grad=True), torch.randn(50, requires_grad=True)
+    opt = adamkit.AdamW([{"params": [a]}, {"params": [b], "weight_decay": 0.0}])
+    for _ in range(5):
+        a.grad, b.grad = torch.randn(100), torch.randn(50)
+        opt.step()
+    assert len(built) == 2
+
+
+def test_a_stepped_parameter_fails_autograd_like_torchs_in_place_step() -> None:
+    """The kernels write through addresses; the step bumps the parameters' version
+    counters as torch's in-place step does, so a graph that saved a parameter before the
+    step refuses to backpropagate (it once used the new values silently)."""
+    for make in (torch.optim.AdamW, adamkit.AdamW):
+        w = torch.nn.Parameter(torch.randn(10))
+        opt = make([w], lr=0.1)
+        w.grad = torch.randn(10)
+        opt.step()
+        x = torch.randn(10, requires_grad=True)
+        loss = (w * x).sum()
+        before = w._version
+        opt.step()
+        assert w._version > before, make
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_state_reset_by_reassignment_starts_over_as_torchs(bits: int) -> None:
+    """``opt.state = defaultdict(dict)`` (a common reset) starts the moments over, as in
+    torch; it once raised AttributeError, and a new state whose mutation count matched
+    the old plan's could have been taken for the old one."""
+    from collections import defaultdict
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4096, generator=gen, requires_grad=True)
+    q = p.detach().clone().requires_grad_()
+    ours = adamkit.AdamW([p], state_bits=bits)
+    fresh = adamkit.AdamW([q], state_bits=bits)
+    grads = [torch.randn(4096, generator=gen) for _ in range(5)]
+    for g in grads[:3]:
+        p.grad = g.clone()
+        ours.step()
+    ours.state = defaultdict(dict)
+    with torch.no_grad():
+        q.copy_(p)
+    for g in grads[3:]:
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        fresh.step()
+    assert torch.equal(p, q)
+    assert float(ours.state[p]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("checks", ["python", "native"])
+@pytest.mark.parametrize("what", ["gradient", "parameter"])
+def test_storage_shrunk_under_a_tensor_is_refused(what: str, checks: str) -> None:
+    """A storage resized smaller under a parameter or a kept gradient (to a size that is
+    not 0): a clear ValueError, nothing read or written past its end (it once read or
+    wrote the old size: a segfault or heap corruption; torch.optim crashes too)."""
+    code = f"""
+import torch, adamkit
+from adamkit.kernels import _native
+if {checks!r} == "native" and _native.module(wait=True) is None:
+    raise SystemExit("native checks unavailable: " + str(_native.status))
+p = torch.nn.Parameter(torch.randn(1 << 20))
+opt = adamkit.AdamW([p]); p.grad = torch.randn_like(p); opt.step(); opt.step()
+tensor = p.grad if {what!r} == "gradient" else p
+tensor.untyped_storage().resize_(4)
+try:
+    opt.step()
+except ValueError as e:
+    assert "storage holds 4 bytes" in str(e), e
+    print("refused")
+"""
+    env = {"ADAMKIT_NATIVE_CHECKS": "0"} if checks == "python" else None
+    result = run_isolated(code, env=env)
+    assert result.returncode == 0 and "refused" in result.stdout, (result.returncode, result.stderr[-2000:])

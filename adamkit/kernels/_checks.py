@@ -119,3 +119,6 @@ def check_table(
                 raise ValueError(f"{where}: not laid out as its parameter in dense memory")
             if expected and t.data_ptr() < LOWEST_ADDRESS:
                 raise ValueError(f"{where}: {expected} elements but no storage (address {t.data_ptr()})")
+            held = t.untyped_storage().nbytes()
+            if expected and (t.storage_offset() + expected) * t.element_size() > held:  # dense: extent = numel
+                raise ValueError(f"{where}: {expected} elements but its storage holds {held} bytes (resized?)")

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -97,6 +98,15 @@ bool plain(const c10::TensorImpl* t) {
   return t->layout() == c10::kStrided && !t->is_python_dispatch() && !t->is_nested() && t->has_storage();
 }
 
+// The storages a check passed, kept alive until the step is done: another Python
+// thread may drop a gradient (or a parameter's data) while the kernels, which release
+// the GIL, still use it.
+constexpr const char* kHeld = "adamkit.native_checks.held";
+
+void free_held(PyObject* capsule) {
+  delete static_cast<std::vector<c10::Storage>*>(PyCapsule_GetPointer(capsule, kHeld));
+}
+
 const c10::TensorImpl* grad_of(const c10::TensorImpl* t) {
   const c10::AutogradMetaInterface* meta = t->autograd_meta();
   if (meta == nullptr) return nullptr;
@@ -163,7 +173,9 @@ PyObject* check(PyObject*, PyObject* args) {
   uint8_t* act = active.data<uint8_t>();
   const Py_ssize_t n_types = PyTuple_GET_SIZE(types);
   int status = 0;
+  auto held = std::make_unique<std::vector<c10::Storage>>();
   try {
+    held->reserve(2 * n);
     // A software pipeline: while parameter i is checked, the metadata of the next ones
     // is on its way, a level per stage (object, TensorImpl, autograd metadata and
     // storage, gradient's TensorImpl, gradient's storage), kDistance parameters apart.
@@ -211,6 +223,7 @@ PyObject* check(PyObject*, PyObject* args) {
         status = 1;
         break;
       }
+      held->push_back(p->storage());
       const c10::TensorImpl* g = grads[j];
       act[j] = g != nullptr;
       gp[j] = 0;
@@ -221,17 +234,25 @@ PyObject* check(PyObject*, PyObject* args) {
         break;
       }
       gp[j] = address(g, numel);
-      if (gp[j] < 0) status = 2;
+      if (gp[j] < 0) {
+        status = 2;
+        break;
+      }
+      held->push_back(g->storage());
     }
   } catch (const std::exception&) {  // anything torch refuses: the general path explains it
     status = 2;
   }
-  return PyLong_FromLong(status);
+  if (status != 0) return Py_BuildValue("(iO)", status, Py_None);
+  PyObject* capsule = PyCapsule_New(held.get(), kHeld, free_held);
+  if (capsule == nullptr) return nullptr;
+  held.release();
+  return Py_BuildValue("(iN)", status, capsule);
 }
 
 PyMethodDef methods[] = {
     {"describe", describe, METH_VARARGS, "Record parameters' scalar types, devices, sizes and strides."},
-    {"check", check, METH_VARARGS, "Check parameters and gradients against describe()'s record."},
+    {"check", check, METH_VARARGS, "Check parameters and gradients against describe()'s record: (status, storages held)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -571,6 +571,8 @@ class AdamFamily(Optimizer):
                 loss = closure()
         self._settle_counts(wait=False)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if not isinstance(self.state, TrackedState):  # reassigned, e.g. ``opt.state = defaultdict(dict)``
+            self.state = TrackedState(self.state)
         work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
         on_device = all(group.get("capturable") for group in self.param_groups)
         if found_inf is not None and not on_device and float(found_inf) != 0:  # GradScaler saw inf/NaN: skip
@@ -634,14 +636,20 @@ class AdamFamily(Optimizer):
             del flags["sr_seed"]  # capturable steps reject stochastic rounding
             scalars = partial(self._capturable_scalars, group, maximize=flags["maximize"])
             count = self._device_counter(work.launch.plan.device)
-            return work.launch.run_on_device(self.state, scalars, amp=amp, count=count, **flags)
+            out = work.launch.run_on_device(self.state, scalars, amp=amp, count=count, **flags)
+            torch.autograd.graph.increment_version(work.launch.stepped())  # as torch's in-place step does
+            return out
         if work.launch is not None:
             grad_scale = amp[0]
             if grad_scale is not None and any(seg.kernel.backend != "triton" for seg in work.launch.plan.segments):
                 grads = [g for _, g in work.grads()]  # unscaled first, as on the general path
                 torch._foreach_div_(grads, grad_scale.to(work.launch.plan.device))
                 grad_scale = None
-            return work.launch.run(self.state, partial(self._step_scalars, group), grad_scale=grad_scale, **flags)
+            out = work.launch.run(self.state, partial(self._step_scalars, group), grad_scale=grad_scale, **flags)
+            # the kernels write through addresses: autograd is told, as torch's in-place step
+            # tells it, so a graph that saved a parameter before the step refuses to use it
+            torch.autograd.graph.increment_version(work.launch.stepped())
+            return out
         if group.get("capturable"):
             return self._step_capturable(group, work.triples, amp, **flags)
         if group.get("differentiable"):
@@ -655,6 +663,8 @@ class AdamFamily(Optimizer):
         keys = self._state_keys(group)
         capturable = bool(group.get("capturable"))
         signature = (keys, group["backend"], group["fused"], group["state_bits"], _scalar_dtype(), capturable)
+        if not isinstance(self.state, TrackedState):  # reassigned, e.g. ``opt.state = defaultdict(dict)``
+            self.state = TrackedState(self.state)
         plan = self._plans.get(index)
         if plan is not None and plan.intact(params, self.state, signature):
             return plan

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from itertools import repeat
-from operator import attrgetter, is_, is_not
+from operator import attrgetter, is_, is_not, methodcaller
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,9 @@ _SHAPE = attrgetter("shape")
 _ON_DEVICE = {"cpu": attrgetter("is_cpu"), "cuda": attrgetter("is_cuda")}
 _data_ptr = Tensor.data_ptr
 _is_contiguous = Tensor.is_contiguous
+_untyped_storage = Tensor.untyped_storage
+_nbytes = methodcaller("nbytes")
+_storage_offset = Tensor.storage_offset
 #: Parameters per slice of the per-step checks: their metadata stays in L2 between passes.
 SLICE = 512
 
@@ -136,6 +139,12 @@ class TrackedState(_Tracking, defaultdict):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         super().__setitem__(key, self.adopt(value))
+
+    def put(self, key: Any, value: Any) -> None:
+        """A plan's own write of its parameters' state, not counted: no other group's
+        plan depends on these entries (a parameter is in one group), so it stays valid;
+        the writing plan records the state it wrote."""
+        defaultdict.__setitem__(self, key, self.adopt(value))
 
     def adopt(self, value: Any) -> Any:
         """``value`` as a TrackedDict of this state (a plain dict is converted)."""
@@ -234,6 +243,8 @@ class GroupPlan:
         self.keys = keys
         self.signature = signature
         self.numels = np.array([p.numel() for p in params], dtype=np.int64)
+        self.nbytes = self.numels * np.array([p.element_size() for p in params], dtype=np.int64)
+        self.itemsizes = np.array([p.element_size() for p in params], dtype=np.int64)
         self.dtypes = [p.dtype for p in params]
         self.shapes = [p.shape for p in params]
         #: each parameter's layout: None if contiguous, else its :func:`storage_order`
@@ -280,9 +291,10 @@ class GroupPlan:
             old = state.get(p)
             if old:
                 self.views[i]["step"].copy_(old["step"])
-                state[p] = state.adopt({**old, **self.views[i], **self.meta[i]})
+                state.put(p, {**old, **self.views[i], **self.meta[i]})
                 self.has_state[i] = True
         self.version = state.version
+        self.counter = state._counter  # this state's, not a new one's (which counts from 0 again)
 
     def _flat(self, sizes: np.ndarray, dtype: torch.dtype) -> list[Tensor]:
         """Views of one new zero buffer, ``sizes`` elements each, each starting on 16
@@ -303,6 +315,7 @@ class GroupPlan:
         tensors would compare values)."""
         return (
             isinstance(state, TrackedState)
+            and state._counter is self.counter
             and state.version == self.version
             and signature == self.signature
             and len(params) == len(self.params)
@@ -325,6 +338,15 @@ class GroupPlan:
             and all(map(self._on_device, tensors))
         )
 
+    def _in_storage(self, tensors: list[Tensor], rows: slice | np.ndarray) -> bool:
+        """Whether each of ``tensors`` (laid out as the parameters at ``rows``, checked
+        before) has a storage that still holds its elements (a storage can be resized
+        under a tensor): C-level passes."""
+        count = len(tensors)
+        offsets = np.fromiter(map(_storage_offset, tensors), dtype=np.int64, count=count)
+        held = np.fromiter(map(_nbytes, map(_untyped_storage, tensors)), dtype=np.int64, count=count)
+        return bool(((offsets * self.itemsizes[rows] + self.nbytes[rows] <= held) | (self.nbytes[rows] == 0)).all())
+
     def _laid_out(self, tensors: list[Tensor], lo: int, hi: int, idx: np.ndarray | None = None) -> bool:
         """Whether ``tensors`` are laid out as the parameters ``lo:hi`` (or those at
         ``idx``): one C-level pass when every parameter is contiguous."""
@@ -344,7 +366,7 @@ class GroupPlan:
         until then; both check the same things."""
         if not self.capturable:
             steps = self.steps.numpy()
-            if not (np.isfinite(steps).all() and (steps >= 0).all()):  # edited in place
+            if not (np.isfinite(steps).all() and (steps >= 0).all() and (steps == np.floor(steps)).all()):  # edited
                 return None, None, True
         native = _native.module(start=len(self.params) >= _native.MIN_PARAMS)
         if native is None:
@@ -365,12 +387,14 @@ class GroupPlan:
     def _prepare_native(self, native: Any) -> tuple[_Launch | None, None, bool]:
         n = len(self.params)
         pptrs, gptrs, active = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint8)
-        verdict = native.check(self.params, tuple(PLAIN_TYPES), *self._record, pptrs, gptrs, active)
+        verdict, held = native.check(self.params, tuple(PLAIN_TYPES), *self._record, pptrs, gptrs, active)
         if verdict:
             return None, None, verdict == 1
         present = active.view(bool)
         idx = None if present.all() else np.flatnonzero(present)
-        return _Launch(self, present, idx, gptrs, pptrs), None, False
+        launch = _Launch(self, present, idx, gptrs, pptrs)
+        launch.held = held  # the storages checked, until the step is done (a thread may drop a gradient)
+        return launch, None, False
 
     def _prepare_python(self) -> tuple[_Launch | None, list[Tensor | None] | None, bool]:
         """:meth:`prepare`'s checks in Python, with C-level ``map`` calls."""
@@ -382,7 +406,7 @@ class GroupPlan:
             for lo in range(0, n, SLICE):
                 hi = min(lo + SLICE, n)
                 part = params[lo:hi]
-                if not self._alike(part, lo, hi):
+                if not self._alike(part, lo, hi) or not self._in_storage(part, slice(lo, hi)):
                     return None, None, True
                 pptrs[lo:hi] = np.fromiter(map(_data_ptr, part), dtype=np.int64, count=hi - lo)
                 live = list(map(_GRAD, part))
@@ -391,7 +415,8 @@ class GroupPlan:
                 if not all(map(is_not, live, repeat(None))):  # not ``in``: that would call Tensor.__eq__
                     idx = lo + np.flatnonzero(np.fromiter(map(is_not, live, repeat(None)), dtype=bool, count=hi - lo))
                     live = [grads[i] for i in idx]
-                if not self._alike(live, lo, hi, idx):
+                rows = slice(lo, hi) if idx is None else idx
+                if not self._alike(live, lo, hi, idx) or not self._in_storage(live, rows):
                     return None, None, False
                 at = slice(lo, hi) if idx is None else idx
                 gptrs[at] = np.fromiter(map(_data_ptr, live), dtype=np.int64, count=len(live))
@@ -414,6 +439,12 @@ class _Launch:
         """``active``: which parameters have a gradient (``idx``: their indices, or None
         for all); ``gptrs``, ``pptrs``: every parameter's gradient and data addresses."""
         self.plan, self.active, self.idx, self.gptrs, self.pptrs = plan, active, idx, gptrs, pptrs
+        self.held: Any = None
+
+    def stepped(self) -> list[Tensor]:
+        """The parameters this step updates (those with a gradient)."""
+        params = self.plan.params
+        return params if self.idx is None else [params[i] for i in self.idx]
 
     def run(
         self,
@@ -477,10 +508,9 @@ class _Launch:
         plan = self.plan
         fresh = np.flatnonzero(self.active & ~plan.has_state)
         for i in fresh:
-            state[plan.params[i]] = state.adopt({**plan.views[i], **plan.meta[i]})
+            state.put(plan.params[i], {**plan.views[i], **plan.meta[i]})
         if fresh.size:
             plan.has_state[fresh] = True
-            plan.version = state.version
 
     def run_on_device(
         self,
