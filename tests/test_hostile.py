@@ -710,3 +710,34 @@ except ValueError as e:
     env = {"ADAMKIT_NATIVE_CHECKS": "0"} if checks == "python" else None
     result = run_isolated(code, env=env)
     assert result.returncode == 0 and "refused" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("how", ["grow", "storage to 0"])
+@pytest.mark.parametrize("source", ["plan", "checkpoint"])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_state_tensor_resized_in_place_is_refused(bits: int, source: str, how: str) -> None:
+    """``exp_avg.resize_`` to a larger size, or its storage resized to 0, moves the
+    memory the plan's table points at: the next step refuses it (torch's size error, or
+    the storage's), nothing written (it once wrote the old, freed memory: a segfault)."""
+    code = f"""
+import torch, adamkit
+p = torch.nn.Parameter(torch.randn(1 << 18))
+opt = adamkit.AdamW([p], state_bits={bits}); p.grad = torch.randn_like(p); opt.step()
+if {source!r} == "checkpoint":
+    opt.load_state_dict(opt.state_dict()); opt.step()
+key = "exp_avg" if {bits} == 32 else "exp_avg_codes"
+t = opt.state[p][key]
+if {how!r} == "grow":
+    t.resize_(1 << 22)
+else:
+    t.untyped_storage().resize_(0)
+before = p.detach().clone()
+try:
+    opt.step()
+except RuntimeError as e:
+    assert "has shape" in str(e) or "storage holds fewer" in str(e), e
+    assert torch.equal(p, before)
+    print("refused")
+"""
+    result = run_isolated(code)
+    assert result.returncode == 0 and "refused" in result.stdout, (result.returncode, result.stderr[-2000:])

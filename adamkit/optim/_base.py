@@ -113,6 +113,19 @@ def _step_problem(step: Any, read: bool) -> str | None:
     return None
 
 
+def _in_its_storage(t: Tensor) -> bool:
+    """Whether a state tensor's elements lie in its storage (a storage can be resized
+    under a tensor); True for what has no host-visible storage to ask (meta, wrappers)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return True
+    try:
+        held = t.untyped_storage().nbytes()
+    except (RuntimeError, NotImplementedError):
+        return True  # a wrapper subclass: the reference steps it through torch
+    extent = t.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return extent * t.element_size() <= held
+
+
 def state_problem(
     p: Tensor, state: Mapping[str, Any], keys: Iterable[str], read_step: bool = True, where: str = ""
 ) -> str | None:
@@ -150,6 +163,8 @@ def state_problem(
                 f"state {key!r} has shape {tuple(t.shape)} but the parameter has shape {tuple(p.shape)}{where}; "
                 "was the parameter resized?"
             )
+        if not _in_its_storage(t):
+            return f"state {key!r} has {t.numel()} elements but its storage holds fewer (resized?){where}"
         if key in EXTRA_STATE or fmt is not None:
             kind = torch.float32 if key in EXTRA_STATE or key.endswith("_absmax") else torch.uint8
             if t.dtype != kind:
