@@ -98,9 +98,9 @@ bool plain(const c10::TensorImpl* t) {
   return t->layout() == c10::kStrided && !t->is_python_dispatch() && !t->is_nested() && t->has_storage();
 }
 
-// The storages a check passed, kept alive until the step is done: another Python
-// thread may drop a gradient (or a parameter's data) while the kernels, which release
-// the GIL, still use it.
+// The gradients' storages a check passed, kept alive until the step is done: another
+// Python thread may drop a gradient while the kernels, which release the GIL, read it
+// (torch's step holds its gradients too; a parameter is held by its group).
 constexpr const char* kHeld = "adamkit.native_checks.held";
 
 void free_held(PyObject* capsule) {
@@ -175,7 +175,7 @@ PyObject* check(PyObject*, PyObject* args) {
   int status = 0;
   auto held = std::make_unique<std::vector<c10::Storage>>();
   try {
-    held->reserve(2 * n);
+    held->reserve(n);
     // A software pipeline: while parameter i is checked, the metadata of the next ones
     // is on its way, a level per stage (object, TensorImpl, autograd metadata and
     // storage, gradient's TensorImpl, gradient's storage), kDistance parameters apart.
@@ -223,7 +223,6 @@ PyObject* check(PyObject*, PyObject* args) {
         status = 1;
         break;
       }
-      held->push_back(p->storage());
       const c10::TensorImpl* g = grads[j];
       act[j] = g != nullptr;
       gp[j] = 0;
