@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class StepScalars:
             for decoupled weight decay.
         step: the step count ``t`` these scalars are for; dithered 4-bit state
             (:mod:`adamkit.quant.blockwise`) decodes with ``t - 1`` and encodes with ``t``.
+        grad_step: coefficient of ``g / denom`` in the update (NAdam's Nesterov term;
+            0.0 for the others).
     """
 
     beta1: float
@@ -45,6 +47,7 @@ class StepScalars:
     decay: float
     l2: float
     step: float = 0.0
+    grad_step: float = 0.0
 
 
 def adam_scalars(
@@ -113,3 +116,42 @@ def device_scalars(
     inv = 1.0 / torch.sqrt(1.0 - torch.pow(beta2, steps)) if beta2 is not None else torch.ones_like(steps)
     decay = 1.0 - lr64 * weight_decay if decoupled else 1.0
     return step_size, inv, decay
+
+
+class RuleConsts(NamedTuple):
+    """The constants of one kernel call, by name, in the math dtype ``work`` (numba
+    takes the tuple as it is; the Triton kernels take it as a float64 table indexed by
+    :data:`RULE_CONSTS`). torch's ``lerp(m, g, w)`` with ``w = 1 - β1`` is
+    ``m + w·(g-m)`` for ``w < 0.5`` and ``g - (g-m)·(1-w)`` otherwise: ``low`` says which
+    base, ``c1`` is ``w`` or ``-(1-w)``."""
+
+    low: bool
+    b1w: Any  #: 1 - β1
+    c1: Any
+    b2: Any  #: β2
+    b2w: Any  #: 1 - β2
+    eps: Any
+    decay: Any
+    l2: Any
+    gsign: Any  #: -1 with ``maximize``, else 1
+
+
+#: The field names of :class:`RuleConsts`, in their order.
+RULE_CONSTS: tuple[str, ...] = RuleConsts._fields
+
+
+def rule_consts(s: StepScalars, maximize: bool, work: type) -> RuleConsts:
+    """A call's :class:`RuleConsts` from its step scalars, each rounded to ``work``
+    (numpy's float32 or float64) as the kernels compute in it."""
+    w = 1.0 - s.beta1
+    return RuleConsts(
+        low=w < 0.5,
+        b1w=work(w),
+        c1=work(w if w < 0.5 else -(1.0 - work(w))),
+        b2=work(s.beta2),
+        b2w=work(1 - s.beta2),
+        eps=work(s.eps),
+        decay=work(s.decay),
+        l2=work(s.l2),
+        gsign=work(-1.0 if maximize else 1.0),
+    )

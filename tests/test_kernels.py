@@ -644,7 +644,7 @@ assert _cache.INSTALLED
 p = torch.randn(5000)
 p.grad = torch.randn(5000)
 adamkit.Adam([p]).step()
-stats = [d.stats for d in numba_cpu._ADAM_KERNELS.values()]
+stats = [d.stats for d in numba_cpu._KERNELS.values()]
 print(sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.values()) for s in stats))
 """
 

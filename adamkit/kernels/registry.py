@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from ..spec import ALGORITHMS as _ALGORITHMS
+
 #: Backends in order of preference for ``backend="auto"`` (first available wins).
 BACKENDS: tuple[str, ...] = ("triton", "numba", "reference")
 #: Backends that are fused kernels (what ``fused=True`` asks for).
 FUSED_BACKENDS: frozenset[str] = frozenset({"triton", "numba"})
 #: Valid ``state_bits`` values; which of them a backend supports is in its entries.
 STATE_BITS: tuple[int, ...] = (32, 16, 8, 4)
-ALGORITHMS: tuple[str, ...] = ("adam", "adamax")
+ALGORITHMS: tuple[str, ...] = tuple(_ALGORITHMS)
 
 
 class KernelUnavailableError(RuntimeError):
@@ -43,6 +45,15 @@ class Kernel:
     #: Devices it takes only when asked for by name, never for ``backend="auto"``
     #: (Triton's interpreter on CPU tensors: correct, but far slower than numba).
     explicit_device_types: frozenset[str] = frozenset()
+    #: It divides the gradients by an AMP scale itself (``amp=(grad_scale, found_inf)``);
+    #: for the others the optimizer unscales them first.
+    amp_scale: bool = False
+    #: It can step with no host read (``capturable=True``): scalars as device tables.
+    capturable: bool = False
+    #: ``(steps, step_size, inv_bc2_sqrt, consts, decay) -> scalars``: a capturable
+    #: step's device scalars (float64 [n] tensors; ``consts`` a RuleConsts; ``decay`` a
+    #: device tensor or None) laid out as this kernel takes them.
+    device_tables: Callable[..., Any] | None = None
 
     @property
     def fused(self) -> bool:
@@ -75,15 +86,25 @@ def register(
     unsupported: Callable[[Any, Any, bool], str | None] | None = None,
     tables: Callable[..., int] | None = None,
     explicit_device_types: tuple[str, ...] = (),
+    amp_scale: bool = False,
+    device_tables: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., int]], Callable[..., int]]:
-    """Decorator: register ``fn`` as the ``backend`` kernel of ``algorithm``."""
+    """Decorator: register ``fn`` as the ``backend`` kernel of ``algorithm`` (capabilities:
+    see :class:`Kernel`; ``device_tables`` makes it capturable where the algorithm's
+    scalars can be computed on the device)."""
     if algorithm not in ALGORITHMS or backend not in BACKENDS:
         raise ValueError(f"unknown algorithm {algorithm!r} or backend {backend!r}")
 
     def deco(fn: Callable[..., int]) -> Callable[..., int]:
         devices = None if device_types is None else frozenset(device_types)
         explicit = frozenset(explicit_device_types)
-        _KERNELS.append(Kernel(algorithm, backend, devices, frozenset(state_bits), fn, unsupported, tables, explicit))
+        capturable = device_tables is not None and _ALGORITHMS[algorithm].device_scalars is not None
+        _KERNELS.append(
+            Kernel(
+                algorithm, backend, devices, frozenset(state_bits), fn, unsupported, tables, explicit,
+                amp_scale, capturable, device_tables,
+            )  # fmt: skip
+        )
         resolve.cache_clear()
         return fn
 
@@ -112,7 +133,7 @@ def resolve(
     """The kernel to use, or :class:`KernelUnavailableError` naming what is missing.
 
     Args:
-        algorithm: ``"adam"`` (Adam and AdamW) or ``"adamax"``.
+        algorithm: a name from :data:`adamkit.spec.ALGORITHMS`.
         device_type: ``param.device.type`` (``"cpu"``, ``"cuda"``, ...).
         state_bits: bits per optimizer-state element (32 = the parameter's dtype).
         backend: ``"auto"`` or a name from :data:`BACKENDS`.

@@ -31,7 +31,7 @@ so this costs nothing measurable.
 Hyperparameters are runtime values, never ``tl.constexpr``: they arrive in a small
 float64 device table (the rule's constants, and ``step_size`` / ``inv_bc2_sqrt`` per
 tensor), so changing lr or betas does not recompile, and parameters whose ``step``
-lags share the launch. Only the dtypes and the algorithm switches (AMSGRAD, ADAMAX,
+lags share the launch. Only the dtypes and the algorithm switches (RULE: the algorithm's name, AMSGRAD,
 MASK, SR, the codebook kinds) are constants.
 
 Non-finite gradients (``mask``): the element whose gradient is NaN/±inf, or so large
@@ -59,9 +59,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._scalars import StepScalars
+from .._scalars import RULE_CONSTS, RuleConsts, StepScalars, rule_consts
 from ..quant import QUANT_BITS, QuantFormat
 from ..quant.codebooks import _LOW_BITS, _ONE_BITS, DITHER_STEP, TABLE_BITS, dither_phase, dither_tables, encoder_table
+from ..spec import ALGORITHMS
 from .numba_cpu import Tables
 from .registry import layout_refusal, register
 
@@ -158,6 +159,7 @@ _HUGE32, _HUGE64 = tl.constexpr(2.0**60), tl.constexpr(2.0**508)
 #: Indices into the constants table (float64, on the device); with stochastic
 #: rounding, the step's random seed follows them (``_SEED``).
 _LOW, _B1W, _C1, _B2, _B2W, _EPS, _DECAY, _L2, _GSIGN, _SEED = range(10)
+assert RULE_CONSTS == ("low", "b1w", "c1", "b2", "b2w", "eps", "decay", "l2", "gsign"), "the table's order"
 #: Columns of the per-tensor scalars (float64): step_size, inv_bc2_sqrt and the dither
 #: phases the codes were written at and are written at (``dither_phase`` of t-1, t).
 SCALARS = 4
@@ -352,7 +354,7 @@ def _go(flags_ptr, like, SCALED: tl.constexpr):
 # ------------------------------------------------------------------- 32/16-bit state
 @triton.jit
 def _dense_body(row, t, offs, mask, scal, consts, count, amp,
-                P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr,
+                P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, RULE: tl.constexpr, AMSGRAD: tl.constexpr,
                 MASK: tl.constexpr, SR: tl.constexpr, FTZ: tl.constexpr, SCALED: tl.constexpr,
                 ALIGNED: tl.constexpr):  # fmt: skip
     """The elements ``offs`` of tensor ``t``. ``mask`` is the same for all of them in a
@@ -371,7 +373,7 @@ def _dense_body(row, t, offs, mask, scal, consts, count, amp,
     m_raw = tl.load(m_ptr + offs, mask=mask, other=0)
     v_raw = tl.load(v_ptr + offs, mask=mask, other=0)
     p, m, v = p_raw.to(W), m_raw.to(W), v_raw.to(W)
-    if ADAMAX:
+    if RULE == "adamax":
         p1, m1, v1 = _adamax_rule(g, p, m, v, _consts(consts, W), lr_t)
         x1 = v1
     else:
@@ -395,7 +397,7 @@ def _dense_body(row, t, offs, mask, scal, consts, count, amp,
 
 @triton.jit
 def _dense_kernel(meta, work, scal, consts, count, amp,
-                  P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr,
+                  P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, RULE: tl.constexpr, AMSGRAD: tl.constexpr,
                   MASK: tl.constexpr, SR: tl.constexpr, FTZ: tl.constexpr, SCALED: tl.constexpr,
                   BLOCK: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
     """One work item (tensor, first element) of a dense-state step: a full block of
@@ -415,10 +417,10 @@ def _dense_kernel(meta, work, scal, consts, count, amp,
     n = tl.load(row)
     go = _go(amp + 1, offs, SCALED)
     if start + BLOCK <= n:
-        _dense_body(row, t, offs, go, scal, consts, count, amp, P, S, W, ADAMAX, AMSGRAD, MASK, SR, FTZ, SCALED,
+        _dense_body(row, t, offs, go, scal, consts, count, amp, P, S, W, RULE, AMSGRAD, MASK, SR, FTZ, SCALED,
                     ALIGNED)  # fmt: skip
     else:
-        _dense_body(row, t, offs, go & (offs < n), scal, consts, count, amp, P, S, W, ADAMAX, AMSGRAD, MASK, SR,
+        _dense_body(row, t, offs, go & (offs < n), scal, consts, count, amp, P, S, W, RULE, AMSGRAD, MASK, SR,
                     FTZ, SCALED, ALIGNED)  # fmt: skip
 
 
@@ -556,7 +558,7 @@ def _new_absmax(y, state_top, absmax_ptr, blk, live, PASS: tl.constexpr, ROWS: t
 
 @triton.jit
 def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
-                P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr, SR: tl.constexpr,
+                P: tl.constexpr, RULE: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr, SR: tl.constexpr,
                 SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr, ROWS: tl.constexpr,
                 E: tl.constexpr, PASS: tl.constexpr):  # fmt: skip
     """Blocks ``blk`` (rows of the [ROWS, E] tile ``offs``; ``live``: the rows to step,
@@ -608,7 +610,7 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
     x = v
     if AMSGRAD:
         x = _decode(xc, cb, cmask, books + 2 * BOOK, x_old[:, None], h, BITS, ROOT, ROWS, E)
-    if ADAMAX:
+    if RULE == "adamax":
         p1, m1, v1 = _adamax_rule(g, p, m, v, c, lr_t)
         x1 = v1
     else:
@@ -648,7 +650,7 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
 
 @triton.jit
 def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
-                  P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr,
+                  P: tl.constexpr, RULE: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr,
                   SR: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr,
                   ROWS: tl.constexpr, E: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr,
                   PASS: tl.constexpr = 0):  # fmt: skip
@@ -694,14 +696,14 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
             every_byte = tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8])
             bad += _quant_body(ptrs, s, c, blk, go, blk[:, None] * E + cols[None, :], every,
                                blk[:, None] * (E * BITS // 8) + pairs[None, :], every_byte, books, amp, top, P,
-                               ADAMAX, AMSGRAD, MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
+                               RULE, AMSGRAD, MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
         elif b0 * block < n:
             live = go & (blk * block < n)
             offs = blk[:, None] * block + cols[None, :]
             cb = blk[:, None] * (block * BITS // 8) + pairs[None, :]
             mask = live[:, None] & (cols[None, :] < block) & (offs < n)
             cmask = live[:, None] & (pairs[None, :] < block * BITS // 8) & (cb * (8 // BITS) < n)
-            bad += _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top, P, ADAMAX, AMSGRAD,
+            bad += _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top, P, RULE, AMSGRAD,
                                MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
     if MASK and PASS != 1:
         total = tl.sum(tl.sum(bad, axis=1), axis=0)
@@ -755,15 +757,27 @@ def _items(counts: np.ndarray, per_item: int) -> np.ndarray:
     return np.stack([tensor, (np.arange(tensor.size, dtype=np.int64) - first) * per_item], axis=1)
 
 
-def host_consts(
-    beta1: float, beta2: float, eps: float, decay: float, l2: float, maximize: bool, work: type
-) -> np.ndarray:
-    """The rule's constants (see ``_LOW``...), float64, cast to the work dtype in the
-    kernel: the numba kernels' values to the bit."""
-    from .numba_cpu import _lerp_consts
+def host_consts(consts: RuleConsts) -> np.ndarray:
+    """The rule's constants as the kernels' float64 table (``_LOW``...; cast to the work
+    dtype in the kernel: the numba kernels' values to the bit)."""
+    return np.array([float(x) for x in consts], dtype=np.float64)
 
-    low, b1w, c1 = _lerp_consts(beta1, work)
-    return np.array([low, b1w, c1, beta2, 1 - beta2, eps, decay, l2, -1.0 if maximize else 1.0], dtype=np.float64)
+
+def device_tables(
+    steps: Tensor, step_size: Tensor, inv: Tensor, consts: RuleConsts, decay: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """A capturable step's (per-tensor scalars, constants) on the device, from step
+    counts and scalars computed there (float64 [n]): the per-tensor table of
+    :func:`host_scalars`' layout, the dither phases of the step before and this one
+    from ``steps``; the constants kept by value (inside a CUDA graph capture nothing can
+    be copied from the host), with ``decay`` computed on the device from a tensor lr."""
+    dither = torch.stack([steps - 1, steps]).to(torch.int64) * DITHER_STEP % 2**32
+    scal = torch.stack([step_size, inv, dither[0].double(), dither[1].double()], dim=1).contiguous()
+    host = host_consts(consts)
+    table = _device_tables(host.view(np.int64), steps.device, capturable=True).view(torch.float64)
+    if decay is not None:
+        table = torch.cat([table[:_DECAY], decay.reshape(1).to(torch.float64), table[_DECAY + 1 :]])
+    return scal, table
 
 
 def host_scalars(s: StepScalars, n: int) -> np.ndarray:
@@ -902,7 +916,7 @@ def _launch_addresses(
     device: torch.device,
     scalars: tuple[Tensor, Tensor] | tuple[np.ndarray, np.ndarray],
     *,
-    algo: int,
+    rule: str,
     fmt: QuantFormat | None,
     books: tuple[str, ...],
     amsgrad: bool,
@@ -951,7 +965,7 @@ def _launch_addresses(
             count = torch.zeros(1, dtype=torch.int32, device=device)
         amp_d = _amp(device, amp)
         scaled = amp_d is not None
-        flags = dict(ADAMAX=algo == 2, AMSGRAD=amsgrad, MASK=mask_nonfinite, SR=sr_seed is not None, SCALED=scaled)
+        flags = dict(RULE=rule, AMSGRAD=amsgrad, MASK=mask_nonfinite, SR=sr_seed is not None, SCALED=scaled)
         grid = (n_items,)
         if fmt is None:
             assert sdtype is not None
@@ -982,7 +996,8 @@ def _launch_addresses(
 
 
 def _tables_step(
-    algo: int,
+    rule: str,
+    amsgrad: bool,
     tab: Tables,
     s: StepScalars | tuple[Tensor, Tensor],
     *,
@@ -1005,7 +1020,7 @@ def _tables_step(
     numels = np.zeros(n, dtype=np.int64)
     np.maximum.at(numels, tab.chunks[:, 0], tab.chunks[:, 2])
     fmt = tab.state_dtype if isinstance(tab.state_dtype, QuantFormat) else None
-    names = () if fmt is None else tuple(fmt.codebook(k).name for k in _KEYS[algo])
+    names = () if fmt is None else tuple(fmt.codebook(k).name for k in ALGORITHMS[rule].state_keys(amsgrad))
     if isinstance(s, StepScalars):
         scal = np.zeros((n, SCALARS), dtype=np.float64)
         scal[:, :2] = tab.scal
@@ -1015,12 +1030,12 @@ def _tables_step(
             scal[:, 2] = ((steps - 1) * DITHER_STEP) & _M32
             scal[:, 3] = (steps * DITHER_STEP) & _M32
         work = np.float64 if tab.param_dtype == torch.float64 else np.float32
-        scalars: tuple = (scal, host_consts(s.beta1, s.beta2, s.eps, s.decay, s.l2, maximize, work))
+        scalars: tuple = (scal, host_consts(rule_consts(s, maximize, work)))
     else:
         scalars = s
     return _launch_addresses(
-        tab.ptrs, numels, tab.param_dtype, None if fmt else tab.state_dtype, tab.device, scalars, algo=algo,
-        fmt=fmt, books=names, amsgrad=algo == 1, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=tab.salts,
+        tab.ptrs, numels, tab.param_dtype, None if fmt else tab.state_dtype, tab.device, scalars, rule=rule,
+        fmt=fmt, books=names, amsgrad=amsgrad, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed, salts=tab.salts,
         amp=amp, count=count,
     )  # fmt: skip
 
@@ -1028,7 +1043,7 @@ def _tables_step(
 def adam_tables_(tab: Tables, s: StepScalars | tuple[Tensor, Tensor], *, amsgrad: bool, **kw: Any) -> int | Tensor:
     """Fused Adam/AdamW over a cached plan's tables (keywords: :func:`_tables_step`'s);
     the masked count."""
-    return _tables_step(int(amsgrad), tab, s, **kw)
+    return _tables_step("adam", amsgrad, tab, s, **kw)
 
 
 def adamax_tables_(
@@ -1038,14 +1053,12 @@ def adamax_tables_(
     masked count."""
     if amsgrad:
         raise ValueError("Adamax has no AMSGrad variant")
-    return _tables_step(2, tab, s, **kw)
-
-
-_KEYS = {0: ("exp_avg", "exp_avg_sq"), 1: ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), 2: ("exp_avg", "exp_inf")}
+    return _tables_step("adamax", False, tab, s, **kw)
 
 
 def _step(
-    algo: int,
+    rule: str,
+    amsgrad: bool,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     state: Mapping[str, Sequence[Tensor]],
@@ -1058,7 +1071,7 @@ def _step(
     amp: tuple[Tensor | None, Tensor | None] | None,
     count: Tensor | None,
 ) -> int | Tensor:
-    keys = _KEYS[algo]
+    keys = ALGORITHMS[rule].state_keys(amsgrad)
     if fmt is None:
         columns = [list(params), list(grads)] + [list(state[k]) for k in keys]
         names: tuple[str, ...] = ()
@@ -1071,12 +1084,12 @@ def _step(
         work = np.float64 if params and params[0].dtype in (torch.float64, torch.complex128) else np.float32
         scalars: tuple = (
             host_scalars(s, len(params)),
-            host_consts(s.beta1, s.beta2, s.eps, s.decay, s.l2, maximize, work),
+            host_consts(rule_consts(s, maximize, work)),
         )
     else:
         scalars = s
     return _launch(
-        columns, scalars, algo=algo, fmt=fmt, books=names, amsgrad=algo == 1, mask_nonfinite=mask_nonfinite,
+        columns, scalars, rule=rule, fmt=fmt, books=names, amsgrad=amsgrad, mask_nonfinite=mask_nonfinite,
         sr_seed=sr_seed, salts=salts, amp=amp, count=count,
     )  # fmt: skip
 
@@ -1092,6 +1105,8 @@ _BITS = (32, 16, *QUANT_BITS)
     state_bits=_BITS,
     unsupported=unsupported,
     tables=adam_tables_,
+    amp_scale=True,
+    device_tables=device_tables,
 )
 def adam_(
     params: Sequence[Tensor],
@@ -1114,7 +1129,7 @@ def adam_(
     (:func:`host_scalars`' and :func:`host_consts`' layouts: a capturable step);
     ``amp``: GradScaler's (grad_scale, found_inf); ``count``: a device counter to add
     masked elements to."""
-    return _step(int(amsgrad), params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp, count)
+    return _step("adam", amsgrad, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp, count)
 
 
 @register(
@@ -1125,6 +1140,8 @@ def adam_(
     state_bits=_BITS,
     unsupported=unsupported,
     tables=adamax_tables_,
+    amp_scale=True,
+    device_tables=device_tables,
 )
 def adamax_(
     params: Sequence[Tensor],
@@ -1144,4 +1161,4 @@ def adamax_(
     """Fused Adamax over one bucket, dense or quantized state (arguments: :func:`adam_`)."""
     if amsgrad:
         raise ValueError("Adamax has no AMSGrad variant")
-    return _step(2, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp, count)
+    return _step("adamax", False, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp, count)

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import _memory
-from .._scalars import StepScalars
+from .._scalars import StepScalars, rule_consts
 from ..kernels import reference
 from ..kernels._checks import is_plain, storage_order
 from ..kernels.registry import (
@@ -37,7 +37,7 @@ from ..kernels.registry import (
     resolve,
 )
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat, dequantize, quantize
-from ..quant.codebooks import DITHER_STEP
+from ..spec import ALGORITHMS, HISTORY, MOMENTS, Algorithm
 from ._plan import GroupPlan, TrackedState, _Launch, quant_meta
 
 #: What ``nonfinite=`` accepts; see :class:`AdamFamily`.
@@ -113,6 +113,23 @@ def _step_problem(step: Any, read: bool) -> str | None:
     return None
 
 
+def _history_problem(key: str, value: Any, read: bool) -> str | None:
+    """What makes a history entry (NAdam's ``mu_product``) unfit, as :func:`_step_problem`."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.is_complex() or value.layout != torch.strided:
+            return f"{key!r} must be one real number, got a {tuple(value.shape)} {value.dtype} tensor"
+        if not read:
+            return None
+        number = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        return f"{key!r} must be a number or a 1-element tensor, got {type(value).__name__}"
+    if not math.isfinite(number):
+        return f"{key!r} must be finite, got {number}"
+    return None
+
+
 def _in_its_storage(t: Tensor) -> bool:
     """Whether a state tensor's elements lie in its storage (a storage can be resized
     under a tensor); True for what has no host-visible storage to ask (meta, wrappers)."""
@@ -143,6 +160,11 @@ def state_problem(
     problem = _step_problem(state["step"], read_step)
     if problem:
         return problem + where
+    for key in HISTORY:
+        if key in state:
+            problem = _history_problem(key, state[key], read_step)
+            if problem:
+                return problem + where
     try:
         fmt = quant_format_of(state)
     except (KeyError, TypeError, ValueError) as err:
@@ -150,7 +172,7 @@ def state_problem(
         return f"bad quantized-state format {got}: {err}{where}"
     dtypes: dict[str, torch.dtype] = {}
     for key, t in state.items():
-        if key == "step" or key in QUANT_META:
+        if key == "step" or key in QUANT_META or key in HISTORY:
             continue
         if not isinstance(t, Tensor):
             return f"state {key!r} is a {type(t).__name__}, not a tensor{where}"
@@ -181,7 +203,7 @@ def state_problem(
 
 #: Every dense moment any variant keeps: they must share a dtype whatever ``amsgrad`` is
 #: now (a kept ``max_exp_avg_sq`` is stepped again when it is switched back on).
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf")
+_MOMENTS = MOMENTS
 
 
 @dataclass
@@ -214,14 +236,6 @@ def _user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def _device_consts(host: np.ndarray, device: torch.device) -> Tensor:
-    """A capturable step's rule constants on the device (kept by value: inside a CUDA
-    graph capture nothing can be copied from the host)."""
-    from ..kernels.triton_cuda import _device_tables
-
-    return _device_tables(host.view(np.int64), device, capturable=True).view(torch.float64)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -273,9 +287,9 @@ def check_hyperparameters(group: Mapping[str, Any], where: str = "", read_device
 class AdamFamily(Optimizer):
     """Base class of :class:`~adamkit.Adam`, :class:`~adamkit.AdamW`, :class:`~adamkit.Adamax`.
 
-    Subclasses name their registry algorithm, their state tensors and their step
-    scalars; everything else — validation, lazy state, bucketing, the non-finite
-    policy, checkpoints — lives here.
+    Subclasses name their algorithm (:data:`adamkit.spec.ALGORITHMS`: its state keys,
+    history and step scalars) and their arguments; everything else — validation, lazy
+    state, bucketing, the non-finite policy, checkpoints — lives here.
 
     Attributes:
         nonfinite: the non-finite gradient policy (``"mask"``, ``"skip"``,
@@ -288,6 +302,11 @@ class AdamFamily(Optimizer):
     """
 
     algorithm: ClassVar[str]
+
+    @property
+    def spec(self) -> Algorithm:
+        """This optimizer's algorithm (:mod:`adamkit.spec`)."""
+        return ALGORITHMS[self.algorithm]
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -379,19 +398,22 @@ class AdamFamily(Optimizer):
 
     # ----------------------------------------------------------------- subclass API
     def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        """Names of the per-parameter state tensors (besides ``step``)."""
-        raise NotImplementedError
+        """Names of the per-parameter state tensors (besides ``step`` and the history)."""
+        return self.spec.state_keys(bool(group.get("amsgrad", False)))
 
-    def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
-        """Host-side float64 scalars for ``group`` at step ``step``."""
-        raise NotImplementedError
+    def _step_scalars(
+        self, group: Mapping[str, Any], step: float, history: Mapping[str, float] | None = None
+    ) -> StepScalars:
+        """Host-side float64 scalars for ``group`` at step ``step`` (``history``: the
+        parameter's history values after this step's update, e.g. NAdam's ``mu_product``)."""
+        return self.spec.scalars(self.spec.hyperparameters(group), step, history or {})
 
-    @staticmethod
-    def _hyperparameters(group: Mapping[str, Any]) -> dict[str, float]:
-        """lr, beta1, beta2, eps and weight_decay of a group as Python floats."""
-        beta1, beta2 = group["betas"]
-        names = ("lr", "eps", "weight_decay")
-        return {"beta1": float(beta1), "beta2": float(beta2), **{k: float(group[k]) for k in names}}
+    def _advance(self, group: Mapping[str, Any]) -> Callable[[Any, Any], None] | None:
+        """``(steps, history) -> None``: the algorithm's per-step history update with this
+        group's hyperparameters, or None if it keeps no history."""
+        if self.spec.advance is None:
+            return None
+        return partial(self.spec.advance, self.spec.hyperparameters(group))
 
     def _normalize_loaded_group(self, group: dict[str, Any]) -> None:
         """Hook for subclasses to fix up a group read from a checkpoint."""
@@ -478,11 +500,11 @@ class AdamFamily(Optimizer):
                 raise ValueError(f"{name}: capturable=True takes betas[{i}] as a float or a CPU tensor{where}")
         for device_type in sorted({p.device.type for p in params if isinstance(p, Tensor)}):
             kernel = self._kernel(group, device_type)
-            if kernel.backend != "triton":
+            if not kernel.capturable:
                 raise NotImplementedError(
-                    f"{name}: capturable=True needs the triton kernels (CUDA tensors with triton installed, or "
-                    f"backend='triton' under TRITON_INTERPRET=1); {device_type!r} tensors get the "
-                    f"{kernel.backend} kernels{where}"
+                    f"{name}: capturable=True needs a kernel that steps with no host read (the triton kernels: "
+                    f"CUDA tensors with triton installed, or backend='triton' under TRITON_INTERPRET=1); "
+                    f"{device_type!r} tensors get the {kernel.backend} kernels{where}"
                 )
 
     def _kernel(
@@ -555,7 +577,7 @@ class AdamFamily(Optimizer):
                 kernel = self._kernel(
                     group, p.device.type, self._layout(p, g, state, group), f" ({where}, parameter {i})"
                 )
-                if group.get("capturable") and kernel.backend != "triton":
+                if group.get("capturable") and not kernel.capturable:
                     raise NotImplementedError(
                         f"capturable=True needs the triton kernels; {kernel.backend} would step this tensor "
                         f"({where}, parameter {i})"
@@ -649,18 +671,21 @@ class AdamFamily(Optimizer):
         )
         if work.launch is not None and group.get("capturable"):
             del flags["sr_seed"]  # capturable steps reject stochastic rounding
-            scalars = partial(self._capturable_scalars, group, maximize=flags["maximize"])
+            scalars = partial(self._capturable_scalars, group, maximize=flags["maximize"])  # (steps, dtype, kernel)
             count = self._device_counter(work.launch.plan.device)
             out = work.launch.run_on_device(self.state, scalars, amp=amp, count=count, **flags)
             torch.autograd.graph.increment_version(work.launch.stepped())  # as torch's in-place step does
             return out
         if work.launch is not None:
             grad_scale = amp[0]
-            if grad_scale is not None and any(seg.kernel.backend != "triton" for seg in work.launch.plan.segments):
+            if grad_scale is not None and not all(seg.kernel.amp_scale for seg in work.launch.plan.segments):
                 grads = [g for _, g in work.grads()]  # unscaled first, as on the general path
                 torch._foreach_div_(grads, grad_scale.to(work.launch.plan.device))
                 grad_scale = None
-            out = work.launch.run(self.state, partial(self._step_scalars, group), grad_scale=grad_scale, **flags)
+            out = work.launch.run(
+                self.state, partial(self._step_scalars, group), self.spec.tensor_scalars, self._advance(group),
+                grad_scale=grad_scale, **flags,
+            )  # fmt: skip
             # the kernels write through addresses: autograd is told, as torch's in-place step
             # tells it, so a graph that saved a parameter before the step refuses to use it
             torch.autograd.graph.increment_version(work.launch.stepped())
@@ -703,11 +728,19 @@ class AdamFamily(Optimizer):
                 kernel = self._kernel(group, device.type, layout)
             except KernelUnavailableError:
                 return None  # the general path raises it, naming the parameter
-            if kernel.tables is None or (capturable and kernel.backend != "triton"):
+            if kernel.tables is None or (capturable and not kernel.capturable):
                 return None
             kernels.append(kernel)
             state_dtypes.append(layout[1])
-        plan = GroupPlan(params, kernels, self.state, keys, state_dtypes, _scalar_dtype(), signature, capturable)
+        history = {}
+        for key, initial in self.spec.history.items():  # one flat tensor each: one dtype (loaded ones may differ)
+            kept = {st[key].dtype for st in map(self.state.get, params) if st and isinstance(st.get(key), Tensor)}
+            if len(kept) > 1:
+                return None
+            history[key] = (kept.pop() if kept else _scalar_dtype(), initial)
+        plan = GroupPlan(
+            params, kernels, self.state, keys, state_dtypes, _scalar_dtype(), signature, capturable, history
+        )
         self._plans[index] = plan
         return plan
 
@@ -805,6 +838,8 @@ class AdamFamily(Optimizer):
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         device = p.device if group.get("capturable") else None  # capturable: as torch, on the device
         state: dict[str, Any] = {"step": torch.zeros((), dtype=_scalar_dtype(), device=device)}
+        for key, initial in self.spec.history.items():  # as torch keeps them: beside ``step``
+            state[key] = torch.full((), initial, dtype=_scalar_dtype(), device=device)
         self._add_missing_state(p, state, self._state_format(p, group), group)
         return state
 
@@ -853,19 +888,20 @@ class AdamFamily(Optimizer):
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1.0)
         step_values = torch.stack([s.to("cpu", torch.float64) for s in steps]).tolist()
+        history = self._advanced_history(group, states, step_values)
         if group.get("percentile_clipping", 100) < 100:
             triples = self._clip_percentile(triples, states, step_values, group["percentile_clipping"])
         buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for i, ((_, p, g), st, t) in enumerate(zip(triples, states, step_values)):
-            buckets[(p.device, self._layout(p, g, st, group), t)].append(i)
+        for i, ((_, p, g), st, t, h) in enumerate(zip(triples, states, step_values, history)):
+            buckets[(p.device, self._layout(p, g, st, group), t, h)].append(i)
         masked: int | Tensor = 0
-        for (device, layout, t), idx in buckets.items():
+        for (device, layout, t, h), idx in buckets.items():
             fmt = layout[1]
             extra: dict[str, Any] = {"fmt": fmt} if isinstance(fmt, QuantFormat) else {}
             kernel = self._kernel(group, device.type, layout)
             grads = [triples[i][2] for i in idx]
             if grad_scale is not None:
-                if kernel.backend == "triton":
+                if kernel.amp_scale:
                     extra["amp"] = (grad_scale.to(device), None)
                 else:
                     torch._foreach_div_(grads, grad_scale.to(device))
@@ -873,7 +909,7 @@ class AdamFamily(Optimizer):
                 [triples[i][1] for i in idx],
                 grads,
                 {k: [states[i][k] for i in idx] for k in state_columns(keys, fmt)},
-                self._step_scalars(group, t),
+                self._step_scalars(group, t, dict(zip(self.spec.history, h))),
                 **extra,
                 amsgrad=amsgrad,
                 maximize=maximize,
@@ -882,6 +918,23 @@ class AdamFamily(Optimizer):
                 salts=[triples[i][0] for i in idx],
             )
         return masked
+
+    def _advanced_history(
+        self, group: Mapping[str, Any], states: list[dict[str, Any]], steps: list[float]
+    ) -> list[tuple[float, ...]]:
+        """Each parameter's history (``spec.history``) updated for the step it takes now,
+        as values (one tuple per parameter; empty for algorithms without history)."""
+        names = tuple(self.spec.history)
+        advance = self._advance(group)
+        if advance is None:
+            return [()] * len(states)
+        for st in states:
+            for key in names:
+                if not isinstance(st[key], Tensor):  # a loaded float, say
+                    st[key] = torch.tensor(float(st[key]), dtype=_scalar_dtype(), device=st["step"].device)
+        advance(steps, {key: [st[key] for st in states] for key in names})
+        values = torch.stack([st[key].to("cpu", torch.float64) for st in states for key in names])
+        return [tuple(row) for row in values.view(len(states), len(names)).tolist()]
 
     def _step_differentiable(
         self,
@@ -913,13 +966,14 @@ class AdamFamily(Optimizer):
             state = self.state[p]
             self._add_missing_state(p, state, state[keys[0]].dtype, group)  # e.g. amsgrad switched on
             state["step"] += 1
+            history = dict(zip(self.spec.history, self._advanced_history(group, [state], [float(state["step"])])[0]))
             masked += reference.differentiable_step_(
                 rule,
                 p,
                 g if grad_scale is None else g / grad_scale.to(g.device),
                 [state[k] for k in keys],
                 float(state["step"]),
-                hyper,
+                {**hyper, **history, **{k: group[k] for k in self.spec.hyper}},
                 amsgrad=amsgrad,
                 maximize=maximize,
                 decoupled=bool(group.get("decoupled_weight_decay", False)),
@@ -927,32 +981,21 @@ class AdamFamily(Optimizer):
             )
         return masked
 
-    def _device_scalars(self, group: Mapping[str, Any], steps: Tensor) -> tuple[Any, Any, Any, float]:
-        """(step_size, inv_bc2_sqrt, decay, l2) computed on the device from the step
-        counts ``steps`` (float64 [n]), for a capturable step."""
-        raise NotImplementedError
-
     def _capturable_scalars(
-        self, group: Mapping[str, Any], steps: Tensor, param_dtype: torch.dtype, *, maximize: bool
-    ) -> tuple[Tensor, Tensor]:
-        """A capturable step's device tables for tensors at step counts ``steps``
-        (float64 [n], on the device): per-tensor scalars [n, 4] (step_size, inv_bc2_sqrt,
-        dither phases of the step before and this one) and the rule's constants, with
-        the decay computed on the device from a tensor ``lr``."""
-        from ..kernels.triton_cuda import host_consts
-
-        hyper = self._hyperparameters({**group, "lr": 0.0}) if isinstance(group["lr"], Tensor) else None
-        hyper = hyper or self._hyperparameters(group)
-        step_size, inv, decay, l2 = self._device_scalars(group, steps)
-        dither = torch.stack([steps - 1, steps]).to(torch.int64) * DITHER_STEP % 2**32
-        scal = torch.stack([step_size, inv, dither[0].double(), dither[1].double()], dim=1).contiguous()
+        self, group: Mapping[str, Any], steps: Tensor, param_dtype: torch.dtype, kernel: Kernel, *, maximize: bool
+    ) -> Any:
+        """A capturable step's scalars for tensors at step counts ``steps`` (float64 [n],
+        on the device), computed there (the algorithm's ``device_scalars``) and laid out
+        for ``kernel`` by its ``device_tables``; the decay is computed on the device from a
+        tensor ``lr``."""
+        lr = group["lr"]
+        hyper = self.spec.hyperparameters({**group, "lr": 0.0} if isinstance(lr, Tensor) else group)
+        step_size, inv, decay, l2 = self.spec.device_scalars(hyper, lr, steps)
         work = np.float64 if param_dtype in (torch.float64, torch.complex128) else np.float32
         fixed = float(decay) if not isinstance(decay, Tensor) else 1.0
-        host = host_consts(hyper["beta1"], hyper["beta2"], hyper["eps"], fixed, l2, maximize, work)
-        consts = _device_consts(host, steps.device)
-        if isinstance(decay, Tensor):  # a tensor lr on the device: the decay is computed there
-            consts = torch.cat([consts[:6], decay.reshape(1).to(torch.float64), consts[7:]])
-        return scal, consts
+        s = StepScalars(hyper["beta1"], hyper["beta2"], hyper["eps"], 0.0, 1.0, fixed, l2)
+        consts = rule_consts(s, maximize, work)
+        return kernel.device_tables(steps, step_size, inv, consts, decay if isinstance(decay, Tensor) else None)
 
     def _device_counter(self, device: torch.device) -> Tensor:
         """The device-side count of masked elements of capturable steps on ``device``."""
@@ -997,12 +1040,12 @@ class AdamFamily(Optimizer):
         for (device, layout), idx in buckets.items():
             fmt = layout[1]
             t = torch.stack([steps[i] for i in idx]).to(torch.float64)
-            scal, consts = self._capturable_scalars(group, t, layout[0], maximize=maximize)
-            self._kernel(group, device.type, layout).fn(
+            kernel = self._kernel(group, device.type, layout)
+            kernel.fn(
                 [triples[i][1] for i in idx],
                 [triples[i][2] for i in idx],
                 {k: [self.state[triples[i][1]][k] for i in idx] for k in state_columns(keys, fmt)},
-                (scal, consts),
+                self._capturable_scalars(group, t, layout[0], kernel, maximize=maximize),
                 **({"fmt": fmt} if isinstance(fmt, QuantFormat) else {}),
                 amsgrad=amsgrad,
                 maximize=maximize,
@@ -1124,19 +1167,31 @@ class AdamFamily(Optimizer):
         # AMSGrad's maximum may be missing (amsgrad switched on since the parameter was last
         # stepped): the next step creates it, as it does without a checkpoint
         columns = state_columns([k for k in keys if k != "max_exp_avg_sq"], saved_fmt or p.dtype)
-        missing = [k for k in ("step", *columns) if k not in saved]
+        needed = ["step", *self.spec.history, *columns]
+        missing = [k for k in needed if k not in saved]
         if missing:
             raise ValueError(
                 f"{where}: state lacks {missing} (has {sorted(saved)}); "
-                f"{type(self).__name__} with these settings needs {['step', *columns]}"
+                f"{type(self).__name__} with these settings needs {needed}"
             )
         problem = _step_problem(saved["step"], read=True)
+        for key in self.spec.history:
+            problem = problem or _history_problem(key, saved[key], read=True)
         if problem:
             raise ValueError(f"{where}: {problem}")
         out: dict[str, Any] = {"step": torch.tensor(float(saved["step"]), dtype=_scalar_dtype())}
+        for key in self.spec.history:
+            # torch casts a loaded history tensor to a floating parameter's dtype; adamkit
+            # to at least the dtype of ``step`` (not below float32 for half parameters)
+            value = saved[key]
+            if isinstance(value, Tensor):
+                dtype = torch.promote_types(p.dtype, _scalar_dtype()) if p.is_floating_point() else value.dtype
+                out[key] = value.detach().reshape(()).to("cpu", dtype, copy=True)
+            else:
+                out[key] = torch.tensor(float(value), dtype=_scalar_dtype())
         dense: dict[str, Tensor] = {}
         for key, value in saved.items():
-            if key == "step" or key in QUANT_META:
+            if key == "step" or key in QUANT_META or key in HISTORY:
                 continue
             if not isinstance(value, Tensor):
                 raise ValueError(f"{where}: state {key!r} must be a tensor, got {type(value).__name__}")

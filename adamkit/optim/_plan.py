@@ -31,7 +31,7 @@ themselves or of the state rebuilds the plan.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from operator import attrgetter, is_, is_not, methodcaller
 from typing import Any
@@ -223,6 +223,9 @@ class GroupPlan:
         signature: the group settings the plan depends on (compared each step).
         capturable: ``step`` counters on the parameters' device, advanced there
             (:meth:`_Launch.run_on_device`), as torch's ``capturable=True`` keeps them.
+        history: the algorithm's per-parameter history entries (NAdam's ``mu_product``):
+            (dtype, initial value) by name, kept like ``step``, as views of one flat
+            tensor each.
     """
 
     def __init__(
@@ -235,6 +238,7 @@ class GroupPlan:
         step_dtype: torch.dtype,
         signature: tuple[Any, ...],
         capturable: bool = False,
+        history: Mapping[str, tuple[torch.dtype, float]] | None = None,
     ) -> None:
         self.params = list(params)
         n = len(self.params)
@@ -254,6 +258,12 @@ class GroupPlan:
         self._strided = any(o is not None for o in self.orders)
         self.steps = torch.zeros(n, dtype=step_dtype, device=self.device if capturable else "cpu")
         self.views: list[dict[str, Tensor]] = [{"step": self.steps[i]} for i in range(n)]
+        #: the history entries, flat (their initial values are set for new parameters by
+        #: the optimizer's state, copied in below, or at their first step)
+        self.history = {k: torch.full((n,), v, dtype=dt) for k, (dt, v) in (history or {}).items()}
+        for key, flat in self.history.items():
+            for i in range(n):
+                self.views[i][key] = flat[i]
         self.meta: list[dict[str, int]] = [{} for _ in params]  # quantized state's format entries
         self.segments: list[_Segment] = []
         self._held: list[Any] = []  # the flat buffers, and the storages of state used where it is
@@ -292,6 +302,8 @@ class GroupPlan:
             old = state.get(p)
             if old:
                 self.views[i]["step"].copy_(old["step"])
+                for key in self.history:
+                    self.views[i][key].copy_(old[key])
                 state.put(p, {**old, **self.views[i], **self.meta[i]})
                 self.has_state[i] = True
         #: where the storages of the state it steps are: an in-place resize_ of a state
@@ -462,7 +474,9 @@ class _Launch:
     def run(
         self,
         state: TrackedState,
-        scalars: Callable[[float], Any],
+        scalars: Callable[[float, Mapping[str, float]], Any],
+        fields: Sequence[str],
+        advance: Callable[[Any, Any], None] | None = None,
         *,
         amsgrad: bool,
         maximize: bool,
@@ -470,8 +484,11 @@ class _Launch:
         sr_seed: int | None,
         grad_scale: Tensor | None = None,
     ) -> int:
-        """Create missing state, advance the steps, launch every segment (``grad_scale``:
-        an AMP scale the kernels divide the gradients by: the Triton kernels')."""
+        """Create missing state, advance the steps (and the history, with ``advance``),
+        launch every segment. ``scalars(t, history)``: the step scalars at step ``t``;
+        ``fields``: those of them that go to the kernels per tensor (the algorithm's
+        ``tensor_scalars``); ``grad_scale``: an AMP scale the kernels divide the
+        gradients by (kernels with ``amp_scale``)."""
         plan = self.plan
         self._adopt_new_state(state)
         everyone = self.idx is None
@@ -483,16 +500,30 @@ class _Launch:
             values = plan.steps.numpy()[self.idx]
         if values.size == 0:
             return 0
-        scal = np.zeros((len(plan.params), 2))
-        rows = scal if everyone else np.zeros((values.size, 2))
-        low, high = values.min(), values.max()
-        if low == high:  # the usual case: every parameter at the same step
-            per_step = [scalars(float(low))]
-            rows[:] = (per_step[0].step_size, per_step[0].inv_bc2_sqrt)
+        names = list(plan.history)
+        if advance is not None:
+            if everyone:
+                advance(values.tolist(), plan.history)
+            else:
+                rows_t = torch.from_numpy(self.idx)
+                moved = {k: flat[rows_t] for k, flat in plan.history.items()}
+                advance(values.tolist(), moved)
+                for k, flat in plan.history.items():
+                    flat[rows_t] = moved[k]
+        keys = values.astype(np.float64).reshape(-1, 1)
+        if names:  # scalars depend on the history too: one set per distinct (step, history)
+            hist = [flat.numpy().astype(np.float64) for flat in plan.history.values()]
+            keys = np.column_stack([keys] + [h if everyone else h[self.idx] for h in hist])
+        k = len(fields)
+        scal = np.zeros((len(plan.params), k))
+        rows = scal if everyone else np.zeros((values.size, k))
+        if (keys == keys[0]).all():  # the usual case: every parameter at the same step
+            per_step = [scalars(float(keys[0, 0]), dict(zip(names, keys[0, 1:].tolist())))]
+            rows[:] = [getattr(per_step[0], f) for f in fields]
         else:  # some parameters' steps lag (they had no gradient for a while)
-            uniq, inverse = np.unique(values.astype(np.float64), return_inverse=True)
-            per_step = [scalars(float(t)) for t in uniq]
-            rows[:] = np.array([(s.step_size, s.inv_bc2_sqrt) for s in per_step])[inverse.reshape(-1)]
+            uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+            per_step = [scalars(float(u[0]), dict(zip(names, u[1:].tolist()))) for u in uniq]
+            rows[:] = np.array([[getattr(s, f) for f in fields] for s in per_step])[inverse.reshape(-1)]
         if not everyone:
             scal[self.idx] = rows
         masked = 0
@@ -528,7 +559,7 @@ class _Launch:
     def run_on_device(
         self,
         state: TrackedState,
-        scalars: Callable[[Tensor, torch.dtype], tuple[Tensor, Tensor]],
+        scalars: Callable[[Tensor, torch.dtype, Kernel], Any],
         *,
         amp: tuple[Tensor | None, Tensor | None],
         count: Tensor,
@@ -538,7 +569,7 @@ class _Launch:
     ) -> int:
         """A capturable step (every parameter has a gradient): the ``step`` counters
         advance on the device (by ``1 - found_inf`` under GradScaler), ``scalars`` turns
-        them (float64 [n]) and the work dtype into the kernel's device tables
+        them (float64 [n]), the work dtype and the kernel into its device tables
         (per-tensor scalars, constants), masked elements are added to ``count``: nothing
         is read on the host."""
         plan = self.plan
@@ -557,7 +588,7 @@ class _Launch:
             tab = Tables(seg.ptrs, seg.chunks, np.zeros((0, 2)), seg.members, seg.param_dtype, seg.state_dtype,
                          seg.units, plan.device)  # fmt: skip
             seg.kernel.tables(
-                tab, scalars(seg_t, seg.param_dtype), amsgrad=amsgrad, maximize=maximize,
+                tab, scalars(seg_t, seg.param_dtype, seg.kernel), amsgrad=amsgrad, maximize=maximize,
                 mask_nonfinite=mask_nonfinite, sr_seed=None,
                 amp=amp if grad_scale is not None or found_inf is not None else None, count=count,
             )  # fmt: skip

@@ -7,7 +7,6 @@ from typing import Any
 
 from torch import Tensor
 
-from .._scalars import StepScalars, adam_scalars, device_scalars
 from ._base import AdamFamily
 
 _MATH = r"""
@@ -161,22 +160,6 @@ class Adam(AdamFamily):
                     raise ValueError(
                         f"{name} as a Tensor is not supported for capturable=False and foreach=True{where}"
                     )
-
-    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        if group.get("amsgrad", False):
-            return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-        return ("exp_avg", "exp_avg_sq")
-
-    def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
-        decoupled = bool(group.get("decoupled_weight_decay", False))
-        return adam_scalars(**self._hyperparameters(group), decoupled=decoupled, step=step)
-
-    def _device_scalars(self, group: Mapping[str, Any], steps: Tensor) -> tuple[Any, Any, Any, float]:
-        decoupled = bool(group.get("decoupled_weight_decay", False))
-        beta1, beta2 = (float(b) for b in group["betas"])
-        wd = float(group["weight_decay"])
-        out = device_scalars(steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=wd, decoupled=decoupled)
-        return (*out, 0.0 if decoupled else wd)
 
 
 class AdamW(Adam):

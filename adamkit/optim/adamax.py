@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
-from .._scalars import StepScalars, adamax_scalars, device_scalars
 from ._base import AdamFamily
 
 
@@ -98,15 +96,3 @@ class Adamax(AdamFamily):
             percentile_clipping=percentile_clipping,
         )
         super().__init__(params, defaults, nonfinite=nonfinite)
-
-    def _state_keys(self, group: Mapping[str, Any]) -> tuple[str, ...]:
-        return ("exp_avg", "exp_inf")
-
-    def _step_scalars(self, group: Mapping[str, Any], step: float) -> StepScalars:
-        return adamax_scalars(**self._hyperparameters(group), step=step)
-
-    def _device_scalars(self, group: Mapping[str, Any], steps: Tensor) -> tuple[Any, Any, Any, float]:
-        beta1 = float(group["betas"][0])
-        wd = float(group["weight_decay"])
-        out = device_scalars(steps, lr=group["lr"], beta1=beta1, beta2=None, weight_decay=wd, decoupled=False)
-        return (*out, wd)

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .codebooks import CODEBOOKS, DITHER_ALONG, UNDITHERED4, Codebook, codebook, dither_phase, dither_tables
+from .codebooks import CODEBOOKS, DITHER_ALONG, ROLES, UNDITHERED4, Codebook, codebook, dither_phase, dither_tables
 
 #: Valid ``state_bits`` of quantized state.
 QUANT_BITS = (8, 4)
@@ -107,8 +107,10 @@ class QuantFormat:
 
     def codebook(self, key: str) -> Codebook:
         """The codebook of state ``key`` (see :data:`~adamkit.quant.CODEBOOKS`)."""
-        first, second, norm = CODEBOOKS[self.bits] if self.dither or self.bits == 8 else UNDITHERED4
-        return codebook(first if key == "exp_avg" else norm if key == "exp_inf" else second)
+        from ..spec import BOOK_ROLES  # the key's role: each algorithm's spec names it
+
+        books = CODEBOOKS[self.bits] if self.dither or self.bits == 8 else UNDITHERED4
+        return codebook(books[ROLES.index(BOOK_ROLES[key])])
 
     @property
     def block_key(self) -> int:

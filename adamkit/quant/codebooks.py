@@ -169,6 +169,9 @@ CODEBOOKS: dict[int, tuple[str, str, str]] = {
     8: ("dynamic8", "udynamic8", "udynamic8"),
     4: ("normal4_dither", "sqrt_geo4_dither", "geo4_dither"),
 }
+#: The roles of state keys' codebooks (:data:`adamkit.spec.BOOK_ROLES` names each key's),
+#: in the order of :data:`CODEBOOKS`' entries.
+ROLES = ("signed", "unsigned", "norm")
 #: The 4-bit codebooks of adamkit 0.1's checkpoints (nearest codes, no dither): such
 #: state is decoded with them and encoded again in the current format when loaded.
 UNDITHERED4 = ("normal4", "sqrt_linear4", "linear4")
