@@ -8,7 +8,7 @@ registry entry, and the error says which.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -99,12 +99,8 @@ def register(
         devices = None if device_types is None else frozenset(device_types)
         explicit = frozenset(explicit_device_types)
         capturable = device_tables is not None and _ALGORITHMS[algorithm].device_scalars is not None
-        _KERNELS.append(
-            Kernel(
-                algorithm, backend, devices, frozenset(state_bits), fn, unsupported, tables, explicit,
-                amp_scale, capturable, device_tables,
-            )  # fmt: skip
-        )
+        entry = Kernel(algorithm, backend, devices, frozenset(state_bits), fn, unsupported, tables, explicit)
+        _KERNELS.append(replace(entry, amp_scale=amp_scale, capturable=capturable, device_tables=device_tables))
         resolve.cache_clear()
         return fn
 
