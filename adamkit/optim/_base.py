@@ -483,6 +483,11 @@ class AdamFamily(Optimizer):
         """What ``capturable=True`` needs: the Triton kernels, and nothing that reads the
         host during a step."""
         name = type(self).__name__
+        if self.spec.device_scalars is None:
+            raise NotImplementedError(
+                f"{name}: capturable=True is not supported: its step scalars come from per-parameter history kept "
+                f"on the host ({sorted(self.spec.history)}){where}"
+            )
         if self.nonfinite in ("skip", "raise"):
             raise ValueError(
                 f"{name}: capturable=True needs nonfinite='mask' or 'propagate' ('{self.nonfinite}' reads the "
