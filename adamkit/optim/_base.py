@@ -669,7 +669,8 @@ class AdamFamily(Optimizer):
     ) -> int | Tensor:
         group = work.group
         flags = dict(
-            amsgrad=bool(group.get("amsgrad", False)),
+            # a group's ``amsgrad`` means nothing to a variant without it (torch ignores it too)
+            amsgrad=bool(group.get("amsgrad", False)) and self.spec.amsgrad_key is not None,
             maximize=bool(group["maximize"]),
             mask_nonfinite=self.nonfinite == "mask",
             sr_seed=sr_seed,
