@@ -120,7 +120,7 @@ def _history_problem(key: str, value: Any, read: bool) -> str | None:
             return f"{key!r} must be one real number, got a {tuple(value.shape)} {value.dtype} tensor"
         if not read:
             return None
-        number = float(value)
+        number = float(value.detach())
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)
     else:
@@ -144,7 +144,12 @@ def _in_its_storage(t: Tensor) -> bool:
 
 
 def state_problem(
-    p: Tensor, state: Mapping[str, Any], keys: Iterable[str], read_step: bool = True, where: str = ""
+    p: Tensor,
+    state: Mapping[str, Any],
+    keys: Iterable[str],
+    read_step: bool = True,
+    where: str = "",
+    history: Iterable[str] = (),
 ) -> str | None:
     """What makes a parameter's state unfit for a step, or None: a bad ``step``, a bad
     quantized format, entries that are not dense tensors on the parameter's device with
@@ -152,11 +157,14 @@ def state_problem(
     than one dtype or of a dtype that cannot hold the parameter's state. Keys the group
     needs and the state lacks are not a problem: they are created (``amsgrad`` switched
     on). ``read_step``: whether ``step`` may be read on the host (not a capturable
-    step's device counter). ``where`` is put into the message where it reads well."""
+    step's device counter). ``where`` is put into the message where it reads well.
+    ``history``: the entries besides ``step`` the state must have (NAdam's
+    ``mu_product``): missing, they are a problem (no value would be right)."""
     if not state:
         return None
-    if "step" not in state:
-        return f"state lacks 'step' (has {sorted(state)}){where}"
+    for key in ("step", *history):
+        if key not in state:
+            return f"state lacks {key!r} (has {sorted(state)}){where}"
     problem = _step_problem(state["step"], read_step)
     if problem:
         return problem + where
@@ -507,8 +515,8 @@ class AdamFamily(Optimizer):
             kernel = self._kernel(group, device_type)
             if not kernel.capturable:
                 raise NotImplementedError(
-                    f"{name}: capturable=True needs a kernel that steps with no host read (the triton kernels: "
-                    f"CUDA tensors with triton installed, or backend='triton' under TRITON_INTERPRET=1); "
+                    f"{name}: capturable=True needs the triton kernels (CUDA tensors with triton installed, or "
+                    f"backend='triton' under TRITON_INTERPRET=1: kernels that step with no host read); "
                     f"{device_type!r} tensors get the {kernel.backend} kernels{where}"
                 )
 
@@ -575,7 +583,9 @@ class AdamFamily(Optimizer):
                     f"({where}, parameter {i})"
                 )
             state = self.state.get(p, {})
-            problem = state_problem(p, state, keys, not group.get("capturable"), f" ({where}, parameter {i})")
+            problem = state_problem(
+                p, state, keys, not group.get("capturable"), f" ({where}, parameter {i})", self.spec.history
+            )
             if problem:
                 raise RuntimeError(problem)
             if forced or group.get("capturable"):
@@ -727,7 +737,7 @@ class AdamFamily(Optimizer):
             state = self.state.get(p) or {}
             if p.device != device or p.is_complex() or not is_plain(p):
                 return None  # the general path handles (or explains) it
-            if state_problem(p, state, keys, read_step=not capturable):
+            if state_problem(p, state, keys, read_step=not capturable, history=self.spec.history):
                 return None
             layout = self._layout(p, None, state, group)
             try:
@@ -829,7 +839,8 @@ class AdamFamily(Optimizer):
         contiguous parameters and gradients. A parameter without state yet gets state
         of :meth:`_state_format`, laid out as the parameter.
         """
-        tensors = [v for k, v in state.items() if k != "step" and k not in EXTRA_STATE and isinstance(v, Tensor)]
+        scalars = ("step", *EXTRA_STATE, *HISTORY)
+        tensors = [v for k, v in state.items() if k not in scalars and isinstance(v, Tensor)]
         fmt = quant_format_of(state) or (tensors[0].dtype if tensors else self._state_format(p, group))
         if not all(map(is_plain, [p, *tensors] if g is None else [p, g, *tensors])):
             return p.dtype, fmt, False  # a subclass's data_ptr() may not be where its elements are
@@ -972,7 +983,7 @@ class AdamFamily(Optimizer):
             state = self.state[p]
             self._add_missing_state(p, state, state[keys[0]].dtype, group)  # e.g. amsgrad switched on
             state["step"] += 1
-            history = dict(zip(self.spec.history, self._advanced_history(group, [state], [float(state["step"])])[0]))
+            history = {k: state[k] for k in self.spec.history}  # the rule advances them, recorded by autograd
             masked += reference.differentiable_step_(
                 rule,
                 p,
@@ -1187,12 +1198,11 @@ class AdamFamily(Optimizer):
             raise ValueError(f"{where}: {problem}")
         out: dict[str, Any] = {"step": torch.tensor(float(saved["step"]), dtype=_scalar_dtype())}
         for key in self.spec.history:
-            # torch casts a loaded history tensor to a floating parameter's dtype; adamkit
-            # to at least the dtype of ``step`` (not below float32 for half parameters)
+            # kept on the CPU in the checkpoint's dtype, as ``step`` (torch casts it to a
+            # floating parameter's dtype: a bf16 ``mu_product``), so a run continues bit for bit
             value = saved[key]
             if isinstance(value, Tensor):
-                dtype = torch.promote_types(p.dtype, _scalar_dtype()) if p.is_floating_point() else value.dtype
-                out[key] = value.detach().reshape(()).to("cpu", dtype, copy=True)
+                out[key] = value.detach().reshape(()).to("cpu", copy=True)
             else:
                 out[key] = torch.tensor(float(value), dtype=_scalar_dtype())
         dense: dict[str, Tensor] = {}
