@@ -1,6 +1,6 @@
 """adamkit: fast, memory-lean Adam-family optimizers for PyTorch.
 
-Drop-in replacements for ``torch.optim.Adam``, ``AdamW`` and ``Adamax`` with the same
+Drop-in replacements for ``torch.optim.Adam``, ``AdamW``, ``Adamax`` and ``NAdam`` with the same
 math, arguments and checkpoints.
 """
 
@@ -19,7 +19,7 @@ from .bnb import (
     PagedAdamW32bit,
 )
 from .kernels import KernelUnavailableError
-from .optim import NONFINITE_MODES, Adam, Adamax, AdamFamily, AdamW
+from .optim import NONFINITE_MODES, Adam, Adamax, AdamFamily, AdamW, NAdam
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "Adamax",
     "GlobalOptimManager",
     "KernelUnavailableError",
+    "NAdam",
     "PagedAdam",
     "PagedAdam8bit",
     "PagedAdam32bit",

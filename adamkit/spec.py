@@ -25,6 +25,7 @@ backend (:mod:`adamkit.kernels.reference` is its specification).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,15 +67,20 @@ class Algorithm:
         """The group's hyperparameters as the scalars read them (floats; tensors read)."""
         beta1, beta2 = group["betas"]
         out: dict[str, Any] = {
-            "lr": float(group["lr"]),
-            "beta1": float(beta1),
-            "beta2": float(beta2),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
+            "lr": _number(group["lr"]),
+            "beta1": _number(beta1),
+            "beta2": _number(beta2),
+            "eps": _number(group["eps"]),
+            "weight_decay": _number(group["weight_decay"]),
             "decoupled": bool(group.get("decoupled_weight_decay", False)),
         }
-        out.update({k: float(group[k]) for k in self.hyper})
+        out.update({k: _number(group[k]) for k in self.hyper})
         return out
+
+
+def _number(value: Any) -> float:
+    """A hyperparameter's value (a tensor's read without its autograd graph)."""
+    return float(value.detach()) if hasattr(value, "detach") else float(value)
 
 
 def _adam(h: Mapping[str, Any], t: float, history: Mapping[str, float]) -> StepScalars:
@@ -97,6 +103,45 @@ def _adamax_device(h: Mapping[str, Any], lr: Any, steps: Any) -> tuple[Any, Any,
     return (*device_scalars(steps, lr=lr, beta1=h["beta1"], beta2=None, weight_decay=wd, decoupled=False), wd)
 
 
+def nadam_mu(h: Mapping[str, Any], t: float) -> float:
+    """NAdam's momentum coefficient at step ``t``: ``β1·(1 - ½·0.96^(t·ψ))``, ψ the
+    momentum decay (torch.optim.NAdam's formula)."""
+    return h["beta1"] * (1.0 - 0.5 * (0.96 ** (t * h["momentum_decay"])))
+
+
+def _nadam(h: Mapping[str, Any], t: float, history: Mapping[str, float]) -> StepScalars:
+    """NAdam at step ``t``, ``mu_product`` already multiplied by this step's μ: the
+    gradient's coefficient ``γ(1-μ_t)/(1-Πμ)`` and the momentum's
+    ``γμ_{t+1}/(1-Πμ·μ_{t+1})``, as torch computes them."""
+    mu, mu_next = nadam_mu(h, t), nadam_mu(h, t + 1.0)
+    product = history["mu_product"]
+    lr = h["lr"]
+    return StepScalars(
+        beta1=h["beta1"],
+        beta2=h["beta2"],
+        eps=h["eps"],
+        step_size=lr * mu_next / (1.0 - product * mu_next),
+        inv_bc2_sqrt=1.0 / math.sqrt(1.0 - h["beta2"] ** t),
+        decay=1.0 - lr * h["weight_decay"] if h["decoupled"] else 1.0,
+        l2=0.0 if h["decoupled"] else h["weight_decay"],
+        step=t,
+        grad_step=lr * (1.0 - mu) / (1.0 - product),
+    )
+
+
+def _nadam_advance(h: Mapping[str, Any], steps: Sequence[float], history: Mapping[str, Any]) -> None:
+    """``mu_product *= μ_t``, in the product's dtype (torch's ``mul_`` by a float: the
+    float rounded to that dtype first)."""
+    import torch
+
+    products = history["mu_product"]
+    if isinstance(products, torch.Tensor):  # one flat tensor, an element per parameter
+        mus = torch.tensor([nadam_mu(h, t) for t in steps], dtype=torch.float64)
+        products.mul_(mus.to(products.dtype))
+    else:
+        torch._foreach_mul_(list(products), [nadam_mu(h, t) for t in steps])
+
+
 ADAM = Algorithm(
     "adam",
     keys=("exp_avg", "exp_avg_sq"),
@@ -112,8 +157,19 @@ ADAMAX = Algorithm(
     scalars=_adamax,
     device_scalars=_adamax_device,
 )
+NADAM = Algorithm(
+    "nadam",
+    keys=("exp_avg", "exp_avg_sq"),
+    books={"exp_avg": "signed", "exp_avg_sq": "unsigned"},
+    scalars=_nadam,
+    history={"mu_product": 1.0},
+    advance=_nadam_advance,
+    tensor_scalars=("step_size", "inv_bc2_sqrt", "grad_step"),
+    hyper=("momentum_decay",),
+)
+
 #: Every algorithm, by name (the registry's and ``AdamFamily.algorithm``'s names).
-ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (ADAM, ADAMAX)}
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (ADAM, ADAMAX, NADAM)}
 
 #: The codebook role of every state key any algorithm keeps.
 BOOK_ROLES: dict[str, str] = {k: role for a in ALGORITHMS.values() for k, role in a.books.items()}

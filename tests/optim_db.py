@@ -83,6 +83,26 @@ OPTIMIZERS = [
     ),
 ]
 
+OPTIMIZERS.append(
+    OptimizerInfo(
+        "NAdam",
+        adamkit.NAdam,
+        torch.optim.NAdam,
+        lambda kw: ("exp_avg", "exp_avg_sq"),
+        [
+            {},
+            NON_DEFAULT,
+            {**NON_DEFAULT, "maximize": True},
+            {**NON_DEFAULT, "decoupled_weight_decay": True},
+            {**NON_DEFAULT, "momentum_decay": 0.05},
+            {"lr": torch.tensor(0.01, **T64), "weight_decay": 0.05},
+            {"betas": (0.0, 0.0), "eps": 0.0, "lr": 0.01},
+            {"lr": 0.0, "weight_decay": 0.3},
+        ],
+        default_lr=2e-3,
+    )
+)
+
 OPTIM_IDS = [o.name for o in OPTIMIZERS]
 ALL_CONFIGS = [(o, kw) for o in OPTIMIZERS for _, kw in o.pairs()]
 ALL_CONFIG_IDS = [cid for o in OPTIMIZERS for cid, _ in o.pairs()]

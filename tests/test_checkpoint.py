@@ -18,6 +18,7 @@ from helpers import (
 from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OPTIM_IDS, OPTIMIZERS, OptimizerInfo
 
 import adamkit
+from adamkit.spec import HISTORY
 
 HALF, STEPS = 10, 22
 
@@ -72,7 +73,7 @@ def test_load_keeps_state_dtype_and_copies(info: OptimizerInfo) -> None:
     opt32.load_state_dict(sd)
     for p in p32:
         for key, value in opt32.state[p].items():
-            if key != "step":
+            if key != "step" and key not in HISTORY:
                 assert value.dtype == torch.float64, key
     # the loaded state is a copy: stepping one optimizer does not touch the other's
     before = {k: v.clone() for k, v in opt64.state[p64[0]].items()}
@@ -102,7 +103,7 @@ def test_load_moves_state_to_the_parameters_device(info: OptimizerInfo) -> None:
     moved.load_state_dict(opt.state_dict())
     for p in on_meta:
         for key, value in moved.state[p].items():
-            if key == "step":
+            if key == "step" or key in HISTORY:  # host scalars
                 assert value.device.type == "cpu" and value.dtype == torch.float32
             else:
                 assert value.device.type == "meta" and value.dtype == torch.float64, key
@@ -240,3 +241,48 @@ def test_load_state_dict_hooks_run() -> None:
     opt.register_load_state_dict_post_hook(lambda o: seen.append("post"))
     opt.load_state_dict(opt.state_dict())
     assert seen == ["pre", "post"]
+
+
+@pytest.mark.parametrize(
+    "edit,pattern",
+    [
+        (lambda st: st.pop("mu_product"), r"lacks \['mu_product'\]"),
+        (lambda st: st.update(mu_product=torch.tensor(float("nan"))), r"'mu_product' must be finite"),
+        (lambda st: st.update(mu_product=torch.ones(3)), r"'mu_product' must be one real number"),
+    ],
+    ids=["missing", "nan", "shape"],
+)
+def test_nadam_history_is_validated_on_load(edit, pattern) -> None:
+    """NAdam's per-parameter ``mu_product`` is checked like ``step``: a bad one is a
+    ValueError naming it, and nothing changes."""
+    params = make_params(complex_param=False)
+    opt = adamkit.NAdam(params)
+    _train(opt, params, range(2))
+    sd = opt.state_dict()
+    edit(sd["state"][0])
+    fresh = adamkit.NAdam(clone_params(params))
+    with pytest.raises(ValueError, match=pattern):
+        fresh.load_state_dict(sd)
+    assert not fresh.state
+
+
+def test_nadam_mu_product_crosses_to_torch_and_back() -> None:
+    """torch.optim.NAdam's checkpoint (its float32 ``mu_product`` included) continues in
+    adamkit, and adamkit's in torch, as one uninterrupted run."""
+    base = make_params(complex_param=False)
+    runs = {}
+    for first, second in [(torch.optim.NAdam, adamkit.NAdam), (adamkit.NAdam, torch.optim.NAdam)]:
+        params = clone_params(base)
+        a = first(params, lr=0.01, weight_decay=0.1)
+        _train(a, params, range(3))
+        b = second(params, lr=0.01, weight_decay=0.1)
+        b.load_state_dict(a.state_dict())
+        if second is adamkit.NAdam:  # kept as saved (torch casts it to a float64 parameter's dtype)
+            assert b.state[params[0]]["mu_product"].dtype == torch.float32
+        _train(b, params, range(3, 6))
+        runs[first] = params
+    straight = clone_params(base)
+    c = torch.optim.NAdam(straight, lr=0.01, weight_decay=0.1)
+    _train(c, straight, range(6))
+    for params in runs.values():
+        assert_close(params, straight, torch.float64, "continued")

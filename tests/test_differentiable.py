@@ -72,10 +72,11 @@ def _unrolled(cls: type, kw: dict, x: list[torch.Tensor], w: list[torch.Tensor],
 def test_gradients_through_steps_match_torchs_differentiable_step(info: OptimizerInfo, kw: dict) -> None:
     """Gradients w.r.t. the initial parameters, the gradients' source and a tensor lr,
     through 3 unrolled Adam steps. Where torch's step keeps state that its next step
-    overwrites (AMSGrad's ``v``, Adamax's ``m`` and ``u``), one step, as adamkit's copies
-    exactly what torch's does; torch's Adamax takes no tensor lr there."""
+    overwrites (AMSGrad's ``v``, Adamax's ``m`` and ``u``; NAdam's backward fails after
+    two steps), one step, as adamkit's copies exactly what torch's does; torch's Adamax
+    takes no tensor lr there."""
     kw = {k: v for k, v in copy.deepcopy(kw).items() if k != "lr"}
-    steps = 1 if kw.get("amsgrad") or info.name == "Adamax" else 3
+    steps = 1 if kw.get("amsgrad") or info.name in ("Adamax", "NAdam") else 3
     with float64_default():
         x = [p.detach().requires_grad_() for p in make_params(seed=3)]
         w = [p.detach().requires_grad_() for p in make_params(seed=4)]
@@ -96,7 +97,8 @@ def _one_step(cls: type, kwargs: dict, keys: list[str], p, grad, *state_and_hype
     p = p.clone()
     p.grad = grad
     opt = cls([p], **kwargs, differentiable=True)
-    opt.state[p].update({"step": torch.tensor(10.0, **F64), **{k: v.clone() for k, v in state.items()}})
+    history = {k: torch.tensor(v / 2, **F64) for k, v in opt.spec.history.items()}  # NAdam's mu_product
+    opt.state[p].update({"step": torch.tensor(10.0, **F64), **history, **{k: v.clone() for k, v in state.items()}})
     opt.step()
     return (p, *(opt.state[p][k] for k in keys))
 
@@ -110,7 +112,7 @@ GRADCHECK_CONFIGS = [
         {"weight_decay": 0.1, "amsgrad": True},
         {"weight_decay": 0.1, "amsgrad": True, "maximize": True},
     ]
-    if not (kw.get("amsgrad") and info.name == "Adamax")  # Adamax has no AMSGrad
+    if not (kw.get("amsgrad") and info.name in ("Adamax", "NAdam"))  # no AMSGrad
 ]
 
 

@@ -17,6 +17,7 @@ from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo
 
 import adamkit
 from adamkit.optim._plan import storage_order
+from adamkit.spec import MOMENTS
 
 # sizes 0, 1, ragged SIMD tails, > one chunk (32768), and many small tensors
 SIZES = [0, 1, 255, 256, 4097, 70_001] + [
@@ -145,7 +146,8 @@ def test_half_params_match_reference(info: OptimizerInfo, kw: dict, dtype: torch
     """bf16/fp16 parameters: math in fp32, stores rounded to nearest even, within 1 ulp."""
     fused, params = _lockstep(info, {**kw, "state_bits": state_bits}, dtype)
     want = torch.float32 if state_bits == 32 else torch.bfloat16
-    assert all(t.dtype == want for p in params if p in fused.state for k, t in fused.state[p].items() if k != "step")
+    moments = [t for p in params if p in fused.state for k, t in fused.state[p].items() if k in MOMENTS]
+    assert moments and all(t.dtype == want for t in moments)
 
 
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::3], ids=ALL_CONFIG_IDS[::3])
@@ -593,8 +595,8 @@ def test_avx2_stream_is_bit_identical_to_the_numba_loop(pkind: str, skind: str) 
         low, c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv = k
         done = adam_stream(p.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, p.size // 8, low, c1, b2, b2w,
                            eps, decay, l2, gsign, lr_t, inv, p, m)  # fmt: skip
-        sc = (low, c1, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, False)
-        numba_cpu._adam_loop(p2, g, m2, v2, v2, 0, sc, numba_cpu._U(0), False)
+        sc = (low, c1, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, False, lr_t * 0)
+        numba_cpu._adam_loop(p2, g, m2, v2, v2, 0, sc, numba_cpu._U(0), False, False)
         return done
 
     gen = torch.Generator().manual_seed(0)

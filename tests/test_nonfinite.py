@@ -12,6 +12,7 @@ from helpers import assert_close, assert_unchanged, clone_params, make_params, s
 from optim_db import OPTIM_IDS, OPTIMIZERS, OptimizerInfo
 
 import adamkit
+from adamkit.spec import HISTORY
 
 NAN, INF = float("nan"), float("inf")
 KW = {"lr": 0.02, "weight_decay": 0.1}
@@ -27,7 +28,7 @@ def _poison(params):
 
 
 def _kw(info: OptimizerInfo) -> dict:
-    return {**KW, "amsgrad": True} if info.name != "Adamax" else KW
+    return {**KW, "amsgrad": True} if info.name in ("Adam", "AdamW") else KW
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=OPTIM_IDS)
@@ -56,7 +57,7 @@ def test_mask_leaves_bad_elements_alone_and_updates_the_rest(info: OptimizerInfo
         torch.testing.assert_close(p.detach()[m], old_params[i][m], atol=0, rtol=0)
         torch.testing.assert_close(p.detach()[~m], clean[i].detach()[~m], atol=1e-12, rtol=1e-12)
         for key, value in opt.state[p].items():
-            if key != "step":
+            if key != "step" and key not in HISTORY:  # moments; the history is the step's, as step
                 assert torch.isfinite(torch.view_as_real(value) if value.is_complex() else value).all(), (i, key)
                 torch.testing.assert_close(value[m], old_state[id(p)][key][m], atol=0, rtol=0)
         assert opt.state[p]["step"].item() == 4

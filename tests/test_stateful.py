@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import adamkit
+from adamkit.spec import HISTORY
 
 #: Elements above which a finite gradient counts as huge (adamkit masks it when its
 #: moments overflow): 2^60 in float32 math.
@@ -50,7 +51,13 @@ HUGE = 2.0**60
 #: A bound on Adam's normalized step |m̂| / (sqrt(v̂) + ε) for the betas drawn here.
 K = 10.0
 SHAPES = [(300,), (17, 19), (5,)]
-TORCH = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "Adamax": torch.optim.Adamax}
+TORCH = {
+    "Adam": torch.optim.Adam,
+    "AdamW": torch.optim.AdamW,
+    "Adamax": torch.optim.Adamax,
+    "NAdam": torch.optim.NAdam,
+}
+AMSGRAD = ("Adam", "AdamW")
 ALGORITHMS = list(TORCH)
 
 
@@ -76,7 +83,7 @@ class Twins(RuleBasedStateMachine):
     def build(self, algorithm: str, policy: str, amsgrad: bool, seed: int) -> None:
         self.gen = torch.Generator().manual_seed(seed)
         self.algorithm, self.policy = algorithm, policy
-        self.amsgrad = amsgrad and algorithm != "Adamax"
+        self.amsgrad = amsgrad and algorithm in AMSGRAD
         dtype = torch.float32
         self.ours = [torch.randn(s, generator=self.gen, dtype=dtype).requires_grad_() for s in SHAPES]
         self.twin = [p.detach().clone().requires_grad_() for p in self.ours]
@@ -187,7 +194,7 @@ class Twins(RuleBasedStateMachine):
         for group in (*self.opt.param_groups, *self.ref.param_groups):
             group.update(lr=lr, betas=(beta1, beta2), weight_decay=wd)
 
-    @precondition(lambda self: self.algorithm != "Adamax")
+    @precondition(lambda self: self.algorithm in AMSGRAD)
     @rule()
     def switch_amsgrad(self) -> None:
         """amsgrad switched on or off mid-run; adamkit creates the running maximum of a
@@ -264,7 +271,7 @@ class Twins(RuleBasedStateMachine):
         with torch.no_grad():
             q.copy_(torch.where(keep, old_p, q))
             for key, value in state.items():
-                if key == "step":
+                if key == "step" or key in HISTORY:  # advance whatever is masked
                     continue
                 old = old_state.get(key, torch.zeros_like(value))
                 value.copy_(torch.where(keep, old, value))

@@ -78,7 +78,7 @@ def test_defaults_match_torch(info: OptimizerInfo) -> None:
 def test_param_groups_and_add_param_group(info: OptimizerInfo) -> None:
     ours, theirs = make_params(), None
     theirs = clone_params(ours)
-    extra = {"amsgrad": True} if info.name != "Adamax" else {}
+    extra = {"amsgrad": True}  # Adamax and NAdam ignore it, as torch's do
 
     def groups(ps):
         return [

@@ -516,18 +516,42 @@ def _adam_rule(g, p, m, v, x, low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, 
     return p * decay - lr_t * (m1 / (np.sqrt(x1) * inv + eps)), m1, v1, x1
 
 
+@njit(inline="always")
+def _nadam_rule(g, p, m, v, low, c1, b2, b2w, eps, lr_t, inv, gstep, decay, l2, gsign):
+    """One element of NAdam: new (p, m, v); ``gstep`` and ``lr_t`` are the gradient's and
+    the momentum's coefficients (``reference.nadam_rule_``)."""
+    g = g * gsign
+    g = g + l2 * p if l2 != 0 else g
+    m1 = _fma(c1, g - m, m if low else g)
+    v1 = b2 * v + b2w * g * g
+    d = np.sqrt(v1) * inv + eps
+    # torch's addcdiv twice, as the reference: ``p + (value·a) / b``, rounded as it rounds
+    # (the two terms may nearly cancel: their rounding shows in small parameters)
+    p1 = p * decay + (-gstep * g) / d
+    return p1 + (-lr_t * m1) / d, m1, v1
+
+
+@njit(inline="always")
+def _rule(g, p, m, v, x, low, b1w, c1, b2, b2w, eps, lr_t, inv, gstep, decay, l2, gsign, amsgrad, nadam):
+    """Adam/AdamW (with AMSGrad) or NAdam (``nadam``, a literal): new (p, m, v, v_max)."""
+    if nadam:
+        p1, m1, v1 = _nadam_rule(g, p, m, v, low, c1, b2, b2w, eps, lr_t, inv, gstep, decay, l2, gsign)
+        return p1, m1, v1, v1
+    return _adam_rule(g, p, m, v, x, low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, amsgrad)
+
+
 # Without AMSGrad no fifth array may be touched: a store to it, even behind a branch
 # that is never taken, stops LLVM vectorizing (measured 3.5x slower). So ``amsgrad``
 # is a literal at each call site, and the rule is inlined into loops that differ
 # only in it. Every operand is loaded before anything is stored.
 @njit(inline="always")
-def _adam_loop(p, g, m, v, x, j0, sc, stream, amsgrad):
-    low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, sr = sc
+def _adam_loop(p, g, m, v, x, j0, sc, stream, amsgrad, nadam):
+    low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, sr, gstep = sc
     for i in range(p.shape[0]):
         xi = _load(x, i) if amsgrad else _load(v, i)
-        p1, m1, v1, x1 = _adam_rule(
+        p1, m1, v1, x1 = _rule(
             _load(g, i), _load(p, i), _load(m, i), _load(v, i), xi,
-            low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, amsgrad,
+            low, b1w, c1, b2, b2w, eps, lr_t, inv, gstep, decay, l2, gsign, amsgrad, nadam,
         )  # fmt: skip
         _store_param(p, i, p1, sr, stream, j0 + i)
         _store(m, i, m1)
@@ -544,30 +568,32 @@ STREAM = ISA == "avx2"
 
 
 @njit(inline="always")
-def _streams(plike, sr, amsgrad):
-    """Whether a block goes through the AVX2 loop (half or float32 parameters: not fp64)."""
+def _streams(plike, sr, amsgrad, nadam):
+    """Whether a block goes through the AVX2 loop (Adam/AdamW; half or float32
+    parameters: not fp64)."""
     if STREAM:  # a lone global in the condition: numba drops the branch elsewhere
-        return not amsgrad and not sr and plike.itemsize < 8
+        return not amsgrad and not nadam and not sr and plike.itemsize < 8
     return False
 
 
 @njit(inline="always")
-def _adam_block(p, g, m, v, x, j0, sc, stream, amsgrad):
+def _adam_block(p, g, m, v, x, j0, sc, stream, amsgrad, nadam):
     """:func:`_adam_loop` over a block, its whole vectors by the AVX2 loop when it can."""
     done = 0
     if STREAM:
-        low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, sr = sc
-        if _streams(p, sr, amsgrad):
+        low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, sr, gstep = sc
+        if _streams(p, sr, amsgrad, nadam):
             n = p.shape[0] // 8
             args = (low, c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, p, m)
             done = 8 * adam_stream(p.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, n, *args)
     if done < p.shape[0]:
-        _adam_loop(p[done:], g[done:], m[done:], v[done:], x[done:], j0 + done, sc, stream, amsgrad)
+        _adam_loop(p[done:], g[done:], m[done:], v[done:], x[done:], j0 + done, sc, stream, amsgrad, nadam)
 
 
 @njit(inline="always")
-def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, amsgrad, mask):
-    """Adam/AdamW over the work units this thread claims.
+def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, amsgrad, mask,
+                 nadam):  # fmt: skip
+    """Adam/AdamW, or NAdam with ``nadam``, over the work units this thread claims.
 
     With ``mask``, a chunk stops at the first block whose gradient has a NaN/±inf or
     a magnitude of at least ``HUGE``:
@@ -576,7 +602,8 @@ def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike,
 
     ptrs: int64 [n_tensors, 4 or 5] (param, grad, exp_avg, exp_avg_sq[, max_exp_avg_sq]);
     chunks: int64 [n_chunks, 3] (tensor, start, stop); units, counter: see :func:`_claim`;
-    scal: [n_tensors, 2] (step_size, inv_bc2_sqrt) in the math dtype; salts: int64
+    scal: [n_tensors, 2 or 3] (step_size, inv_bc2_sqrt[, grad_step]: the algorithm's
+    ``tensor_scalars``) in the math dtype; salts: int64
     [n_tensors] (stochastic rounding streams); consts: :class:`adamkit._scalars.RuleConsts`.
     """
     _wide_vectors()
@@ -590,11 +617,12 @@ def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike,
         for c in range(c_lo, c_hi):
             t, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]
             stream = _tensor_seed(seed, salts[t]) if sr else _U(0)
-            sc = (low, b1w, c1, b2, b2w, eps, scal[t, 0], scal[t, 1], decay, l2, gsign, sr)
+            gstep = scal[t, 2] if nadam else scal[t, 0] * 0
+            sc = (low, b1w, c1, b2, b2w, eps, scal[t, 0], scal[t, 1], decay, l2, gsign, sr, gstep)
             step, blocked = _blocks(lo, hi)
             for b in range(lo, hi, step):
                 e = min(b + step, hi)
-                if blocked and not _streams(plike, sr, amsgrad):  # adam_stream prefetches itself
+                if blocked and not _streams(plike, sr, amsgrad, nadam):  # adam_stream prefetches itself
                     _ahead(ptrs, t, b + AHEAD, hi, plike, slike)
                 p, g = _piece(ptrs, t, 0, b, e, plike), _piece(ptrs, t, 1, b, e, plike)
                 m, v = _piece(ptrs, t, 2, b, e, slike), _piece(ptrs, t, 3, b, e, slike)
@@ -603,7 +631,7 @@ def _adam_chunks(ptrs, chunks, units, counter, stops, scal, salts, plike, slike,
                     stops[c] = b
                     stopped += 1
                     break
-                _adam_block(p, g, m, v, x, b, sc, stream, amsgrad)
+                _adam_block(p, g, m, v, x, b, sc, stream, amsgrad, nadam)
     return stopped
 
 
@@ -627,12 +655,16 @@ def _variant(rule: str, amsgrad: bool, mask: bool) -> Callable[..., int]:
             return _adamax_chunks(
                 ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, mask
             )  # fmt: skip
+        if rule == "nadam":
+            return _adam_chunks(
+                ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, False, mask, True
+            )  # fmt: skip
         if amsgrad:
             return _adam_chunks(
-                ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, True, mask
+                ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, True, mask, False
             )  # fmt: skip
         return _adam_chunks(
-            ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, False, mask
+            ptrs, chunks, units, counter, stops, scal, salts, plike, slike, consts, sr, seed, False, mask, False
         )  # fmt: skip
 
     kernel.__name__ = kernel.__qualname__ = f"_{rule}{'_amsgrad' if amsgrad else ''}{'_masked' if mask else ''}"
@@ -641,7 +673,7 @@ def _variant(rule: str, amsgrad: bool, mask: bool) -> Callable[..., int]:
 
 _KERNELS = {
     (rule, amsgrad, mask): _variant(rule, amsgrad, mask)
-    for rule, amsgrad in (("adam", False), ("adam", True), ("adamax", False))
+    for rule, amsgrad in (("adam", False), ("adam", True), ("adamax", False), ("nadam", False))
     for mask in (False, True)
 }
 
@@ -651,7 +683,7 @@ _KERNELS = {
 # were) and counts them. Kept apart so the common kernels carry neither the
 # selects (they cost 5% on 16M elements) nor a second copy of the loop (compile time).
 @njit(nogil=True, cache=True, error_model="numpy")
-def _adam_rest(ptrs, chunks, stops, scal, salts, plike, slike, consts, sr, seed, amsgrad):
+def _adam_rest(ptrs, chunks, stops, scal, salts, plike, slike, consts, sr, seed, amsgrad, nadam):
     c = consts
     low, b1w, c1, b2, b2w, eps, decay, l2, gsign = c.low, c.b1w, c.c1, c.b2, c.b2w, c.eps, c.decay, c.l2, c.gsign
     bad = 0
@@ -661,15 +693,16 @@ def _adam_rest(ptrs, chunks, stops, scal, salts, plike, slike, consts, sr, seed,
         t, lo, hi = chunks[c, 0], stops[c], chunks[c, 2]
         stream = _tensor_seed(seed, salts[t]) if sr else _U(0)
         lr_t, inv = scal[t, 0], scal[t, 1]
+        gstep = scal[t, 2] if nadam else lr_t * 0
         p, g = _piece(ptrs, t, 0, lo, hi, plike), _piece(ptrs, t, 1, lo, hi, plike)
         m, v = _piece(ptrs, t, 2, lo, hi, slike), _piece(ptrs, t, 3, lo, hi, slike)
         x = _piece(ptrs, t, 4, lo, hi, slike) if amsgrad else v
         for i in range(hi - lo):
             gi = _load(g, i)
             xi = _load(x, i) if amsgrad else _load(v, i)
-            p1, m1, v1, x1 = _adam_rule(
+            p1, m1, v1, x1 = _rule(
                 gi, _load(p, i), _load(m, i), _load(v, i), xi,
-                low, b1w, c1, b2, b2w, eps, lr_t, inv, decay, l2, gsign, amsgrad,
+                low, b1w, c1, b2, b2w, eps, lr_t, inv, gstep, decay, l2, gsign, amsgrad, nadam,
             )  # fmt: skip
             if _masked(gi, m1, v1, x1):
                 bad += 1
@@ -829,8 +862,8 @@ def tables_for(
     check_table(columns, "cpu", fmt)
     ptrs = np.array([[t.data_ptr() for t in row] for row in zip(*columns)], dtype=np.int64)
     n = len(columns[0])
-    scal = np.empty((n, 2))
-    scal[:] = (s.step_size, s.inv_bc2_sqrt)
+    scal = np.empty((n, 3))
+    scal[:] = (s.step_size, s.inv_bc2_sqrt, s.grad_step)
     salt = np.arange(n, dtype=np.int64) if salts is None else np.asarray(salts, dtype=np.int64)
     return Tables(
         ptrs.reshape(n, len(columns)),
@@ -878,8 +911,23 @@ def adam_tables_(
         return 0
     work = _work_dtype(tab)
     consts = rule_consts(s, maximize, work)
-    rest = functools.partial(_adam_rest, amsgrad=amsgrad) if mask_nonfinite else None
+    rest = functools.partial(_adam_rest, amsgrad=amsgrad, nadam=False) if mask_nonfinite else None
     return _launch(_KERNELS["adam", amsgrad, mask_nonfinite], rest, tab, work, consts, sr_seed)
+
+
+def nadam_tables_(
+    tab: Tables, s: StepScalars, *, amsgrad: bool = False, maximize: bool, mask_nonfinite: bool,
+    sr_seed: int | None = None,
+) -> int:  # fmt: skip
+    """Fused NAdam over tables (``tab.scal``: step_size, inv_bc2_sqrt, grad_step); returns
+    the masked count."""
+    if amsgrad:
+        raise ValueError("NAdam has no AMSGrad variant")
+    if tab.chunks.shape[0] == 0:
+        return 0
+    consts = rule_consts(s, maximize, _work_dtype(tab))
+    rest = functools.partial(_adam_rest, amsgrad=False, nadam=True) if mask_nonfinite else None
+    return _launch(_KERNELS["nadam", False, mask_nonfinite], rest, tab, _work_dtype(tab), consts, sr_seed)
 
 
 def adamax_tables_(
@@ -946,3 +994,25 @@ def adamax_(
         return 0
     tab = tables_for([params, grads, state["exp_avg"], state["exp_inf"]], s, salts)
     return adamax_tables_(tab, s, amsgrad=False, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed)
+
+
+@register(
+    "nadam", backend="numba", device_types=("cpu",), state_bits=(32, 16), unsupported=unsupported, tables=nadam_tables_
+)
+def nadam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    *,
+    amsgrad: bool = False,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
+) -> int:
+    """Fused NAdam over one bucket of tensors (see :func:`unsupported` for which)."""
+    if not params:
+        return 0
+    tab = tables_for([params, grads, state["exp_avg"], state["exp_avg_sq"]], s, salts)
+    return nadam_tables_(tab, s, amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed)

@@ -87,6 +87,7 @@ from .numba_cpu import (
     _claim,
     _load,
     _masked,
+    _nadam_rule,
     _prefetch,
     _store_param,
     _tame,
@@ -436,12 +437,12 @@ def _q_chunks(
                     if dirty:
                         nbad, mtop, stop, xtop = update(
                             p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                            consts, sr, stream, b, hd, decode_row, amsgrad, True, root,
+                            scal[t, 2], consts, sr, stream, b, hd, decode_row, amsgrad, True, root,
                         )  # fmt: skip
                     else:
                         nbad, mtop, stop, xtop = update(
                             p, g, mc, ma[k], sc, sa[k], xc, xa[k], n, rows, books, scal[t, 0], scal[t, 1],
-                            consts, sr, stream, b, hd, decode_row, amsgrad, False, root,
+                            scal[t, 2], consts, sr, stream, b, hd, decode_row, amsgrad, False, root,
                         )  # fmt: skip
                 bad += nbad
                 encode_block(mc, ptrs[t, 3] + 4 * k, rows[0], n, mtop, books[0], encode_m, he, False)
@@ -522,8 +523,8 @@ def _decode_row4(row, codes, book, scale, n, root, h0):
 
 
 @njit(inline="always")
-def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0,
-                  hd, decode_row, amsgrad, mask, root):  # fmt: skip
+def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, gstep, consts, sr, stream,
+                  j0, hd, decode_row, amsgrad, mask, root):  # fmt: skip
     """Decode the state into ``rows`` with ``decode_row``, then update from and into the
     rows and store the parameters (contiguous floats: this loop vectorizes); rows of
     root codebooks end up holding roots. Returns the number of masked elements."""
@@ -563,9 +564,9 @@ def _q_block_adam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t
 
 
 @njit(inline="always")
-def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, consts, sr, stream, j0,
-                    hd, decode_row, amsgrad, mask, root):  # fmt: skip
-    """Adamax's :func:`_q_block_adam` (``xc``, ``xscale``, ``inv``, ``amsgrad`` unused)."""
+def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, gstep, consts, sr, stream,
+                    j0, hd, decode_row, amsgrad, mask, root):  # fmt: skip
+    """Adamax's :func:`_q_block_adam` (``xc``, ``xscale``, ``inv``, ``gstep``, ``amsgrad`` unused)."""
     m, v = rows[0], rows[1]
     decode_row(m, mc, books[0], mscale, n, False, hd)
     decode_row(v, sc, books[1], sscale, n, root, hd)
@@ -588,6 +589,36 @@ def _q_block_adamax(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr
         v[i] = u2
         mtop = max(mtop, _magnitude_bits(m1))
         vtop = max(vtop, _magnitude_bits(u2))
+    return bad, mtop, vtop, np.int32(0)
+
+
+@njit(inline="always")
+def _q_block_nadam(p, g, mc, mscale, sc, sscale, xc, xscale, n, rows, books, lr_t, inv, gstep, consts, sr, stream,
+                   j0, hd, decode_row, amsgrad, mask, root):  # fmt: skip
+    """NAdam's :func:`_q_block_adam` (``xc``, ``xscale``, ``amsgrad`` unused): the portable
+    loop, no SIMD block loop."""
+    m, v = rows[0], rows[1]
+    decode_row(m, mc, books[0], mscale, n, False, hd)
+    decode_row(v, sc, books[1], sscale, n, root, hd)
+    bad = 0
+    mtop, vtop = np.int32(0), np.int32(0)
+    c = consts
+    for i in range(n):
+        gi, pi, mi, vi = _load(g, i), _load(p, i), m[i], v[i]
+        p1, m1, v1 = _nadam_rule(gi, pi, mi, vi, c.low, c.c1, c.b2, c.b2w, c.eps, lr_t, inv, gstep, c.decay, c.l2,
+                                 c.gsign)  # fmt: skip
+        if mask:
+            ok = not _masked(gi, m1, v1, v1)
+            bad += not ok
+            p1 = p1 if ok else pi
+            m1 = m1 if ok else mi
+            v1 = v1 if ok else vi
+        _store_param(p, i, p1, sr, stream, j0 + i)
+        v2 = np.sqrt(v1) if root else v1
+        m[i] = m1
+        v[i] = v2
+        mtop = max(mtop, _magnitude_bits(m1))
+        vtop = max(vtop, _magnitude_bits(v2))
     return bad, mtop, vtop, np.int32(0)
 
 
@@ -624,6 +655,10 @@ def _variant(rule: str, bits: int, amsgrad: bool, mask: bool) -> Callable[..., i
     @njit(**_J)
     def kernel(pt, ch, un, co, sc, sa, pl, cs, sr, se, bo, bl, si, ph):
         a = (pt, ch, un, co, sc, sa, pl, cs, sr, se, bo, bl, si, ph)
+        if rule == "nadam":  # no SIMD block loop
+            if bits == 8:
+                return _q8(a, _none, _q_block_nadam, False, mask)
+            return _q4(a, _none, _q_block_nadam, False, mask, True)
         if rule == "adamax":  # the norm's codebook is no root one; no SIMD block loop
             if bits == 8:
                 return _q8(a, _none, _q_block_adamax, False, mask)
@@ -642,7 +677,7 @@ def _variant(rule: str, bits: int, amsgrad: bool, mask: bool) -> Callable[..., i
 
 _KERNELS = {
     (rule, amsgrad, bits, mask): _variant(rule, bits, amsgrad, mask)
-    for rule, amsgrad in (("adam", False), ("adam", True), ("adamax", False))
+    for rule, amsgrad in (("adam", False), ("adam", True), ("adamax", False), ("nadam", False))
     for bits in QUANT_BITS
     for mask in (False, True)
 }
@@ -769,3 +804,23 @@ def adamax_quantized_(
     if amsgrad:
         raise ValueError("Adamax has no AMSGrad variant")
     return _step("adamax", False, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts)
+
+
+@register("nadam", backend="numba", device_types=("cpu",), state_bits=QUANT_BITS, unsupported=unsupported)
+def nadam_quantized_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    *,
+    fmt: QuantFormat,
+    amsgrad: bool = False,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
+) -> int:
+    """Fused NAdam on quantized state; returns the masked element count."""
+    if amsgrad:
+        raise ValueError("NAdam has no AMSGrad variant")
+    return _step("nadam", False, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts)

@@ -94,6 +94,38 @@ def adamax_rule_(
     torch._foreach_addcdiv_(params, exp_avgs, exp_infs, value=-s.step_size)
 
 
+def nadam_rule_(
+    params: TensorList,
+    grads: TensorList,
+    exp_avgs: TensorList,
+    exp_avg_sqs: TensorList,
+    s: StepScalars,
+    *,
+    maximize: bool,
+) -> None:
+    """NAdam, as ``torch.optim.NAdam`` (``grad_step`` and ``step_size`` are its two
+    Nesterov coefficients, from ``mu_product``: :mod:`adamkit.spec`)::
+
+    g ← -g if maximize;  g ← g + l2·θ;  θ ← decay·θ
+    m ← lerp(m, g, 1-β1);  v ← β2·v + (1-β2)·g²;  d ← sqrt(v)·inv_bc2_sqrt + ε
+    θ ← θ - grad_step · g / d - step_size · m / d
+    """
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if s.l2 != 0.0:
+        grads = torch._foreach_add(grads, params, alpha=s.l2)
+    if s.decay != 1.0:
+        torch._foreach_mul_(params, s.decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - s.beta1)
+    torch._foreach_mul_(exp_avg_sqs, s.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - s.beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_mul_(denom, s.inv_bc2_sqrt)
+    torch._foreach_add_(denom, s.eps)
+    torch._foreach_addcdiv_(params, grads, denom, value=-s.grad_step)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-s.step_size)
+
+
 def nonfinite_indices(tensors: Sequence[Tensor], limit: float = math.inf) -> list[int]:
     """Indices of the tensors holding at least one NaN or ±inf, or with ``limit``, one
     element of magnitude ``>= limit`` (one read pass each).
@@ -300,6 +332,29 @@ def adamax_(
     return _run(rule, params, grads, [state["exp_avg"], state["exp_inf"]], mask_nonfinite, sr_seed, salts)
 
 
+@register("nadam", backend="reference", state_bits=(32, 16))
+def nadam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars,
+    *,
+    amsgrad: bool = False,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
+) -> int:
+    """Reference NAdam step over one bucket (``amsgrad`` must be False)."""
+    if amsgrad:
+        raise ValueError("NAdam has no AMSGrad variant")
+
+    def rule(ps: TensorList, gs: TensorList, sts: list[TensorList]) -> None:
+        nadam_rule_(ps, gs, sts[0], sts[1], s, maximize=maximize)
+
+    return _run(rule, params, grads, [state["exp_avg"], state["exp_avg_sq"]], mask_nonfinite, sr_seed, salts)
+
+
 # ---------------------------------------------------------------- quantized state
 def _quantized_step(dense_kernel: Callable[..., int]) -> Callable[..., int]:
     """The reference step on quantized state: decode every state tensor to float32, run
@@ -346,6 +401,7 @@ def _quantized_step(dense_kernel: Callable[..., int]) -> Callable[..., int]:
 
 adam_quantized_ = register("adam", backend="reference", state_bits=QUANT_BITS)(_quantized_step(adam_))
 adamax_quantized_ = register("adamax", backend="reference", state_bits=QUANT_BITS)(_quantized_step(adamax_))
+nadam_quantized_ = register("nadam", backend="reference", state_bits=QUANT_BITS)(_quantized_step(nadam_))
 
 
 # ------------------------------------------------------------- differentiable=True
@@ -433,8 +489,52 @@ def adamax_single_(
     p.sub_(m / u * (lr / (1 - beta1**t)))
 
 
+def nadam_single_(
+    p: Tensor,
+    g: Tensor,
+    state: Sequence[Tensor],
+    t: float,
+    h: Mapping[str, float | Tensor],
+    *,
+    amsgrad: bool = False,
+    maximize: bool,
+    decoupled: bool,
+) -> None:
+    """NAdam on one tensor at step ``t``, differentiably: :func:`nadam_rule_` with its
+    coefficients computed from ``h``: ``momentum_decay`` and the parameter's
+    ``mu_product`` state tensor, which this step multiplies by μ_t in place (recorded
+    by autograd when β1 is a tensor, as torch's is); ``m`` enters the update as a copy."""
+    lr, beta1, beta2, eps, wd = (_hyper(h[k], p) for k in ("lr", "beta1", "beta2", "eps", "weight_decay"))
+    m, v = state
+    if maximize:
+        g = -g
+    if isinstance(wd, Tensor) or wd != 0.0:
+        if decoupled:
+            p.mul_(1 - lr * wd)
+        else:
+            g = _coupled_l2(g, p, wd)
+    psi, product = float(h["momentum_decay"]), h["mu_product"]
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
+    product.mul_(mu)
+    product = product.to(p.dtype)  # the coefficients in the math dtype, as torch's float64 host math
+    m.lerp_(g, 1 - beta1)
+    if isinstance(beta2, Tensor):
+        v.lerp_(g * g, 1 - beta2)
+    else:
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc2 = 1 - beta2**t
+    denom = v.sqrt() * (bc2.rsqrt() if isinstance(bc2, Tensor) else 1.0 / math.sqrt(bc2)) + eps
+    p.sub_(g * (lr * (1.0 - mu) / (1.0 - product)) / denom)
+    p.sub_(m.clone() * (lr * mu_next / (1.0 - product * mu_next)) / denom)
+
+
 #: The differentiable rule of each algorithm (``AdamFamily.algorithm``).
-DIFFERENTIABLE_RULES: dict[str, Callable[..., None]] = {"adam": adam_single_, "adamax": adamax_single_}
+DIFFERENTIABLE_RULES: dict[str, Callable[..., None]] = {
+    "adam": adam_single_,
+    "adamax": adamax_single_,
+    "nadam": nadam_single_,
+}
 
 
 def differentiable_step_(

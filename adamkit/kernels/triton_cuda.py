@@ -17,7 +17,8 @@ cost one launch, and a 16M tensor is spread over every SM.
   codes are the dithered positions of :mod:`adamkit.quant.blockwise`, a byte's two
   nibbles joined and split in the element tile.
 
-The rule is written once per algorithm (:func:`_adam_rule`, :func:`_adamax_rule`)
+The rule is written once per algorithm (:func:`_adam_rule`, :func:`_adamax_rule`,
+:func:`_nadam_rule`)
 and is the reference's: torch's ``lerp`` with its two forms, ``sqrt(v)·inv_bc2_sqrt
 + ε`` with a correctly rounded square root and division (``div_rn``/``sqrt_rn``:
 Triton's ``/`` is approximate), NaN-propagating maxima, bf16 stores rounded to
@@ -160,9 +161,10 @@ _HUGE32, _HUGE64 = tl.constexpr(2.0**60), tl.constexpr(2.0**508)
 #: rounding, the step's random seed follows them (``_SEED``).
 _LOW, _B1W, _C1, _B2, _B2W, _EPS, _DECAY, _L2, _GSIGN, _SEED = range(10)
 assert RULE_CONSTS == ("low", "b1w", "c1", "b2", "b2w", "eps", "decay", "l2", "gsign"), "the table's order"
-#: Columns of the per-tensor scalars (float64): step_size, inv_bc2_sqrt and the dither
-#: phases the codes were written at and are written at (``dither_phase`` of t-1, t).
-SCALARS = 4
+#: Columns of the per-tensor scalars (float64): step_size, inv_bc2_sqrt, the dither
+#: phases the codes were written at and are written at (``dither_phase`` of t-1, t),
+#: grad_step (NAdam's; the kernels index the columns as ``5 * t + k``).
+SCALARS = 5
 _M32 = 0xFFFFFFFF
 
 
@@ -332,6 +334,20 @@ def _adamax_rule(g, p, m, u, c, lr_t):
 
 
 @triton.jit
+def _nadam_rule(g, p, m, v, c, lr_t, inv, gstep):
+    """NAdam for float lanes: new (p, m, v); ``reference.nadam_rule_``, rounded as
+    :func:`_adam_rule` says (``gstep``, ``lr_t``: the gradient's and the momentum's
+    coefficients)."""
+    g = _l2(g, p, c)
+    base = tl.where(c[0] != 0, m, g)
+    m1 = tl.fma(tl.zeros_like(g) + c[2], g - m, base)
+    v1 = tl.fma(c[4] * g, g, c[3] * v)
+    denom = _sqrt(v1) * inv + c[5]
+    p1 = p * c[6] + _div(-gstep * g, denom)
+    return p1 + _div(-lr_t * m1, denom), m1, v1
+
+
+@triton.jit
 def _grad(g_ptr, offs, mask, scale_ptr, W: tl.constexpr, SCALED: tl.constexpr):
     """The gradient in ``W`` lanes, divided by the AMP scale when SCALED."""
     g = tl.load(g_ptr + offs, mask=mask, other=0).to(W)
@@ -362,7 +378,7 @@ def _dense_body(row, t, offs, mask, scal, consts, count, amp,
     :func:`_masked` picks get their loaded values stored back, bit for bit."""
     p_ptr, g_ptr = _ptr(row, 2, P, ALIGNED), _ptr(row, 3, P, ALIGNED)
     m_ptr, v_ptr = _ptr(row, 4, S, ALIGNED), _ptr(row, 5, S, ALIGNED)
-    lr_t, inv = tl.load(scal + 4 * t).to(W), tl.load(scal + 4 * t + 1).to(W)
+    lr_t, inv = tl.load(scal + 5 * t).to(W), tl.load(scal + 5 * t + 1).to(W)
     rnd = offs.to(tl.uint32)
     if SR:
         rnd = _hash32(_stream(row, consts) + offs.to(tl.uint32) * 0x9E3779B1)
@@ -375,6 +391,10 @@ def _dense_body(row, t, offs, mask, scal, consts, count, amp,
     p, m, v = p_raw.to(W), m_raw.to(W), v_raw.to(W)
     if RULE == "adamax":
         p1, m1, v1 = _adamax_rule(g, p, m, v, _consts(consts, W), lr_t)
+        x1 = v1
+    elif RULE == "nadam":
+        gstep = tl.load(scal + 5 * t + 4).to(W)
+        p1, m1, v1 = _nadam_rule(g, p, m, v, _consts(consts, W), lr_t, inv, gstep)
         x1 = v1
     else:
         x = v
@@ -404,7 +424,7 @@ def _dense_kernel(meta, work, scal, consts, count, amp,
     BLOCK elements without an element mask (vectorized accesses), or a tensor's tail.
 
     meta: int64 [n, _COLS] (numel, stream, p, g, m, v, v_max); work: int64 [items, 2];
-    scal: float64 [n, SCALARS] (step_size, inv_bc2_sqrt, phases); consts: float64 (``_LOW``...);
+    scal: float64 [n, SCALARS] (step_size, inv_bc2_sqrt, phases, grad_step); consts: float64 (``_LOW``...);
     count: int32 [1], masked elements; amp: float32 [2] (grad scale, found_inf).
     """
     w = tl.program_id(0)
@@ -576,7 +596,7 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
     ``top[3:6]``; PASS 2 computes them again, decodes with that copy (block 0's absmax
     is overwritten meanwhile), encodes with ``top[0:3]`` and stores everything."""
     p_ptr, g_ptr, mc, ma, sc, sa, xc, xa = ptrs
-    lr_t, inv_bc, phase_old, phase_new, stream = s
+    lr_t, inv_bc, phase_old, phase_new, stream, gstep = s
     g = _grad(g_ptr, offs, mask, amp, tl.float32, SCALED)
     if SCALED and PASS != 1:
         tl.store(g_ptr + offs, _cast(g, P, False, False, offs), mask=mask)
@@ -612,6 +632,9 @@ def _quant_body(ptrs, s, c, blk, live, offs, mask, cb, cmask, books, amp, top,
         x = _decode(xc, cb, cmask, books + 2 * BOOK, x_old[:, None], h, BITS, ROOT, ROWS, E)
     if RULE == "adamax":
         p1, m1, v1 = _adamax_rule(g, p, m, v, c, lr_t)
+        x1 = v1
+    elif RULE == "nadam":
+        p1, m1, v1 = _nadam_rule(g, p, m, v, c, lr_t, inv_bc, gstep)
         x1 = v1
     else:
         p1, m1, v1, x1 = _adam_rule(g, p, m, v, x, c, lr_t, inv_bc, AMSGRAD)
@@ -676,12 +699,13 @@ def _quant_kernel(meta, work, scal, consts, books, count, amp, block, tops,
     ptrs = (_ptr(row, 2, P, ALIGNED), _ptr(row, 3, P, ALIGNED), _ptr(row, 4, tl.uint8, ALIGNED),
             _ptr(row, 5, tl.float32), _ptr(row, 6, tl.uint8, ALIGNED), _ptr(row, 7, tl.float32),
             _ptr(row, 8, tl.uint8, ALIGNED), _ptr(row, 9, tl.float32))  # fmt: skip
-    scal_row = scal + 4 * t
+    scal_row = scal + 5 * t
     stream = tl.full([], 0, tl.uint32)
     if SR:
         stream = _stream(row, consts)
     s = (tl.load(scal_row).to(tl.float32), tl.load(scal_row + 1).to(tl.float32),
-         tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32), stream)  # fmt: skip
+         tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32), stream,
+         tl.load(scal_row + 4).to(tl.float32))  # fmt: skip
     c = _consts(consts, tl.float32)
     top = tops + 6 * t
     go = _go(amp + 1, tl.arange(0, ROWS), SCALED)
@@ -772,7 +796,8 @@ def device_tables(
     from ``steps``; the constants kept by value (inside a CUDA graph capture nothing can
     be copied from the host), with ``decay`` computed on the device from a tensor lr."""
     dither = torch.stack([steps - 1, steps]).to(torch.int64) * DITHER_STEP % 2**32
-    scal = torch.stack([step_size, inv, dither[0].double(), dither[1].double()], dim=1).contiguous()
+    scal = torch.stack([step_size, inv, dither[0].double(), dither[1].double(), torch.zeros_like(inv)], dim=1)
+    scal = scal.contiguous()
     host = host_consts(consts)
     table = _device_tables(host.view(np.int64), steps.device, capturable=True).view(torch.float64)
     if decay is not None:
@@ -784,7 +809,7 @@ def host_scalars(s: StepScalars, n: int) -> np.ndarray:
     """float64 [n, SCALARS]: one step's scalars for every tensor."""
     step = int(s.step)
     out = np.empty((n, SCALARS), dtype=np.float64)
-    out[:] = (s.step_size, s.inv_bc2_sqrt, dither_phase(step - 1), dither_phase(step))
+    out[:] = (s.step_size, s.inv_bc2_sqrt, dither_phase(step - 1), dither_phase(step), s.grad_step)
     return out
 
 
@@ -1023,7 +1048,9 @@ def _tables_step(
     names = () if fmt is None else tuple(fmt.codebook(k).name for k in ALGORITHMS[rule].state_keys(amsgrad))
     if isinstance(s, StepScalars):
         scal = np.zeros((n, SCALARS), dtype=np.float64)
-        scal[:, :2] = tab.scal
+        scal[:, :2] = tab.scal[:, :2]
+        if tab.scal.shape[1] > 2:  # grad_step (NAdam's ``tensor_scalars``)
+            scal[:, 4] = tab.scal[:, 2]
         if fmt is not None:
             assert tab.steps is not None, "quantized plans name each tensor's step"
             steps = tab.steps.astype(np.int64)
@@ -1054,6 +1081,16 @@ def adamax_tables_(
     if amsgrad:
         raise ValueError("Adamax has no AMSGrad variant")
     return _tables_step("adamax", False, tab, s, **kw)
+
+
+def nadam_tables_(
+    tab: Tables, s: StepScalars | tuple[Tensor, Tensor], *, amsgrad: bool = False, **kw: Any
+) -> int | Tensor:
+    """Fused NAdam over a cached plan's tables (keywords: :func:`_tables_step`'s); the
+    masked count."""
+    if amsgrad:
+        raise ValueError("NAdam has no AMSGrad variant")
+    return _tables_step("nadam", False, tab, s, **kw)
 
 
 def _step(
@@ -1162,3 +1199,34 @@ def adamax_(
     if amsgrad:
         raise ValueError("Adamax has no AMSGrad variant")
     return _step("adamax", False, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp, count)
+
+
+@register(
+    "nadam",
+    backend="triton",
+    device_types=DEVICES,
+    explicit_device_types=EXPLICIT_DEVICES,
+    state_bits=_BITS,
+    unsupported=unsupported,
+    tables=nadam_tables_,
+    amp_scale=True,
+)
+def nadam_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: Mapping[str, Sequence[Tensor]],
+    s: StepScalars | tuple[Tensor, Tensor],
+    *,
+    fmt: QuantFormat | None = None,
+    amsgrad: bool = False,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None = None,
+    salts: Sequence[int] | None = None,
+    amp: tuple[Tensor | None, Tensor | None] | None = None,
+    count: Tensor | None = None,
+) -> int | Tensor:
+    """Fused NAdam over one bucket, dense or quantized state (arguments: :func:`adam_`)."""
+    if amsgrad:
+        raise ValueError("NAdam has no AMSGrad variant")
+    return _step("nadam", False, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts, amp, count)
