@@ -1,5 +1,6 @@
 """The main job as a newcomer meets it: ``adamkit bench`` shows its progress when its
-output is not a terminal and keeps a log."""
+output is not a terminal and keeps a log; the example reports a missing optional
+dependency before it trains."""
 
 from __future__ import annotations
 
@@ -57,3 +58,18 @@ def test_bench_progress_lines_are_throttled_between_warm_ups() -> None:
         "w fp32: b, warm-up (step 2/8)",
         "done",
     ]
+
+
+def test_example_reports_a_missing_matplotlib_before_training(tmp_path: Path) -> None:
+    script = ROOT / "examples" / "stdlib_char_lm.py"
+    code = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; "
+        f"sys.argv = [{str(script)!r}, '--out', 'x.png']; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "matplotlib" in done.stderr and "--no-plot" in done.stderr, done.stderr[-2000:]
+    assert "parameters" not in done.stdout  # it stopped before reading the data and building the model
+    assert not list(tmp_path.iterdir())
