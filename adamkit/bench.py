@@ -12,6 +12,9 @@ elements in the same run.
 Workloads: ``flat-16M`` (one 16M tensor), ``gpt2`` (GPT-2 small: 124M parameters in
 148 tensors), ``small`` (20,000 tensors of 1,000). ``--quick`` runs scaled-down ones
 in seconds.
+
+Progress goes to stderr (a bar on a terminal, plain lines otherwise: CI, a pipe, a
+file) and, with timestamps, to a log file (``adamkit-bench.log`` by default).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -313,6 +317,7 @@ def run_workload(
     progress: Callable[[], None],
     new_grads: bool = False,
     device: str = "cpu",
+    before_step: Callable[[str, int], None] | None = None,
 ) -> tuple[list[Result], float]:
     """Time every contender on one workload, round-robin, plus the roofline stream.
 
@@ -323,6 +328,9 @@ def run_workload(
 
     ``device="cuda"``: parameters and gradients on the GPU, each step timed between
     synchronizations, the roofline a device-to-device copy (:func:`cuda_roofline`).
+
+    ``progress()`` is called after each step, ``before_step(name, round)`` before it
+    (round 0 is the warm-up), both outside the timed part.
 
     Returns the results and the roofline bandwidth (bytes/s) measured beside them.
     """
@@ -359,6 +367,8 @@ def run_workload(
                     p.grad = g
             stream()
         for name, step in steps.items():
+            if before_step is not None:
+                before_step(name, rep)
             time.sleep(PAUSE_S)
             sync()
             t0 = time.perf_counter()
@@ -553,6 +563,56 @@ def _plot(results: list[Result], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+# ------------------------------------------------------------------------ progress
+class Progress:
+    """A run's progress: a bar when ``stream`` (stderr) is a terminal, plain lines
+    otherwise (at every warm-up step, where kernels compile, and at most every
+    ``interval`` seconds in between), and every line, timestamped, in a log file."""
+
+    def __init__(self, total: int, log: str | None = None, stream: IO[str] | None = None, interval: float = 5.0):
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.done, self.interval = total, 0, interval
+        self.t0 = self.last = time.perf_counter()
+        self.file = open(log, "w", encoding="utf-8", buffering=1) if log else None
+        self.bar = None
+        isatty = getattr(self.stream, "isatty", None)
+        if isatty is not None and isatty():
+            from rich.console import Console
+            from rich.progress import Progress as Bar
+
+            self.bar = Bar(console=Console(file=self.stream), transient=True)
+            self.task = self.bar.add_task("starting", total=total)
+            self.bar.start()
+
+    def line(self, text: str, always: bool = True) -> None:
+        now = time.perf_counter()
+        minutes, seconds = divmod(int(now - self.t0), 60)
+        stamped = f"[{minutes:3d}m{seconds:02d}s] {text}"
+        if self.file is not None:
+            self.file.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {stamped}\n")
+        if self.bar is not None:
+            self.bar.update(self.task, description=text)
+        elif always or now - self.last >= self.interval:
+            print(stamped, file=self.stream, flush=True)
+            self.last = now
+
+    def step(self, case: str, name: str, rep: int, reps: int) -> None:
+        """Before a step of contender ``name`` in round ``rep`` (0: the warm-up)."""
+        which = "warm-up" if rep == 0 else f"round {rep}/{reps}"
+        self.line(f"{case}: {name}, {which} (step {self.done + 1}/{self.total})", always=rep == 0)
+
+    def advance(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        if self.file is not None:
+            self.file.close()
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adamkit bench", description=__doc__.splitlines()[0])
@@ -580,11 +640,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="FILE.png", help="plot the ratios against torch fused (matplotlib)")
+    parser.add_argument(
+        "--log", metavar="PATH", default="adamkit-bench.log", help="progress lines, timestamped (default: %(default)s)"
+    )
+    parser.add_argument("--no-log", action="store_true", help="write no log file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.progress import Progress
-
     if args.plot:  # before the minutes of timing, not after
         try:
             import matplotlib  # noqa: F401
@@ -614,20 +676,37 @@ def run(args: argparse.Namespace) -> int:
     results: list[Result] = []
     cases = [(w, d) for d in args.dtypes for w in workloads]
     total = sum((reps + 1) * (len([c for c in chosen if d in c.dtypes]) + 1) for _, d in cases)
-    with Progress(transient=True) as bar:
-        task = bar.add_task("benchmarking", total=total)
+    log = None if getattr(args, "no_log", False) else getattr(args, "log", None)
+    progress = Progress(total, log)
+    try:
+        progress.line(
+            f"adamkit bench: {len(cases)} cases x {len(chosen)} contenders + roofline, {reps} rounds after a warm-up"
+            + (f"; log: {os.path.abspath(log)}" if log else "")
+        )
         for workload, dtype in cases:
-            bar.update(task, description=f"{workload} {dtype}")
+            case = f"{workload} {dtype}"
             rows, bandwidth = run_workload(
-                workload, dtype, reps, chosen, lambda: bar.advance(task), new_grads=args.new_grads, device=args.device
+                workload,
+                dtype,
+                reps,
+                chosen,
+                progress.advance,
+                new_grads=args.new_grads,
+                device=args.device,
+                before_step=lambda name, rep, case=case: progress.step(case, name, rep, reps),
             )
             results += rows
             meta["roofline_GBps"][f"{workload}/{dtype}"] = bandwidth / 1e9
-    if not args.no_compile:
-        meta["compile_s"] = compile_times()
-    if not args.no_accuracy:
-        shape = dict(rows=256, cols=512, steps=20) if args.quick else dict(rows=2048, cols=512, steps=100)
-        meta["accuracy"] = {"relative_update_error": accuracy(**shape), **shape}
+        if not args.no_compile:
+            progress.line("first step in fresh processes (empty numba cache, then cached)")
+            meta["compile_s"] = compile_times()
+        if not args.no_accuracy:
+            progress.line("low-bit update error against fp32 AdamW")
+            shape = dict(rows=256, cols=512, steps=20) if args.quick else dict(rows=2048, cols=512, steps=100)
+            meta["accuracy"] = {"relative_update_error": accuracy(**shape), **shape}
+        progress.line("done")
+    finally:
+        progress.close()
     _table(results, meta)
     if args.json:
         payload = json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)

@@ -4,9 +4,12 @@ source of Python's own standard library (on every machine; nothing to download) 
 
 Every run starts from the same weights and sees the same batches; the loss curves go
 to a PNG and the final losses (mean training loss of the last 10% of the steps, and
-the loss on held-out text) to the console and to a JSON file.
+the loss on held-out text) to the console and to a JSON file, rewritten after each
+optimizer, so a run cut short keeps what it finished. The plot needs matplotlib
+(``pip install -e '.[bench]'``), checked before training starts; ``--no-plot`` writes
+the JSON alone.
 
-    python examples/stdlib_char_lm.py --steps 600 --out docs/stdlib-char-lm.png
+    python examples/stdlib_char_lm.py --steps 800 --out docs/stdlib-char-lm.png
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import json
 import math
 import pathlib
+import sys
 import sysconfig
 import time
 
@@ -74,7 +78,21 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--bytes", type=int, default=4_000_000, help="how much of the stdlib to read")
     parser.add_argument("--out", default="stdlib-char-lm.png", help="the plot; a .json beside it")
+    parser.add_argument("--no-plot", action="store_true", help="write the JSON only (no matplotlib needed)")
     args = parser.parse_args()
+    if not args.no_plot:  # before minutes of training, not after them
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit(
+                "stdlib_char_lm.py plots with matplotlib, which is not installed: pip install matplotlib "
+                "(or pip install -e '.[bench]'), or pass --no-plot to write the JSON alone"
+            )
+    json_path = pathlib.Path(args.out).with_suffix(".json")
+
+    def save(results: dict, curves: dict) -> None:
+        with open(json_path, "w") as f:
+            json.dump({"args": vars(args), "parameters": n_params, "results": results, "losses": curves}, f, indent=1)
 
     data = torch.frombuffer(bytearray(stdlib_text(args.bytes)), dtype=torch.uint8).long()
     split = int(len(data) * 0.95)
@@ -128,6 +146,7 @@ def main() -> None:
             "seconds": time.perf_counter() - t0,
         }
         curves[name] = losses
+        save(results, curves)
         r = results[name]
         print(
             f"{name:24s} train {r['final_train_loss']:.4f}  held-out {r['held_out_loss']:.4f}  "
@@ -137,6 +156,10 @@ def main() -> None:
     for name, r in results.items():
         r["held_out_vs_fp32"] = r["held_out_loss"] / base - 1
         print(f"{name:24s} held-out loss {r['held_out_vs_fp32']:+.2%} vs torch AdamW fp32")
+    save(results, curves)
+    print(f"results written to {json_path}")
+    if args.no_plot:
+        return
 
     import matplotlib
 
@@ -157,8 +180,6 @@ def main() -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=120)
-    with open(pathlib.Path(args.out).with_suffix(".json"), "w") as f:
-        json.dump({"args": vars(args), "parameters": n_params, "results": results, "losses": curves}, f, indent=1)
     print(f"plot written to {args.out}")
 
 
