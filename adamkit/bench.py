@@ -38,7 +38,7 @@ import torch
 from numba import njit
 
 import adamkit
-from adamkit.kernels import _native
+from adamkit.optim import _native
 
 # ------------------------------------------------------------------------ workloads
 

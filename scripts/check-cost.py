@@ -2,7 +2,7 @@
 
 Times ``GroupPlan.prepare`` (every check a step makes before its kernels run: each
 parameter's and gradient's type, dtype, sizes, strides, device, address and storage)
-with the checks in Python and in torch's C++ API (adamkit/kernels/_native.py), with
+with the checks in Python and in torch's C++ API (adamkit/optim/_native.py), with
 the tensors' metadata in cache and after a 256 MB stream through memory (as in
 training, where the step itself evicts it from every cache), beside the whole
 AdamW step and torch's fused one. Medians of --reps rounds; one process, round-robin.
@@ -22,7 +22,7 @@ import torch
 
 import adamkit
 from adamkit import bench
-from adamkit.kernels import _native
+from adamkit.optim import _native
 
 
 def measure(shapes: list[tuple[int, ...]], reps: int) -> dict[str, float]:

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 5, as one command for a session lent a GPU machine (the
-# device tool: `run` with command "bash scripts/gpu-check.sh", timeout_s 590: the
-# tests compile every kernel variant they use first). In order of importance, each
+# The GPU checks as one command on a machine with a CUDA GPU (allow ~590 s: the tests
+# compile every kernel variant they use first). In order of importance, each
 # with its own time limit (at most 560 s in all): the CUDA tests, the bench, the
 # launch-settings sweep.
 # That machine's python3 has torch (CUDA), triton, numba and rich; adamkit runs from

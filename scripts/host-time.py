@@ -19,7 +19,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import adamkit  # noqa: E402
-import adamkit.kernels.triton_cuda as tc  # noqa: E402
+import adamkit.kernels.cuda.triton_kernels as tc  # noqa: E402
 
 #: GPT-2 small's 148 parameter tensors (124M elements): embeddings, 12 blocks, final norm
 _BLOCK = [(768,), (768,), (2304, 768), (2304,), (768, 768), (768,), (768,), (768,), (3072, 768), (3072,), (768, 3072)]

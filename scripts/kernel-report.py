@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -31,14 +31,14 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import adamkit.kernels.triton_cuda as tc  # noqa: E402
+import adamkit.kernels.cuda.triton_kernels as tc  # noqa: E402
 
 REGS_PER_SM, MAX_WARPS = 65536, 64
 
 
 @triton.jit
 def _dense_full(meta, work, scal, consts, count, amp,
-                P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr,
+                P: tl.constexpr, S: tl.constexpr, W: tl.constexpr, RULE: tl.constexpr, AMSGRAD: tl.constexpr,
                 MASK: tl.constexpr, SR: tl.constexpr, FTZ: tl.constexpr, SCALED: tl.constexpr,
                 BLOCK: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
     """``_dense_kernel``'s whole-block branch alone."""
@@ -46,13 +46,13 @@ def _dense_full(meta, work, scal, consts, count, amp,
     t = tl.load(work + 2 * w)
     start = tl.multiple_of(tl.load(work + 2 * w + 1), BLOCK)
     offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    tc._dense_body(meta + t * 10, t, offs, tc._go(amp + 1, offs, SCALED), scal, consts, count, amp, P, S, W, ADAMAX,
+    tc._dense_body(meta + t * 10, t, offs, tc._go(amp + 1, offs, SCALED), scal, consts, count, amp, P, S, W, RULE,
                    AMSGRAD, MASK, SR, FTZ, SCALED, ALIGNED)  # fmt: skip
 
 
 @triton.jit
 def _quant_full(meta, work, scal, consts, books, count, amp, block, tops,
-                P: tl.constexpr, ADAMAX: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr,
+                P: tl.constexpr, RULE: tl.constexpr, AMSGRAD: tl.constexpr, MASK: tl.constexpr,
                 SR: tl.constexpr, SCALED: tl.constexpr, BITS: tl.constexpr, ROOT: tl.constexpr,
                 ROWS: tl.constexpr, E: tl.constexpr, TILES: tl.constexpr, ALIGNED: tl.constexpr,
                 PASS: tl.constexpr):  # fmt: skip
@@ -65,10 +65,10 @@ def _quant_full(meta, work, scal, consts, books, count, amp, block, tops,
     ptrs = (tc._ptr(row, 2, P, ALIGNED), tc._ptr(row, 3, P, ALIGNED), tc._ptr(row, 4, tl.uint8, ALIGNED),
             tc._ptr(row, 5, tl.float32), tc._ptr(row, 6, tl.uint8, ALIGNED), tc._ptr(row, 7, tl.float32),
             tc._ptr(row, 8, tl.uint8, ALIGNED), tc._ptr(row, 9, tl.float32))  # fmt: skip
-    scal_row = scal + 4 * t
+    scal_row = scal + tc.SCALARS * t
     s = (tl.load(scal_row).to(tl.float32), tl.load(scal_row + 1).to(tl.float32),
          tl.load(scal_row + 2).to(tl.uint32), tl.load(scal_row + 3).to(tl.uint32),
-         tl.load(row + 1).to(tl.uint32))  # fmt: skip
+         tl.load(row + 1).to(tl.uint32), tl.load(scal_row + 4).to(tl.float32))  # fmt: skip
     c = tc._consts(consts, tl.float32)
     go = tc._go(amp + 1, tl.arange(0, ROWS), SCALED)
     cols = tl.arange(0, E).to(tl.int64)
@@ -78,7 +78,7 @@ def _quant_full(meta, work, scal, consts, books, count, amp, block, tops,
         blk = first + i * ROWS + tl.arange(0, ROWS).to(tl.int64)
         bad += tc._quant_body(ptrs, s, c, blk, go, blk[:, None] * E + cols[None, :],
                               tl.broadcast_to(go[:, None], [ROWS, E]), blk[:, None] * (E * BITS // 8) + pairs[None, :],
-                              tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8]), books, amp, tops, P, ADAMAX,
+                              tl.broadcast_to(go[:, None], [ROWS, E * BITS // 8]), books, amp, tops, P, RULE,
                               AMSGRAD, MASK, SR, SCALED, BITS, ROOT, ROWS, E, PASS)  # fmt: skip
     if MASK:
         total = tl.sum(tl.sum(bad, axis=1), axis=0)
@@ -122,12 +122,12 @@ def main() -> None:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for p, s, algo, label in [("fp32", "fp32", 0, "AdamW"), ("fp32", "fp32", 1, "Adam amsgrad"),
                               ("bf16", "bf16", 0, "AdamW")]:  # fmt: skip
-        const = dict(P=T[p], S=T[s], W=tl.float32, ADAMAX=False, AMSGRAD=algo == 1, MASK=True, SR=False,
+        const = dict(P=T[p], S=T[s], W=tl.float32, RULE="adam", AMSGRAD=algo == 1, MASK=True, SR=False,
                      FTZ=s == "bf16", SCALED=False, BLOCK=tc.BLOCK, ALIGNED=True)  # fmt: skip
         table.add_row(*_row(f"dense {p} params, {s} state, {label}", _dense_full, DENSE, const, tc.BLOCK))
     for bits, algo, label in [(8, 0, "AdamW"), (8, 1, "Adam amsgrad"), (4, 0, "AdamW")]:
         width = 256 if bits == 8 else 128
-        const = dict(P=tl.float32, ADAMAX=False, AMSGRAD=algo == 1, MASK=True, SR=False, SCALED=False, BITS=bits,
+        const = dict(P=tl.float32, RULE="adam", AMSGRAD=algo == 1, MASK=True, SR=False, SCALED=False, BITS=bits,
                      ROOT=bits == 4, ROWS=max(1, tc.QUANT_TILE // width), E=width, TILES=tc.QUANT_TILES, PASS=0,
                      ALIGNED=True)  # fmt: skip
         tile = const["ROWS"] * width * tc.QUANT_TILES

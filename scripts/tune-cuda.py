@@ -13,7 +13,7 @@ in use now are marked.
     python scripts/tune-cuda.py --device cpu --n 5000 --quick   # the same code path, in
                                                      # Triton's interpreter: no timings worth reading
 
-It ends with the ``adamkit.kernels.triton_cuda.launch_settings(...)`` call that sets
+It ends with the ``adamkit.kernels.cuda.triton_kernels.launch_settings(...)`` call that sets
 each kernel's fastest settings (a program runs it before its first step), when they
 beat those in use by 3 % against torch fused in the same rounds.
 """
@@ -38,7 +38,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import adamkit  # noqa: E402
-import adamkit.kernels.triton_cuda as tc  # noqa: E402
+import adamkit.kernels.cuda.triton_kernels as tc  # noqa: E402
 
 #: (name, bytes moved per element, optimizer keywords)
 DENSE = ("dense fp32 AdamW", 28, {})
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     best = fastest(rows)
     if best:
         call = ", ".join(f"{k}={v}" for k, v in best.items())
-        print(f"fastest settings here: adamkit.kernels.triton_cuda.launch_settings({call})")
+        print(f"fastest settings here: adamkit.kernels.cuda.triton_kernels.launch_settings({call})")
     else:
         print("the settings in use now are the fastest here")
     if args.json:

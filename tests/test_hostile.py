@@ -23,9 +23,9 @@ import adamkit
 @pytest.fixture(params=["python", "native"])
 def checks(request, monkeypatch) -> str:
     """Run a test with the plans' per-step checks in Python, then in torch's C++ API
-    (:mod:`adamkit.kernels._native`, built here if not yet: only a missing compiler
+    (:mod:`adamkit.optim._native`, built here if not yet: only a missing compiler
     skips it)."""
-    from adamkit.kernels import _native
+    from adamkit.optim import _native
 
     if request.param == "python":
         monkeypatch.setattr(_native, "module", lambda start=True, wait=False: None)
@@ -210,7 +210,7 @@ def test_kept_gradient_repointed_at_1m_elements_in_a_child(native: str) -> None:
     child process, so that a crash fails this test only."""
     code = """
 import torch, adamkit
-from adamkit.kernels import _native
+from adamkit.optim import _native
 _native.module(wait=True)
 p = torch.nn.Parameter(torch.randn(1 << 20)); q = torch.nn.Parameter(p.detach().clone())
 a, b = adamkit.AdamW([p]), torch.optim.AdamW([q])
@@ -288,7 +288,7 @@ def test_freed_storage_is_refused_not_read(native: str) -> None:
     FSDP does) is never read through a stale or null address: an error, in a child."""
     code = """
 import torch, adamkit
-from adamkit.kernels import _native
+from adamkit.optim import _native
 _native.module(wait=True)
 p = torch.nn.Parameter(torch.randn(1 << 20))
 opt = adamkit.AdamW([p])
@@ -345,12 +345,12 @@ def test_kernel_tables_refuse_what_they_cannot_step() -> None:
     from torch.testing._internal.two_tensor import TwoTensor
 
     from adamkit._scalars import adam_scalars
-    from adamkit.kernels import numba_cpu
+    from adamkit.kernels import _tables
 
     s = adam_scalars(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, step=1)
     p, g, m, v = (torch.zeros(100) for _ in range(4))
     good = ([p], [g], [m], [v])
-    numba_cpu.tables_for(good, s, None)
+    _tables.tables_for(good, s, None)
     cases = {
         "float64": ([p], [g], [m.double()], [v]),
         "elements": ([p], [g], [torch.zeros(99)], [v]),
@@ -361,7 +361,7 @@ def test_kernel_tables_refuse_what_they_cannot_step() -> None:
     cases["no storage"][1][0].untyped_storage().resize_(0)
     for what, columns in cases.items():
         with pytest.raises(ValueError, match=what):
-            numba_cpu.tables_for(columns, s, None)
+            _tables.tables_for(columns, s, None)
 
 
 # ------------------------------------------------------------------ errors before changes
@@ -522,7 +522,7 @@ def test_native_and_python_checks_agree() -> None:
     """The plan's checks in C++ and in Python give the same verdict (launch, general
     path, or rebuild) and the same addresses, for each change a user can make between
     steps."""
-    from adamkit.kernels import _native
+    from adamkit.optim import _native
 
     native = _native.module(wait=True)
     if native is None:
@@ -597,7 +597,7 @@ def test_gradient_dropped_by_another_thread_during_a_step_is_still_held() -> Non
     once freed the gradient they were reading (a segfault)."""
     code = """
 import threading, time, torch, adamkit
-from adamkit.kernels import _native
+from adamkit.optim import _native
 if _native.module(wait=True) is None:
     raise SystemExit("native checks unavailable: " + str(_native.status))
 N = 1 << 20
@@ -694,7 +694,7 @@ def test_storage_shrunk_under_a_tensor_is_refused(what: str, checks: str) -> Non
     wrote the old size: a segfault or heap corruption; torch.optim crashes too)."""
     code = f"""
 import torch, adamkit
-from adamkit.kernels import _native
+from adamkit.optim import _native
 if {checks!r} == "native" and _native.module(wait=True) is None:
     raise SystemExit("native checks unavailable: " + str(_native.status))
 p = torch.nn.Parameter(torch.randn(1 << 20))

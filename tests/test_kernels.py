@@ -535,7 +535,8 @@ def test_bf16_state_conversion_is_round_to_nearest_even_with_subnormals_flushed(
     NaNs with any payload, infinities, subnormals, the largest finite values."""
     from numba import njit
 
-    from adamkit.kernels import numba_cpu, reference
+    from adamkit.kernels import reference
+    from adamkit.kernels.cpu import dense as numba_cpu
 
     if hardware and not numba_cpu.HW_BF16:
         pytest.skip("this CPU has no AVX512-BF16")
@@ -584,8 +585,8 @@ def test_avx2_stream_is_bit_identical_to_the_numba_loop(pkind: str, skind: str) 
     ±inf and negative second moments (what ``mask_nonfinite=False`` lets through)."""
     from numba import njit
 
-    from adamkit.kernels import numba_cpu
-    from adamkit.kernels._avx2_adam import adam_stream
+    from adamkit.kernels.cpu import dense as numba_cpu
+    from adamkit.kernels.cpu._avx2_adam import adam_stream
 
     if not numba_cpu.STREAM:
         pytest.skip("the AVX2 loop runs only where AVX2 is the SIMD in use")
@@ -641,7 +642,8 @@ def test_bf16_state_flushes_subnormal_moments_as_the_reference_does() -> None:
 
 _CACHE_PROBE = """
 import torch, adamkit
-from adamkit.kernels import _cache, numba_cpu
+from adamkit.kernels.cpu import _cache
+from adamkit.kernels.cpu import dense as numba_cpu
 assert _cache.INSTALLED
 p = torch.randn(5000)
 p.grad = torch.randn(5000)
@@ -654,7 +656,7 @@ print(sum(sum(s.cache_hits.values()) for s in stats), sum(sum(s.cache_misses.val
 @pytest.mark.heavy
 def test_numba_cache_follows_every_kernel_source(tmp_path, monkeypatch) -> None:
     """Numba's on-disk cache of adamkit's kernels is keyed on all their sources and the
-    SIMD setting (``adamkit.kernels._cache``), not only on the defining file: a second
+    SIMD setting (``adamkit.kernels.cpu._cache``), not only on the defining file: a second
     process loads the compiled kernel; one with another ``ADAMKIT_SIMD`` recompiles
     instead of running the other setting's machine code; and a change to a source the
     kernel file does not define changes the key."""
@@ -662,7 +664,7 @@ def test_numba_cache_follows_every_kernel_source(tmp_path, monkeypatch) -> None:
     import subprocess
     import sys
 
-    from adamkit.kernels import _cache
+    from adamkit.kernels.cpu import _cache
 
     def run(simd: str) -> tuple[int, int]:
         env = {**os.environ, "ADAMKIT_SIMD": simd, "NUMBA_CACHE_DIR": str(tmp_path)}
@@ -681,16 +683,17 @@ def test_numba_cache_follows_every_kernel_source(tmp_path, monkeypatch) -> None:
     import shutil
 
     copy = tmp_path / "adamkit"
-    for sub in _cache._SOURCES:
-        shutil.copytree(_cache._PACKAGE / sub, copy / sub)
+    shutil.copytree(_cache._PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(_cache, "_PACKAGE", copy)
     try:
         _cache.digest.cache_clear()
         before = _cache.digest()
-        simd = copy / "kernels" / "_avx2_quant.py"
-        simd.write_text(simd.read_text() + "\n# changed\n")
-        _cache.digest.cache_clear()
-        assert _cache.digest() != before
+        for changed in ("kernels/cpu/_avx2_quant.py", "spec.py", "_scalars.py"):  # SIMD code, spec, RuleConsts
+            source = copy / changed
+            source.write_text(source.read_text() + "\n# changed\n")
+            _cache.digest.cache_clear()
+            assert _cache.digest() != before, changed
+            before = _cache.digest()
     finally:
         monkeypatch.undo()
         _cache.digest.cache_clear()
@@ -721,7 +724,9 @@ import numba
 import torch
 
 from adamkit._scalars import adam_scalars
-from adamkit.kernels import _simd, numba_cpu, numba_quant
+from adamkit.kernels.cpu import _simd
+from adamkit.kernels.cpu import dense as numba_cpu
+from adamkit.kernels.cpu import quantized as numba_quant
 from adamkit.quant import QuantFormat
 
 assert _simd.ISA == "avx512" and numba_cpu.HW_BF16 == bf16, (_simd.ISA, numba_cpu.HW_BF16)
@@ -787,7 +792,7 @@ def test_edge_cases_under_every_instruction_set_below_this_cpus() -> None:
     import subprocess
     import sys
 
-    from adamkit.kernels import _avx2_quant, _simd
+    from adamkit.kernels.cpu import _avx2_quant, _simd
 
     levels = {"avx512": ["avx2", "none"], "avx2": ["none"]}.get(_simd.ISA, [])
     if _simd.ISA == "avx512" and not _avx2_quant.CPU_HAS_AVX2:

@@ -182,7 +182,7 @@ SPOTS = [3, 300, 301, 4100]  # 300 and 301 in one block at 8 and 4 bits
 def _needs(backend: str) -> None:
     """The Triton kernels step CPU tensors in Triton's interpreter only."""
     if backend == "triton":
-        triton_cuda = pytest.importorskip("adamkit.kernels.triton_cuda", reason="triton is not installed")
+        triton_cuda = pytest.importorskip("adamkit.kernels.cuda.triton_kernels", reason="triton is not installed")
         if not triton_cuda.INTERPRETED:
             pytest.skip("steps CPU tensors: needs Triton's interpreter (TRITON_INTERPRET=1)")
 

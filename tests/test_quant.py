@@ -149,14 +149,14 @@ def test_decade_encoder_model(name: str) -> None:
         decade_tables("normal4")
 
 
-@pytest.mark.skipif(adamkit.kernels._simd.ISA is None, reason="the CPU has neither AVX-512 nor AVX2")
+@pytest.mark.skipif(adamkit.kernels.cpu._simd.ISA is None, reason="the CPU has neither AVX-512 nor AVX2")
 @pytest.mark.parametrize("name", ["dynamic8", "udynamic8"])
 def test_simd_encoders(name: str) -> None:
     """The 8-bit SIMD row encoders (AVX-512's and AVX2's decade encoders, the tables
     looked up differently) equal their numpy model bit for bit."""
     from numba import njit
 
-    from adamkit.kernels import _simd
+    from adamkit.kernels.cpu import _simd
     from adamkit.quant.codebooks import decade_encode, decade_tables
 
     encoder = _simd.encode_rows_m8 if name == "dynamic8" else _simd.encode_rows_v8
@@ -186,8 +186,8 @@ def _dither_codecs(simd: bool):
     never taken, is an illegal instruction for LLVM on a CPU without it)."""
     from numba import njit
 
-    from adamkit.kernels import _simd
-    from adamkit.kernels import numba_quant as nq
+    from adamkit.kernels.cpu import _simd
+    from adamkit.kernels.cpu import quantized as nq
 
     if simd:
 
@@ -224,8 +224,8 @@ def test_dither_codec_kernels_equal_reference(name: str, simd: bool) -> None:
     """The kernels' dithered 4-bit encoder and decoder (the CPU's SIMD rows and the
     scalar code) give the reference's codes and values bit for bit, from any element
     offset and step."""
-    from adamkit.kernels import _simd
-    from adamkit.kernels import numba_quant as nq
+    from adamkit.kernels.cpu import _simd
+    from adamkit.kernels.cpu import quantized as nq
     from adamkit.quant.codebooks import dither_phase
 
     if simd and not _simd.SIMD:
@@ -288,8 +288,8 @@ def test_dither_encoders_take_any_float(name: str, simd: bool) -> None:
     """The kernels' dithered 4-bit encoders give every float a code of 0-15 (see
     :func:`_any_float_probe`): a stray NaN never spills into the neighbouring nibble.
     (The codec feeds them finite values: it saturates non-finite state first.)"""
-    from adamkit.kernels import _simd
-    from adamkit.kernels import numba_quant as nq
+    from adamkit.kernels.cpu import _simd
+    from adamkit.kernels.cpu import quantized as nq
     from adamkit.quant.codebooks import dither_phase
 
     if simd and not _simd.SIMD:
@@ -342,7 +342,7 @@ def test_a_small_second_moment_beside_a_large_one_steps_as_torchs(backend: str) 
     moved by ``lr·m/ε`` = -4.2 in two AdamW8bit steps; now -0.0011 (torch -0.0017,
     bitsandbytes' AdamW8bit -0.0010: ours no further from torch's when it is installed)."""
     if backend == "triton":
-        triton_cuda = pytest.importorskip("adamkit.kernels.triton_cuda", reason="triton is not installed")
+        triton_cuda = pytest.importorskip("adamkit.kernels.cuda.triton_kernels", reason="triton is not installed")
         if not triton_cuda.INTERPRETED:
             pytest.skip("steps CPU tensors: needs Triton's interpreter (TRITON_INTERPRET=1)")
 
@@ -554,7 +554,7 @@ def test_kernels_match_reference_on_tiny_moments(cls, kw, bits) -> None:
     _lockstep(cls, kw, bits, scales=_tiny_and_subnormal, sizes=[4096, 70_001])
 
 
-@pytest.mark.skipif(not adamkit.kernels._simd.SIMD, reason="the CPU has neither AVX-512 nor AVX2")
+@pytest.mark.skipif(not adamkit.kernels.cpu._simd.SIMD, reason="the CPU has neither AVX-512 nor AVX2")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize(
@@ -565,7 +565,8 @@ def test_simd_blocks_equal_numba_loop(cls, kw, bits, dtype, monkeypatch) -> None
     update and store in one loop) give the numba loop's parameters, codes and absmax bit
     for bit (AVX-512's division by a refined reciprocal included), masked NaN/±inf
     gradients too (blocks holding one take the masked loop, the others the plain one)."""
-    from adamkit.kernels import _simd, numba_quant
+    from adamkit.kernels.cpu import _simd
+    from adamkit.kernels.cpu import quantized as numba_quant
 
     if bits == 4 and not _simd.FUSED4:
         pytest.skip("no 4-bit SIMD block loop with this ISA (AVX2: the numba loop is faster)")
@@ -593,7 +594,7 @@ def test_simd_blocks_equal_numba_loop(cls, kw, bits, dtype, monkeypatch) -> None
                 assert torch.equal(torch.as_tensor(value), torch.as_tensor(loop.state[q][key])), key
 
 
-@pytest.mark.skipif(not adamkit.kernels._avx512_codes.HAS_AVX512, reason="the CPU has no AVX-512")
+@pytest.mark.skipif(not adamkit.kernels.cpu._avx512_codes.HAS_AVX512, reason="the CPU has no AVX-512")
 def test_simd_division_correctly_rounded() -> None:
     """``_avx512_adam._divide`` (``vrcp14ps``, a Newton step, a residual correction)
     equals float32 division on 4M quotients spread over 10^±30."""
@@ -602,8 +603,8 @@ def test_simd_division_correctly_rounded() -> None:
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from adamkit.kernels._avx512_adam import _divide
-    from adamkit.kernels._avx512_codes import _F16
+    from adamkit.kernels.cpu._avx512_adam import _divide
+    from adamkit.kernels.cpu._avx512_codes import _F16
 
     @intrinsic
     def divide_rows(typingctx, a_at, b_at, out_at, count):  # noqa: ARG001
@@ -929,7 +930,7 @@ def test_global_optim_manager_overrides(manager) -> None:
 
 _SUBPROCESS = """
 import sys, torch, adamkit
-from adamkit.kernels import _simd
+from adamkit.kernels.cpu import _simd
 from adamkit.quant import QuantFormat, unpack
 assert _simd.ISA == (None if sys.argv[1] == "none" else sys.argv[1]), _simd.ISA
 for bits in (8, 4):
@@ -963,7 +964,7 @@ def test_capped_simd_in_a_fresh_process(simd: str, tmp_path) -> None:
     import subprocess
     import sys
 
-    from adamkit.kernels import _avx2_quant, _simd
+    from adamkit.kernels.cpu import _avx2_quant, _simd
 
     if simd == "avx2" and (not _avx2_quant.CPU_HAS_AVX2 or _simd.ISA == "avx2"):
         pytest.skip("the CPU has no AVX2" if not _avx2_quant.CPU_HAS_AVX2 else "this process runs AVX2 already")

@@ -14,7 +14,8 @@ import torch
 import adamkit
 from adamkit import _memory
 from adamkit._scalars import adam_scalars, adamax_scalars
-from adamkit.kernels import numba_cpu, reference
+from adamkit.kernels import _tables, reference
+from adamkit.kernels.cpu import dense as numba_cpu
 from adamkit.kernels.registry import resolve
 
 
@@ -172,17 +173,17 @@ def test_huge_pages_can_be_switched_off() -> None:
 
 
 @pytest.mark.parametrize(
-    "numels", [[16_777_216], [1000] * 20_000, [5], [40_000, 10, 70_000, 0, 3], [numba_cpu.UNIT] * 3, []]
+    "numels", [[16_777_216], [1000] * 20_000, [5], [40_000, 10, 70_000, 0, 3], [_tables.UNIT] * 3, []]
 )
 def test_work_units_cover_every_chunk_once_in_runs_of_about_unit_elements(numels) -> None:
-    chunks = numba_cpu.chunk_table(numels)
-    units = numba_cpu.unit_table(chunks)
+    chunks = _tables.chunk_table(numels)
+    units = _tables.unit_table(chunks)
     assert units[0] == 0 and units[-1] == chunks.shape[0]
     assert (np.diff(units) > 0).all()  # no empty unit, none claimed twice
     sizes = [int((chunks[a:b, 2] - chunks[a:b, 1]).sum()) for a, b in zip(units[:-1], units[1:])]
     assert sum(sizes) == sum(numels)
-    assert all(s <= numba_cpu.UNIT + numba_cpu.CHUNK for s in sizes)
-    assert all(s > numba_cpu.UNIT - numba_cpu.CHUNK for s in sizes[:-1])  # only the last one is short
+    assert all(s <= _tables.UNIT + _tables.CHUNK for s in sizes)
+    assert all(s > _tables.UNIT - _tables.CHUNK for s in sizes[:-1])  # only the last one is short
 
 
 def test_bench_reads_state_bytes_and_measures_low_bit_accuracy() -> None:

@@ -41,11 +41,11 @@ import torch
 from torch import Tensor
 
 from .. import _memory
-from ..kernels import _native
 from ..kernels._checks import LOWEST_ADDRESS, PLAIN_TYPES, storage_order
-from ..kernels.numba_cpu import Tables, chunk_table, unit_table
+from ..kernels._tables import Tables, chunk_table, unit_table
 from ..kernels.registry import Kernel
 from ..quant import QuantFormat
+from . import _native
 
 _GRAD = attrgetter("grad")
 _DTYPE = attrgetter("dtype")
@@ -384,7 +384,7 @@ class GroupPlan:
         ``stale`` when a parameter is no longer what the plan was built for (a new dtype,
         size or layout: the plan is rebuilt). Nothing is changed.
 
-        The checks run in torch's C++ API once :mod:`adamkit.kernels._native` is loaded
+        The checks run in torch's C++ API once :mod:`adamkit.optim._native` is loaded
         (its build starts in the background for plans of many parameters), in Python
         until then; both check the same things."""
         if not self.capturable:

@@ -32,7 +32,7 @@ memory-bound anyway (measured: the same speed with and without on this machine).
 
 On AVX2 CPUs without AVX-512, Adam/AdamW's blocks (no AMSGrad, no stochastic
 rounding) run through an explicit 8-lane loop instead,
-:func:`adamkit.kernels._avx2_adam.adam_stream` (``STREAM``): the same operations,
+:func:`adamkit.kernels.cpu._avx2_adam.adam_stream` (``STREAM``): the same operations,
 bit-identical results, without the spills, re-broadcasts, in-loop branch and per-block
 overlap checks of the loop LLVM vectorized there.
 """
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -53,23 +52,13 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 from torch import Tensor
 
-from .._scalars import StepScalars, rule_consts
+from ..._scalars import StepScalars, rule_consts
+from .._tables import Tables, tables_for, unit_table
+from ..registry import layout_refusal, register
 from ._avx2_adam import adam_stream
-from ._checks import check_table
 from ._pool import on_threads
 from ._simd import ISA
-from .registry import layout_refusal, register
 
-#: Elements per parallel work item: large enough to amortize the loop overhead,
-#: small enough that a 16M tensor gives every thread many items and a chunk's
-#: gradient stays in L2 between the non-finite scan and the update.
-CHUNK = 1 << 15
-#: Threads claim work in units of about UNIT elements (whole chunks) from a shared
-#: counter, so they finish together: split in halves up front, the thread pool's
-#: thread started ~0.1 ms late and the caller waited ~0.5 ms for it (16M elements).
-#: Units of 4 chunks beat 1 and 16 (16M elements: fp32 1.02-1.03x -> 1.06-1.07x torch
-#: fused, bf16 params 0.97x -> 0.99-1.01x): each thread streams longer runs.
-UNIT = 4 * CHUNK
 #: Software prefetch: a chunk is updated in blocks of BLOCK elements, and before each
 #: block the kernel asks for the cache lines of the block AHEAD elements further on.
 #: The hardware prefetchers alone left the loop waiting on memory between its
@@ -561,7 +550,7 @@ def _adam_loop(p, g, m, v, x, j0, sc, stream, amsgrad, nadam):
 
 
 #: Whether Adam/AdamW's blocks (no AMSGrad, no stochastic rounding, float32/bf16/fp16)
-#: go through the explicit AVX2 loop (:func:`adamkit.kernels._avx2_adam.adam_stream`)
+#: go through the explicit AVX2 loop (:func:`adamkit.kernels.cpu._avx2_adam.adam_stream`)
 #: instead of the numba loop LLVM vectorizes. Not with AVX-512, where the numba loop
 #: in 512-bit vectors met the goals (see :func:`_wide_vectors`).
 STREAM = ISA == "avx2"
@@ -804,75 +793,6 @@ def unsupported(param_dtype: torch.dtype, state_dtype: torch.dtype, contiguous: 
     if not contiguous:
         return layout_refusal("numba")
     return None
-
-
-@dataclass
-class Tables:
-    """Everything that locates one call's tensors: see :func:`_adam_kernel`.
-
-    ``ptrs`` columns: param, grad, then the state tensors in the algorithm's order.
-    ``scal`` is float64 [n_tensors, 2]: (step_size, inv_bc2_sqrt) per tensor.
-    """
-
-    ptrs: np.ndarray
-    chunks: np.ndarray
-    scal: np.ndarray
-    salts: np.ndarray
-    param_dtype: torch.dtype
-    state_dtype: torch.dtype
-    #: the work units (see :func:`unit_table`), or None to cut them at launch;
-    #: callers whose chunk table does not change between steps keep them
-    units: np.ndarray | None = None
-    #: the tensors' device (the Triton kernels' plans; these kernels take CPU tensors)
-    device: torch.device | None = None
-    #: each tensor's step count (the Triton kernels' quantized plans: dithered codes)
-    steps: np.ndarray | None = None
-
-
-def chunk_table(numels: Sequence[int] | np.ndarray) -> np.ndarray:
-    """int64 [n_chunks, 3]: (tensor, start, stop) covering every tensor in CHUNK pieces."""
-    numels = np.asarray(numels, dtype=np.int64).reshape(-1)
-    pieces = (numels + CHUNK - 1) // CHUNK
-    tensor = np.repeat(np.arange(numels.size, dtype=np.int64), pieces)
-    first = np.repeat(np.cumsum(pieces) - pieces, pieces)
-    start = (np.arange(tensor.size, dtype=np.int64) - first) * CHUNK
-    stop = np.minimum(start + CHUNK, numels[tensor])
-    return np.stack([tensor, start, stop], axis=1)
-
-
-def unit_table(chunks: np.ndarray) -> np.ndarray:
-    """int64 [n_units + 1]: chunk bounds of work units of about UNIT elements each
-    (runs of whole chunks; a chunk is never split)."""
-    n = chunks.shape[0]
-    done = np.cumsum(chunks[:, 2] - chunks[:, 1])
-    if n == 0 or done[-1] <= UNIT:
-        return np.array([0, n] if n else [0], dtype=np.int64)
-    # a unit ends after the chunk that reaches each multiple of UNIT (chunks hold at
-    # most UNIT elements, so no two multiples fall in one chunk)
-    ends = np.searchsorted(done, np.arange(UNIT, done[-1], UNIT), side="left") + 1
-    return np.concatenate([[0], ends[ends < n], [n]]).astype(np.int64)
-
-
-def tables_for(
-    columns: Sequence[Sequence[Tensor]], s: StepScalars, salts: Sequence[int] | None, fmt: object | None = None
-) -> Tables:
-    """Tables for lists of tensors (param, grad, state...; quantized state's codes and
-    absmax values in turn with a quantized ``fmt``), one step's scalars for all.
-    Raises ValueError for tensors the kernels cannot step (:func:`check_table`)."""
-    check_table(columns, "cpu", fmt)
-    ptrs = np.array([[t.data_ptr() for t in row] for row in zip(*columns)], dtype=np.int64)
-    n = len(columns[0])
-    scal = np.empty((n, 3))
-    scal[:] = (s.step_size, s.inv_bc2_sqrt, s.grad_step)
-    salt = np.arange(n, dtype=np.int64) if salts is None else np.asarray(salts, dtype=np.int64)
-    return Tables(
-        ptrs.reshape(n, len(columns)),
-        chunk_table([t.numel() for t in columns[0]]),
-        scal,
-        salt,
-        columns[0][0].dtype,
-        columns[2][0].dtype,
-    )
 
 
 def _launch(

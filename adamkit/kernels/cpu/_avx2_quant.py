@@ -1,6 +1,6 @@
 """The quantized kernels' SIMD code for AVX2 CPUs: 8 lanes.
 
-What :mod:`adamkit.kernels._avx512_adam` and :mod:`adamkit.kernels._avx512_codes` do
+What :mod:`adamkit.kernels.cpu._avx512_adam` and :mod:`adamkit.kernels.cpu._avx512_codes` do
 with 16 lanes, for CPUs with AVX2, FMA and F16C but no AVX-512 (AMD Zen 2/3, Intel
 client cores). AVX2 has no two-register permute (``vpermi2ps``) and its ``vpermps``
 holds 8 entries; on the AMD Zen 3 this was measured on, an 8-lane ``vpgatherdd`` cost
@@ -24,7 +24,7 @@ blend. So:
   operation for operation: 0.89 ns per code encoding (2.6 with gathers), ~0.55
   decoding (1.0), 16 codes per 8-byte store (:func:`_nibbles_out16`);
 * **the 8-bit block loop** (Adam/AdamW, float32/bf16/fp16 parameters): decode, the rule as
-  :func:`adamkit.kernels.numba_cpu._adam_rule` computes it (``vdivps`` and ``vsqrtps``,
+  :func:`adamkit.kernels.cpu.dense._adam_rule` computes it (``vdivps`` and ``vsqrtps``,
   correctly rounded: bit-identical to the numba loop), the parameters stored, the new
   moments written to the rows the encoders read and their largest magnitudes kept.
 
@@ -44,7 +44,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..quant.codebooks import _DECADE_FLOOR_BITS, DECADE_BINADES, DITHER_ALONG, cells, decade_tables, dither_tables
+from ...quant.codebooks import _DECADE_FLOOR_BITS, DECADE_BINADES, DITHER_ALONG, cells, decade_tables, dither_tables
 from ._avx2_adam import _F8, _I8V, LANES, RuleConstants, _broadcast, _Params, _splat, adam_rule, rule_loops
 from ._avx512_adam import _call, _prefetch  # width-agnostic IR helpers (no AVX-512 instruction)
 from ._avx512_codes import _table, dither_constants  # the constant tables' layout (64-byte rows)
@@ -130,7 +130,7 @@ def _nibbles_out16(builder: ir.IRBuilder, addr: ir.Value, low: ir.Value, high: i
 
 
 # ------------------------------------------------------------------ dithered 4-bit codes
-# Rows of the dither table (adamkit.kernels._avx512_codes.dither_constants, 16 floats
+# Rows of the dither table (adamkit.kernels.cpu._avx512_codes.dither_constants, 16 floats
 # each): values, rate, offset, slope up, slope down, thresholds (2 rows: 32 cells),
 # firsts (2 rows), cell scale, cell offset, per-lane hash offsets, 2^15, 15, values[0]
 # (the rows this module reads are named; the 32-cell ones serve the scalar path).
@@ -194,7 +194,7 @@ _ENCODE_ROWS = (_DRATE, _DOFF, _DNIB, _DBOUND)
 
 
 def dither_constants8(name: str) -> np.ndarray:
-    """:func:`adamkit.kernels._avx512_codes.dither_constants` with two rows for the AVX2
+    """:func:`adamkit.kernels.cpu._avx512_codes.dither_constants` with two rows for the AVX2
     encoder: the cells' ``first`` as nibbles of four 32-bit words (a ``vpermd`` by the
     cell over 8, a variable shift by its low 3 bits), and per interval ``k`` the value
     above it, ``L[k + 1]`` (+inf for the last), so that ``first + (y >= bound[first])``
@@ -225,7 +225,7 @@ def dither_decode(builder: ir.IRBuilder, tab: _Tab, codes: ir.Value, h: ir.Value
 
 def dither_encode(builder: ir.IRBuilder, tab: _Tab, y: ir.Value, h: ir.Value) -> ir.Value:
     """8 normalized values to dithered 4-bit codes (<8 x i32>): the reference's
-    (:func:`adamkit.kernels.numba_quant._encode_dither`), operation for operation."""
+    (:func:`adamkit.kernels.cpu.quantized._encode_dither`), operation for operation."""
     low, cs, co = (tab.scalars[r] for r in (_DLOW, _DCS, _DCO))
     y = builder.select(builder.fcmp_ordered(">", y, low), y, low)
     # 0..31 without clamping (the scalar code clamps): y is at least L[0] here (NaN too,
@@ -282,7 +282,7 @@ def decade_constants8(name: str) -> np.ndarray:
 class _Rows8:
     """An encoder table's rows (the first 8 lanes of each 64-byte row) in registers,
     loaded once before a loop (from the table, not LLVM's constant pool: see
-    :class:`adamkit.kernels._avx512_codes._Rows`)."""
+    :class:`adamkit.kernels.cpu._avx512_codes._Rows`)."""
 
     def __init__(self, builder: ir.IRBuilder, table_at: ir.Value, count: int) -> None:
         self.builder = builder
@@ -384,7 +384,7 @@ encode_rows_v8 = _make_encode_rows8(signed=False)
 @intrinsic
 def encode_rows_dither4(typingctx, row_addr, count, inv, table_addr, codes_addr, h0):  # noqa: ARG001
     """Dithered 4-bit codes of ``row[0 : 8·count] · inv`` (``h0``: the first element's
-    dither hash; ``table_addr``: :func:`adamkit.kernels._avx512_codes.dither_constants`)."""
+    dither hash; ``table_addr``: :func:`adamkit.kernels.cpu._avx512_codes.dither_constants`)."""
 
     def codegen(context, builder, signature, args):
         row_at, count_v, inv_v, table_at, codes_at, h0_v = args
@@ -457,7 +457,7 @@ def decode_rows_dither4(typingctx, codes_addr, count, table_addr, scale, root, o
 def adam_rows_8(typingctx, p_at, g_at, mc_at, sc_at, count, m_at, v_at, mvals_at, vvals_at, mscale, vscale, low,
                 c1, b2, b2w, eps, decay, l2, gsign, lr_t, inv, h0, plike):  # fmt: skip  # noqa: ARG001
     """The 8-bit block loop; the parameters' dtype is ``plike``'s. Same arguments and
-    results as :func:`adamkit.kernels._avx512_adam._make_adam_rows`'s: (largest |m|
+    results as :func:`adamkit.kernels.cpu._avx512_adam._make_adam_rows`'s: (largest |m|
     bits, largest |v| bits). Blocks whose gradient needs masking take the numba loop.
 
     There is no 4-bit one: the two dither tables' decode rows (6 registers each) and the

@@ -1,7 +1,7 @@
 """The threads the CPU kernels run on: the caller and a kept pool.
 
 A kernel call is split into work units that every thread claims from one shared
-counter (see :func:`adamkit.kernels.numba_cpu._claim`), so any thread may arrive late
+counter (see :func:`adamkit.kernels.cpu.dense._claim`), so any thread may arrive late
 or not at all and the call still completes: the caller's own share covers whatever
 the pool does not take. That makes the pool simple to share:
 

@@ -2,10 +2,10 @@
 
 ``@njit(cache=True)`` reuses a compiled function while the file that defines it is
 unchanged (its modification time and size). adamkit's kernels are assembled from
-several modules (the rules in ``numba_cpu``, the SIMD code in ``_avx2_quant`` and
+several modules (the rules in ``dense``, the SIMD code in ``_avx2_quant`` and
 ``_avx512_*``, the codebooks' constants in ``adamkit.quant``) and from the SIMD choice
 (``ADAMKIT_SIMD``), so a change to any of them, e.g. a ``git pull`` that leaves
-``numba_quant.py`` untouched, or another ``ADAMKIT_SIMD``, would run stale machine code
+``quantized.py`` untouched, or another ``ADAMKIT_SIMD``, would run stale machine code
 against new tables. :func:`install` puts locators in front of numba's own, for files
 of this package only, whose source stamp adds a digest of every ``.py`` file in
 ``adamkit/kernels`` and ``adamkit/quant`` and the ``ADAMKIT_SIMD`` setting: any change
@@ -23,8 +23,11 @@ import hashlib
 import os
 from pathlib import Path
 
-_PACKAGE = Path(__file__).resolve().parent.parent  # adamkit/
-_SOURCES = ("kernels", "quant")
+_PACKAGE = Path(__file__).resolve().parent.parent.parent  # adamkit/
+#: What the compiled kernels are made of: the kernels' and codebooks' sources, the
+#: algorithm spec and the step scalars' named constants (a field added to RuleConsts
+#: changes the type the kernels were compiled for)
+_SOURCES = ("kernels/**/*.py", "quant/*.py", "spec.py", "_scalars.py")
 
 #: Whether the locators are in place (False: numba's own, keyed on each file alone).
 INSTALLED = False
@@ -35,9 +38,9 @@ def digest() -> str:
     """A digest of the kernels' sources and the SIMD setting (computed once per process:
     a change takes effect in the next one, as an import would)."""
     h = hashlib.sha256()
-    for sub in _SOURCES:
-        for path in sorted((_PACKAGE / sub).glob("*.py")):
-            h.update(path.name.encode())
+    for pattern in _SOURCES:
+        for path in sorted(_PACKAGE.glob(pattern)):
+            h.update(path.relative_to(_PACKAGE).as_posix().encode())
             h.update(path.read_bytes())
     h.update(os.environ.get("ADAMKIT_SIMD", "auto").encode())
     return h.hexdigest()

@@ -1,9 +1,9 @@
 """Adam/AdamW's rule in 8-lane AVX2 IR, and the 32/16-bit state loop built on it.
 
-:func:`adam_rule` is :func:`adamkit.kernels.numba_cpu._adam_rule` (without AMSGrad)
+:func:`adam_rule` is :func:`adamkit.kernels.cpu.dense._adam_rule` (without AMSGrad)
 operation for operation on 8 lanes: ``vdivps`` and ``vsqrtps``, correctly rounded, so
 results are bit-identical to the numba loop. Two loops use it: the 8-bit block loop
-(:mod:`adamkit.kernels._avx2_quant`) and :func:`adam_stream`, which updates float32,
+(:mod:`adamkit.kernels.cpu._avx2_quant`) and :func:`adam_stream`, which updates float32,
 bf16 or fp16 state (the plain and ``state_bits=16`` formats) in place.
 
 Why a hand-written loop for what LLVM vectorizes from the numba loop: on the AMD Zen 3
@@ -60,8 +60,8 @@ KINDS = {types.float32: "f32", types.uint16: "bf16", types.int16: "f16"}
 class _Params:
     """Loads and stores 8 elements of one dtype as <8 x float>: float32; bf16 (the top
     half of a float32; stored rounded to nearest even, NaN as 0x7FC0, as
-    :func:`adamkit.kernels.numba_cpu._f32_to_bf16`, and with ``ftz`` subnormals as ±0, as
-    the bf16 state's :func:`~adamkit.kernels.numba_cpu._f32_to_bf16_ftz`); fp16
+    :func:`adamkit.kernels.cpu.dense._f32_to_bf16`, and with ``ftz`` subnormals as ±0, as
+    the bf16 state's :func:`~adamkit.kernels.cpu.dense._f32_to_bf16_ftz`); fp16
     (``vcvtph2ps``/``vcvtps2ph``)."""
 
     def __init__(self, builder: ir.IRBuilder, dtype: types.Type, ftz: bool = False) -> None:
@@ -130,7 +130,7 @@ def rule_loops(builder: ir.IRBuilder, k: RuleConstants, count: ir.Value, body) -
 def adam_rule(
     builder: ir.IRBuilder, k: RuleConstants, g: ir.Value, p: ir.Value, m: ir.Value, v: ir.Value, l2: bool
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """8 lanes of :func:`adamkit.kernels.numba_cpu._adam_rule` (no AMSGrad), operation
+    """8 lanes of :func:`adamkit.kernels.cpu.dense._adam_rule` (no AMSGrad), operation
     for operation: the new (p, m, v); ``l2``: whether the L2 term is added (never
     ``0·θ``: NaN for an infinite parameter)."""
     b = builder

@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import adamkit.kernels.triton_cuda as tc  # noqa: E402
+import adamkit.kernels.cuda.triton_kernels as tc  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 T = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
@@ -74,9 +74,11 @@ def main() -> int:
     variants = 0
     for (p, s), (algo, mask, sr, scaled) in itertools.product(
         [("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32"), ("fp64", "fp64")],
-        [(0, True, False, False), (1, True, False, True), (2, False, True, False)],
-    ):
-        const = dict(P=T[p], S=T[s], W=T["fp64" if p == "fp64" else "fp32"], ADAMAX=algo == 2, AMSGRAD=algo == 1,
+        [("adam", True, False, False), ("amsgrad", True, False, True), ("adamax", False, True, False),
+         ("nadam", True, False, True)],
+    ):  # fmt: skip
+        rule = "adam" if algo == "amsgrad" else algo
+        const = dict(P=T[p], S=T[s], W=T["fp64" if p == "fp64" else "fp32"], RULE=rule, AMSGRAD=algo == "amsgrad",
                      MASK=mask, SR=sr and p == "bf16", FTZ=s == "bf16", SCALED=scaled, BLOCK=tc.BLOCK,
                      ALIGNED=True)  # fmt: skip
         ptx = build(tc._dense_kernel, DENSE, const)
@@ -88,12 +90,15 @@ def main() -> int:
         if p != "fp64" and "div.rn.f32" not in ptx:
             problems.append(f"dense {p}/{s} algo {algo}: no correctly rounded division")
     for bits, (p, algo, scaled, sr) in itertools.product(
-        (8, 4), [("fp32", 0, False, False), ("bf16", 1, True, True), ("fp16", 2, False, False)]
-    ):
+        (8, 4),
+        [("fp32", "adam", False, False), ("bf16", "amsgrad", True, True), ("fp16", "adamax", False, False),
+         ("bf16", "nadam", True, False)],
+    ):  # fmt: skip
         width = 256 if bits == 8 else 128
-        const = dict(P=T[p], ADAMAX=algo == 2, AMSGRAD=algo == 1, MASK=True, SR=sr, SCALED=scaled, BITS=bits,
-                     ROOT=bits == 4 and algo != 2, ROWS=tc.QUANT_TILE // width, E=width, TILES=tc.QUANT_TILES, PASS=0,
-                     ALIGNED=True)  # fmt: skip
+        rule = "adam" if algo == "amsgrad" else algo
+        const = dict(P=T[p], RULE=rule, AMSGRAD=algo == "amsgrad", MASK=True, SR=sr, SCALED=scaled, BITS=bits,
+                     ROOT=bits == 4 and algo != "adamax", ROWS=tc.QUANT_TILE // width, E=width,
+                     TILES=tc.QUANT_TILES, PASS=0, ALIGNED=True)  # fmt: skip
         ptx = build(tc._quant_kernel, QUANT, const)
         variants += 1
         name = f"quant {bits} bits {p} algo {algo}"
@@ -104,7 +109,7 @@ def main() -> int:
         if not any(f"ld.global.{w}" in ptx for w in wide) or not any(f"st.global.{w}" in ptx for w in wide):
             problems.append(f"{name}: parameters not loaded and stored 4 elements at a time")
     for step_pass in (1, 2):  # one absmax per tensor (block_wise=False): two launches
-        const = dict(P=T["fp32"], ADAMAX=False, AMSGRAD=True, MASK=True, SR=False, SCALED=True, BITS=8, ROOT=False,
+        const = dict(P=T["fp32"], RULE="adam", AMSGRAD=True, MASK=True, SR=False, SCALED=True, BITS=8, ROOT=False,
                      ROWS=tc.QUANT_TILE // 256, E=256, TILES=tc.QUANT_TILES, ALIGNED=True, PASS=step_pass)  # fmt: skip
         variants += 1
         problems += checked(

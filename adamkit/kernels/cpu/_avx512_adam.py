@@ -1,6 +1,6 @@
 """Adam/AdamW on a block of quantized state in one AVX-512 loop: decode, update, store.
 
-The common case of the quantized kernels (:mod:`adamkit.kernels.numba_quant`): float32
+The common case of the quantized kernels (:mod:`adamkit.kernels.cpu.quantized`): float32
 parameters, Adam or AdamW without AMSGrad, no stochastic rounding, a block whose length
 is a multiple of 16. Per 16 elements, in registers: the two moments' codes are decoded
 (a gather from the 256 values at 8 bits; at 4 bits the dither subtracted and two
@@ -11,7 +11,7 @@ replaces went through the rows three times, spent ~0.1 ns per element on the run
 alias checks and reductions LLVM wraps around a vectorized loop, and ran a separate
 pass over the gradient to look for NaN/±inf; here the check is a compare per vector.
 
-The arithmetic is the numba rule's (:func:`adamkit.kernels.numba_cpu._adam_rule`),
+The arithmetic is the numba rule's (:func:`adamkit.kernels.cpu.dense._adam_rule`),
 operation for operation, with one difference: the division ``m / (sqrt(v)·c + ε)``
 is a ``vrcp14ps`` estimate refined by a Newton step and a residual correction, which
 takes the quotient off the divider (shared with the square root) and gives the
@@ -62,7 +62,7 @@ def _divide(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
 class _Params:
     """Loads and stores 16 parameters or gradients of one dtype as <16 x float>:
     float32; bf16 (the top half of a float32; stored rounded to nearest even, NaN as
-    0x7FC0, as :func:`adamkit.kernels.numba_cpu._f32_to_bf16`); fp16 (``vcvtph2ps``,
+    0x7FC0, as :func:`adamkit.kernels.cpu.dense._f32_to_bf16`); fp16 (``vcvtph2ps``,
     ``vcvtps2ph`` to nearest even)."""
 
     def __init__(self, builder: ir.IRBuilder, dtype: types.Type) -> None:

@@ -43,12 +43,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ..quant.codebooks import _DECADE_FLOOR_BITS, DITHER_ALONG, decade_tables, dither_tables
+from ...quant.codebooks import _DECADE_FLOOR_BITS, DITHER_ALONG, decade_tables, dither_tables
 
 #: Whether the kernels use these paths: the CPU has AVX-512 and ``ADAMKIT_SIMD`` is
 #: ``auto`` (its default; ``avx2`` or ``none`` take the AVX2 or the portable scalar path, as
 #: the tests do; set it before the first import: the on-disk cache is keyed on it). See
-#: :mod:`adamkit.kernels._simd`.
+#: :mod:`adamkit.kernels.cpu._simd`.
 HAS_AVX512 = (
     bool(llvm_binding.get_host_cpu_features().get("avx512f", False))
     and os.environ.get("ADAMKIT_SIMD", "auto") == "auto"

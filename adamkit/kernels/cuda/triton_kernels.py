@@ -60,12 +60,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._scalars import RULE_CONSTS, RuleConsts, StepScalars, rule_consts
-from ..quant import QUANT_BITS, QuantFormat
-from ..quant.codebooks import _LOW_BITS, _ONE_BITS, DITHER_STEP, TABLE_BITS, dither_phase, dither_tables, encoder_table
-from ..spec import ALGORITHMS
-from .numba_cpu import Tables
-from .registry import layout_refusal, register
+from ..._scalars import RULE_CONSTS, RuleConsts, StepScalars, rule_consts
+from ...quant import QUANT_BITS, QuantFormat
+from ...quant.codebooks import _LOW_BITS, _ONE_BITS, DITHER_STEP, TABLE_BITS, dither_phase, dither_tables, encoder_table
+from ...spec import ALGORITHMS
+from .._tables import Tables
+from ..registry import layout_refusal, register
 
 #: Whether Triton runs its interpreter (CPU tensors, numpy semantics) instead of compiling.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -111,7 +111,7 @@ def launch_settings(**changes: int | None) -> dict[str, int | None]:
     (each new combination compiles once). All are checked before any is changed.
     ``scripts/tune-cuda.py`` times them on a GPU and prints the call for the fastest:
 
-        adamkit.kernels.triton_cuda.launch_settings(BLOCK=2048, DENSE_WARPS=8)
+        adamkit.kernels.cuda.triton_kernels.launch_settings(BLOCK=2048, DENSE_WARPS=8)
     """
     checked = {}
     for name, value in changes.items():
@@ -1001,7 +1001,7 @@ def _launch_addresses(
                 num_warps=DENSE_WARPS, **flags,
             )  # fmt: skip
         else:
-            from ..quant import codebook
+            from ...quant import codebook
 
             root = codebook(books[1]).root
             tabs = _books(books + (books[-1],) * (3 - len(books)), fmt.bits, device)
@@ -1032,7 +1032,7 @@ def _tables_step(
     amp: tuple[Tensor | None, Tensor | None] | None = None,
     count: Tensor | None = None,
 ) -> int | Tensor:
-    """A step over a cached plan's address tables (:class:`adamkit.kernels.numba_cpu.Tables`;
+    """A step over a cached plan's address tables (:class:`adamkit.kernels.cpu.dense.Tables`;
     quantized state when ``tab.state_dtype`` is a :class:`QuantFormat`): tensors without
     a chunk in ``tab.chunks`` are left out. ``s``: the host's step scalars (per-tensor
     values from ``tab.scal`` and ``tab.steps``), or a capturable step's (per-tensor

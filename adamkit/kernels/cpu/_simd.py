@@ -1,14 +1,14 @@
 """Which SIMD code the quantized kernels run, chosen once at import.
 
-* ``avx512``: :mod:`adamkit.kernels._avx512_adam` and :mod:`adamkit.kernels._avx512_codes`
+* ``avx512``: :mod:`adamkit.kernels.cpu._avx512_adam` and :mod:`adamkit.kernels.cpu._avx512_codes`
   (16 lanes, register permutes, the decade encoder at 8 bits);
-* ``avx2``: :mod:`adamkit.kernels._avx2_quant` (8 lanes, the decade encoder at 8
+* ``avx2``: :mod:`adamkit.kernels.cpu._avx2_quant` (8 lanes, the decade encoder at 8
   bits);
 * ``None``: the portable numba loops only (scalar table lookups).
 
 ``ADAMKIT_SIMD`` caps the choice: ``auto`` (default: the best the CPU has), ``avx2``
 or ``none``. Set it before adamkit is imported (Numba's on-disk cache is keyed on it,
-see :mod:`adamkit.kernels._cache`). :data:`LANES`, :data:`ISA`
+see :mod:`adamkit.kernels.cpu._cache`). :data:`LANES`, :data:`ISA`
 and the functions below are module constants, so numba drops the code of the others.
 """
 

@@ -1,6 +1,6 @@
 """Fused CPU kernels for block-quantized state (``state_bits`` 8 and 4), in Numba.
 
-Same launch as :mod:`adamkit.kernels.numba_cpu` (address tables, chunks claimed from a
+Same launch as :mod:`adamkit.kernels.cpu.dense` (address tables, chunks claimed from a
 shared counter by ``torch.get_num_threads()`` threads, one call for many tensors), same
 per-element rules (``_adam_rule``, ``_adamax_rule``). Per block of ``block_size``
 elements, in one pass over memory:
@@ -14,10 +14,10 @@ elements, in one pass over memory:
 
 With AVX-512, Adam/AdamW's full blocks (without AMSGrad or stochastic rounding: the
 common case) do steps 1 and 2 in one loop over 16 elements at a time
-(:mod:`adamkit.kernels._avx512_adam`: 8-bit 0.83x -> 1.02x torch fused fp32 on 16M
-elements); with AVX2, 8-bit blocks do, 8 at a time (:mod:`adamkit.kernels._avx2_quant`),
+(:mod:`adamkit.kernels.cpu._avx512_adam`: 8-bit 0.83x -> 1.02x torch fused fp32 on 16M
+elements); with AVX2, 8-bit blocks do, 8 at a time (:mod:`adamkit.kernels.cpu._avx2_quant`),
 and encoding, like the other variants' decoding, goes a row at a time
-through :mod:`adamkit.kernels._avx512_codes` (8-bit codes from the float's exponent and
+through :mod:`adamkit.kernels.cpu._avx512_codes` (8-bit codes from the float's exponent and
 register permutes; dithered 4-bit ones from 32-cell tables in registers). The portable
 path, and the rows' last few elements, encode 8-bit codes by
 :func:`adamkit.quant.encoder_table`'s search-free form (the float's bits pick a table
@@ -30,7 +30,7 @@ step's.
 
 Chunks hold whole blocks (``CHUNK`` is a multiple of ``block_size``; other block sizes
 and one absmax per tensor go to the reference). Masking non-finite gradients (``mask``):
-the element :func:`~adamkit.kernels.numba_cpu._masked` picks (a NaN/±inf gradient, or
+the element :func:`~adamkit.kernels.cpu.dense._masked` picks (a NaN/±inf gradient, or
 one so large that its moments overflowed) keeps its parameter and its decoded state,
 re-encoded with the block's new absmax. Only blocks whose gradient holds a NaN/±inf or
 a magnitude of ``HUGE`` or more (a scan of the gradient finds them) pay for the
@@ -53,9 +53,9 @@ from numba import njit, types
 from numba.extending import intrinsic
 from torch import Tensor
 
-from .._scalars import StepScalars, rule_consts
-from ..quant import QUANT_BITS, QuantFormat
-from ..quant.codebooks import (
+from ..._scalars import StepScalars, rule_consts
+from ...quant import QUANT_BITS, QuantFormat
+from ...quant.codebooks import (
     _LOW_BITS,
     _ONE_BITS,
     DITHER_ALONG,
@@ -65,8 +65,10 @@ from ..quant.codebooks import (
     dither_tables,
     encoder_table,
 )
-from ..spec import ALGORITHMS, BOOK_ROLES
-from . import numba_cpu as nc
+from ...spec import ALGORITHMS, BOOK_ROLES
+from .._tables import CHUNK, tables_for
+from ..registry import register
+from . import dense as nc
 from ._simd import (
     FUSED4,
     LANES,
@@ -80,7 +82,7 @@ from ._simd import (
     encode_rows_v8,
     encoder_constants,
 )
-from .numba_cpu import (
+from .dense import (
     _U,
     _adam_rule,
     _adamax_rule,
@@ -95,7 +97,6 @@ from .numba_cpu import (
     _view,
     _wide_vectors,
 )
-from .registry import register
 
 _SHIFT = 23 - TABLE_BITS
 _HALF = ((_ONE_BITS - _LOW_BITS) >> _SHIFT) + 1
@@ -202,7 +203,7 @@ def _dither_hash(h0, i):
 @njit(inline="always")
 def _decode_dither(code, h, tab):
     """A dithered 4-bit code's value (before the block's scale), ``h`` its dither hash;
-    ``tab``: the codebook's :func:`~adamkit.kernels._avx512_codes.dither_constants`."""
+    ``tab``: the codebook's :func:`~adamkit.kernels.cpu._avx512_codes.dither_constants`."""
     back = 32768 - (h >> 16)
     slope = tab[3, code] if back >= 0 else tab[4, code]
     return tab[0, code] + np.float32(back) * slope
@@ -683,7 +684,7 @@ _KERNELS = {
 }
 
 #: Whether full blocks of Adam/AdamW without AMSGrad or stochastic rounding go through
-#: :mod:`adamkit.kernels._avx512_adam` (when the CPU has AVX-512); the tests turn it off
+#: :mod:`adamkit.kernels.cpu._avx512_adam` (when the CPU has AVX-512); the tests turn it off
 #: to hold that path to the numba loop, bit for bit.
 FUSED_BLOCKS = True
 
@@ -700,8 +701,8 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
         return "the quantized numba kernels take dithered 4-bit state"
     if param_dtype not in PARAM_DTYPES:
         return f"the quantized numba kernels take {[str(d) for d in PARAM_DTYPES]} parameters, not {param_dtype}"
-    if fmt.block_size is None or nc.CHUNK % fmt.block_size:
-        return f"the quantized numba kernels need a block_size dividing {nc.CHUNK}, not {fmt.block_size}"
+    if fmt.block_size is None or CHUNK % fmt.block_size:
+        return f"the quantized numba kernels need a block_size dividing {CHUNK}, not {fmt.block_size}"
     if not contiguous:
         return "the quantized numba kernels need contiguous plain tensors (not a subclass such as DTensor)"
     return None
@@ -711,7 +712,7 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
 def _book_tables(name: str, bits: int) -> tuple:
     """A codebook's tables for the kernels: at 8 bits (values, packed encoder table, root,
     16-wide encoder constants); at 4 bits (dither table, cell firsts, root, dither table),
-    the dither table (:func:`~adamkit.kernels._avx512_codes.dither_constants`) serving
+    the dither table (:func:`~adamkit.kernels.cpu._avx512_codes.dither_constants`) serving
     the SIMD and the portable code alike."""
     root = name.startswith("sqrt_")
     if bits == 4:
@@ -748,7 +749,7 @@ def _step(
         return 0
     keys = ALGORITHMS[rule].state_keys(amsgrad)
     columns = [params, grads] + [state[f"{k}_{part}"] for k in keys for part in ("codes", "absmax")]
-    tab = nc.tables_for(columns, s, salts, fmt)
+    tab = tables_for(columns, s, salts, fmt)
     if tab.chunks.shape[0] == 0:
         return 0
     w = np.float32
