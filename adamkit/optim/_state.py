@@ -1,0 +1,162 @@
+"""Per-parameter state: its formats, and its creation.
+
+A parameter's state is ``step`` (and the algorithm's history, e.g. NAdam's
+``mu_product``) beside its moments: dense tensors of one dtype, or the codes and block
+scales of a :class:`QuantFormat` (8/4-bit state). This module names those entries
+(:func:`state_columns`, :func:`quant_format_of`, their shapes) and holds the mixin of
+:class:`~adamkit.optim._base.AdamFamily` that chooses a new parameter's format and
+layout and creates its state lazily, at its first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _memory
+from ..kernels._checks import is_plain, storage_order
+from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat
+from ..spec import HISTORY, MOMENTS, Algorithm
+from ._plan import TrackedState, quant_meta
+
+#: Per-parameter state entries of quantized state that are not tensors: the format
+#: (``quant_dither`` is absent from checkpoints of adamkit 0.1, whose 4-bit codes were
+#: nearest codes).
+QUANT_META = ("quant_bits", "quant_block", "quant_dither")
+
+#: A parameter's state format: a dtype (dense state) or a :class:`QuantFormat`.
+StateFormat = torch.dtype | QuantFormat
+
+
+def quant_format_of(state: Mapping[str, Any]) -> QuantFormat | None:
+    """The format of a parameter's quantized state, or None for dense state."""
+    if "quant_bits" not in state:
+        return None
+    return QuantFormat.from_key(int(state["quant_bits"]), int(state["quant_block"]), int(state.get("quant_dither", 0)))
+
+
+def state_columns(keys: Iterable[str], fmt: StateFormat) -> list[str]:
+    """The state entries holding tensors: ``keys`` themselves for dense state,
+    ``<key>_codes`` and ``<key>_absmax`` for each key of quantized state."""
+    if isinstance(fmt, QuantFormat):
+        return [f"{k}_{part}" for k in keys for part in ("codes", "absmax")]
+    return list(keys)
+
+
+#: State entries besides the moments, and their shapes: percentile clipping's history.
+EXTRA_STATE = {"gnorm_vec": (100,)}
+
+
+def _expected_shape(column: str, p: Tensor, fmt: StateFormat) -> tuple[int, ...]:
+    if column in EXTRA_STATE:
+        return EXTRA_STATE[column]
+    if not isinstance(fmt, QuantFormat):
+        return tuple(p.shape)
+    n = p.numel()
+    return (fmt.code_bytes(n),) if column.endswith("_codes") else (fmt.blocks(n),)
+
+
+#: Every dense moment any variant keeps: they must share a dtype whatever ``amsgrad`` is
+#: now (a kept ``max_exp_avg_sq`` is stepped again when it is switched back on).
+_MOMENTS = MOMENTS
+
+
+def _scalar_dtype() -> torch.dtype:
+    """torch's dtype for ``state["step"]``: float32, or float64 if that is the default."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class _State:
+    """:class:`~adamkit.optim._base.AdamFamily`'s state formats and lazy state creation.
+
+    Expects of the optimizer: ``spec`` and ``_state_keys`` (the algorithm's state keys
+    for a group), and ``state``.
+    """
+
+    spec: Algorithm
+    state: TrackedState
+
+    def _state_format(self, p: Tensor, group: Mapping[str, Any]) -> StateFormat:
+        """The format of a new parameter's state: quantized for ``state_bits`` 8 or 4 and
+        a real floating-point parameter of at least ``min_quant_size`` elements; else the
+        dtype of :meth:`_state_dtype`."""
+        overrides = self._param_overrides(p)
+        if overrides:
+            group = {**group, **overrides}
+        bits = group["state_bits"]
+        if bits in QUANT_BITS and p.is_floating_point() and p.numel() >= group.get("min_quant_size", 4096):
+            block = group.get("block_size") or DEFAULT_BLOCK[bits]
+            return QuantFormat(bits, block if group.get("block_wise", True) else None)
+        return self._state_dtype(p, group)
+
+    def _param_overrides(self, p: Tensor) -> Mapping[str, Any]:
+        """Group keys overridden for one parameter's state format (hook: see
+        :class:`adamkit.bnb.GlobalOptimManager`)."""
+        return {}
+
+    def _state_dtype(self, p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
+        """The dtype of a new parameter's state.
+
+        ``state_bits=32``: float32 for bf16/fp16 parameters (torch keeps their dtype;
+        fp32 moments cost nothing extra on a memory-bound step and keep small updates
+        from vanishing), the parameter's dtype otherwise. ``state_bits=16``: bfloat16
+        (fp16 would underflow the second moment) — except for complex parameters,
+        whose state keeps their dtype.
+        """
+        if p.is_complex() or not p.is_floating_point():
+            return p.dtype
+        if group["state_bits"] == 16:
+            return torch.bfloat16
+        return torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
+    def _layout(
+        self, p: Tensor, g: Tensor | None, state: Mapping[str, Any], group: Mapping[str, Any]
+    ) -> tuple[torch.dtype, StateFormat, bool]:
+        """(param dtype, state format, flat) of one parameter, for kernel choice.
+
+        ``flat``: the kernels may step parameter, gradient and state as flat arrays:
+        all contiguous, or, for 32/16-bit state without stochastic rounding, all laid
+        out alike in dense memory (``channels_last`` convolution weights, whose
+        gradients and ``zeros_like`` state torch lays out so). Quantized state is in the
+        elements' logical order, and stochastic rounding draws by it, so those need
+        contiguous parameters and gradients. A parameter without state yet gets state
+        of :meth:`_state_format`, laid out as the parameter.
+        """
+        scalars = ("step", *EXTRA_STATE, *HISTORY)
+        tensors = [v for k, v in state.items() if k not in scalars and isinstance(v, Tensor)]
+        fmt = quant_format_of(state) or (tensors[0].dtype if tensors else self._state_format(p, group))
+        if not all(map(is_plain, [p, *tensors] if g is None else [p, g, *tensors])):
+            return p.dtype, fmt, False  # a subclass's data_ptr() may not be where its elements are
+        if p.is_contiguous() and (g is None or g.is_contiguous()) and all(t.is_contiguous() for t in tensors):
+            return p.dtype, fmt, True
+        if isinstance(fmt, QuantFormat) or (group.get("stochastic_rounding") and p.dtype == torch.bfloat16):
+            return p.dtype, fmt, False
+        order = storage_order(p)
+        flat = order is not None and all(storage_order(t) == order for t in ([] if g is None else [g]) + tensors)
+        return p.dtype, fmt, flat
+
+    def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
+        device = p.device if group.get("capturable") else None  # capturable: as torch, on the device
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=_scalar_dtype(), device=device)}
+        for key, initial in self.spec.history.items():  # as torch keeps them: beside ``step``
+            state[key] = torch.full((), initial, dtype=_scalar_dtype(), device=device)
+        self._add_missing_state(p, state, self._state_format(p, group), group)
+        return state
+
+    def _add_missing_state(self, p: Tensor, state: dict[str, Any], fmt: StateFormat, group: Mapping[str, Any]) -> None:
+        """Zero state for every key the group needs and ``state`` lacks (all of them for a
+        new parameter; AMSGrad's maximum when amsgrad is switched on mid-run)."""
+        if isinstance(fmt, QuantFormat):
+            for key, value in quant_meta(fmt).items():
+                state.setdefault(key, value)
+            for column in state_columns(self._state_keys(group), fmt):
+                if column not in state:
+                    dtype = torch.uint8 if column.endswith("_codes") else torch.float32
+                    state[column] = torch.zeros(_expected_shape(column, p, fmt), dtype=dtype, device=p.device)
+            return
+        for key in self._state_keys(group):
+            if key not in state:
+                state[key] = _memory.zeros_like(p, fmt)

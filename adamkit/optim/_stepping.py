@@ -1,0 +1,519 @@
+"""Stepping: ``step()`` and the paths a param group's step takes.
+
+The mixin of :class:`~adamkit.optim._base.AdamFamily` that runs a step: every group
+validated first; then a group's cached plan (:mod:`._plan`) when a table kernel takes
+all its parameters, else the general path, which buckets the parameters by (device,
+layout, step) and hands each bucket to its kernel; the differentiable and capturable
+steps; the non-finite policy and its counts; percentile clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .._scalars import StepScalars, rule_consts
+from ..kernels import reference
+from ..kernels._checks import is_plain
+from ..kernels.registry import Kernel, KernelUnavailableError
+from ..quant import QuantFormat
+from ..spec import Algorithm
+from ._plan import GroupPlan, TrackedState, _Launch
+from ._state import _scalar_dtype, quant_format_of, state_columns
+from ._validation import check_hyperparameters, state_problem
+
+
+@dataclass
+class _Work:
+    """One group's step, validated: how it will run."""
+
+    index: int
+    group: Mapping[str, Any]
+    launch: _Launch | None = None  # the cached-plan path, with
+    all_grads: list[Tensor | None] | None = None  # the group's grads (None included), if read
+    triples: list[tuple[int, Tensor, Tensor]] | None = None  # or the general path
+
+    def grads(self) -> list[tuple[int, Tensor]]:
+        """(position in the group, gradient) of every parameter with one (for screening).
+
+        Built only when asked: 20,000 tuples per step would wake the garbage collector.
+        """
+        if self.triples is not None:
+            return [(i, g) for i, _, g in self.triples]
+        grads = self.all_grads if self.all_grads is not None else [p.grad for p in self.group["params"]]
+        return [(i, g) for i, g in enumerate(grads) if g is not None]
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the caller of ``step()``."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class _Stepping:
+    """:class:`~adamkit.optim._base.AdamFamily`'s ``step()``.
+
+    Expects of the optimizer: ``spec``, ``_state_keys``, ``_step_scalars`` and
+    ``_advance`` (the algorithm's, from :mod:`._base`), ``_layout``, ``_init_state`` and
+    ``_add_missing_state`` (:mod:`._state`), ``_kernel`` and ``_collect``
+    (:mod:`._validation`).
+    """
+
+    algorithm: ClassVar[str]
+    spec: Algorithm
+    param_groups: list[dict[str, Any]]
+    state: TrackedState
+    nonfinite: str
+    skipped_steps: int
+    _nonfinite_count: int
+    _warned_nonfinite: bool
+    _pending_counts: list[tuple[Tensor, Any]]
+    _plans: dict[int, GroupPlan]
+
+    @torch.compiler.disable  # under torch.compile: a graph break, the step run eagerly (see README)
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step.
+
+        Every group is checked before anything changes; then each group's
+        parameters are updated by one kernel call per (dtype, state dtype).
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the
+                loss; it runs with gradients enabled.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        self._check_not_captured()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._settle_counts(wait=False)
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if not isinstance(self.state, TrackedState):  # reassigned, e.g. ``opt.state = defaultdict(dict)``
+            self.state = TrackedState(self.state)
+        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
+        on_device = all(group.get("capturable") for group in self.param_groups)
+        if found_inf is not None and not on_device and float(found_inf) != 0:  # GradScaler saw inf/NaN: skip
+            return loss
+        if self.nonfinite in ("skip", "raise") and self._screen(work):
+            return loss
+        seed = None
+        if any(group.get("stochastic_rounding") for group in self.param_groups):
+            seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))  # torch.manual_seed reproduces it
+        amp = (grad_scale, found_inf if on_device else None)
+        masked = [self._run(w, seed if w.group.get("stochastic_rounding") else None, amp) for w in work]
+        on_host = sum(m for m in masked if not isinstance(m, Tensor))
+        if on_host:
+            self._note_nonfinite(on_host, "masked: their parameters and moments were left unchanged")
+        for count in (m for m in masked if isinstance(m, Tensor)):
+            event = torch.cuda.Event() if count.is_cuda else None
+            if event is not None:  # after the count's kernel: on its device's stream, not the current device's
+                event.record(torch.cuda.current_stream(count.device))
+            self._pending_counts.append((count, event))
+        self._settle_counts(wait=False)
+        return loss
+
+    def _check_not_captured(self) -> None:
+        """torch's check: a step inside a CUDA graph capture needs ``capturable=True`` in
+        every group (the host path's step scalars and counts would be frozen into the
+        graph: every replay would repeat the captured step's bias corrections)."""
+        if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
+            return
+        if not all(group.get("capturable") for group in self.param_groups):
+            raise RuntimeError(
+                f"Attempting CUDA graph capture of step() for an instance of {type(self).__name__} but "
+                "param_groups' capturable is False."
+            )
+
+    def _prepare(self, index: int, group: Mapping[str, Any]) -> _Work:
+        """Validate one group's step (nothing changes) and say how it will run."""
+        capturable = bool(group.get("capturable"))
+        check_hyperparameters(group, f" (param group {index})", read_device=not capturable)
+        plan = None if group.get("differentiable") else self._plan_for(index, group)
+        if plan is not None:
+            launch, grads, stale = plan.prepare()
+            if stale:  # a parameter's dtype, size or layout changed: a plan for them, if one fits
+                self._plans.pop(index, None)
+                plan = self._plan_for(index, group)
+                launch, grads, _ = plan.prepare() if plan is not None else (None, None, False)
+            if launch is not None and not (capturable and launch.idx is not None):  # capturable: all or general
+                return _Work(index, group, launch=launch, all_grads=grads)
+        return _Work(index, group, triples=self._collect(index, group))
+
+    def _run(
+        self, work: _Work, sr_seed: int | None, amp: tuple[Tensor | None, Tensor | None] = (None, None)
+    ) -> int | Tensor:
+        group = work.group
+        flags = dict(
+            # a group's ``amsgrad`` means nothing to a variant without it (torch ignores it too)
+            amsgrad=bool(group.get("amsgrad", False)) and self.spec.amsgrad_key is not None,
+            maximize=bool(group["maximize"]),
+            mask_nonfinite=self.nonfinite == "mask",
+            sr_seed=sr_seed,
+        )
+        if work.launch is not None and group.get("capturable"):
+            del flags["sr_seed"]  # capturable steps reject stochastic rounding
+            scalars = partial(self._capturable_scalars, group, maximize=flags["maximize"])  # (steps, dtype, kernel)
+            count = self._device_counter(work.launch.plan.device)
+            out = work.launch.run_on_device(self.state, scalars, amp=amp, count=count, **flags)
+            torch.autograd.graph.increment_version(work.launch.stepped())  # as torch's in-place step does
+            return out
+        if work.launch is not None:
+            grad_scale = amp[0]
+            if grad_scale is not None and not all(seg.kernel.amp_scale for seg in work.launch.plan.segments):
+                grads = [g for _, g in work.grads()]  # unscaled first, as on the general path
+                torch._foreach_div_(grads, grad_scale.to(work.launch.plan.device))
+                grad_scale = None
+            out = work.launch.run(
+                self.state, partial(self._step_scalars, group), self.spec.tensor_scalars, self._advance(group),
+                grad_scale=grad_scale, **flags,
+            )  # fmt: skip
+            # the kernels write through addresses: autograd is told, as torch's in-place step
+            # tells it, so a graph that saved a parameter before the step refuses to use it
+            torch.autograd.graph.increment_version(work.launch.stepped())
+            return out
+        if group.get("capturable"):
+            return self._step_capturable(group, work.triples, amp, **flags)
+        if group.get("differentiable"):
+            with torch.enable_grad():  # step() runs without: only this group's step is recorded
+                return self._step_differentiable(group, work.triples, grad_scale=amp[0], **flags)
+        return self._step_group(group, work.triples, grad_scale=amp[0], **flags)
+
+    def _plan_for(self, index: int, group: Mapping[str, Any]) -> GroupPlan | None:
+        """The cached plan of a group whose parameters a table kernel takes, else None."""
+        params = group["params"]
+        keys = self._state_keys(group)
+        capturable = bool(group.get("capturable"))
+        signature = (keys, group["backend"], group["fused"], group["state_bits"], _scalar_dtype(), capturable)
+        if not isinstance(self.state, TrackedState):  # reassigned, e.g. ``opt.state = defaultdict(dict)``
+            self.state = TrackedState(self.state)
+        plan = self._plans.get(index)
+        if plan is not None and plan.intact(params, self.state, signature):
+            return plan
+        self._plans.pop(index, None)
+        if not params:
+            return None
+        kernels, state_dtypes = [], []
+        if group.get("percentile_clipping", 100) < 100:
+            return None  # per-parameter gradient norms: the general path
+        device = params[0].device
+        if device.type not in ("cpu", "cuda") or len(set(map(id, params))) != len(params):
+            return None
+        for p in params:
+            state = self.state.get(p) or {}
+            if p.device != device or p.is_complex() or not is_plain(p):
+                return None  # the general path handles (or explains) it
+            if state_problem(p, state, keys, read_step=not capturable, history=self.spec.history):
+                return None
+            layout = self._layout(p, None, state, group)
+            try:
+                kernel = self._kernel(group, device.type, layout)
+            except KernelUnavailableError:
+                return None  # the general path raises it, naming the parameter
+            if kernel.tables is None or (capturable and not kernel.capturable):
+                return None
+            kernels.append(kernel)
+            state_dtypes.append(layout[1])
+        history = {}
+        for key, initial in self.spec.history.items():  # one flat tensor each: one dtype (loaded ones may differ)
+            kept = {st[key].dtype for st in map(self.state.get, params) if st and isinstance(st.get(key), Tensor)}
+            if len(kept) > 1:
+                return None
+            history[key] = (kept.pop() if kept else _scalar_dtype(), initial)
+        plan = GroupPlan(
+            params, kernels, self.state, keys, state_dtypes, _scalar_dtype(), signature, capturable, history
+        )
+        self._plans[index] = plan
+        return plan
+
+    def _screen(self, work: list[_Work]) -> bool:
+        """For "skip"/"raise": True if this step must be skipped (raise: raises)."""
+        pairs = [(w.index, i, g) for w in work for i, g in w.grads()]
+        where = [(gi, pi) for gi, pi, _ in pairs]
+        grads = [g for _, _, g in pairs]
+        bad = reference.nonfinite_indices(grads)
+        if not bad:
+            return False
+        count = sum(int((~torch.isfinite(grads[i])).sum()) for i in bad)
+        if self.nonfinite == "raise":
+            gi, pi = where[bad[0]]
+            raise FloatingPointError(
+                f"{type(self).__name__}: {count} non-finite gradient element(s) in {len(bad)} tensor(s), "
+                f"the first in param group {gi}, parameter {pi}; nothing was changed"
+            )
+        self.skipped_steps += 1
+        self._note_nonfinite(count, "seen: the whole step was skipped")
+        return True
+
+    def _note_nonfinite(self, count: int, what: str, add: bool = True) -> None:
+        """Count ``count`` non-finite elements (unless counted elsewhere) and warn once."""
+        if add:
+            self._nonfinite_count += count
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{type(self).__name__}: {count} non-finite gradient element(s) {what} "
+                f"(nonfinite={self.nonfinite!r}). Further occurrences are counted in "
+                "`.nonfinite_count` without warning.",
+                RuntimeWarning,
+                stacklevel=_user_stacklevel(),
+            )
+
+    def _settle_counts(self, wait: bool) -> None:
+        """Add the device-side masked counts the GPU has finished (all, if ``wait``):
+        reading one before would make ``step()`` wait for the kernels."""
+        pending = getattr(self, "_pending_counts", [])
+        while pending and (wait or pending[0][1] is None or pending[0][1].query()):
+            count, _ = pending.pop(0)
+            masked = int(count)
+            if masked:
+                self._note_nonfinite(masked, "masked: their parameters and moments were left unchanged")
+
+    def _step_group(
+        self,
+        group: Mapping[str, Any],
+        triples: list[tuple[int, Tensor, Tensor]],
+        *,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+        sr_seed: int | None,
+        grad_scale: Tensor | None = None,
+    ) -> int | Tensor:
+        """The general path: advance each parameter one step, bucketed by layout and step.
+
+        With an AMP ``grad_scale``, the gradients are divided by it in place (as torch's
+        fused kernels leave them): inside the Triton kernels, by ``_foreach_div_`` first
+        for the others."""
+        if not triples:
+            return 0
+        keys = self._state_keys(group)
+        states = []
+        for _, p, _ in triples:
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, group)
+            state = self.state[p]
+            existing = quant_format_of(state) or state[keys[0]].dtype
+            self._add_missing_state(p, state, existing, group)  # e.g. amsgrad switched on mid-run
+            states.append(state)
+        steps = [st["step"] for st in states]
+        torch._foreach_add_(steps, 1.0)
+        step_values = torch.stack([s.to("cpu", torch.float64) for s in steps]).tolist()
+        history = self._advanced_history(group, states, step_values)
+        if group.get("percentile_clipping", 100) < 100:
+            triples = self._clip_percentile(triples, states, step_values, group["percentile_clipping"])
+        buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, ((_, p, g), st, t, h) in enumerate(zip(triples, states, step_values, history)):
+            buckets[(p.device, self._layout(p, g, st, group), t, h)].append(i)
+        masked: int | Tensor = 0
+        for (device, layout, t, h), idx in buckets.items():
+            fmt = layout[1]
+            extra: dict[str, Any] = {"fmt": fmt} if isinstance(fmt, QuantFormat) else {}
+            kernel = self._kernel(group, device.type, layout)
+            grads = [triples[i][2] for i in idx]
+            if grad_scale is not None:
+                if kernel.amp_scale:
+                    extra["amp"] = (grad_scale.to(device), None)
+                else:
+                    torch._foreach_div_(grads, grad_scale.to(device))
+            masked = masked + kernel.fn(
+                [triples[i][1] for i in idx],
+                grads,
+                {k: [states[i][k] for i in idx] for k in state_columns(keys, fmt)},
+                self._step_scalars(group, t, dict(zip(self.spec.history, h))),
+                **extra,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                mask_nonfinite=mask_nonfinite,
+                sr_seed=sr_seed,
+                salts=[triples[i][0] for i in idx],
+            )
+        return masked
+
+    def _advanced_history(
+        self, group: Mapping[str, Any], states: list[dict[str, Any]], steps: list[float]
+    ) -> list[tuple[float, ...]]:
+        """Each parameter's history (``spec.history``) updated for the step it takes now,
+        as values (one tuple per parameter; empty for algorithms without history)."""
+        names = tuple(self.spec.history)
+        advance = self._advance(group)
+        if advance is None:
+            return [()] * len(states)
+        for st in states:
+            for key in names:
+                if not isinstance(st[key], Tensor):  # a loaded float, say
+                    st[key] = torch.tensor(float(st[key]), dtype=_scalar_dtype(), device=st["step"].device)
+        advance(steps, {key: [st[key] for st in states] for key in names})
+        values = torch.stack([st[key].to("cpu", torch.float64) for st in states for key in names])
+        return [tuple(row) for row in values.view(len(states), len(names)).tolist()]
+
+    def _step_differentiable(
+        self,
+        group: Mapping[str, Any],
+        triples: list[tuple[int, Tensor, Tensor]],
+        *,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+        sr_seed: int | None,
+        grad_scale: Tensor | None = None,
+    ) -> int:
+        """``differentiable=True``: each parameter stepped by its algorithm's rule written
+        for autograd (:func:`~adamkit.kernels.reference.differentiable_step_`), with
+        gradients enabled, so that the new parameters and state carry a graph back to the
+        gradients, the previous state and tensor hyperparameters. Never a fused kernel
+        nor a cached plan. Returns the count of masked elements."""
+        keys = self._state_keys(group)
+        steps = [self.state.get(p, {}).get("step") for _, p, _ in triples]
+        if any(isinstance(t, Tensor) and t.requires_grad for t in steps):  # checked before anything changes
+            raise RuntimeError("`requires_grad` is not supported for `step` in differentiable mode")
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        rule = reference.DIFFERENTIABLE_RULES[self.algorithm]
+        masked = 0
+        for _, p, g in triples:
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, group)
+            state = self.state[p]
+            self._add_missing_state(p, state, state[keys[0]].dtype, group)  # e.g. amsgrad switched on
+            state["step"] += 1
+            history = {k: state[k] for k in self.spec.history}  # the rule advances them, recorded by autograd
+            masked += reference.differentiable_step_(
+                rule,
+                p,
+                g if grad_scale is None else g / grad_scale.to(g.device),
+                [state[k] for k in keys],
+                float(state["step"]),
+                {**hyper, **history, **{k: group[k] for k in self.spec.hyper}},
+                amsgrad=amsgrad,
+                maximize=maximize,
+                decoupled=bool(group.get("decoupled_weight_decay", False)),
+                mask_nonfinite=mask_nonfinite,
+            )
+        return masked
+
+    def _capturable_scalars(
+        self, group: Mapping[str, Any], steps: Tensor, param_dtype: torch.dtype, kernel: Kernel, *, maximize: bool
+    ) -> Any:
+        """A capturable step's scalars for tensors at step counts ``steps`` (float64 [n],
+        on the device), computed there (the algorithm's ``device_scalars``) and laid out
+        for ``kernel`` by its ``device_tables``; the decay is computed on the device from a
+        tensor ``lr``."""
+        lr = group["lr"]
+        hyper = self.spec.hyperparameters({**group, "lr": 0.0} if isinstance(lr, Tensor) else group)
+        step_size, inv, decay, l2 = self.spec.device_scalars(hyper, lr, steps)
+        work = np.float64 if param_dtype in (torch.float64, torch.complex128) else np.float32
+        fixed = float(decay) if not isinstance(decay, Tensor) else 1.0
+        s = StepScalars(hyper["beta1"], hyper["beta2"], hyper["eps"], 0.0, 1.0, fixed, l2)
+        consts = rule_consts(s, maximize, work)
+        return kernel.device_tables(steps, step_size, inv, consts, decay if isinstance(decay, Tensor) else None)
+
+    def _device_counter(self, device: torch.device) -> Tensor:
+        """The device-side count of masked elements of capturable steps on ``device``."""
+        counters = self.__dict__.setdefault("_device_counts", {})
+        if device not in counters:
+            counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
+        return counters[device]
+
+    def _step_capturable(
+        self,
+        group: Mapping[str, Any],
+        triples: list[tuple[int, Tensor, Tensor]],
+        amp: tuple[Tensor | None, Tensor | None],
+        *,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+        sr_seed: int | None,
+    ) -> int:
+        """A step that reads nothing on the host, so that it can run inside a CUDA graph:
+        ``step`` counters on the device, advanced there (by ``1 - found_inf`` under
+        GradScaler), the step scalars computed there from them and ``lr`` (a float, or a
+        tensor on the device), the Triton kernels' tables found on the device (made by
+        a warm-up step), masked elements counted on the device."""
+        if not triples:
+            return 0
+        keys = self._state_keys(group)
+        layouts = [self._layout(p, g, self.state.get(p, {}), group) for _, p, g in triples]  # checked: _collect
+        for _, p, _ in triples:
+            if not self.state[p]:
+                self.state[p] = self._init_state(p, group)
+            state = self.state[p]
+            self._add_missing_state(p, state, quant_format_of(state) or state[keys[0]].dtype, group)
+            if state["step"].device != p.device:  # e.g. loaded from a checkpoint
+                state["step"] = state["step"].to(p.device)
+        steps = [self.state[p]["step"] for _, p, _ in triples]
+        torch._foreach_add_(steps, 1.0)
+        buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, ((_, p, _), layout) in enumerate(zip(triples, layouts)):
+            buckets[(p.device, layout)].append(i)
+        grad_scale, found_inf = amp
+        for (device, layout), idx in buckets.items():
+            fmt = layout[1]
+            t = torch.stack([steps[i] for i in idx]).to(torch.float64)
+            kernel = self._kernel(group, device.type, layout)
+            kernel.fn(
+                [triples[i][1] for i in idx],
+                [triples[i][2] for i in idx],
+                {k: [self.state[triples[i][1]][k] for i in idx] for k in state_columns(keys, fmt)},
+                self._capturable_scalars(group, t, layout[0], kernel, maximize=maximize),
+                **({"fmt": fmt} if isinstance(fmt, QuantFormat) else {}),
+                amsgrad=amsgrad,
+                maximize=maximize,
+                mask_nonfinite=mask_nonfinite,
+                sr_seed=None,
+                salts=[triples[i][0] for i in idx],
+                amp=(grad_scale, found_inf) if grad_scale is not None or found_inf is not None else None,
+                count=self._device_counter(device),
+            )
+        if found_inf is not None:  # a skipped step does not count
+            torch._foreach_sub_(steps, [found_inf.to(steps[0].device, steps[0].dtype)] * len(steps))
+        return 0
+
+    @staticmethod
+    def _clip_percentile(
+        triples: list[tuple[int, Tensor, Tensor]], states: list[dict[str, Any]], steps: list[float], percentile: int
+    ) -> list[tuple[int, Tensor, Tensor]]:
+        """bitsandbytes' percentile clipping, per parameter: record the squared L2 norm of
+        the gradient at ``step % 100`` of a 100-entry history (``state["gnorm_vec"]``; the
+        first step fills every entry), and scale the gradient down to the norm at the
+        ``percentile``-th place of the sorted history when it exceeds it. The gradient
+        itself is not modified (the kernel gets a scaled copy). A non-finite norm is
+        neither recorded nor used: the non-finite policy deals with that gradient."""
+        norms = torch._foreach_norm([g for _, _, g in triples])
+        out = []
+        for (i, p, g), st, t, norm in zip(triples, states, steps, norms):
+            sq = float(norm) ** 2
+            vec = st.get("gnorm_vec")
+            if vec is None:
+                vec = st["gnorm_vec"] = torch.zeros(100, dtype=torch.float32)
+            if not math.isfinite(sq):
+                out.append((i, p, g))
+                continue
+            if int(t) == 1:
+                vec.fill_(sq)
+            else:
+                vec[int(t) % 100] = sq
+            current = math.sqrt(float(vec[int(t) % 100]))
+            clip = math.sqrt(float(vec.sort().values[min(percentile, 99)]))
+            out.append((i, p, g * (clip / current) if current > clip else g))
+        return out
