@@ -665,8 +665,8 @@ def test_capturable_step_reads_nothing_on_the_host(monkeypatch) -> None:
     from adamkit.optim._plan import _Launch
 
     planned = []
-    real = _Launch.run_on_device
-    monkeypatch.setattr(_Launch, "run_on_device", lambda self, *a, **k: planned.append(1) or real(self, *a, **k))
+    real = _Launch.buckets
+    monkeypatch.setattr(_Launch, "buckets", lambda self, *a, **k: planned.append(1) or real(self, *a, **k))
     with monkeypatch.context() as m:
         for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
             m.setattr(torch.Tensor, name, host_read)

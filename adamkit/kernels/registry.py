@@ -7,12 +7,17 @@ registry entry, and the error says which.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from ..spec import ALGORITHMS as _ALGORITHMS
+from ._tables import Tables
 
 #: Backends in order of preference for ``backend="auto"`` (first available wins).
 BACKENDS: tuple[str, ...] = ("triton", "numba", "reference")
@@ -25,6 +30,41 @@ ALGORITHMS: tuple[str, ...] = tuple(_ALGORITHMS)
 
 class KernelUnavailableError(RuntimeError):
     """No kernel fits the request: the message names the part that does not."""
+
+
+@dataclass
+class Bucket:
+    """What one kernel call steps: tensors of one device, parameter dtype and state
+    format, validated, with their step counts.
+
+    The tensors come either as lists (``params``, ``grads``, ``state`` columns by key,
+    ``salts``: each tensor's position in its group) or as a cached plan's address
+    tables (``tables``, for kernels with ``tables``). ``steps``: the step counts the
+    tensors take now, on the host as float64 [n, 1 + len(history)] (the count, then the
+    algorithm's per-parameter history values) for the tensors at ``rows`` of the tables
+    (None: all), or on the device as float64 [n] for a capturable step.
+    """
+
+    kernel: Kernel
+    device: torch.device
+    param_dtype: torch.dtype
+    fmt: Any  # the state's dtype, or its QuantFormat
+    steps: np.ndarray | Tensor
+    params: Sequence[Tensor] | None = None
+    grads: Sequence[Tensor] | None = None
+    state: dict[str, list[Tensor]] | None = None
+    salts: Sequence[int] | None = None
+    tables: Tables | None = None
+    rows: np.ndarray | None = None
+    #: the gradients of a tables bucket, when asked for (AMP's unscale)
+    table_grads: Callable[[], list[Tensor]] | None = field(default=None, repr=False)
+
+    def gradients(self) -> list[Tensor]:
+        """The gradients this call reads."""
+        if self.grads is not None:
+            return list(self.grads)
+        assert self.table_grads is not None, "a tables bucket says where its gradients are"
+        return self.table_grads()
 
 
 @dataclass(frozen=True)
@@ -58,6 +98,39 @@ class Kernel:
     @property
     def fused(self) -> bool:
         return self.backend in FUSED_BACKENDS
+
+    def launch(
+        self,
+        bucket: Bucket,
+        scalars: Any,
+        *,
+        amsgrad: bool,
+        maximize: bool,
+        mask_nonfinite: bool,
+        sr_seed: int | None,
+        amp: tuple[Tensor | None, Tensor | None] | None = None,
+        count: Tensor | None = None,
+    ) -> int | Tensor:
+        """Step ``bucket``: the one way the optimizers call a kernel.
+
+        ``scalars``: the step's :class:`~adamkit._scalars.StepScalars` (per-tensor values
+        of a tables bucket already in ``bucket.tables.scal``), or a capturable step's
+        device tables (:attr:`device_tables`' layout). ``amp``: ``(grad_scale,
+        found_inf)`` for kernels with ``amp_scale``; ``count``: the device counter of a
+        capturable step's masked elements. Returns the count of masked elements."""
+        extra: dict[str, Any] = {}
+        if amp is not None:
+            extra["amp"] = amp
+        if count is not None:
+            extra["count"] = count
+        flags = dict(amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed)
+        if bucket.tables is not None:
+            assert self.tables is not None, f"the {self.backend} {self.algorithm} kernel takes no tables"
+            return self.tables(bucket.tables, scalars, **flags, **extra)
+        if not isinstance(bucket.fmt, torch.dtype):  # quantized state: its format
+            extra["fmt"] = bucket.fmt
+        assert bucket.params is not None and bucket.grads is not None and bucket.state is not None
+        return self.fn(bucket.params, bucket.grads, bucket.state, scalars, salts=bucket.salts, **flags, **extra)
 
     def supports(self, device_type: str, state_bits: int, explicit: bool = False) -> bool:
         devices_ok = self.device_types is None or device_type in self.device_types

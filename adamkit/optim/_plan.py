@@ -43,7 +43,7 @@ from torch import Tensor
 from .. import _memory
 from ..kernels._checks import LOWEST_ADDRESS, PLAIN_TYPES, storage_order
 from ..kernels._tables import Tables, chunk_table, unit_table
-from ..kernels.registry import Kernel
+from ..kernels.registry import Bucket, Kernel
 from ..quant import QuantFormat
 from . import _native
 
@@ -222,7 +222,7 @@ class GroupPlan:
         step_dtype: dtype of the ``step`` counters.
         signature: the group settings the plan depends on (compared each step).
         capturable: ``step`` counters on the parameters' device, advanced there
-            (:meth:`_Launch.run_on_device`), as torch's ``capturable=True`` keeps them.
+            (:meth:`_Launch.advance`), as torch's ``capturable=True`` keeps them.
         history: the algorithm's per-parameter history entries (NAdam's ``mu_product``):
             (dtype, initial value) by name, kept like ``step``, as views of one flat
             tensor each.
@@ -456,7 +456,7 @@ class GroupPlan:
 
 
 class _Launch:
-    """One step of a plan, validated: ``run`` performs it."""
+    """One step of a plan, validated: :meth:`advance`, then :meth:`buckets` to launch."""
 
     def __init__(
         self, plan: GroupPlan, active: np.ndarray, idx: np.ndarray | None, gptrs: np.ndarray, pptrs: np.ndarray
@@ -471,81 +471,80 @@ class _Launch:
         params = self.plan.params
         return params if self.idx is None else [params[i] for i in self.idx]
 
-    def run(
-        self,
-        state: TrackedState,
-        scalars: Callable[[float, Mapping[str, float]], Any],
-        fields: Sequence[str],
-        advance: Callable[[Any, Any], None] | None = None,
-        *,
-        amsgrad: bool,
-        maximize: bool,
-        mask_nonfinite: bool,
-        sr_seed: int | None,
-        grad_scale: Tensor | None = None,
-    ) -> int:
-        """Create missing state, advance the steps (and the history, with ``advance``),
-        launch every segment. ``scalars(t, history)``: the step scalars at step ``t``;
-        ``fields``: those of them that go to the kernels per tensor (the algorithm's
-        ``tensor_scalars``); ``grad_scale``: an AMP scale the kernels divide the
-        gradients by (kernels with ``amp_scale``)."""
+    def advance(self, state: TrackedState, advance: Callable[[Any, Any], None] | None = None) -> None:
+        """Create missing state and advance the stepped parameters' ``step`` counters (and
+        their history, with ``advance``): on the host, or, for a capturable plan (every
+        parameter has a gradient), on the device."""
         plan = self.plan
         self._adopt_new_state(state)
-        everyone = self.idx is None
-        if everyone:
+        if plan.capturable:
+            assert self.idx is None, "capturable plans step every parameter"
+            plan.steps.add_(1)
+            return
+        if self.idx is None:
             plan.steps.add_(1)
             values = plan.steps.numpy()
         else:
             plan.steps[torch.from_numpy(self.idx)] += 1
             values = plan.steps.numpy()[self.idx]
-        if values.size == 0:
-            return 0
-        names = list(plan.history)
-        if advance is not None:
-            if everyone:
-                advance(values.tolist(), plan.history)
-            else:
-                rows_t = torch.from_numpy(self.idx)
-                moved = {k: flat[rows_t] for k, flat in plan.history.items()}
-                advance(values.tolist(), moved)
-                for k, flat in plan.history.items():
-                    flat[rows_t] = moved[k]
-        keys = values.astype(np.float64).reshape(-1, 1)
-        if names:  # scalars depend on the history too: one set per distinct (step, history)
-            hist = [flat.numpy().astype(np.float64) for flat in plan.history.values()]
-            keys = np.column_stack([keys] + [h if everyone else h[self.idx] for h in hist])
-        k = len(fields)
-        scal = np.zeros((len(plan.params), k))
-        rows = scal if everyone else np.zeros((values.size, k))
-        if (keys == keys[0]).all():  # the usual case: every parameter at the same step
-            per_step = [scalars(float(keys[0, 0]), dict(zip(names, keys[0, 1:].tolist())))]
-            rows[:] = [getattr(per_step[0], f) for f in fields]
-        else:  # some parameters' steps lag (they had no gradient for a while)
-            uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
-            per_step = [scalars(float(u[0]), dict(zip(names, u[1:].tolist()))) for u in uniq]
-            rows[:] = np.array([[getattr(s, f) for f in fields] for s in per_step])[inverse.reshape(-1)]
-        if not everyone:
-            scal[self.idx] = rows
-        masked = 0
+        if advance is None or values.size == 0:
+            return
+        if self.idx is None:
+            advance(values.tolist(), plan.history)
+            return
+        rows_t = torch.from_numpy(self.idx)
+        moved = {k: flat[rows_t] for k, flat in plan.history.items()}
+        advance(values.tolist(), moved)
+        for k, flat in plan.history.items():
+            flat[rows_t] = moved[k]
+
+    def unstep(self, found_inf: Tensor) -> None:
+        """A capturable step that GradScaler skipped (``found_inf``) does not count."""
+        self.plan.steps.sub_(found_inf.to(self.plan.steps.device, self.plan.steps.dtype))
+
+    def buckets(self) -> list[Bucket]:
+        """One :class:`Bucket` per segment (after :meth:`advance`): the plan's address
+        tables with this step's parameter and gradient addresses, and the steps (with
+        the history) of the parameters that have a gradient."""
+        plan = self.plan
+        everyone = self.idx is None
+        if plan.capturable:
+            t = plan.steps.to(torch.float64)
+        else:
+            keys = plan.steps.numpy().astype(np.float64).reshape(-1, 1)
+            if plan.history:
+                keys = np.column_stack([keys] + [flat.numpy().astype(np.float64) for flat in plan.history.values()])
+        out = []
         for seg in plan.segments:
             chunks, units = seg.chunks, seg.units
             if seg.whole:
-                seg.ptrs[:, 0], seg.ptrs[:, 1], seg_scal = self.pptrs, self.gptrs, scal
+                seg.ptrs[:, 0], seg.ptrs[:, 1] = self.pptrs, self.gptrs
             else:
-                members = seg.members
-                seg.ptrs[:, 0], seg.ptrs[:, 1], seg_scal = self.pptrs[members], self.gptrs[members], scal[members]
+                seg.ptrs[:, 0], seg.ptrs[:, 1] = self.pptrs[seg.members], self.gptrs[seg.members]
+            rows = None
             if not everyone:
-                chunks, units = chunks[self.active[seg.members][chunks[:, 0]]], None
-            steps = plan.steps.numpy()[seg.members]  # dithered 4-bit codes depend on them
-            tab = Tables(
-                seg.ptrs, chunks, seg_scal, seg.members, seg.param_dtype, seg.state_dtype, units, plan.device, steps
-            )
-            amp = {} if grad_scale is None else {"amp": (grad_scale.to(plan.device), None)}
-            masked += seg.kernel.tables(
-                tab, per_step[0], amsgrad=amsgrad, maximize=maximize, mask_nonfinite=mask_nonfinite, sr_seed=sr_seed,
-                **amp,
+                live = self.active[seg.members]
+                chunks, units = chunks[live[chunks[:, 0]]], None
+                rows = np.flatnonzero(live)
+                if rows.size == 0:
+                    continue
+            if plan.capturable:
+                steps = t if seg.whole else t.index_select(0, seg.on_device)
+                tab = Tables(seg.ptrs, chunks, np.zeros((0, 2)), seg.members, seg.param_dtype, seg.state_dtype,
+                             units, plan.device)  # fmt: skip
+            else:
+                steps = keys[seg.members] if rows is None else keys[seg.members[rows]]
+                counts = plan.steps.numpy()[seg.members]  # dithered 4-bit codes depend on them
+                tab = Tables(seg.ptrs, chunks, np.zeros((seg.members.size, 0)), seg.members, seg.param_dtype,
+                             seg.state_dtype, units, plan.device, counts)  # fmt: skip
+            members = seg.members if rows is None else seg.members[rows]
+            out.append(
+                Bucket(
+                    seg.kernel, plan.device, seg.param_dtype, seg.state_dtype, steps, tables=tab, rows=rows,
+                    table_grads=lambda members=members: [plan.params[i].grad for i in members],
+                )
             )  # fmt: skip
-        return masked
+        return out
 
     def _adopt_new_state(self, state: TrackedState) -> None:
         """Give the parameters stepped for the first time their views of the flat state."""
@@ -555,43 +554,3 @@ class _Launch:
             state.put(plan.params[i], {**plan.views[i], **plan.meta[i]})
         if fresh.size:
             plan.has_state[fresh] = True
-
-    def run_on_device(
-        self,
-        state: TrackedState,
-        scalars: Callable[[Tensor, torch.dtype, Kernel], Any],
-        *,
-        amp: tuple[Tensor | None, Tensor | None],
-        count: Tensor,
-        amsgrad: bool,
-        maximize: bool,
-        mask_nonfinite: bool,
-    ) -> int:
-        """A capturable step (every parameter has a gradient): the ``step`` counters
-        advance on the device (by ``1 - found_inf`` under GradScaler), ``scalars`` turns
-        them (float64 [n]), the work dtype and the kernel into its device tables
-        (per-tensor scalars, constants), masked elements are added to ``count``: nothing
-        is read on the host."""
-        plan = self.plan
-        assert self.idx is None and plan.capturable, "capturable plans step every parameter"
-        self._adopt_new_state(state)
-        plan.steps.add_(1)
-        t = plan.steps.to(torch.float64)
-        grad_scale, found_inf = amp
-        for seg in plan.segments:
-            if seg.whole:
-                seg.ptrs[:, 0], seg.ptrs[:, 1], seg_t = self.pptrs, self.gptrs, t
-            else:
-                members = seg.members
-                seg.ptrs[:, 0], seg.ptrs[:, 1] = self.pptrs[members], self.gptrs[members]
-                seg_t = t.index_select(0, seg.on_device)
-            tab = Tables(seg.ptrs, seg.chunks, np.zeros((0, 2)), seg.members, seg.param_dtype, seg.state_dtype,
-                         seg.units, plan.device)  # fmt: skip
-            seg.kernel.tables(
-                tab, scalars(seg_t, seg.param_dtype, seg.kernel), amsgrad=amsgrad, maximize=maximize,
-                mask_nonfinite=mask_nonfinite, sr_seed=None,
-                amp=amp if grad_scale is not None or found_inf is not None else None, count=count,
-            )  # fmt: skip
-        if found_inf is not None:  # a skipped step does not count
-            plan.steps.sub_(found_inf.to(plan.steps.device, plan.steps.dtype))
-        return 0

@@ -1,10 +1,13 @@
-"""Stepping: ``step()`` and the paths a param group's step takes.
+"""Stepping: ``step()``, one path for every param group.
 
 The mixin of :class:`~adamkit.optim._base.AdamFamily` that runs a step: every group
-validated first; then a group's cached plan (:mod:`._plan`) when a table kernel takes
-all its parameters, else the general path, which buckets the parameters by (device,
-layout, step) and hands each bucket to its kernel; the differentiable and capturable
-steps; the non-finite policy and its counts; percentile clipping.
+validated first; then each group's buckets (:class:`~adamkit.kernels.registry.Bucket`:
+its cached plan's (:mod:`._plan`) when a table kernel takes all its parameters, else
+made now from the parameters with a gradient), their step counters advanced, their step
+scalars computed (on the host, or on the device for ``capturable=True``), each launched
+by its kernel (``kernel.launch(bucket, scalars)``). Also: the differentiable step (the
+rule written for autograd, not a kernel), the non-finite policy and its counts,
+percentile clipping.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -26,8 +28,7 @@ from torch import Tensor
 from .._scalars import StepScalars, rule_consts
 from ..kernels import reference
 from ..kernels._checks import is_plain
-from ..kernels.registry import Kernel, KernelUnavailableError
-from ..quant import QuantFormat
+from ..kernels.registry import Bucket, Kernel, KernelUnavailableError
 from ..spec import Algorithm
 from ._plan import GroupPlan, TrackedState, _Launch
 from ._state import _scalar_dtype, quant_format_of, state_columns
@@ -162,6 +163,10 @@ class _Stepping:
     def _run(
         self, work: _Work, sr_seed: int | None, amp: tuple[Tensor | None, Tensor | None] = (None, None)
     ) -> int | Tensor:
+        """One group's step: its validated buckets (a cached plan's, or made now from the
+        parameters with a gradient), each given its step scalars and launched by its
+        kernel. Returns the count of masked elements (a device tensor for kernels that
+        count on the device)."""
         group = work.group
         flags = dict(
             # a group's ``amsgrad`` means nothing to a variant without it (torch ignores it too)
@@ -170,33 +175,63 @@ class _Stepping:
             mask_nonfinite=self.nonfinite == "mask",
             sr_seed=sr_seed,
         )
-        if work.launch is not None and group.get("capturable"):
-            del flags["sr_seed"]  # capturable steps reject stochastic rounding
-            scalars = partial(self._capturable_scalars, group, maximize=flags["maximize"])  # (steps, dtype, kernel)
-            count = self._device_counter(work.launch.plan.device)
-            out = work.launch.run_on_device(self.state, scalars, amp=amp, count=count, **flags)
-            torch.autograd.graph.increment_version(work.launch.stepped())  # as torch's in-place step does
-            return out
-        if work.launch is not None:
-            grad_scale = amp[0]
-            if grad_scale is not None and not all(seg.kernel.amp_scale for seg in work.launch.plan.segments):
-                grads = [g for _, g in work.grads()]  # unscaled first, as on the general path
-                torch._foreach_div_(grads, grad_scale.to(work.launch.plan.device))
-                grad_scale = None
-            out = work.launch.run(
-                self.state, partial(self._step_scalars, group), self.spec.tensor_scalars, self._advance(group),
-                grad_scale=grad_scale, **flags,
-            )  # fmt: skip
-            # the kernels write through addresses: autograd is told, as torch's in-place step
-            # tells it, so a graph that saved a parameter before the step refuses to use it
-            torch.autograd.graph.increment_version(work.launch.stepped())
-            return out
-        if group.get("capturable"):
-            return self._step_capturable(group, work.triples, amp, **flags)
-        if group.get("differentiable"):
+        if group.get("differentiable"):  # not a kernel: the rule written for autograd
             with torch.enable_grad():  # step() runs without: only this group's step is recorded
-                return self._step_differentiable(group, work.triples, grad_scale=amp[0], **flags)
-        return self._step_group(group, work.triples, grad_scale=amp[0], **flags)
+                return self._step_differentiable(group, work.triples or [], grad_scale=amp[0], **flags)
+        capturable = bool(group.get("capturable"))
+        grad_scale, found_inf = amp if capturable else (amp[0], None)  # on the host, found_inf skipped the step
+        if work.launch is not None:
+            work.launch.advance(self.state, self._advance(group))
+            buckets, stepped, counters = work.launch.buckets(), work.launch.stepped(), None
+        else:
+            buckets, counters = self._buckets(group, work.triples or [], capturable)
+            stepped = [p for _, p, _ in work.triples or []]
+        masked: int | Tensor = 0
+        for bucket in buckets:
+            kernel, device = bucket.kernel, bucket.device
+            if capturable:  # nothing read or moved on the host
+                scalars = self._capturable_scalars(
+                    group, bucket.steps, bucket.param_dtype, kernel, maximize=flags["maximize"]
+                )
+                on_device = None if grad_scale is None and found_inf is None else (grad_scale, found_inf)
+                kernel.launch(bucket, scalars, **flags, amp=on_device, count=self._device_counter(device))
+                continue
+            scale = None if grad_scale is None else grad_scale.to(device)
+            if scale is not None and not kernel.amp_scale:  # unscaled first, as torch's fused kernels leave them
+                torch._foreach_div_(bucket.gradients(), scale)
+                scale = None
+            scalars = self._host_scalars(group, bucket)
+            masked = masked + kernel.launch(bucket, scalars, **flags, amp=None if scale is None else (scale, None))
+        if found_inf is not None and capturable:  # a skipped step does not count
+            if work.launch is not None:
+                work.launch.unstep(found_inf)
+            elif counters:
+                torch._foreach_sub_(counters, [found_inf.to(counters[0].device, counters[0].dtype)] * len(counters))
+        # kernels that write through addresses: autograd is told, as torch's in-place step
+        # tells it, so a graph that saved a parameter before the step refuses to use it
+        torch.autograd.graph.increment_version(stepped)
+        return masked
+
+    def _host_scalars(self, group: Mapping[str, Any], bucket: Bucket) -> StepScalars:
+        """A bucket's step scalars, computed on the host in float64: one set per distinct
+        (step, history) among its tensors. Returned: the first set (the call's constants
+        with it); a tables bucket gets every tensor's ``tensor_scalars`` in its table."""
+        keys = bucket.steps
+        names = tuple(self.spec.history)
+        if (keys == keys[0]).all():  # the usual case: every tensor at the same step
+            uniq, inverse = keys[:1], np.zeros(len(keys), dtype=np.int64)
+        else:  # some parameters' steps lag (they had no gradient for a while)
+            uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        per_step = [self._step_scalars(group, float(u[0]), dict(zip(names, u[1:].tolist()))) for u in uniq]
+        tab = bucket.tables
+        if tab is not None:
+            fields = self.spec.tensor_scalars
+            values = np.array([[getattr(s, f) for f in fields] for s in per_step])[inverse.reshape(-1)]
+            tab.scal = np.zeros((tab.ptrs.shape[0], len(fields)))
+            tab.scal[slice(None) if bucket.rows is None else bucket.rows] = values
+        elif len(uniq) > 1:
+            raise AssertionError("a list bucket's tensors share one step")
+        return per_step[0]
 
     def _plan_for(self, index: int, group: Mapping[str, Any]) -> GroupPlan | None:
         """The cached plan of a group whose parameters a table kernel takes, else None."""
@@ -288,66 +323,57 @@ class _Stepping:
             if masked:
                 self._note_nonfinite(masked, "masked: their parameters and moments were left unchanged")
 
-    def _step_group(
-        self,
-        group: Mapping[str, Any],
-        triples: list[tuple[int, Tensor, Tensor]],
-        *,
-        amsgrad: bool,
-        maximize: bool,
-        mask_nonfinite: bool,
-        sr_seed: int | None,
-        grad_scale: Tensor | None = None,
-    ) -> int | Tensor:
-        """The general path: advance each parameter one step, bucketed by layout and step.
-
-        With an AMP ``grad_scale``, the gradients are divided by it in place (as torch's
-        fused kernels leave them): inside the Triton kernels, by ``_foreach_div_`` first
-        for the others."""
+    def _buckets(
+        self, group: Mapping[str, Any], triples: list[tuple[int, Tensor, Tensor]], capturable: bool
+    ) -> tuple[list[Bucket], list[Tensor]]:
+        """Buckets made now (the cached plan's tables do not fit): create missing state,
+        advance each stepped parameter's ``step`` (on its device for a capturable step)
+        and history, apply percentile clipping, then group the parameters by (device,
+        layout) and, on the host, by step and history. Also returns the ``step``
+        counters advanced."""
         if not triples:
-            return 0
+            return [], []
         keys = self._state_keys(group)
         states = []
         for _, p, _ in triples:
             if not self.state[p]:
                 self.state[p] = self._init_state(p, group)
             state = self.state[p]
-            existing = quant_format_of(state) or state[keys[0]].dtype
-            self._add_missing_state(p, state, existing, group)  # e.g. amsgrad switched on mid-run
+            self._add_missing_state(p, state, quant_format_of(state) or state[keys[0]].dtype, group)
+            if capturable and state["step"].device != p.device:  # e.g. loaded from a checkpoint
+                state["step"] = state["step"].to(p.device)
             states.append(state)
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1.0)
-        step_values = torch.stack([s.to("cpu", torch.float64) for s in steps]).tolist()
-        history = self._advanced_history(group, states, step_values)
-        if group.get("percentile_clipping", 100) < 100:
-            triples = self._clip_percentile(triples, states, step_values, group["percentile_clipping"])
-        buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for i, ((_, p, g), st, t, h) in enumerate(zip(triples, states, step_values, history)):
-            buckets[(p.device, self._layout(p, g, st, group), t, h)].append(i)
-        masked: int | Tensor = 0
-        for (device, layout, t, h), idx in buckets.items():
+        layouts = [self._layout(p, g, st, group) for (_, p, g), st in zip(triples, states)]
+        by: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        if capturable:  # nothing read on the host
+            for i, ((_, p, _), layout) in enumerate(zip(triples, layouts)):
+                by[(p.device, layout)].append(i)
+        else:
+            step_values = torch.stack([s.to("cpu", torch.float64) for s in steps]).tolist()
+            history = self._advanced_history(group, states, step_values)
+            if group.get("percentile_clipping", 100) < 100:
+                triples = self._clip_percentile(triples, states, step_values, group["percentile_clipping"])
+            for i, ((_, p, _), layout, t, h) in enumerate(zip(triples, layouts, step_values, history)):
+                by[(p.device, layout, (t, *h))].append(i)
+        buckets = []
+        for (device, layout, *key), idx in by.items():
             fmt = layout[1]
-            extra: dict[str, Any] = {"fmt": fmt} if isinstance(fmt, QuantFormat) else {}
-            kernel = self._kernel(group, device.type, layout)
-            grads = [triples[i][2] for i in idx]
-            if grad_scale is not None:
-                if kernel.amp_scale:
-                    extra["amp"] = (grad_scale.to(device), None)
-                else:
-                    torch._foreach_div_(grads, grad_scale.to(device))
-            masked = masked + kernel.fn(
-                [triples[i][1] for i in idx],
-                grads,
-                {k: [states[i][k] for i in idx] for k in state_columns(keys, fmt)},
-                self._step_scalars(group, t, dict(zip(self.spec.history, h))),
-                **extra,
-                amsgrad=amsgrad,
-                maximize=maximize,
-                mask_nonfinite=mask_nonfinite,
-                sr_seed=sr_seed,
-                salts=[triples[i][0] for i in idx],
-            )
-        return masked
+            if capturable:
+                at: np.ndarray | Tensor = torch.stack([steps[i] for i in idx]).to(torch.float64)
+            else:
+                at = np.array([key[0]] * len(idx), dtype=np.float64)
+            buckets.append(
+                Bucket(
+                    self._kernel(group, device.type, layout), device, layout[0], fmt, at,
+                    params=[triples[i][1] for i in idx],
+                    grads=[triples[i][2] for i in idx],
+                    state={k: [states[i][k] for i in idx] for k in state_columns(keys, fmt)},
+                    salts=[triples[i][0] for i in idx],
+                )
+            )  # fmt: skip
+        return buckets, steps
 
     def _advanced_history(
         self, group: Mapping[str, Any], states: list[dict[str, Any]], steps: list[float]
@@ -433,61 +459,6 @@ class _Stepping:
         if device not in counters:
             counters[device] = torch.zeros(1, dtype=torch.int32, device=device)
         return counters[device]
-
-    def _step_capturable(
-        self,
-        group: Mapping[str, Any],
-        triples: list[tuple[int, Tensor, Tensor]],
-        amp: tuple[Tensor | None, Tensor | None],
-        *,
-        amsgrad: bool,
-        maximize: bool,
-        mask_nonfinite: bool,
-        sr_seed: int | None,
-    ) -> int:
-        """A step that reads nothing on the host, so that it can run inside a CUDA graph:
-        ``step`` counters on the device, advanced there (by ``1 - found_inf`` under
-        GradScaler), the step scalars computed there from them and ``lr`` (a float, or a
-        tensor on the device), the Triton kernels' tables found on the device (made by
-        a warm-up step), masked elements counted on the device."""
-        if not triples:
-            return 0
-        keys = self._state_keys(group)
-        layouts = [self._layout(p, g, self.state.get(p, {}), group) for _, p, g in triples]  # checked: _collect
-        for _, p, _ in triples:
-            if not self.state[p]:
-                self.state[p] = self._init_state(p, group)
-            state = self.state[p]
-            self._add_missing_state(p, state, quant_format_of(state) or state[keys[0]].dtype, group)
-            if state["step"].device != p.device:  # e.g. loaded from a checkpoint
-                state["step"] = state["step"].to(p.device)
-        steps = [self.state[p]["step"] for _, p, _ in triples]
-        torch._foreach_add_(steps, 1.0)
-        buckets: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for i, ((_, p, _), layout) in enumerate(zip(triples, layouts)):
-            buckets[(p.device, layout)].append(i)
-        grad_scale, found_inf = amp
-        for (device, layout), idx in buckets.items():
-            fmt = layout[1]
-            t = torch.stack([steps[i] for i in idx]).to(torch.float64)
-            kernel = self._kernel(group, device.type, layout)
-            kernel.fn(
-                [triples[i][1] for i in idx],
-                [triples[i][2] for i in idx],
-                {k: [self.state[triples[i][1]][k] for i in idx] for k in state_columns(keys, fmt)},
-                self._capturable_scalars(group, t, layout[0], kernel, maximize=maximize),
-                **({"fmt": fmt} if isinstance(fmt, QuantFormat) else {}),
-                amsgrad=amsgrad,
-                maximize=maximize,
-                mask_nonfinite=mask_nonfinite,
-                sr_seed=None,
-                salts=[triples[i][0] for i in idx],
-                amp=(grad_scale, found_inf) if grad_scale is not None or found_inf is not None else None,
-                count=self._device_counter(device),
-            )
-        if found_inf is not None:  # a skipped step does not count
-            torch._foreach_sub_(steps, [found_inf.to(steps[0].device, steps[0].dtype)] * len(steps))
-        return 0
 
     @staticmethod
     def _clip_percentile(

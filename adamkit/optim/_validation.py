@@ -314,7 +314,7 @@ class _Validation:
             return kernel
         if is_forced(group["backend"], group["fused"]):
             raise KernelUnavailableError(f"{why}{where}")
-        return resolve(self.algorithm, device_type, bits, "reference")
+        return resolve(self.algorithm, device_type, bits, "auto", fused=False)  # the reference
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group (as torch), validating it first: a bad group adds nothing."""
