@@ -8,65 +8,49 @@ discrepancy cannot hide in accumulated drift and every step tests the rule afres
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 import pytest
 import torch
+from lockstep import (
+    CONV_SHAPES,
+    MASK_LAYOUTS,
+    PLAN_EVENTS,
+    SIZES,
+    TOL,
+    adamw_twins,
+    channels_last_lockstep,
+    layout,
+    lockstep,
+    masking_lockstep,
+    plan_follows_changes,
+    sized_params,
+    sr_lockstep,
+    step_grads,
+    step_twins,
+)
 from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo
 
 import adamkit
-from adamkit.optim._plan import storage_order
 from adamkit.spec import MOMENTS
-
-# sizes 0, 1, ragged SIMD tails, > one chunk (32768), and many small tensors
-SIZES = [0, 1, 255, 256, 4097, 70_001] + [
-    int(n) for n in torch.randint(1, 64, (60,), generator=torch.Generator().manual_seed(0))
-]
-TOL = {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=1e-6, rtol=1e-5)}
-STEPS = 8
-
-
-def _params(dtype, sizes=SIZES):
-    gen = torch.Generator().manual_seed(1)
-    dtypes = dtype if isinstance(dtype, list) else [dtype] * len(sizes)
-    return [torch.randn(n, generator=gen).to(dt).requires_grad_() for n, dt in zip(sizes, dtypes)]
-
-
-def _grads(params, step, dtype):
-    gen = torch.Generator().manual_seed(100 + step)
-    out = []
-    for i, p in enumerate(params):
-        frozen = i % 7 == 3 and step % 3 == 1  # some parameters skip steps: their step lags
-        scale = 10.0 ** ((i % 5) - 3)
-        out.append(None if frozen else (torch.randn(p.shape, generator=gen) * scale).to(p.dtype))
-    return out
-
-
-def _sync(dst_opt, dst_params, src_opt, src_params):
-    with torch.no_grad():
-        for d, s in zip(dst_params, src_params):
-            d.copy_(s)
-            for key, value in src_opt.state[s].items():
-                dst_opt.state[d][key].copy_(value)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS, ids=ALL_CONFIG_IDS)
 def test_numba_matches_reference_in_lockstep(info: OptimizerInfo, kw: dict, dtype: torch.dtype) -> None:
-    _lockstep(info, kw, dtype)
+    lockstep(info, kw, dtype)
 
 
 @pytest.mark.parametrize("mode", ["mask", "propagate"])
 @pytest.mark.parametrize("info,kw", [c for c in ALL_CONFIGS if c[1].get("amsgrad") or c[0].name == "Adamax"][:3])
 def test_numba_nonfinite_matches_reference(info: OptimizerInfo, kw: dict, mode: str) -> None:
     dtype = torch.float32
-    fused_params = _params(dtype)
+    fused_params = sized_params(dtype)
     ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
     fused = info.cls(fused_params, **copy.deepcopy(kw), backend="numba", nonfinite=mode)
     ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference", nonfinite=mode)
     for step in range(4):
-        grads = _grads(fused_params, step, dtype)
+        grads = step_grads(fused_params, step, dtype)
         grads[4][[0, 17, 4096]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
         grads[5][40_000] = float("nan")  # in the second chunk
         for p, q, g in zip(fused_params, ref_params, grads):
@@ -88,54 +72,6 @@ class _nothing:
         return False
 
 
-# ------------------------------------------------------------------ half precision
-def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance in units in the last place between two bf16/fp16 tensors (NaN-free)."""
-
-    def ordered(t: torch.Tensor) -> torch.Tensor:
-        bits = t.contiguous().view(torch.int16).to(torch.int32)
-        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-    return (ordered(a) - ordered(b)).abs()
-
-
-def _assert_close_any(actual: torch.Tensor, expected: torch.Tensor, msg: str) -> None:
-    """Half types within 1 ulp; float32 within its tolerance (complex: as pairs of reals)."""
-    assert actual.dtype == expected.dtype, msg
-    if actual.is_complex():
-        actual, expected = torch.view_as_real(actual), torch.view_as_real(expected)
-    if actual.dtype in (torch.bfloat16, torch.float16):
-        worst = int(ulps(actual, expected).max()) if actual.numel() else 0
-        assert worst <= 1, f"{msg}: {worst} ulps apart"
-    else:
-        torch.testing.assert_close(actual, expected, **TOL[actual.dtype], msg=msg)
-
-
-def _lockstep(info, kw, dtypes, steps=STEPS, sizes=SIZES, grads=_grads, backend="numba"):
-    """Run a fused backend and the reference side by side, comparing and re-syncing every step."""
-    fused_params = _params(dtypes, sizes)
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    fused = info.cls(fused_params, **copy.deepcopy(kw), backend=backend)
-    ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference")
-    for step in range(steps):
-        for p, q, g in zip(fused_params, ref_params, grads(fused_params, step, None)):
-            p.grad = None if g is None else g.clone()
-            q.grad = None if g is None else g.clone()
-        fused.step()
-        ref.step()
-        _compare_and_resync(fused, fused_params, ref, ref_params, step)
-    return fused, fused_params
-
-
-def _compare_and_resync(fused, fused_params, ref, ref_params, step):
-    """Parameters and every state tensor within tolerance, then the reference's copied back."""
-    for i, (p, q) in enumerate(zip(fused_params, ref_params)):
-        _assert_close_any(p.detach(), q.detach(), f"step {step} param {i} ({p.dtype})")
-        for key, value in ref.state[q].items():
-            _assert_close_any(fused.state[p][key], value, f"step {step} param {i} {key}")
-    _sync(fused, fused_params, ref, ref_params)
-
-
 HALF_CONFIGS = [c for c in ALL_CONFIGS if not c[1].get("maximize")][::2]
 
 
@@ -144,7 +80,7 @@ HALF_CONFIGS = [c for c in ALL_CONFIGS if not c[1].get("maximize")][::2]
 @pytest.mark.parametrize("info,kw", HALF_CONFIGS, ids=[f"{i.name}-{n}" for n, (i, _) in enumerate(HALF_CONFIGS)])
 def test_half_params_match_reference(info: OptimizerInfo, kw: dict, dtype: torch.dtype, state_bits: int) -> None:
     """bf16/fp16 parameters: math in fp32, stores rounded to nearest even, within 1 ulp."""
-    fused, params = _lockstep(info, {**kw, "state_bits": state_bits}, dtype)
+    fused, params = lockstep(info, {**kw, "state_bits": state_bits}, dtype)
     want = torch.float32 if state_bits == 32 else torch.bfloat16
     moments = [t for p in params if p in fused.state for k, t in fused.state[p].items() if k in MOMENTS]
     assert moments and all(t.dtype == want for t in moments)
@@ -152,14 +88,14 @@ def test_half_params_match_reference(info: OptimizerInfo, kw: dict, dtype: torch
 
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::3], ids=ALL_CONFIG_IDS[::3])
 def test_state_bits_16_with_fp32_params(info: OptimizerInfo, kw: dict) -> None:
-    _lockstep(info, {**kw, "state_bits": 16}, torch.float32)
+    lockstep(info, {**kw, "state_bits": 16}, torch.float32)
 
 
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::4], ids=ALL_CONFIG_IDS[::4])
 def test_mixed_dtypes_in_one_group(info: OptimizerInfo, kw: dict) -> None:
     """fp32, bf16, fp16 and fp64 parameters in one group: one call per dtype, all right."""
     cycle = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-    fused, params = _lockstep(info, kw, [cycle[i % 4] for i in range(len(SIZES))])
+    fused, params = lockstep(info, kw, [cycle[i % 4] for i in range(len(SIZES))])
     plan = fused._plans[0]
     assert len(plan.segments) == 4
 
@@ -177,31 +113,6 @@ def test_bf16_nonfinite_masking_leaves_elements_unchanged() -> None:
     assert opt.state[p]["exp_avg"][[3, 500]].eq(0).all()
 
 
-def _grads_with_nonfinite(params, step, dtype):
-    """_grads with NaN/±inf at both ends, at block (128) and chunk (32768) boundaries
-    and at a place that moves every step."""
-    out = _grads(params, step, dtype)
-    bad = [float("nan"), float("inf"), -float("inf")]
-    for i, g in enumerate(out):
-        if g is None or g.numel() == 0:
-            continue
-        n = g.numel()
-        spots = sorted({0, n - 1, (step * 131 + i) % n, 127 % n, 128 % n, 4096 % n, 32_767 % n, 40_000 % n})
-        for k, j in enumerate(spots):
-            g[j] = bad[(k + step) % 3]
-    return out
-
-
-MASK_LAYOUTS = {  # (param dtype, state_bits, stochastic rounding)
-    "fp32": (torch.float32, 32, False),
-    "fp32-state16": (torch.float32, 16, False),
-    "bf16": (torch.bfloat16, 32, False),
-    "bf16-sr": (torch.bfloat16, 16, True),
-    "fp16-state16": (torch.float16, 16, False),
-    "fp64": (torch.float64, 32, False),
-}
-
-
 @pytest.mark.parametrize("layout", MASK_LAYOUTS)
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::3], ids=ALL_CONFIG_IDS[::3])
 def test_masking_matches_reference(info: OptimizerInfo, kw: dict, layout: str) -> None:
@@ -211,62 +122,12 @@ def test_masking_matches_reference(info: OptimizerInfo, kw: dict, layout: str) -
     masking_lockstep(info, kw, layout, "numba", SIZES, steps=4)
 
 
-def masking_lockstep(info: OptimizerInfo, kw: dict, layout: str, backend: str, sizes: list[int], steps: int) -> None:
-    """A fused backend and the reference in lockstep on gradients with NaN/±inf in many
-    places (:func:`_grads_with_nonfinite`); equal results and counts."""
-    dtype, state_bits, sr = MASK_LAYOUTS[layout]
-    fused_params = _params(dtype, sizes)
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    kw = {**copy.deepcopy(kw), "state_bits": state_bits, "stochastic_rounding": sr}
-    fused = info.cls(fused_params, **kw, backend=backend)
-    ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference")
-    expected = 0
-    for step in range(steps):
-        grads = _grads_with_nonfinite(fused_params, step, None)
-        expected += sum(int((~torch.isfinite(g)).sum()) for g in grads if g is not None)
-        for p, q, g in zip(fused_params, ref_params, grads):
-            p.grad = None if g is None else g.clone()
-            q.grad = None if g is None else g.clone()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            torch.manual_seed(step)
-            fused.step()
-            torch.manual_seed(step)
-            ref.step()
-        _compare_and_resync(fused, fused_params, ref, ref_params, step)
-    assert expected > 0
-    assert fused.nonfinite_count == ref.nonfinite_count == expected
-
-
 # ---------------------------------------------------------------- stochastic rounding
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS[::5], ids=ALL_CONFIG_IDS[::5])
 def test_stochastic_rounding_matches_reference_bit_for_bit(info: OptimizerInfo, kw: dict) -> None:
     """The kernel draws the reference's random bits (one counter-based stream per tensor):
     within one ulp (the rounded fp32 values themselves may differ in their last bit)."""
     sr_lockstep(info, kw, "numba", SIZES, steps=4, exact=False)
-
-
-def sr_lockstep(info: OptimizerInfo, kw: dict, backend: str, sizes: list[int], steps: int, exact: bool) -> None:
-    """bf16 parameters rounded stochastically by a fused backend and the reference in
-    lockstep: equal (``exact``) or within one ulp."""
-    fused_params = _params(torch.bfloat16, sizes)
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    fused = info.cls(fused_params, **copy.deepcopy(kw), backend=backend, stochastic_rounding=True)
-    ref = info.cls(ref_params, **copy.deepcopy(kw), backend="reference", stochastic_rounding=True)
-    for step in range(steps):
-        for p, q, g in zip(fused_params, ref_params, _grads(fused_params, step, None)):
-            p.grad = None if g is None else g.clone()
-            q.grad = None if g is None else g.clone()
-        torch.manual_seed(step)
-        fused.step()
-        torch.manual_seed(step)
-        ref.step()
-        for i, (p, q) in enumerate(zip(fused_params, ref_params)):
-            if exact:
-                assert torch.equal(p.detach(), q.detach()), f"step {step} param {i}"
-            else:
-                _assert_close_any(p.detach(), q.detach(), f"step {step} param {i}")
-        _sync(fused, fused_params, ref, ref_params)
 
 
 @pytest.mark.parametrize("backend", ["numba", "reference"])
@@ -302,132 +163,10 @@ def test_stochastic_rounding_is_unbiased_and_reproducible(backend: str) -> None:
     assert not torch.equal(again[2], again[0])
 
 
-# -------------------------------------------------------------------- cached plans
-def _twins(n=5, size=300, backend="numba", **kw):
-    fused_params = [torch.randn(size).requires_grad_() for _ in range(n)]
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    return (
-        fused_params,
-        ref_params,
-        adamkit.AdamW(fused_params, backend=backend, **kw),
-        adamkit.AdamW(ref_params, backend="reference", **kw),
-    )
-
-
-def _step_both(fp, rp, fo, ro, seed):
-    gen = torch.Generator().manual_seed(seed)
-    for p, q in zip(fp, rp):
-        g = torch.randn(p.shape, generator=gen)
-        p.grad, q.grad = g.clone(), g.clone()
-    fo.step()
-    ro.step()
-    for p, q in zip(fp, rp):
-        torch.testing.assert_close(p.detach(), q.detach(), **TOL[torch.float32])
-        for key in ro.state[q]:
-            torch.testing.assert_close(fo.state[p][key], ro.state[q][key], **TOL[torch.float32])
-
-
-@pytest.mark.parametrize(
-    "event",
-    ["replace_state_tensor", "replace_state_dict", "delete_state", "param_data", "noncontiguous_grad", "new_param"],
-)
-def test_cached_plan_follows_changes(event: str, backend: str = "numba") -> None:
+@pytest.mark.parametrize("event", PLAN_EVENTS)
+def test_cached_plan_follows_changes(event: str) -> None:
     """Whatever the user changes between steps, the next step sees it (no stale tables)."""
-    fp, rp, fo, ro = _twins(backend=backend)
-    for seed in range(3):
-        _step_both(fp, rp, fo, ro, seed)
-    assert 0 in fo._plans
-    for opt, params in ((fo, fp), (ro, rp)):
-        p = params[1]
-        if event == "replace_state_tensor":
-            opt.state[p]["exp_avg"] = torch.full_like(p, 0.5)
-        elif event == "replace_state_dict":
-            opt.state[p] = {k: v.clone() * 2 for k, v in opt.state[p].items()}
-        elif event == "delete_state":
-            del opt.state[p]
-        elif event == "param_data":
-            with torch.no_grad():
-                p.data = torch.randn(p.shape)
-        elif event == "new_param":
-            opt.param_groups[0]["params"].append(torch.randn(7).requires_grad_())
-    if event == "param_data":
-        for p, q in zip(fp, rp):
-            q.data = p.detach().clone()
-    if event == "new_param":
-        fp.append(fo.param_groups[0]["params"][-1])
-        rp.append(ro.param_groups[0]["params"][-1])
-        with torch.no_grad():
-            rp[-1].copy_(fp[-1])
-    for seed in range(3, 6):
-        if event == "noncontiguous_grad" and seed == 3:
-            for p, q in zip(fp, rp):
-                g = torch.randn(2 * p.numel())[::2]
-                p.grad, q.grad = g.clone(), g.clone()
-            fo.step()
-            ro.step()
-            continue
-        _step_both(fp, rp, fo, ro, seed)
-
-
-# ------------------------------------------------------------ channels_last weights
-#: a convolution net's parameters: 4-D weights (1x1 kernels and a size-1 dimension
-#: among them) and contiguous matrices and biases, in one group
-CONV_SHAPES = [(8, 4, 3, 3), (16, 8, 1, 1), (6, 1, 5, 5), (5, 3, 2, 7), (10, 12), (10,), (1, 3, 3, 3)]
-
-
-def layout(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t``, channels_last if it is 4-D."""
-    return t.clone(memory_format=torch.channels_last) if t.dim() == 4 else t.clone()
-
-
-def channels_last_lockstep(info: OptimizerInfo, kw: dict, backend: str, dtype: torch.dtype = torch.float32) -> None:
-    """4-D weights in ``channels_last`` (gradients laid out alike, as autograd makes
-    them) stepped by ``backend`` beside contiguous twins on the reference, in lockstep:
-    on the group's plan, on the general path (a gradient missing), with a gradient
-    laid out otherwise than its parameter, and after a parameter's data is replaced
-    by a contiguous tensor. The fused kernel takes the channels_last weights (not the
-    reference), and their state is laid out as they are, as torch's is."""
-    gen = torch.Generator().manual_seed(5)
-    base = [torch.randn(s, generator=gen, dtype=dtype) for s in CONV_SHAPES]
-    params = [layout(b).requires_grad_() for b in base]
-    twins = [b.clone().requires_grad_() for b in base]
-    assert not params[0].is_contiguous() and params[0].grad is None
-    fused = info.cls(params, **copy.deepcopy(kw), backend=backend)
-    ref = info.cls(twins, **copy.deepcopy(kw), backend="reference")
-    group = fused.param_groups[0]
-    expected = "numba" if backend == "auto" else backend
-    general = []  # steps that took the general path
-    for name in ("_step_group", "_step_capturable"):
-        real = getattr(fused, name)
-        setattr(fused, name, lambda *a, _real=real, **k: general.append(1) or _real(*a, **k))
-    for step in range(7):
-        grads = [torch.randn(s, generator=gen, dtype=dtype) for s in CONV_SHAPES]
-        for k, (p, q, g) in enumerate(zip(params, twins, grads)):
-            p.grad, q.grad = layout(g), g.clone()
-            if step == 2 and k == 1:
-                p.grad = q.grad = None  # the general path
-        if step == 3:  # a gradient laid out unlike its channels_last parameter
-            params[0].grad = grads[0].clone()
-            if backend != "auto":  # a forced fused kernel cannot take it: it says so, and nothing changes
-                before = [p.detach().clone() for p in params]
-                with pytest.raises(adamkit.KernelUnavailableError, match="laid out alike"):
-                    fused.step()
-                assert all(torch.equal(p, b) for p, b in zip(params, before))
-                params[0].grad = layout(grads[0])
-        if step == 5:
-            with torch.no_grad():
-                params[2].data = params[2].detach().contiguous()  # the layout changes under the plan
-        general.clear()
-        fused.step()
-        ref.step()
-        _compare_and_resync(fused, params, ref, twins, step)
-        if step in (1, 6):  # the plan's steps: the fused kernel, state laid out as its weight
-            assert 0 in fused._plans and not general
-            for p in params:
-                st = fused.state[p]
-                assert storage_order(st["exp_avg"]) == storage_order(p)  # strides, size-1 dimensions aside
-                chosen = fused._kernel(group, p.device.type, fused._layout(p, p.grad, st, group))
-                assert chosen.backend == expected, (p.shape, p.stride())
+    plan_follows_changes(event, "numba")
 
 
 @pytest.mark.parametrize("backend", ["numba", "auto"])
@@ -470,9 +209,9 @@ def test_plan_state_checkpoints_round_trip_into_torch() -> None:
     """State held in flat buffers saves as torch's layout and loads into torch.optim.AdamW."""
     from helpers import round_trip
 
-    fp, rp, fo, ro = _twins()
+    fp, rp, fo, ro = adamw_twins()
     for seed in range(3):
-        _step_both(fp, rp, fo, ro, seed)
+        step_twins(fp, rp, fo, ro, seed)
     sd = round_trip(fo.state_dict())
     twin = [p.detach().clone().requires_grad_() for p in fp]
     torch_opt = torch.optim.AdamW(twin)
@@ -488,11 +227,11 @@ def test_plan_state_checkpoints_round_trip_into_torch() -> None:
 
 def test_steps_lag_per_tensor_in_one_call() -> None:
     """Frozen parameters keep their own step count (bias correction) inside one call."""
-    fp, rp, fo, ro = _twins()
+    fp, rp, fo, ro = adamw_twins()
     for seed in range(4):
         for p, q in zip(fp[1:], rp[1:]):
             p.grad = q.grad = None
-        _step_both(fp, rp, fo, ro, seed) if seed % 2 else None
+        step_twins(fp, rp, fo, ro, seed) if seed % 2 else None
         if seed % 2 == 0:
             gen = torch.Generator().manual_seed(seed)
             for p, q in zip(fp[:1], rp[:1]):
@@ -507,7 +246,7 @@ def test_steps_lag_per_tensor_in_one_call() -> None:
 def test_gradients_kept_across_steps_take_the_cached_path() -> None:
     """zero_grad(set_to_none=False)-style training: the same gradient tensors every step,
     refilled in place; then one is replaced by a non-contiguous tensor and one by None."""
-    fp, rp, fo, ro = _twins()
+    fp, rp, fo, ro = adamw_twins()
     for p, q in zip(fp, rp):
         p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
     for seed in range(6):
