@@ -5,9 +5,13 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
+
+#: The repository's root (this file is tests/helpers.py): the README, docs/, scripts/, examples/.
+ROOT = Path(__file__).resolve().parent.parent
 
 # Shapes every generic test steps: scalars, odd sizes, an empty tensor, a complex one.
 SHAPES: list[tuple[int, ...]] = [(5, 3), (7,), (), (2, 3, 4), (0,), (1,), (300,)]

@@ -12,6 +12,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT
 from lockstep import (
     CONV_SHAPES,
     MASK_LAYOUTS,
@@ -544,11 +545,13 @@ def test_edge_cases_under_every_instruction_set_below_this_cpus() -> None:
         " or ((test_kernels_match_reference_on_tiny or test_kernels_mask_nonfinite_like_reference)"
         " and (AdamW-8 or AdamW-4))"
     )
-    tests = os.path.dirname(__file__)
+    files = [
+        str(ROOT / "tests" / "optim" / "test_nonfinite.py"),
+        str(ROOT / "tests" / "kernels" / "cpu" / "test_quantized.py"),
+    ]
     for simd in levels:
         env = {**os.environ, "ADAMKIT_SIMD": simd}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", subset,
-               os.path.join(tests, "test_nonfinite.py"), os.path.join(tests, "test_quant.py")]  # fmt: skip
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=os.path.dirname(tests))
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", subset, *files]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
         assert done.returncode == 0, f"ADAMKIT_SIMD={simd}:\n{done.stdout[-3000:]}"
         assert " passed" in done.stdout and " failed" not in done.stdout, done.stdout[-500:]

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import ROOT
 from lockstep import (
     MASK_LAYOUTS,
     PLAN_EVENTS,
@@ -335,9 +336,8 @@ def test_tuner_proposes_only_clear_wins() -> None:
     """``scripts/tune-cuda.py`` proposes a kernel's fastest settings against torch
     fused only where they beat those in use by its margin, and skips failed variants."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "tune-cuda.py"
+    path = ROOT / "scripts" / "tune-cuda.py"
     spec = importlib.util.spec_from_file_location("tune_cuda", path)
     tune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tune)
@@ -531,10 +531,9 @@ def test_kernels_compile_for_sm90_with_correct_rounding() -> None:
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parents[1] / "scripts" / "compile_sm90.py"
+    script = ROOT / "scripts" / "compile_sm90.py"
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "26 kernel variants compiled for sm_90, 0 problems" in done.stdout
