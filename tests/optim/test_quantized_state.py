@@ -11,9 +11,7 @@ import copy
 import pytest
 import torch
 from helpers import round_trip
-from quant_helpers import (
-    save_load_continue,
-)
+from quant_helpers import save_load_continue
 
 import adamkit
 from adamkit.quant import QuantFormat, dequantize, quantize

@@ -8,9 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from quant_helpers import (
-    encoder_probe,
-)
+from quant_helpers import encoder_probe
 
 from adamkit.quant import CODEBOOKS, codebook, dither_tables, encoder_table
 from adamkit.quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS, UNDITHERED4

@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import ROOT
-from quant_helpers import (
-    encoder_probe,
-)
+from quant_helpers import encoder_probe
 
 import adamkit
 from adamkit.quant import codebook
