@@ -23,6 +23,7 @@ import adamkit
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
+@pytest.mark.heavy  # a fresh process: seconds
 def test_bench_prints_progress_lines_when_piped_and_logs_them(tmp_path: Path) -> None:
     args = ["--quick", "--workloads", "flat-1M", "--dtypes", "fp32", "--no-compile", "--no-accuracy"]
     args += ["--optimizers", "adamkit", "torch fused"]
@@ -68,6 +69,7 @@ def test_bench_progress_lines_are_throttled_between_warm_ups() -> None:
     ]
 
 
+@pytest.mark.heavy
 def test_example_reports_a_missing_matplotlib_before_training(tmp_path: Path) -> None:
     script = ROOT / "examples" / "stdlib_char_lm.py"
     code = (
@@ -83,6 +85,7 @@ def test_example_reports_a_missing_matplotlib_before_training(tmp_path: Path) ->
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.heavy
 def test_cli_demo_runs_and_agrees_with_torch() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "adamkit", "demo", "--steps", "30"], capture_output=True, text=True, timeout=300

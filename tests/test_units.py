@@ -42,6 +42,7 @@ def test_state_buffers_are_zeros_on_huge_pages_where_linux_allows() -> None:
         assert _memory.advise_huge_pages(torch.empty(3 * _memory.HUGE_PAGE // 4, dtype=torch.float64))
 
 
+@pytest.mark.heavy  # a fresh process: seconds
 def test_huge_pages_can_be_switched_off() -> None:
     code = "from adamkit import _memory; print(_memory._madvise is None)"
     env = {**os.environ, "ADAMKIT_HUGE_PAGES": "0"}

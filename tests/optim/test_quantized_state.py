@@ -123,6 +123,7 @@ def _mlp_run(make, seed: int, steps: int = 300) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
+@pytest.mark.heavy  # 300 steps of a small MLP, four runs: the fast tier has the update error above
 def test_mlp_training_stays_near_fp32_adamw() -> None:
     """Quantized AdamW trains the MLP of :func:`_mlp_run` near fp32 torch AdamW: the
     relative L2 distance of the parameters, averaged over two seeds, was 0.38 at 8 bits

@@ -23,14 +23,14 @@ from lockstep import (
     sr_lockstep,
     step_grads,
 )
-from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo
+from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo, sweep
 
 import adamkit
 from adamkit.spec import MOMENTS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("info,kw", ALL_CONFIGS, ids=ALL_CONFIG_IDS)
+@pytest.mark.parametrize("info,kw", sweep())
 def test_numba_matches_reference_in_lockstep(info: OptimizerInfo, kw: dict, dtype: torch.dtype) -> None:
     lockstep(info, kw, dtype)
 
@@ -67,11 +67,12 @@ class _nothing:
 
 
 HALF_CONFIGS = [c for c in ALL_CONFIGS if not c[1].get("maximize")][::2]
+HALF_IDS = [f"{i.name}-{n}" for n, (i, _) in enumerate(HALF_CONFIGS)]
 
 
 @pytest.mark.parametrize("state_bits", [32, 16])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("info,kw", HALF_CONFIGS, ids=[f"{i.name}-{n}" for n, (i, _) in enumerate(HALF_CONFIGS)])
+@pytest.mark.parametrize("info,kw", sweep(HALF_CONFIGS, HALF_IDS))
 def test_half_params_match_reference(info: OptimizerInfo, kw: dict, dtype: torch.dtype, state_bits: int) -> None:
     """bf16/fp16 parameters: math in fp32, stores rounded to nearest even, within 1 ulp."""
     fused, params = lockstep(info, {**kw, "state_bits": state_bits}, dtype)
@@ -80,12 +81,12 @@ def test_half_params_match_reference(info: OptimizerInfo, kw: dict, dtype: torch
     assert moments and all(t.dtype == want for t in moments)
 
 
-@pytest.mark.parametrize("info,kw", ALL_CONFIGS[::3], ids=ALL_CONFIG_IDS[::3])
+@pytest.mark.parametrize("info,kw", sweep(ALL_CONFIGS[::3], ALL_CONFIG_IDS[::3]))
 def test_state_bits_16_with_fp32_params(info: OptimizerInfo, kw: dict) -> None:
     lockstep(info, {**kw, "state_bits": 16}, torch.float32)
 
 
-@pytest.mark.parametrize("info,kw", ALL_CONFIGS[::4], ids=ALL_CONFIG_IDS[::4])
+@pytest.mark.parametrize("info,kw", sweep(ALL_CONFIGS[::4], ALL_CONFIG_IDS[::4]))
 def test_mixed_dtypes_in_one_group(info: OptimizerInfo, kw: dict) -> None:
     """fp32, bf16, fp16 and fp64 parameters in one group: one call per dtype, all right."""
     cycle = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -108,7 +109,7 @@ def test_bf16_nonfinite_masking_leaves_elements_unchanged() -> None:
 
 
 @pytest.mark.parametrize("layout", MASK_LAYOUTS)
-@pytest.mark.parametrize("info,kw", ALL_CONFIGS[::3], ids=ALL_CONFIG_IDS[::3])
+@pytest.mark.parametrize("info,kw", sweep(ALL_CONFIGS[::3], ALL_CONFIG_IDS[::3]))
 def test_masking_matches_reference(info: OptimizerInfo, kw: dict, layout: str) -> None:
     """Blocks with a non-finite gradient take the kernels' rare path (element by element
     from the first such block of a chunk on); the result is the reference's, the count

@@ -11,7 +11,7 @@ import contextlib
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, fast_share
 from quant_helpers import encoder_probe
 
 import adamkit
@@ -27,8 +27,12 @@ def _carried(values: torch.Tensor, kind: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------ in this process
-@pytest.mark.parametrize("pkind,skind", [("f32", "f32"), ("f32", "bf16"), ("f32", "f16"), ("bf16", "f32"),
-                                         ("bf16", "bf16"), ("f16", "f16")])  # fmt: skip
+STREAM_KINDS = [("f32", "f32"), ("f32", "bf16"), ("f32", "f16"), ("bf16", "f32"), ("bf16", "bf16"), ("f16", "f16")]
+STREAM_IDS = [f"{p}-{s}" for p, s in STREAM_KINDS]
+
+
+# each case compiles its loops afresh (seconds): the fast tier runs fp32 and bf16 throughout
+@pytest.mark.parametrize("pkind,skind", fast_share(STREAM_KINDS, STREAM_IDS, keep={"f32-f32", "bf16-bf16"}))
 def test_avx2_stream_is_bit_identical_to_the_numba_loop(pkind: str, skind: str) -> None:
     """The explicit AVX2 loop of Adam/AdamW's 32/16-bit state (``_avx2_adam.adam_stream``)
     against the numba loop it replaces on AVX2 CPUs, bit for bit: both lerp forms,
