@@ -16,7 +16,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', 
 # variants (~50) compile side by side
 workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
-timeout 240 python3 -m pytest -q "${workers[@]}" -m cuda tests/test_triton.py 2>&1 | tee "$out/tests-cuda.log"
+timeout 240 python3 -m pytest -q "${workers[@]}" -m cuda tests/kernels/cuda/test_triton.py 2>&1 | tee "$out/tests-cuda.log"
 # adamkit vs torch fused/foreach (and bitsandbytes, when its wheel was carried) on the
 # GPU; not torch's for-loop, which takes seconds per step on 20,000 tensors
 opts=("adamkit" "adamkit state_bits=16" "adamkit 8-bit" "adamkit 4-bit" "torch fused" "torch foreach")

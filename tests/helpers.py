@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
+
+#: The repository's root (this file is tests/helpers.py): the README, docs/, scripts/, examples/.
+ROOT = Path(__file__).resolve().parent.parent
 
 # Shapes every generic test steps: scalars, odd sizes, an empty tensor, a complex one.
 SHAPES: list[tuple[int, ...]] = [(5, 3), (7,), (), (2, 3, 4), (0,), (1,), (300,)]
@@ -103,6 +108,15 @@ def assert_unchanged(before: Any, after: Any) -> None:
         for key in sb[k]:
             torch.testing.assert_close(sb[k][key], sa[k][key], atol=0, rtol=0, equal_nan=True)
     assert nb == na and gb == ga
+
+
+def fast_share(cases: Sequence[tuple], ids: Sequence[str], keep: Collection[str]) -> list[Any]:
+    """The parameter sets ``cases`` (named ``ids``) for ``pytest.mark.parametrize``, every
+    one not named in ``keep`` marked ``heavy``: the fast tier (``-m "not slow and not
+    heavy"``) runs the share in ``keep``, the full suite all of them, under the same ids."""
+    unknown = set(keep) - set(ids)
+    assert keep and not unknown, unknown
+    return [pytest.param(*c, id=i, marks=() if i in keep else pytest.mark.heavy) for c, i in zip(cases, ids)]
 
 
 def run_isolated(code: str, timeout: float = 300, env: dict[str, str] | None = None) -> Any:

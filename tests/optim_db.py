@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from helpers import fast_share
 
 import adamkit
 
@@ -106,3 +107,16 @@ OPTIMIZERS.append(
 OPTIM_IDS = [o.name for o in OPTIMIZERS]
 ALL_CONFIGS = [(o, kw) for o in OPTIMIZERS for _, kw in o.pairs()]
 ALL_CONFIG_IDS = [cid for o in OPTIMIZERS for cid, _ in o.pairs()]
+
+
+def sweep(configs: list | None = None, ids: list[str] | None = None) -> list:
+    """``configs`` (default: every configuration of the table) with their ``ids`` as
+    parameters of a sweep: the full suite runs every one, the fast tier one per optimizer,
+    the configuration with the most options (first among equals; see
+    :func:`helpers.fast_share`)."""
+    configs, ids = (ALL_CONFIGS, ALL_CONFIG_IDS) if configs is None else (configs, ids)
+    richest: dict[str, tuple[int, str]] = {}
+    for (info, kw), cid in zip(configs, ids):
+        if info.name not in richest or len(kw) > richest[info.name][0]:
+            richest[info.name] = (len(kw), cid)
+    return fast_share(configs, ids, {cid for _, cid in richest.values()})

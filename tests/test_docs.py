@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 IDS = [str(p.relative_to(ROOT)) for p in PAGES]
@@ -73,6 +73,7 @@ def test_readme_is_a_front_page() -> None:
     assert first is not None and first < 40, f"the first python block starts on line {first and first + 1}"
 
 
+@pytest.mark.heavy  # a fresh process: seconds
 def test_readme_example_runs(tmp_path: Path) -> None:
     text = README.read_text(encoding="utf-8")
     code = re.search(r"^```python\n(.*?)^```", text, re.M | re.S).group(1)

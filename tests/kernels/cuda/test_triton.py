@@ -11,19 +11,27 @@ import warnings
 
 import pytest
 import torch
-from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo
-from test_kernels import (
+from helpers import ROOT
+from lockstep import (
     MASK_LAYOUTS,
-    _assert_close_any,
-    _lockstep,
+    PLAN_EVENTS,
+    assert_close_any,
     channels_last_lockstep,
+    lockstep,
     masking_lockstep,
+    plan_follows_changes,
     sr_lockstep,
 )
-from test_kernels import test_cached_plan_follows_changes as _plan_follows_changes
-from test_quant import QCONFIGS, QIDS, _any_float_probe, _encoder_probe, _tiny_and_subnormal
-from test_quant import _lockstep as _quant_lockstep
-from test_quant import test_save_load_continue_bit_identical as _save_load_continue
+from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, OptimizerInfo
+from quant_helpers import (
+    QCONFIGS,
+    QIDS,
+    any_float_probe,
+    encoder_probe,
+    quant_lockstep,
+    save_load_continue,
+    tiny_and_subnormal,
+)
 
 import adamkit
 from adamkit._scalars import adam_scalars
@@ -59,7 +67,7 @@ STEPS = 5
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("info,kw", ALL_CONFIGS, ids=ALL_CONFIG_IDS)
 def test_triton_matches_reference_in_lockstep(info: OptimizerInfo, kw: dict, dtype: torch.dtype) -> None:
-    _lockstep(info, kw, dtype, steps=STEPS, sizes=SIZES, backend="triton")
+    lockstep(info, kw, dtype, steps=STEPS, sizes=SIZES, backend="triton")
 
 
 HALF = [c for c in ALL_CONFIGS if not c[1].get("maximize")][::3]
@@ -70,7 +78,7 @@ HALF = [c for c in ALL_CONFIGS if not c[1].get("maximize")][::3]
 @pytest.mark.parametrize("info,kw", HALF, ids=[f"{i.name}-{n}" for n, (i, _) in enumerate(HALF)])
 def test_triton_half_params(info: OptimizerInfo, kw: dict, dtype: torch.dtype, state_bits: int) -> None:
     """bf16/fp16 parameters, fp32 or bf16 state: within 1 ulp of the reference."""
-    fused, params = _lockstep(info, {**kw, "state_bits": state_bits}, dtype, STEPS, SIZES, backend="triton")
+    fused, params = lockstep(info, {**kw, "state_bits": state_bits}, dtype, STEPS, SIZES, backend="triton")
     want = torch.float32 if state_bits == 32 else torch.bfloat16
     moments = [t for p in params if p in fused.state for k, t in fused.state[p].items() if k in MOMENTS]
     assert moments and all(t.dtype == want for t in moments)
@@ -78,7 +86,7 @@ def test_triton_half_params(info: OptimizerInfo, kw: dict, dtype: torch.dtype, s
 
 def test_triton_complex_params() -> None:
     info, kw = ALL_CONFIGS[1]
-    _lockstep(info, kw, [torch.complex64] * 3, STEPS, [7, 0, 1100], backend="triton")
+    lockstep(info, kw, [torch.complex64] * 3, STEPS, [7, 0, 1100], backend="triton")
 
 
 @pytest.mark.parametrize("layout", MASK_LAYOUTS)
@@ -132,22 +140,22 @@ def test_stochastic_rounding_keeps_the_device_tables(monkeypatch, bits: int) -> 
 def test_triton_quantized_matches_reference(cls, kw, bits) -> None:
     """Codes equal the reference's (8 bits: within one on rounding ties), absmax and
     parameters within float32 rounding, after every step."""
-    _quant_lockstep(cls, kw, bits, steps=4, sizes=QSIZES, backend="triton")
+    quant_lockstep(cls, kw, bits, steps=4, sizes=QSIZES, backend="triton")
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("cls,kw", QCONFIGS[::2], ids=QIDS[::2])
 def test_triton_quantized_matches_reference_on_tiny_moments(cls, kw, bits) -> None:
     """Second moments far below their block's largest (8-bit codes keep them above 0)
-    and subnormal absmax values: ``test_quant.test_kernels_match_reference_on_tiny_moments``."""
-    _quant_lockstep(cls, kw, bits, steps=3, sizes=[4097, 300], backend="triton", scales=_tiny_and_subnormal)
+    and subnormal absmax values, as in the Numba kernels' test of tiny moments."""
+    quant_lockstep(cls, kw, bits, steps=3, sizes=[4097, 300], backend="triton", scales=tiny_and_subnormal)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_triton_quantized_plan_saves_loads_and_continues_bit_identically(bits) -> None:
     """Quantized state in a cached plan's flat buffers (codes and absmax as views):
     checkpoints round trip and training continues bit for bit."""
-    _save_load_continue(bits, sizes=QSIZES, backend="triton")
+    save_load_continue(bits, QSIZES, "triton")
 
 
 def test_triton_quantized_state_lives_in_the_plan() -> None:
@@ -167,19 +175,19 @@ def test_triton_quantized_state_lives_in_the_plan() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_triton_quantized_half_params(dtype, bits) -> None:
-    _quant_lockstep(adamkit.AdamW, {}, bits, dtype, steps=3, sizes=QSIZES, backend="triton")
+    quant_lockstep(adamkit.AdamW, {}, bits, dtype, steps=3, sizes=QSIZES, backend="triton")
 
 
 @pytest.mark.parametrize("bits,block", [(8, 64), (8, 100), (8, 2048), (4, 2), (4, 66)])
 def test_triton_quantized_other_block_sizes(bits, block) -> None:
     """Blocks that are not powers of two fill part of the tile."""
-    _quant_lockstep(adamkit.AdamW, {}, bits, steps=3, sizes=QSIZES, backend="triton", block_size=block)
+    quant_lockstep(adamkit.AdamW, {}, bits, steps=3, sizes=QSIZES, backend="triton", block_size=block)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_triton_quantized_masks_nonfinite_like_reference(bits) -> None:
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        params = _quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=3, bad=4097, sizes=QSIZES,
+        params = quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=3, bad=4097, sizes=QSIZES,
                                  backend="triton")  # fmt: skip
     assert all(torch.isfinite(p).all() for p in params)
 
@@ -200,7 +208,7 @@ def test_triton_8bit_encoder_equals_binary_search(name: str) -> None:
         tl.store(out + offs, triton_cuda._encode8(tl.load(y_ptr + offs), book + triton_cuda._ENC_BASE))
 
     beyond = [np.inf, -np.inf, 2.0, -2.0, np.nextafter(1, 2), -np.nextafter(1, 2), 1e-45, -1e-45, np.nan, -np.nan]
-    y = np.concatenate([_encoder_probe(name), np.array(beyond, dtype=np.float32)])
+    y = np.concatenate([encoder_probe(name), np.array(beyond, dtype=np.float32)])
     y = torch.from_numpy(np.pad(y, (0, -y.size % 4096)))
     out = torch.empty(y.shape, dtype=torch.int32)
     encode[(y.numel() // 4096,)](y, triton_cuda._books((name,) * 3, 8, y.device), out, BLOCK=4096)
@@ -212,7 +220,7 @@ def test_triton_8bit_encoder_equals_binary_search(name: str) -> None:
 @pytest.mark.parametrize("name", ["normal4_dither", "geo4_dither"])
 def test_triton_4bit_encoder_takes_any_float(name: str) -> None:
     """``_encode4`` gives the reference's codes, and any float a code of 0-15 (NaN as
-    the lowest value, +inf code 15): see ``test_quant._any_float_probe``."""
+    the lowest value, +inf code 15): see ``quant_helpers.any_float_probe``."""
     import numpy as np
     import triton
     import triton.language as tl
@@ -225,7 +233,7 @@ def test_triton_4bit_encoder_takes_any_float(name: str) -> None:
         tl.store(out + offs, triton_cuda._encode4(tl.load(y_ptr + offs), tl.load(h_ptr + offs).to(tl.uint32), book))
 
     for step in (0, 5):
-        y, want = _any_float_probe(name, step)
+        y, want = any_float_probe(name, step)
         h = (np.arange(y.size, dtype=np.int64) * DITHER_ALONG + dither_phase(step)) & 0xFFFFFFFF
         out = torch.empty(y.size, dtype=torch.int32)
         encode[(1,)](torch.from_numpy(y), torch.from_numpy(h), triton_cuda._books((name,) * 3, 4, "cpu"), out,
@@ -239,10 +247,10 @@ def test_triton_quantized_full_tiles_are_aligned(monkeypatch, bits: int) -> None
     accesses (ALIGNED) when every address allows it, and ragged ones the masked path,
     both in lockstep with the reference."""
     flags = _spy_on_launches(monkeypatch, "_quant_kernel", lambda grid, kw: kw["ALIGNED"])
-    _quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=2, sizes=[6000, 4097, 700], backend="triton")
+    quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=2, sizes=[6000, 4097, 700], backend="triton")
     assert flags and all(flags)  # plan buffers are 16-byte aligned; 6000 has whole tiles and a tail
     flags.clear()
-    _quant_lockstep(adamkit.AdamW, {}, bits, steps=2, sizes=[6000], backend="triton", block_size=96)
+    quant_lockstep(adamkit.AdamW, {}, bits, steps=2, sizes=[6000], backend="triton", block_size=96)
     assert flags and not any(flags)  # a block that is not a power of two
 
 
@@ -260,12 +268,12 @@ def test_triton_launch_settings_the_tuner_sweeps(monkeypatch, settings: dict) ->
         monkeypatch.setattr(triton_cuda, name, value)
     if "BLOCK" in settings:
         info, kw = ALL_CONFIGS[1]
-        _lockstep(info, kw, torch.float32, steps=2, sizes=[0, 1, 511, 4097, 9000, 300], backend="triton")
+        lockstep(info, kw, torch.float32, steps=2, sizes=[0, 1, 511, 4097, 9000, 300], backend="triton")
         return
     sizes = [6000, 4097, 700, 1, 2049]
     for bits in (8, 4):
-        _quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=2, sizes=sizes, backend="triton")
-    _quant_lockstep(adamkit.AdamW, {}, 8, steps=2, sizes=sizes, backend="triton", block_wise=False)
+        quant_lockstep(adamkit.Adam, QCONFIGS[1][1], bits, steps=2, sizes=sizes, backend="triton")
+    quant_lockstep(adamkit.AdamW, {}, 8, steps=2, sizes=sizes, backend="triton", block_wise=False)
 
 
 def _spy_on_launches(monkeypatch, name: str = "_dense_kernel", note=lambda grid, kw: grid) -> list:
@@ -328,9 +336,8 @@ def test_tuner_proposes_only_clear_wins() -> None:
     """``scripts/tune-cuda.py`` proposes a kernel's fastest settings against torch
     fused only where they beat those in use by its margin, and skips failed variants."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "tune-cuda.py"
+    path = ROOT / "scripts" / "tune-cuda.py"
     spec = importlib.util.spec_from_file_location("tune_cuda", path)
     tune = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tune)
@@ -355,7 +362,7 @@ def test_triton_one_absmax_per_tensor_matches_reference(cls, kw, bits: int) -> N
     decodes with the old absmax that block 0's row overwrites meanwhile."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the masked elements' warning
-        _quant_lockstep(cls, kw, bits, steps=3, bad=4097, sizes=QSIZES, backend="triton",
+        quant_lockstep(cls, kw, bits, steps=3, bad=4097, sizes=QSIZES, backend="triton",
                         block_wise=False)  # fmt: skip
 
 
@@ -372,7 +379,7 @@ def test_one_absmax_per_tensor_found_inf_skips() -> None:
 
 
 def test_triton_quantized_stochastic_rounding_matches_reference() -> None:
-    _quant_lockstep(adamkit.AdamW, {}, 8, torch.bfloat16, steps=3, sizes=QSIZES, backend="triton",
+    quant_lockstep(adamkit.AdamW, {}, 8, torch.bfloat16, steps=3, sizes=QSIZES, backend="triton",
                     stochastic_rounding=True)  # fmt: skip
 
 
@@ -383,7 +390,7 @@ def test_many_tensors_take_one_launch(monkeypatch) -> None:
     launches = _spy_on_launches(monkeypatch)
     info, kw = ALL_CONFIGS[1]
     sizes = [int(n) for n in torch.randint(1, 40, (500,), generator=torch.Generator().manual_seed(3))]
-    opt, _ = _lockstep(info, kw, torch.float32, steps=2, sizes=sizes, backend="triton")
+    opt, _ = lockstep(info, kw, torch.float32, steps=2, sizes=sizes, backend="triton")
     assert len(launches) == 2  # one per step
     assert launches[0] == (500,)  # every tensor fits one program
     assert len(opt._plans) == 1  # through a cached plan (flat state, address tables), as numba's
@@ -425,13 +432,10 @@ def test_kernels_launch_with_their_tensors_device_current(monkeypatch, bits: int
     assert len(seen) >= 6 and all(s == (torch.device("cpu"),) for s in seen)
 
 
-@pytest.mark.parametrize(
-    "event",
-    ["replace_state_tensor", "replace_state_dict", "delete_state", "param_data", "noncontiguous_grad", "new_param"],
-)
+@pytest.mark.parametrize("event", PLAN_EVENTS)
 def test_triton_plan_follows_changes(event: str) -> None:
     """The cached plans (numba's machinery) with the Triton kernels: no stale tables."""
-    _plan_follows_changes(event, backend="triton")
+    plan_follows_changes(event, "triton")
 
 
 @pytest.mark.parametrize("backend", ["triton", "numba", "reference"])
@@ -527,10 +531,9 @@ def test_kernels_compile_for_sm90_with_correct_rounding() -> None:
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).resolve().parents[1] / "scripts" / "compile_sm90.py"
+    script = ROOT / "scripts" / "compile_sm90.py"
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "26 kernel variants compiled for sm_90, 0 problems" in done.stdout
@@ -570,7 +573,7 @@ def test_cuda_matches_reference(cls, kw, bits: int | str, dtype: torch.dtype) ->
         a.step()
         b.step()
         for p, q in zip(params, twins):
-            _assert_close_any(p.detach(), q.detach(), "cuda")
+            assert_close_any(p.detach(), q.detach(), "cuda")
             with torch.no_grad():
                 q.copy_(p)
             for key, value in a.state[p].items():
@@ -813,7 +816,7 @@ def test_cuda_parameters_on_another_gpu_than_the_current_one(bits: int, capturab
             if step == 3:
                 del opt.grad_scale, opt.found_inf
         for p, q in zip(params, twins):
-            _assert_close_any(p.detach(), q.detach(), "cuda")
+            assert_close_any(p.detach(), q.detach(), "cuda")
             with torch.no_grad():  # lockstep: no drift from codes a rounding tie apart
                 q.copy_(p)
             for key, value in a.state[p].items():

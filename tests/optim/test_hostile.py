@@ -3,6 +3,8 @@
 Each case is a few lines of ordinary code that once crashed, hung or silently
 computed the wrong thing. Cases that could crash the interpreter run in a child
 process (:func:`helpers.run_isolated`), so a crash is a failed test, not a lost run.
+Those take seconds each (a fresh interpreter): they are ``heavy`` but for one, the
+fast tier's share.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 
 import pytest
 import torch
-from helpers import run_isolated
+from helpers import fast_share, run_isolated
 
 import adamkit
 
@@ -85,6 +87,7 @@ def test_two_optimizers_in_two_threads() -> None:
     assert set(results) == {"t0", "t1"} and max(results.values()) < 1e-5, results
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork here")
 def test_step_in_a_forked_child() -> None:
     """A step after ``os.fork()`` (a DataLoader worker, a multiprocessing pool) runs in
@@ -204,6 +207,7 @@ def test_kept_gradient_repointed_is_followed(how: str, checks: str) -> None:
     _lockstep(params, opt, twin, ref, 6, swap)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("native", ["0", "1"], ids=["python-checks", "native-checks"])
 def test_kept_gradient_repointed_at_1m_elements_in_a_child(native: str) -> None:
     """The same at a million elements, where reading the old address crashed: in a
@@ -282,7 +286,8 @@ def test_gradient_of_another_dtype_is_refused(checks: str) -> None:
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
-@pytest.mark.parametrize("native", ["0", "1"], ids=["python-checks", "native-checks"])
+# the fast tier's one case in a child process (the others here are heavy: seconds each)
+@pytest.mark.parametrize("native", fast_share([("0",), ("1",)], ["python-checks", "native-checks"], {"python-checks"}))
 def test_freed_storage_is_refused_not_read(native: str) -> None:
     """A gradient whose storage was freed under it (``untyped_storage().resize_(0)``, as
     FSDP does) is never read through a stale or null address: an error, in a child."""
@@ -331,6 +336,7 @@ except adamkit.KernelUnavailableError as err:
 """
 
 
+@pytest.mark.heavy
 def test_wrapper_subclass_parameter_is_stepped_as_torch_steps_it() -> None:
     """A wrapper tensor subclass (``data_ptr()`` 0, its data elsewhere: DTensor is one)
     is stepped by the reference, as torch.optim steps it; a forced fused kernel says it
@@ -473,6 +479,7 @@ def test_state_taken_after_a_load_is_the_state_the_optimizer_updates(bits: int, 
         assert opt.state[p][key] is h and not torch.equal(h, c)
 
 
+@pytest.mark.heavy
 def test_state_tensor_repointed_never_frees_what_the_kernel_writes() -> None:
     """A state tensor re-pointed in place (``.set_``) under a cached plan: the kernels
     keep writing memory the plan holds, never freed memory (in a child)."""
@@ -591,6 +598,7 @@ def _two(g: torch.Tensor) -> torch.Tensor:
     return TwoTensor(g.clone(), g.clone())
 
 
+@pytest.mark.heavy
 def test_gradient_dropped_by_another_thread_during_a_step_is_still_held() -> None:
     """The checks in C++ keep every storage they passed alive until the step is done:
     another thread replacing ``p.grad`` while the kernels run (they release the GIL)
@@ -686,6 +694,7 @@ def test_state_reset_by_reassignment_starts_over_as_torchs(bits: int) -> None:
     assert float(ours.state[p]["step"]) == 2.0
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("checks", ["python", "native"])
 @pytest.mark.parametrize("what", ["gradient", "parameter"])
 def test_storage_shrunk_under_a_tensor_is_refused(what: str, checks: str) -> None:
@@ -712,6 +721,7 @@ except ValueError as e:
     assert result.returncode == 0 and "refused" in result.stdout, (result.returncode, result.stderr[-2000:])
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("how", ["grow", "storage to 0"])
 @pytest.mark.parametrize("source", ["plan", "checkpoint"])
 @pytest.mark.parametrize("bits", [32, 8])

@@ -26,8 +26,8 @@ deliberately differs from torch (it creates AMSGrad's maximum when ``amsgrad`` i
 switched on, it keeps state dtypes when the model moves), the twin is given the same.
 
 The default run drives the Numba kernels and the reference (derandomized: the same
-sequences every run); ``-m slow`` runs longer, random sequences and Triton's
-interpreter.
+sequences every run), 250 sequences per state width and path (25 in the fast tier);
+``-m slow`` runs longer, random sequences and Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -293,7 +293,10 @@ class Twins(RuleBasedStateMachine):
                 torch.testing.assert_close(a[finite], b[finite], atol=tol, rtol=tol, msg=f"parameter {k}")
 
 
+#: Sequences per (state width, path): 250 in the full suite, 25 in the fast tier
+#: (``-m "not slow and not heavy"``); ``ADAMKIT_STATEFUL_SEQUENCES`` sets both.
 SEQUENCES = int(os.environ.get("ADAMKIT_STATEFUL_SEQUENCES", "250"))
+FAST_SEQUENCES = int(os.environ.get("ADAMKIT_STATEFUL_SEQUENCES", "25"))
 
 
 def _machine(bits: int, backend: str) -> type:
@@ -303,11 +306,12 @@ def _machine(bits: int, backend: str) -> type:
 
 @pytest.mark.parametrize("backend", ["auto", "reference"], ids=["numba", "reference"])
 @pytest.mark.parametrize("bits", [32, 16, 8, 4])
-def test_random_sequences_agree_with_torch(bits: int, backend: str) -> None:
-    """250 derandomized sequences per (state width, path): 2,000 in the default run."""
+def test_random_sequences_agree_with_torch(bits: int, backend: str, fast_tier: bool) -> None:
+    """250 derandomized sequences per (state width, path): 2,000 in the full suite (25
+    per case, 200, in the fast tier)."""
     machine = _machine(bits, backend)
     machine.TestCase.settings = settings(
-        max_examples=SEQUENCES,
+        max_examples=FAST_SEQUENCES if fast_tier else SEQUENCES,
         stateful_step_count=12,
         derandomize=True,
         deadline=None,
