@@ -322,11 +322,13 @@ def test_avx512_kernels_compile_for_an_avx512_cpu(cpu: str, bf16: bool, dtypes: 
 
 
 @pytest.mark.heavy
-def test_edge_cases_under_every_instruction_set_below_this_cpus() -> None:
+def test_edge_cases_under_every_instruction_set_below_this_cpus(tmp_path) -> None:
     """The non-finite and second-moment edge cases with the numba kernels under the
     SIMD levels below this CPU's (``ADAMKIT_SIMD``: AVX2 on an AVX-512 CPU, and the
-    portable loops), each in a fresh process: pytest on a focused subset (AdamW and
-    Adam at every state width; the rest of their tests runs at this CPU's level)."""
+    portable loops), each in a fresh process with its own Numba cache (sharing this
+    one would replace its kernels: the cache is keyed on the SIMD level): pytest on a
+    focused subset (AdamW and Adam at every state width; the rest of their tests runs at
+    this CPU's level)."""
     import os
     import subprocess
     import sys
@@ -349,7 +351,7 @@ def test_edge_cases_under_every_instruction_set_below_this_cpus() -> None:
         str(ROOT / "tests" / "kernels" / "cpu" / "test_quantized.py"),
     ]
     for simd in levels:
-        env = {**os.environ, "ADAMKIT_SIMD": simd}
+        env = {**os.environ, "ADAMKIT_SIMD": simd, "NUMBA_CACHE_DIR": str(tmp_path / simd)}
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", subset, *files]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
         assert done.returncode == 0, f"ADAMKIT_SIMD={simd}:\n{done.stdout[-3000:]}"
