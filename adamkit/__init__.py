@@ -17,6 +17,7 @@ from .bnb import (
     PagedAdamW,
     PagedAdamW8bit,
     PagedAdamW32bit,
+    keep_embeddings_32bit,
 )
 from .kernels import KernelUnavailableError
 from .optim import NONFINITE_MODES, Adam, Adamax, AdamFamily, AdamW, NAdam
@@ -44,4 +45,5 @@ __all__ = [
     "PagedAdamW32bit",
     "__version__",
     "bnb",
+    "keep_embeddings_32bit",
 ]

@@ -37,6 +37,9 @@ class StepScalars:
             (:mod:`adamkit.quant.blockwise`) decodes with ``t - 1`` and encodes with ``t``.
         grad_step: coefficient of ``g / denom`` in the update (NAdam's Nesterov term;
             0.0 for the others).
+        first_index: the index, in the dither sequence of dithered 4-bit state, of the
+            tensors' first element: 0, or a DTensor shard's first element's global index
+            (so that a shard's codes are those of the whole tensor).
     """
 
     beta1: float
@@ -48,6 +51,7 @@ class StepScalars:
     l2: float
     step: float = 0.0
     grad_step: float = 0.0
+    first_index: int = 0
 
 
 def adam_scalars(

@@ -142,21 +142,42 @@ def _bnb_options(
     )
 
 
-class _Managed:
-    """Mixin: per-parameter state-format overrides from :class:`GlobalOptimManager`."""
+def managed_overrides(opt: Any, p: Tensor) -> dict[str, Any]:
+    """The :class:`GlobalOptimManager` overrides of ``p``'s state format in optimizer
+    ``opt`` (every adamkit optimizer asks, not only bitsandbytes' names): by module and
+    name, by position (group, index) of a registered parameter, or by the parameter itself.
+    Positions and modules survive FSDP2's ``fully_shard`` replacing the parameters."""
+    mng = GlobalOptimManager.get_instance()
+    if not (mng.uses_config_override or mng.module_weight_config_triple):
+        return {}
+    groups = opt.param_groups
+    shape = tuple(len(g["params"]) for g in groups)
+    cached = opt.__dict__.get("_positions")
+    if cached is None or cached[0] != shape:  # positions by id, rebuilt when groups change
+        cached = (shape, {id(q): (gi, pi) for gi, g in enumerate(groups) for pi, q in enumerate(g["params"])})
+        opt.__dict__["_positions"] = cached
+    position = cached[1].get(id(p))
+    return {} if position is None else mng.config_for(p, position)
 
-    def _param_overrides(self, p: Tensor) -> dict[str, Any]:
-        mng = GlobalOptimManager.get_instance()
-        if not (mng.uses_config_override or mng.module_weight_config_triple):
-            return {}
-        groups = self.param_groups  # type: ignore[attr-defined]
-        shape = tuple(len(g["params"]) for g in groups)
-        cached = self.__dict__.get("_positions")
-        if cached is None or cached[0] != shape:  # positions by id, rebuilt when groups change
-            cached = (shape, {id(q): (gi, pi) for gi, g in enumerate(groups) for pi, q in enumerate(g["params"])})
-            self.__dict__["_positions"] = cached
-        position = cached[1].get(id(p))
-        return {} if position is None else mng.config_for(p, position)
+
+def keep_embeddings_32bit(model: torch.nn.Module) -> int:
+    """Give every ``nn.Embedding`` weight of ``model`` 32-bit state in any adamkit
+    optimizer with ``state_bits`` 8 or 4 (what Hugging Face's Trainer does for
+    bitsandbytes' 8-bit classes: embeddings are sensitive to quantized state). Call it
+    before the optimizer's first step; returns how many embeddings were registered.
+
+    Example:
+        >>> import torch, adamkit
+        >>> model = torch.nn.Sequential(torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 64))
+        >>> adamkit.keep_embeddings_32bit(model)
+        1
+    """
+    mng = GlobalOptimManager.get_instance()
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    for module in embeddings:
+        if not any(m is module and name == "weight" for m, name, _ in mng.module_weight_config_triple):
+            mng.register_module_override(module, "weight", {"optim_bits": 32})
+    return len(embeddings)
 
 
 def _make(name: str, base: type, default_wd: float, bits: int | None, paged: bool) -> type:
@@ -188,7 +209,7 @@ def _make(name: str, base: type, default_wd: float, bits: int | None, paged: boo
         f"bitsandbytes' ``{name}`` on :class:`adamkit.{base.__name__}` (torch's semantics).{fixed}{paged_note}\n\n"
         "    Arguments as bitsandbytes 0.49; see :mod:`adamkit.bnb` for how they map.\n"
     )
-    return type(name, (_Managed, base), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
 Adam = _make("Adam", _Adam, 0.0, None, False)
@@ -218,4 +239,5 @@ __all__ = [
     "PagedAdamW",
     "PagedAdamW8bit",
     "PagedAdamW32bit",
+    "keep_embeddings_32bit",
 ]

@@ -378,7 +378,7 @@ def _quantized_step(dense_kernel: Callable[..., int]) -> Callable[..., int]:
         step = int(s.step)
         dense = {
             k: [
-                dequantize(c, a, fmt, fmt.codebook(k), p.numel(), step - 1).view(p.shape)
+                dequantize(c, a, fmt, fmt.codebook(k), p.numel(), step - 1, s.first_index).view(p.shape)
                 for p, c, a in zip(params, state[f"{k}_codes"], state[f"{k}_absmax"])
             ]
             for k in keys
@@ -390,9 +390,9 @@ def _quantized_step(dense_kernel: Callable[..., int]) -> Callable[..., int]:
         for k in keys:
             book = fmt.codebook(k)
             for x, c, a in zip(dense[k], state[f"{k}_codes"], state[f"{k}_absmax"]):
-                codes, absmax = quantize(x, fmt, book, step)
-                c.copy_(codes)
-                a.copy_(absmax)
+                codes, absmax = quantize(x, fmt, book, step, s.first_index)
+                c.copy_(codes.view(c.shape))
+                a.copy_(absmax.view(a.shape))
         return masked
 
     step.__doc__ = f"Reference step on block-quantized state around :func:`{dense_kernel.__name__}`."

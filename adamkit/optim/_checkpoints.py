@@ -19,8 +19,9 @@ from torch import Tensor
 from ..quant import QuantFormat, dequantize, quantize
 from ..spec import HISTORY, Algorithm
 from ._plan import GroupPlan, TrackedState, quant_meta
+from ._sharded import first_index, is_sharded, like, local, quant_shape, rows_quantizable, shard_of
 from ._state import _MOMENTS, EXTRA_STATE, QUANT_META, _expected_shape, _scalar_dtype, state_columns
-from ._validation import _history_problem, _step_problem, check_hyperparameters
+from ._validation import _history_problem, _sharding_problem, _step_problem, check_hyperparameters
 
 #: Group keys that choose an implementation rather than the math. ``load_state_dict``
 #: keeps this optimizer's values for them, so a checkpoint written by
@@ -164,6 +165,7 @@ class _Checkpoints:
             return {}
         keys = self._state_keys(group)
         saved_fmt = self._saved_format(saved, where)
+        saved, saved_fmt = _as_layout_of(p, saved, saved_fmt, where)
         # AMSGrad's maximum may be missing (amsgrad switched on since the parameter was last
         # stepped): the next step creates it, as it does without a checkpoint
         columns = state_columns([k for k in keys if k != "max_exp_avg_sq"], saved_fmt or p.dtype)
@@ -199,11 +201,14 @@ class _Checkpoints:
             want = _expected_shape(key, p, saved_fmt or p.dtype)
             if tuple(value.shape) != want:
                 raise ValueError(f"{where}: state {key!r} has shape {tuple(value.shape)}, expected {want}")
+            problem = _sharding_problem(key, value, p, key in EXTRA_STATE)
+            if problem:
+                raise ValueError(f"{where}: {problem}")
             if key in EXTRA_STATE or saved_fmt is not None:
                 kind = torch.float32 if key in EXTRA_STATE or key.endswith("_absmax") else torch.uint8
                 if value.dtype != kind:
                     raise ValueError(f"{where}: state {key!r} is {value.dtype}, expected {kind}")
-                if key.endswith("_absmax") and not bool(((value >= 0) & value.isfinite()).all()):
+                if key.endswith("_absmax") and not bool(((local(value) >= 0) & local(value).isfinite()).all()):
                     raise ValueError(f"{where}: state {key!r} holds negative or non-finite block scales")
                 out[key] = value.detach().to(device=p.device, copy=True)
                 continue
@@ -244,16 +249,74 @@ class _Checkpoints:
         if saved_fmt is not None and saved_fmt == target:
             out.update(quant_meta(target))
             return out
+        # a DTensor parameter's state is converted shard by shard (whole rows: whole blocks)
+        sharded, lp, first = is_sharded(p), local(p), first_index(p)
         if saved_fmt is not None:  # decode
-            n = p.numel()
             for key in [k for k in _MOMENTS if f"{k}_codes" in out]:
                 book = saved_fmt.codebook(key)
-                flat = dequantize(out.pop(f"{key}_codes"), out.pop(f"{key}_absmax"), saved_fmt, book, n, step)
-                dense[key] = flat.view(p.shape)
+                codes, absmax = local(out.pop(f"{key}_codes")), local(out.pop(f"{key}_absmax"))
+                flat = dequantize(codes, absmax, saved_fmt, book, lp.numel(), step, first)
+                dense[key] = like(p, flat.view(lp.shape)) if sharded else flat.view(p.shape)
         if isinstance(target, QuantFormat):
             out.update(quant_meta(target))
             for key in [k for k in _MOMENTS if k in dense]:
-                codes, absmax = quantize(dense.pop(key).real, target, target.codebook(key), step)
+                codes, absmax = quantize(local(dense.pop(key)).real, target, target.codebook(key), step, first)
+                if sharded:
+                    lead = tuple(lp.shape[:-1])
+                    shapes = [quant_shape(p, target, c) for c in ("codes", "absmax")]
+                    codes = like(p, codes.view(*lead, shapes[0][-1]), shapes[0])
+                    absmax = like(p, absmax.view(*lead, shapes[1][-1]), shapes[1])
                 out[f"{key}_codes"], out[f"{key}_absmax"] = codes, absmax
         out.update(dense)
         return out
+
+
+def _as_layout_of(
+    p: Tensor, saved: Mapping[str, Any], fmt: QuantFormat | None, where: str
+) -> tuple[Mapping[str, Any], QuantFormat | None]:
+    """A parameter's saved state with its tensors laid out as ``p``'s state is: for a
+    DTensor parameter, plain (whole-tensor) entries cut to this rank's shard — quantized
+    ones row by row where their blocks are whole rows, else decoded first; for a plain
+    parameter, quantized entries of a sharded run's row shape read flat. Returns the
+    state and its (possibly decoded) format."""
+    tensors = {k: v for k, v in saved.items() if isinstance(v, Tensor) and k not in ("step", *HISTORY, *EXTRA_STATE)}
+    if not is_sharded(p):
+        if any(is_sharded(v) for v in tensors.values()):
+            raise ValueError(
+                f"{where}: the checkpoint holds DTensor state for a parameter that is not a DTensor; gather it first "
+                "(torch.distributed.checkpoint.state_dict.get_optimizer_state_dict with full_state_dict=True)"
+            )
+        if fmt is None:
+            return saved, fmt
+        out = dict(saved)
+        for key, value in tensors.items():  # a sharded run's (rows, width) codes and scales
+            want = _expected_shape(key, p, fmt)
+            if value.dim() > 1 and value.numel() == want[0]:
+                out[key] = value.reshape(want)
+        return out, fmt
+    plain = {k: v for k, v in tensors.items() if not is_sharded(v)}
+    if not plain:
+        return saved, fmt
+    if len(plain) != len(tensors):
+        raise ValueError(f"{where}: the checkpoint mixes DTensor and plain state tensors")
+    out = dict(saved)
+    if fmt is not None and not rows_quantizable(p, fmt.block_size):  # decoded, then cut
+        step = int(float(saved["step"]))
+        n = p.numel()
+        for key in [k for k in _MOMENTS if f"{k}_codes" in plain]:
+            codes, absmax = plain[f"{key}_codes"].reshape(-1), plain[f"{key}_absmax"].reshape(-1)
+            if codes.numel() != fmt.code_bytes(n) or absmax.numel() != fmt.blocks(n):
+                raise ValueError(f"{where}: state {key!r} has {codes.numel()} codes and {absmax.numel()} scales for "
+                                 f"{n} elements")  # fmt: skip
+            out[key] = dequantize(codes, absmax.float(), fmt, fmt.codebook(key), n, step).view(p.shape)
+            plain[key] = out[key]
+            del out[f"{key}_codes"], out[f"{key}_absmax"], plain[f"{key}_codes"], plain[f"{key}_absmax"]
+        for key in QUANT_META:
+            out.pop(key, None)
+        fmt = None
+    for key, value in plain.items():
+        want = _expected_shape(key, p, fmt or p.dtype)
+        if value.numel() != torch.Size(want).numel():
+            raise ValueError(f"{where}: state {key!r} has shape {tuple(value.shape)}, expected {want}")
+        out[key] = shard_of(p, value.reshape(want))
+    return out, fmt

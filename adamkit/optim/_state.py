@@ -21,6 +21,7 @@ from ..kernels._checks import is_plain, storage_order
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat
 from ..spec import HISTORY, MOMENTS, Algorithm
 from ._plan import TrackedState, quant_meta
+from ._sharded import is_sharded, like, local, quant_shape, rows_quantizable
 
 #: Per-parameter state entries of quantized state that are not tensors: the format
 #: (``quant_dither`` is absent from checkpoints of adamkit 0.1, whose 4-bit codes were
@@ -55,6 +56,8 @@ def _expected_shape(column: str, p: Tensor, fmt: StateFormat) -> tuple[int, ...]
         return EXTRA_STATE[column]
     if not isinstance(fmt, QuantFormat):
         return tuple(p.shape)
+    if is_sharded(p):  # blocked in global rows (see ._sharded)
+        return quant_shape(p, fmt, column)
     n = p.numel()
     return (fmt.code_bytes(n),) if column.endswith("_codes") else (fmt.blocks(n),)
 
@@ -81,7 +84,8 @@ class _State:
 
     def _state_format(self, p: Tensor, group: Mapping[str, Any]) -> StateFormat:
         """The format of a new parameter's state: quantized for ``state_bits`` 8 or 4 and
-        a real floating-point parameter of at least ``min_quant_size`` elements; else the
+        a real floating-point parameter of at least ``min_quant_size`` elements (a DTensor
+        parameter's global size, and rows of whole blocks: :mod:`._sharded`); else the
         dtype of :meth:`_state_dtype`."""
         overrides = self._param_overrides(p)
         if overrides:
@@ -89,13 +93,17 @@ class _State:
         bits = group["state_bits"]
         if bits in QUANT_BITS and p.is_floating_point() and p.numel() >= group.get("min_quant_size", 4096):
             block = group.get("block_size") or DEFAULT_BLOCK[bits]
-            return QuantFormat(bits, block if group.get("block_wise", True) else None)
+            fmt = QuantFormat(bits, block if group.get("block_wise", True) else None)
+            if not is_sharded(p) or rows_quantizable(p, fmt.block_size):
+                return fmt
         return self._state_dtype(p, group)
 
     def _param_overrides(self, p: Tensor) -> Mapping[str, Any]:
-        """Group keys overridden for one parameter's state format (hook: see
-        :class:`adamkit.bnb.GlobalOptimManager`)."""
-        return {}
+        """Group keys overridden for one parameter's state format: those of
+        :class:`adamkit.bnb.GlobalOptimManager`."""
+        from ..bnb import managed_overrides  # the manager lives with bitsandbytes' names
+
+        return managed_overrides(self, p)
 
     def _state_dtype(self, p: Tensor, group: Mapping[str, Any]) -> torch.dtype:
         """The dtype of a new parameter's state.
@@ -126,8 +134,10 @@ class _State:
         of :meth:`_state_format`, laid out as the parameter.
         """
         scalars = ("step", *EXTRA_STATE, *HISTORY)
-        tensors = [v for k, v in state.items() if k not in scalars and isinstance(v, Tensor)]
+        tensors = [local(v) for k, v in state.items() if k not in scalars and isinstance(v, Tensor)]
         fmt = quant_format_of(state) or (tensors[0].dtype if tensors else self._state_format(p, group))
+        if is_sharded(p):  # stepped through the local tensors
+            p, g = local(p), None if g is None else local(g)
         if not all(map(is_plain, [p, *tensors] if g is None else [p, g, *tensors])):
             return p.dtype, fmt, False  # a subclass's data_ptr() may not be where its elements are
         if p.is_contiguous() and (g is None or g.is_contiguous()) and all(t.is_contiguous() for t in tensors):
@@ -155,8 +165,14 @@ class _State:
             for column in state_columns(self._state_keys(group), fmt):
                 if column not in state:
                     dtype = torch.uint8 if column.endswith("_codes") else torch.float32
-                    state[column] = torch.zeros(_expected_shape(column, p, fmt), dtype=dtype, device=p.device)
+                    if is_sharded(p):  # the local rows' codes and scales, global rows around them
+                        lp = local(p)
+                        width = _expected_shape(column, p, fmt)[-1]
+                        zeros = torch.zeros((*lp.shape[:-1], width), dtype=dtype, device=lp.device)
+                        state[column] = like(p, zeros, _expected_shape(column, p, fmt))
+                    else:
+                        state[column] = torch.zeros(_expected_shape(column, p, fmt), dtype=dtype, device=p.device)
             return
         for key in self._state_keys(group):
             if key not in state:
-                state[key] = _memory.zeros_like(p, fmt)
+                state[key] = like(p, _memory.zeros_like(local(p), fmt)) if is_sharded(p) else _memory.zeros_like(p, fmt)

@@ -12,6 +12,7 @@ percentile clipping.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -29,8 +30,11 @@ from .._scalars import StepScalars, rule_consts
 from ..kernels import reference
 from ..kernels._checks import is_plain
 from ..kernels.registry import Bucket, Kernel, KernelUnavailableError
+from ..quant import QuantFormat
 from ..spec import Algorithm
+from . import _sharded
 from ._plan import GroupPlan, TrackedState, _Launch
+from ._sharded import is_sharded, local
 from ._state import _scalar_dtype, quant_format_of, state_columns
 from ._validation import check_hyperparameters, state_problem
 
@@ -57,6 +61,11 @@ class _Work:
 
 
 _INTERNAL_DIRS = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def _flat_local(t: Tensor) -> Tensor:
+    """Quantized state as the kernels take it: flat (a DTensor's local rows, flattened)."""
+    return local(t).view(-1) if is_sharded(t) else t
 
 
 def _user_stacklevel() -> int:
@@ -121,8 +130,14 @@ class _Stepping:
         if any(group.get("stochastic_rounding") for group in self.param_groups):
             seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))  # torch.manual_seed reproduces it
         amp = (grad_scale, found_inf if on_device else None)
-        masked = [self._run(w, seed if w.group.get("stochastic_rounding") else None, amp) for w in work]
+        sharded: dict[Any, float] = {}  # masked elements of DTensor shards, by mesh (weighted: see _sharded)
+        masked = [self._run(w, seed if w.group.get("stochastic_rounding") else None, amp, sharded) for w in work]
         on_host = sum(m for m in masked if not isinstance(m, Tensor))
+        if sharded and self.nonfinite == "mask":  # counted over every rank: one small all-reduce per mesh
+            totals = _sharded.all_reduce_sum(
+                {mesh: torch.tensor([n], dtype=torch.float64) for mesh, n in sharded.items()}
+            )
+            on_host += round(sum(float(t[0]) for t in totals.values()))
         if on_host:
             self._note_nonfinite(on_host, "masked: their parameters and moments were left unchanged")
         for count in (m for m in masked if isinstance(m, Tensor)):
@@ -161,12 +176,17 @@ class _Stepping:
         return _Work(index, group, triples=self._collect(index, group))
 
     def _run(
-        self, work: _Work, sr_seed: int | None, amp: tuple[Tensor | None, Tensor | None] = (None, None)
+        self,
+        work: _Work,
+        sr_seed: int | None,
+        amp: tuple[Tensor | None, Tensor | None] = (None, None),
+        sharded: dict[Any, float] | None = None,
     ) -> int | Tensor:
         """One group's step: its validated buckets (a cached plan's, or made now from the
         parameters with a gradient), each given its step scalars and launched by its
         kernel. Returns the count of masked elements (a device tensor for kernels that
-        count on the device)."""
+        count on the device), those of DTensor shards added to ``sharded`` instead (by
+        mesh, weighted by 1 / replication)."""
         group = work.group
         flags = dict(
             # a group's ``amsgrad`` means nothing to a variant without it (torch ignores it too)
@@ -183,11 +203,12 @@ class _Stepping:
         if work.launch is not None:
             work.launch.advance(self.state, self._advance(group))
             buckets, stepped, counters = work.launch.buckets(), work.launch.stepped(), None
+            shards: list[tuple[Any, ...] | None] = [None] * len(buckets)
         else:
-            buckets, counters = self._buckets(group, work.triples or [], capturable)
-            stepped = [p for _, p, _ in work.triples or []]
+            buckets, counters, shards = self._buckets(group, work.triples or [], capturable)
+            stepped = [local(p) for _, p, _ in work.triples or []]
         masked: int | Tensor = 0
-        for bucket in buckets:
+        for bucket, shard in zip(buckets, shards):
             kernel, device = bucket.kernel, bucket.device
             if capturable:  # nothing read or moved on the host
                 scalars = self._capturable_scalars(
@@ -201,7 +222,14 @@ class _Stepping:
                 torch._foreach_div_(bucket.gradients(), scale)
                 scale = None
             scalars = self._host_scalars(group, bucket)
-            masked = masked + kernel.launch(bucket, scalars, **flags, amp=None if scale is None else (scale, None))
+            if shard is None:
+                masked = masked + kernel.launch(bucket, scalars, **flags, amp=None if scale is None else (scale, None))
+                continue
+            mesh, replicas, first = shard  # a DTensor shard: its dither continues the global tensor's
+            scalars = dataclasses.replace(scalars, first_index=first)
+            count = kernel.launch(bucket, scalars, **flags, amp=None if scale is None else (scale, None))
+            if sharded is not None:
+                sharded[mesh] = sharded.get(mesh, 0.0) + float(count) / replicas
         if found_inf is not None and capturable:  # a skipped step does not count
             if work.launch is not None:
                 work.launch.unstep(found_inf)
@@ -281,19 +309,26 @@ class _Stepping:
         return plan
 
     def _screen(self, work: list[_Work]) -> bool:
-        """For "skip"/"raise": True if this step must be skipped (raise: raises)."""
+        """For "skip"/"raise": True if this step must be skipped (raise: raises). With
+        DTensor gradients every rank decides alike: the counts are reduced over their
+        meshes (a non-finite element on one rank skips the step on all)."""
         pairs = [(w.index, i, g) for w in work for i, g in w.grads()]
         where = [(gi, pi) for gi, pi, _ in pairs]
-        grads = [g for _, _, g in pairs]
+        grads = [local(g) for _, _, g in pairs]
         bad = reference.nonfinite_indices(grads)
-        if not bad:
+        counts = {i: int((~torch.isfinite(grads[i])).sum()) for i in bad}
+        count = _sharded.global_count([g for _, _, g in pairs], counts)
+        if not count:
             return False
-        count = sum(int((~torch.isfinite(grads[i])).sum()) for i in bad)
         if self.nonfinite == "raise":
-            gi, pi = where[bad[0]]
+            first = (
+                f"the first in param group {where[bad[0]][0]}, parameter {where[bad[0]][1]}"
+                if bad
+                else ("on another rank")
+            )
             raise FloatingPointError(
-                f"{type(self).__name__}: {count} non-finite gradient element(s) in {len(bad)} tensor(s), "
-                f"the first in param group {gi}, parameter {pi}; nothing was changed"
+                f"{type(self).__name__}: {count} non-finite gradient element(s) in {len(bad)} tensor(s) here, {first}; "
+                "nothing was changed"
             )
         self.skipped_steps += 1
         self._note_nonfinite(count, "seen: the whole step was skipped")
@@ -325,14 +360,16 @@ class _Stepping:
 
     def _buckets(
         self, group: Mapping[str, Any], triples: list[tuple[int, Tensor, Tensor]], capturable: bool
-    ) -> tuple[list[Bucket], list[Tensor]]:
+    ) -> tuple[list[Bucket], list[Tensor], list[tuple[Any, ...] | None]]:
         """Buckets made now (the cached plan's tables do not fit): create missing state,
         advance each stepped parameter's ``step`` (on its device for a capturable step)
         and history, apply percentile clipping, then group the parameters by (device,
-        layout) and, on the host, by step and history. Also returns the ``step``
-        counters advanced."""
+        layout, sharding) and, on the host, by step and history. DTensor parameters are
+        stepped through their local tensors. Also returns the ``step`` counters advanced
+        and each bucket's sharding: None, or (mesh, replication, first index) of its
+        DTensor shards (:mod:`._sharded`)."""
         if not triples:
-            return [], []
+            return [], [], []
         keys = self._state_keys(group)
         states = []
         for _, p, _ in triples:
@@ -346,34 +383,51 @@ class _Stepping:
         steps = [st["step"] for st in states]
         torch._foreach_add_(steps, 1.0)
         layouts = [self._layout(p, g, st, group) for (_, p, g), st in zip(triples, states)]
+        shards = [self._sharding(p, layout[1]) for (_, p, _), layout in zip(triples, layouts)]
         by: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        # an empty shard (more ranks than rows) has nothing to step: its step count advances
+        stepping = [shard is None or local(p).numel() > 0 for (_, p, _), shard in zip(triples, shards)]
         if capturable:  # nothing read on the host
-            for i, ((_, p, _), layout) in enumerate(zip(triples, layouts)):
-                by[(p.device, layout)].append(i)
+            for i, ((_, p, _), layout, shard) in enumerate(zip(triples, layouts, shards)):
+                if stepping[i]:
+                    by[(p.device, layout, shard)].append(i)
         else:
             step_values = torch.stack([s.to("cpu", torch.float64) for s in steps]).tolist()
             history = self._advanced_history(group, states, step_values)
             if group.get("percentile_clipping", 100) < 100:
                 triples = self._clip_percentile(triples, states, step_values, group["percentile_clipping"])
-            for i, ((_, p, _), layout, t, h) in enumerate(zip(triples, layouts, step_values, history)):
-                by[(p.device, layout, (t, *h))].append(i)
-        buckets = []
-        for (device, layout, *key), idx in by.items():
+            for i, ((_, p, _), layout, shard, t, h) in enumerate(zip(triples, layouts, shards, step_values, history)):
+                if stepping[i]:
+                    by[(p.device, layout, shard, (t, *h))].append(i)
+        buckets, bucket_shards = [], []
+        for (device, layout, shard, *key), idx in by.items():
             fmt = layout[1]
             if capturable:
                 at: np.ndarray | Tensor = torch.stack([steps[i] for i in idx]).to(torch.float64)
             else:
                 at = np.array([key[0]] * len(idx), dtype=np.float64)
+            flat = _flat_local if isinstance(fmt, QuantFormat) else local  # codes and scales: as a plain tensor's
             buckets.append(
                 Bucket(
                     self._kernel(group, device.type, layout), device, layout[0], fmt, at,
-                    params=[triples[i][1] for i in idx],
-                    grads=[triples[i][2] for i in idx],
-                    state={k: [states[i][k] for i in idx] for k in state_columns(keys, fmt)},
+                    params=[local(triples[i][1]) for i in idx],
+                    grads=[local(triples[i][2]) for i in idx],
+                    state={k: [flat(states[i][k]) for i in idx] for k in state_columns(keys, fmt)},
                     salts=[triples[i][0] for i in idx],
                 )
             )  # fmt: skip
-        return buckets, steps
+            bucket_shards.append(shard)
+        return buckets, steps, bucket_shards
+
+    @staticmethod
+    def _sharding(p: Tensor, fmt: Any) -> tuple[Any, ...] | None:
+        """A parameter's bucket key for its sharding: None for a plain tensor; for a
+        DTensor (mesh, replication, first index), the index only for dithered state (a
+        bucket's tensors share one)."""
+        if not is_sharded(p):
+            return None
+        first = _sharded.first_index(p) if isinstance(fmt, QuantFormat) and fmt.dither else 0
+        return (p.device_mesh, _sharded.replication(p), first)
 
     def _advanced_history(
         self, group: Mapping[str, Any], states: list[dict[str, Any]], steps: list[float]
@@ -469,11 +523,12 @@ class _Stepping:
         first step fills every entry), and scale the gradient down to the norm at the
         ``percentile``-th place of the sorted history when it exceeds it. The gradient
         itself is not modified (the kernel gets a scaled copy). A non-finite norm is
-        neither recorded nor used: the non-finite policy deals with that gradient."""
-        norms = torch._foreach_norm([g for _, _, g in triples])
+        neither recorded nor used: the non-finite policy deals with that gradient. A
+        DTensor gradient's norm is the whole tensor's (its shards' reduced over the mesh)."""
+        norms = _sharded.global_norms([g for _, _, g in triples])
         out = []
         for (i, p, g), st, t, norm in zip(triples, states, steps, norms):
-            sq = float(norm) ** 2
+            sq = norm**2
             vec = st.get("gnorm_vec")
             if vec is None:
                 vec = st["gnorm_vec"] = torch.zeros(100, dtype=torch.float32)

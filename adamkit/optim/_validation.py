@@ -28,6 +28,7 @@ from ..kernels.registry import (
 from ..quant import QUANT_BITS, QuantFormat
 from ..spec import HISTORY, Algorithm
 from ._plan import TrackedState
+from ._sharded import is_sharded, local
 from ._state import _MOMENTS, EXTRA_STATE, QUANT_META, _expected_shape, quant_format_of
 
 
@@ -76,6 +77,26 @@ def _in_its_storage(t: Tensor) -> bool:
         return True  # a wrapper subclass: the reference steps it through torch
     extent = t.storage_offset() + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
     return extent * t.element_size() <= held
+
+
+def _sharding_problem(key: str, t: Tensor, p: Tensor, replicated: bool) -> str | None:
+    """What makes a state tensor's sharding unfit for its parameter's: a DTensor
+    parameter's state is DTensors on its mesh and placements, whose local tensors have
+    the local parameter's leading shape (``replicated``: a plain host-side tensor, as
+    percentile clipping's history); a plain parameter's state is plain."""
+    if replicated or not is_sharded(p):
+        return f"state {key!r} is a DTensor but the parameter is not" if is_sharded(t) else None
+    if not is_sharded(t):
+        return f"state {key!r} is a {type(t).__name__}, not a DTensor as its parameter"
+    if t.device_mesh != p.device_mesh or tuple(t.placements) != tuple(p.placements):
+        return (
+            f"state {key!r} is sharded as {tuple(t.placements)} on {t.device_mesh}, its parameter as "
+            f"{tuple(p.placements)} on {p.device_mesh}"
+        )
+    lt, lp = local(t), local(p)
+    if tuple(lt.shape[:-1]) != tuple(lp.shape[:-1]) or (t.shape == p.shape and lt.shape != lp.shape):
+        return f"state {key!r} holds a local {tuple(lt.shape)} shard for a local {tuple(lp.shape)} parameter"
+    return None
 
 
 def state_problem(
@@ -128,7 +149,10 @@ def state_problem(
                 f"state {key!r} has shape {tuple(t.shape)} but the parameter has shape {tuple(p.shape)}{where}; "
                 "was the parameter resized?"
             )
-        if not _in_its_storage(t):
+        problem = _sharding_problem(key, t, p, key in EXTRA_STATE)
+        if problem:
+            return problem + where
+        if not _in_its_storage(local(t)):
             return f"state {key!r} has {t.numel()} elements but its storage holds fewer (resized?){where}"
         if key in EXTRA_STATE or fmt is not None:
             kind = torch.float32 if key in EXTRA_STATE or key.endswith("_absmax") else torch.uint8
@@ -349,6 +373,13 @@ class _Validation:
                     f"gradient shape {tuple(g.shape)} differs from parameter shape {tuple(p.shape)} "
                     f"({where}, parameter {i})"
                 )
+            if is_sharded(g) != is_sharded(p):
+                raise RuntimeError(
+                    f"gradient is a {type(g).__name__} but the parameter is a {type(p).__name__} "
+                    f"({where}, parameter {i})"
+                )
+            if is_sharded(p) and (g.device_mesh != p.device_mesh or tuple(g.placements) != tuple(p.placements)):
+                g = g.redistribute(p.device_mesh, p.placements)  # stepped shard by shard, as the parameter
             if g.dtype != p.dtype or g.device != p.device:
                 raise RuntimeError(
                     f"gradient is {g.dtype} on {g.device} but the parameter is {p.dtype} on {p.device} "
@@ -361,9 +392,13 @@ class _Validation:
             if problem:
                 raise RuntimeError(problem)
             if forced or group.get("capturable"):
-                kernel = self._kernel(
-                    group, p.device.type, self._layout(p, g, state, group), f" ({where}, parameter {i})"
-                )
+                layout = self._layout(p, g, state, group)
+                kernel = self._kernel(group, p.device.type, layout, f" ({where}, parameter {i})")
+                if group.get("capturable") and is_sharded(p) and isinstance(layout[1], QuantFormat):
+                    raise NotImplementedError(
+                        f"capturable=True steps a DTensor parameter's state at 32 or 16 bits, not quantized "
+                        f"({where}, parameter {i})"
+                    )
                 if group.get("capturable") and not kernel.capturable:
                     raise NotImplementedError(
                         f"capturable=True needs the triton kernels; {kernel.backend} would step this tensor "

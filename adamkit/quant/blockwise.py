@@ -142,12 +142,13 @@ def _blocked(x: Tensor, block: int) -> Tensor:
     return torch.nn.functional.pad(x.reshape(-1), (0, pad)).view(-1, block)
 
 
-def dither(numel: int, step: int, device: torch.device | str = "cpu") -> Tensor:
-    """int64 [numel]: the dither of elements ``0 .. numel-1`` for codes written at step
+def dither(numel: int, step: int, device: torch.device | str = "cpu", first_index: int = 0) -> Tensor:
+    """int64 [numel]: the dither of elements ``0 .. numel-1`` (of a tensor whose first
+    element has index ``first_index`` in the sequence) for codes written at step
     ``step``, in units of 2^-16 (``u = dither / 2^16 ∈ [0, 1)``)."""
     j = torch.arange(numel, dtype=torch.int64, device=device) & 0xFFFFFFFF
     low, high = DITHER_ALONG & 0xFFFF, DITHER_ALONG >> 16  # 16-bit halves: no int64 overflow
-    h = (j * low + (((j * high) & 0xFFFF) << 16) + dither_phase(step)) & 0xFFFFFFFF
+    h = (j * low + (((j * high) & 0xFFFF) << 16) + dither_phase(step, first_index)) & 0xFFFFFFFF
     return h >> 16
 
 
@@ -157,11 +158,12 @@ def _tables(book: Codebook, device: torch.device) -> dict[str, Tensor]:
     return {k: torch.from_numpy(getattr(tab, k)).to(device) for k in names}
 
 
-def quantize(x: Tensor, fmt: QuantFormat, book: Codebook, step: int = 0) -> tuple[Tensor, Tensor]:
+def quantize(x: Tensor, fmt: QuantFormat, book: Codebook, step: int = 0, first_index: int = 0) -> tuple[Tensor, Tensor]:
     """Encode ``x`` (any float dtype and shape; read flat): (codes uint8, absmax float32).
 
     A ``root`` codebook encodes ``sqrt(x)`` (and ``absmax`` is the block's largest root).
-    A ``dither`` codebook's codes are for step ``step`` (the state's step count).
+    A ``dither`` codebook's codes are for step ``step`` (the state's step count), their
+    dither from index ``first_index`` on (:func:`dither`).
     """
     n = x.numel()
     x = x.detach().float()
@@ -179,7 +181,7 @@ def quantize(x: Tensor, fmt: QuantFormat, book: Codebook, step: int = 0) -> tupl
         y = torch.where(y > t["values"][0], y, t["values"][0]).clamp(max=2.0)  # NaN: as L[0]; > 1: code 15
         k = torch.searchsorted(t["values"][1:-1], y.contiguous(), right=True)  # the interval: 0..14
         position = (y * t["rate"][k] + t["offset"][k]).to(torch.int64)  # in 2^-16 codes, truncated
-        codes = ((position + dither(n, step, x.device)) >> 16).clamp(0, 15).to(torch.uint8)
+        codes = ((position + dither(n, step, x.device, first_index)) >> 16).clamp(0, 15).to(torch.uint8)
     else:
         mids = book.midpoints.to(x.device)
         codes = torch.searchsorted(mids, y.contiguous(), right=False).to(torch.uint8)
@@ -198,12 +200,18 @@ def unpack(codes: Tensor, fmt: QuantFormat, numel: int) -> Tensor:
     return codes.long()
 
 
-def dequantize(codes: Tensor, absmax: Tensor, fmt: QuantFormat, book: Codebook, numel: int, step: int = 0) -> Tensor:
-    """Decode to a flat float32 tensor of ``numel`` elements (codes written at ``step``)."""
+def dequantize(
+    codes: Tensor, absmax: Tensor, fmt: QuantFormat, book: Codebook, numel: int, step: int = 0, first_index: int = 0
+) -> Tensor:
+    """Decode to a flat float32 tensor of ``numel`` elements (codes, read flat, written at
+    ``step``; dither from ``first_index`` on, as :func:`quantize`)."""
+    codes, absmax = codes.reshape(-1), absmax.reshape(-1)
     code = unpack(codes, fmt, numel)
     if book.dither:
         t = _tables(book, codes.device)
-        back = (32768 - dither(numel, step, codes.device)).float()  # code + 1/2 - u, less the code, in 2^-16
+        back = (
+            32768 - dither(numel, step, codes.device, first_index)
+        ).float()  # code + 1/2 - u, less the code, in 2^-16
         values = t["values"][code] + back * torch.where(back >= 0, t["up"][code], t["down"][code])
     else:
         values = book.values.to(codes.device)[code]

@@ -197,9 +197,10 @@ DITHER_ALONG = 3242174889
 DITHER_STEP = 2654435769
 
 
-def dither_phase(step: int) -> int:
-    """The step's term of the dither sequence, ``step · DITHER_STEP mod 2^32``."""
-    return (int(step) * DITHER_STEP) & 0xFFFFFFFF
+def dither_phase(step: int, first_index: int = 0) -> int:
+    """The step's term of the dither sequence, ``step · DITHER_STEP mod 2^32``, plus that
+    of the first element's index ``first_index · DITHER_ALONG`` (a shard of a tensor)."""
+    return (int(step) * DITHER_STEP + int(first_index) * DITHER_ALONG) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)

@@ -763,7 +763,7 @@ def _step(
         raise AssertionError(f"codebooks {names} do not match the compiled kernels")  # they fix encoders and root
     units = nc.unit_table(tab.chunks)
     counter = np.zeros(1, dtype=np.int64)
-    phase = dither_phase(int(s.step))
+    phase = dither_phase(int(s.step), s.first_index)
     args = (tab.ptrs, tab.chunks, units, counter, tab.scal.astype(w), tab.salts, nc._LIKE[tab.param_dtype], consts,
             sr_seed is not None, sr_seed or 0, books, fmt.block_size, FUSED_BLOCKS, phase)  # fmt: skip
     return sum(nc.on_threads(kernel, args, units.size - 1))

@@ -809,7 +809,8 @@ def host_scalars(s: StepScalars, n: int) -> np.ndarray:
     """float64 [n, SCALARS]: one step's scalars for every tensor."""
     step = int(s.step)
     out = np.empty((n, SCALARS), dtype=np.float64)
-    out[:] = (s.step_size, s.inv_bc2_sqrt, dither_phase(step - 1), dither_phase(step), s.grad_step)
+    first = s.first_index
+    out[:] = (s.step_size, s.inv_bc2_sqrt, dither_phase(step - 1, first), dither_phase(step, first), s.grad_step)
     return out
 
 
