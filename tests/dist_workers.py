@@ -410,3 +410,31 @@ def ddp_twin(world: int) -> list[torch.Tensor]:
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
+
+
+#: Tensor-parallel placements of the "even", "uneven" and "lonely" parameters.
+TP_PLACEMENTS = {"even": "Shard(1)", "uneven": "Replicate()", "lonely": "Shard(0)"}
+
+
+def tensor_parallel(rank: int, world: int, configs: list[str]) -> dict[str, Any]:
+    """Parameters distributed by hand (Shard(1), Replicate, Shard(0)), no FSDP."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    kinds = {"Shard(1)": Shard(1), "Replicate()": Replicate(), "Shard(0)": Shard(0)}
+    out = {}
+    for config in configs:
+        module = make_module()
+        for name, placement in TP_PLACEMENTS.items():
+            p = getattr(module, name)
+            setattr(module, name, nn.Parameter(distribute_tensor(p.detach(), mesh, [kinds[placement]])))
+        opt = build(config, [getattr(module, n) for n in TP_PLACEMENTS])
+        for step in range(1, STEPS + 1):
+            for name in TP_PLACEMENTS:
+                p = getattr(module, name)
+                p.grad = distribute_tensor(full_grad(name, step, True), mesh, p.placements, src_data_rank=None)
+            opt.step()
+        snap = snapshot(module, opt)
+        out[config] = {k: {n: v[n] for n in TP_PLACEMENTS} if isinstance(v, dict) else v for k, v in snap.items()}
+    return out

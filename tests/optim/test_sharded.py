@@ -183,3 +183,19 @@ def test_ddp_zero_and_dcp_of_plain_tensors_keep_working(tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert "exp_avg_codes" in ranks[0]["zero8_state_keys"] and "exp_avg" in ranks[0]["zero32_state_keys"]
     assert ranks[0]["dcp_equal"] and ranks[1]["dcp_equal"]
+
+
+def test_tensor_parallel_placements():
+    """Shard(1) (the last dimension: 32-bit state), Replicate and Shard(0) parameters:
+    the same numbers on 1 and 2 ranks; a replicated tensor's non-finite elements counted once."""
+    configs = ["adamw32", "adamw8", "adamw4"]
+    two, one = run_ranks(2, "tensor_parallel", configs), run_ranks(1, "tensor_parallel", configs)
+    names = tuple(W.TP_PLACEMENTS)
+    for config in configs:
+        assert_same(two[0][config], two[1][config], names=names)
+        assert_same(two[0][config], one[0][config], names=names)
+        assert two[0][config]["nonfinite_count"] == one[0][config]["nonfinite_count"] == 2
+        kinds = two[0][config]["kinds"]
+        quantized = W.CONFIGS[config][1].get("state_bits", 32) in (8, 4)
+        assert ("exp_avg_codes" in kinds["uneven"]) == quantized and ("exp_avg_codes" in kinds["lonely"]) == quantized
+        assert "exp_avg" in kinds["even"]  # its last dimension is sharded
