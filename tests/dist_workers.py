@@ -438,3 +438,29 @@ def tensor_parallel(rank: int, world: int, configs: list[str]) -> dict[str, Any]
         snap = snapshot(module, opt)
         out[config] = {k: {n: v[n] for n in TP_PLACEMENTS} if isinstance(v, dict) else v for k, v in snap.items()}
     return out
+
+
+def fsdp_training(rank: int, world: int, variant: str) -> dict[str, Any]:
+    """A real forward/backward under FSDP2 (``variant``: "reshard", "keep" for
+    reshard_after_forward=False, "mixed" for bf16 compute over fp32 sharded
+    parameters, "offload" for CPUOffloadPolicy), 8-bit AdamW; the batch split over ranks."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    model = _mlp()
+    kwargs: dict[str, Any] = {"reshard_after_forward": variant != "keep"}
+    if variant == "mixed":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if variant == "offload":
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=False)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    opt = adamkit.AdamW(model.parameters(), lr=1e-2, state_bits=8)
+    for step in range(1, 5):
+        batch = torch.cat([_batch(r, step) for r in range(2)])  # the same 8 samples on any world size
+        part = batch.chunk(world)[rank]
+        (model(part).float().pow(2).mean() / world).backward()  # FSDP2 averages over ranks: mean of means
+        opt.step()
+        opt.zero_grad()
+    return {"params": [full(p) for p in model.parameters()], "dtypes": [p.dtype for p in model.parameters()]}
