@@ -464,3 +464,61 @@ def fsdp_training(rank: int, world: int, variant: str) -> dict[str, Any]:
         opt.step()
         opt.zero_grad()
     return {"params": [full(p) for p in model.parameters()], "dtypes": [p.dtype for p in model.parameters()]}
+
+
+def hostile_sharded(rank: int, world: int) -> dict[str, Any]:
+    """What a hostile user can do to DTensor parameters and their state: each case's
+    error message (None: no error), and whether the parameters stayed unchanged."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    out: dict[str, Any] = {}
+
+    def attempt(case: str, module: nn.Module, action: Any) -> None:
+        before = [full(p) for p in module.parameters()]
+        try:
+            action()
+            out[case] = None
+        except (RuntimeError, ValueError) as err:
+            out[case] = f"{type(err).__name__}: {err}"
+        out[case + ":unchanged"] = all(torch.equal(a, full(p)) for a, p in zip(before, module.parameters()))
+
+    def trained(bits: int = 8) -> tuple[nn.Module, torch.optim.Optimizer]:
+        module = sharded_module()
+        opt = adamkit.AdamW(module.parameters(), lr=1e-2, state_bits=bits, min_quant_size=MIN_QUANT)
+        set_grads(module, 1)
+        opt.step()
+        set_grads(module, 2)
+        return module, opt
+
+    module, opt = trained(32)
+    opt.state[module.even]["exp_avg"] = full(opt.state[module.even]["exp_avg"])  # swapped for a plain tensor
+    attempt("plain state", module, opt.step)
+
+    module, opt = trained(8)
+    st = opt.state[module.even]
+    st["exp_avg_codes"] = st["exp_avg_codes"].redistribute(placements=[Replicate()])
+    attempt("other placements", module, opt.step)
+
+    module, opt = trained(32)
+    st = opt.state[module.uneven]
+    small = torch.zeros(1, 1024)  # a local shard that lies about its size
+    st["exp_avg"] = DTensor.from_local(small, module.uneven.device_mesh, module.uneven.placements, run_check=False,
+                                       shape=module.uneven.shape, stride=module.uneven.stride())  # fmt: skip
+    attempt("lying shard", module, opt.step)
+
+    module, opt = trained(32)
+    module.even.grad = full(module.even.grad)
+    attempt("plain gradient", module, opt.step)
+
+    module, opt = trained(8)
+    plain = adamkit.AdamW(make_module().parameters(), lr=1e-2, state_bits=8, min_quant_size=MIN_QUANT)
+    attempt("dtensor state for a plain parameter", module, lambda: plain.load_state_dict(opt.state_dict()))
+
+    module, opt = trained(32)
+    sd = opt.state_dict()
+    sd["state"] = {k: {n: full(t) for n, t in v.items()} for k, v in sd["state"].items()}  # whole, plain
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"][:1]
+    fresh = adamkit.AdamW(module.parameters(), lr=1e-2)
+    attempt("whole state of the wrong size", module, lambda: fresh.load_state_dict(sd))
+    out["fresh untouched"] = not fresh.state
+    return out

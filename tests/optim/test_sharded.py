@@ -213,3 +213,22 @@ def test_fsdp2_training_policies(variant):
     for a, b, c in zip(two[0]["params"], two[1]["params"], one["params"]):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, c, **tol)
+
+
+def test_hostile_sharded_state_is_refused_before_anything_changes():
+    cases = run_ranks(2, "hostile_sharded")
+    expected = {
+        "plain state": r"RuntimeError: state 'exp_avg' is a Tensor, not a DTensor as its parameter",
+        "other placements": r"RuntimeError: state 'exp_avg_codes' is sharded as \(Replicate\(\),\)",
+        "lying shard": r"RuntimeError: state 'exp_avg' holds a local \(1, 1024\) shard for a local \(\d, 1024\)",
+        "plain gradient": r"RuntimeError: gradient is a Tensor but the parameter is a DTensor",
+        "dtensor state for a plain parameter": r"ValueError: .*DTensor state for a parameter that is not a DTensor",
+        "whole state of the wrong size": r"ValueError: .*state 'exp_avg' has shape \(1,",
+    }
+    import re
+
+    for out in cases:
+        for case, pattern in expected.items():
+            assert out[case] is not None and re.search(pattern, out[case]), (case, out[case])
+            assert out[case + ":unchanged"], case
+        assert out["fresh untouched"]
