@@ -112,13 +112,14 @@ class GlobalOptimManager:
             raise ValueError(f"adamkit overrides {sorted(OVERRIDE_KEYS)} per parameter, not {unknown}")
         self.module_weight_config_triple.append((module, param_name, dict(config)))
 
-    def config_for(self, p: Tensor, position: tuple[int, int]) -> dict[str, Any]:
-        """The adamkit group keys overridden for ``p`` at (group, index) ``position``."""
+    def config_for(self, p: Tensor, position: tuple[int, int] | None) -> dict[str, Any]:
+        """The adamkit group keys overridden for ``p`` (at (group, index) ``position``)."""
         config: dict[str, Any] = {}
         for module, name, extra in self.module_weight_config_triple:
             if getattr(module, name, None) is p:
                 config.update(extra)
-        config.update(self.index2config.get(position, {}))
+        if position is not None:
+            config.update(self.index2config.get(position, {}))
         config.update(self.pid2config.get(id(p), {}))
         return {OVERRIDE_KEYS[k]: v for k, v in config.items()}
 
@@ -144,12 +145,15 @@ def _bnb_options(
 
 def managed_overrides(opt: Any, p: Tensor) -> dict[str, Any]:
     """The :class:`GlobalOptimManager` overrides of ``p``'s state format in optimizer
-    ``opt`` (every adamkit optimizer asks, not only bitsandbytes' names): by module and
-    name, by position (group, index) of a registered parameter, or by the parameter itself.
-    Positions and modules survive FSDP2's ``fully_shard`` replacing the parameters."""
+    ``opt``: by module and name, or by the parameter itself, in every adamkit optimizer;
+    by position (group, index) of a registered parameter too in bitsandbytes' names (as
+    there: a position means nothing to another optimizer). Positions and modules survive
+    FSDP2's ``fully_shard`` replacing the parameters."""
     mng = GlobalOptimManager.get_instance()
     if not (mng.uses_config_override or mng.module_weight_config_triple):
         return {}
+    if not getattr(opt, "_bnb_positions", False):
+        return mng.config_for(p, None)
     groups = opt.param_groups
     shape = tuple(len(g["params"]) for g in groups)
     cached = opt.__dict__.get("_positions")
@@ -209,7 +213,8 @@ def _make(name: str, base: type, default_wd: float, bits: int | None, paged: boo
         f"bitsandbytes' ``{name}`` on :class:`adamkit.{base.__name__}` (torch's semantics).{fixed}{paged_note}\n\n"
         "    Arguments as bitsandbytes 0.49; see :mod:`adamkit.bnb` for how they map.\n"
     )
-    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+    attributes = {"__init__": __init__, "__doc__": doc, "__module__": __name__, "_bnb_positions": True}
+    return type(name, (base,), attributes)
 
 
 Adam = _make("Adam", _Adam, 0.0, None, False)

@@ -15,19 +15,20 @@ from torch import nn
 import adamkit
 
 #: The FSDP2 test model's parameters: even shards (8 rows on 2 ranks), uneven ones (3 | 2
-#: rows), a rank with an empty shard, rows that are not whole quantization blocks (600
-#: columns: a flat block would straddle two shards), a 1-D parameter (its only dimension
-#: sharded), a small one.
+#: rows), a rank with an empty shard, a convolution weight (rows of 64·2·2 = 256
+#: elements), rows that are not whole quantization blocks (600 columns: a flat block
+#: would straddle two shards), a 1-D parameter (its only dimension sharded), a small one.
 SHAPES = {
     "even": (8, 512),
     "uneven": (5, 1024),
     "lonely": (1, 2048),
+    "conv": (6, 64, 2, 2),
     "straddle": (3, 600),
     "bias": (4096,),
     "tiny": (3,),
 }
 #: Which of them get quantized state under sharding (rows of whole blocks, not sharded along).
-ROW_BLOCKED = ("even", "uneven", "lonely")
+ROW_BLOCKED = ("even", "uneven", "lonely", "conv")
 MIN_QUANT = 1024
 STEPS = 6
 #: (class, keyword arguments) of the parity runs.
@@ -113,11 +114,17 @@ def sharded_module(seed: int = 0, **kwargs: Any) -> nn.Module:
 
 
 # ------------------------------------------------------------------ rank functions
-def fsdp_parity(rank: int, world: int, configs: list[str], bad: bool) -> dict[str, Any]:
-    """Each config trained STEPS steps on the FSDP2-sharded module: whole parameters and state."""
+def fsdp_parity(rank: int, world: int, configs: list[str], bad: bool, hsdp: bool = False) -> dict[str, Any]:
+    """Each config trained STEPS steps on the FSDP2-sharded module (``hsdp``: on a
+    (2, world / 2) mesh, replicated along its first dimension): whole parameters and state."""
+    kwargs: dict[str, Any] = {}
+    if hsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        kwargs["mesh"] = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     out = {}
     for config in configs:
-        module = sharded_module()
+        module = sharded_module(**kwargs)
         opt = build(config, module.parameters())
         for step in range(1, STEPS + 1):
             set_grads(module, step, bad)
@@ -269,14 +276,17 @@ def dcp_save(rank: int, world: int, config: str, path: str, half: int = 3) -> di
     return snapshot(module, opt)
 
 
-def dcp_load(rank: int, world: int, config: str, path: str, half: int = 3) -> dict[str, Any]:
+def dcp_load(rank: int, world: int, config: str, path: str, half: int = 3, partial: bool = False) -> dict[str, Any]:
     """A fresh module and optimizer (no state: DCP's zero-lr step makes it) loaded from
-    ``path``, trained from step ``half + 1`` to STEPS."""
+    ``path``, trained from step ``half + 1`` to STEPS. ``partial``: a checkpoint lacking
+    some of the optimizer's group keys (torch.optim's, read by adamkit) loads with DCP's
+    ``allow_partial_load``; those keys keep the optimizer's values."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     module, opt = _maker(config)
     state = _dcp_state(module, opt)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=partial))
     _dcp_set(module, opt, state)
     loaded = snapshot(module, opt)
     for step in range(half + 1, STEPS + 1):
@@ -298,13 +308,33 @@ def full_save(rank: int, world: int, config: str, half: int = 3) -> dict[str, An
     names = [n for n, _ in module.named_parameters()]
     state = {names.index(fqn): dict(st) for fqn, st in osd["state"].items()}
     groups = [{**g, "params": [names.index(fqn) for fqn in g["params"]]} for g in osd["param_groups"]]
-    return {"state": state, "param_groups": groups}
+    return {
+        "sd": {"state": state, "param_groups": groups},
+        "params": {n: full(p) for n, p in module.named_parameters()},
+    }
 
 
-def full_load(rank: int, world: int, config: str, sd: dict[str, Any], half: int = 3) -> dict[str, Any]:
-    """A single-process optimizer's ``state_dict`` (plain, whole tensors) loaded with
-    ``load_state_dict`` into the sharded optimizer, trained on to STEPS."""
+def _set_params(module: nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """Whole parameter values copied into ``module``'s (a DTensor's shard from its part)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            value = params[name]
+            if isinstance(p, DTensor):
+                value = distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                p = p.to_local()
+            p.copy_(value)
+
+
+def full_load(
+    rank: int, world: int, config: str, sd: dict[str, Any], params: dict[str, torch.Tensor], half: int = 3
+) -> dict[str, Any]:
+    """A single-process run's parameters and optimizer ``state_dict`` (plain, whole
+    tensors) loaded into the sharded module and optimizer (``load_state_dict``), trained
+    on to STEPS."""
     module, opt = _maker(config)
+    _set_params(module, params)
     opt.load_state_dict(sd)
     for step in range(half + 1, STEPS + 1):
         set_grads(module, step)
@@ -312,11 +342,19 @@ def full_load(rank: int, world: int, config: str, sd: dict[str, Any], half: int 
     return snapshot(module, opt)
 
 
-def plain_run(config: str, first: int = 1, last: int = STEPS, sd: dict[str, Any] | None = None) -> Any:
+def plain_run(
+    config: str,
+    first: int = 1,
+    last: int = STEPS,
+    sd: dict[str, Any] | None = None,
+    params: dict[str, torch.Tensor] | None = None,
+) -> Any:
     """A single-process optimizer of ``config`` (one group: the "straddle" and "bias"
     parameters get quantized state here, 32-bit state when sharded) run from step
-    ``first`` to ``last`` after loading ``sd``: (snapshot, state_dict)."""
+    ``first`` to ``last`` after loading ``params`` and ``sd``: (snapshot, state_dict)."""
     module = make_module()
+    if params is not None:
+        _set_params(module, params)
     name, _, extra = config.partition("+")
     opt = build(name, module.parameters())
     if extra == "tensor-lr":
@@ -522,3 +560,21 @@ def hostile_sharded(rank: int, world: int) -> dict[str, Any]:
     attempt("whole state of the wrong size", module, lambda: fresh.load_state_dict(sd))
     out["fresh untouched"] = not fresh.state
     return out
+
+
+def empty_shards(rank: int, world: int) -> dict[str, Any]:
+    """One (1, 2048) parameter: rank 1's shard is empty; a NaN in rank 0's, mask mode."""
+    from torch.distributed.fsdp import fully_shard
+
+    module = nn.Module()
+    module.register_parameter("w", nn.Parameter(torch.randn(1, 2048, generator=torch.Generator().manual_seed(0))))
+    fully_shard(module)
+    opt = adamkit.AdamW(module.parameters(), lr=1e-2, state_bits=8, min_quant_size=MIN_QUANT)
+    for step in range(1, 4):
+        from torch.distributed.tensor import distribute_tensor
+
+        g = torch.randn(1, 2048, generator=torch.Generator().manual_seed(step))
+        g[0, 5] = float("nan") if step == 2 else g[0, 5]
+        module.w.grad = distribute_tensor(g, module.w.device_mesh, module.w.placements, src_data_rank=None)
+        opt.step()
+    return {"nonfinite_count": opt.nonfinite_count}

@@ -201,7 +201,7 @@ class _Checkpoints:
             want = _expected_shape(key, p, saved_fmt or p.dtype)
             if tuple(value.shape) != want:
                 raise ValueError(f"{where}: state {key!r} has shape {tuple(value.shape)}, expected {want}")
-            problem = _sharding_problem(key, value, p, key in EXTRA_STATE)
+            problem = _sharding_problem(key, value, p, key in EXTRA_STATE, saved_fmt)
             if problem:
                 raise ValueError(f"{where}: {problem}")
             if key in EXTRA_STATE or saved_fmt is not None:
@@ -262,10 +262,12 @@ class _Checkpoints:
             for key in [k for k in _MOMENTS if k in dense]:
                 codes, absmax = quantize(local(dense.pop(key)).real, target, target.codebook(key), step, first)
                 if sharded:
-                    lead = tuple(lp.shape[:-1])
-                    shapes = [quant_shape(p, target, c) for c in ("codes", "absmax")]
-                    codes = like(p, codes.view(*lead, shapes[0][-1]), shapes[0])
-                    absmax = like(p, absmax.view(*lead, shapes[1][-1]), shapes[1])
+                    codes = like(
+                        p, codes.view(quant_shape(p, target, "_codes", lp.shape)), quant_shape(p, target, "_codes")
+                    )
+                    absmax = like(
+                        p, absmax.view(quant_shape(p, target, "_absmax", lp.shape)), quant_shape(p, target, "_absmax")
+                    )
                 out[f"{key}_codes"], out[f"{key}_absmax"] = codes, absmax
         out.update(dense)
         return out
@@ -289,9 +291,10 @@ def _as_layout_of(
         if fmt is None:
             return saved, fmt
         out = dict(saved)
-        for key, value in tensors.items():  # a sharded run's (rows, width) codes and scales
+        for key, value in tensors.items():  # a sharded run's codes and scales: (*p.shape[:d+1], width)
             want = _expected_shape(key, p, fmt)
-            if value.dim() > 1 and value.numel() == want[0]:
+            lead = tuple(value.shape[:-1])
+            if value.dim() > 1 and value.numel() == want[0] and lead == tuple(p.shape[: len(lead)]):
                 out[key] = value.reshape(want)
         return out, fmt
     plain = {k: v for k, v in tensors.items() if not is_sharded(v)}
@@ -300,7 +303,7 @@ def _as_layout_of(
     if len(plain) != len(tensors):
         raise ValueError(f"{where}: the checkpoint mixes DTensor and plain state tensors")
     out = dict(saved)
-    if fmt is not None and not rows_quantizable(p, fmt.block_size):  # decoded, then cut
+    if fmt is not None and not rows_quantizable(p, fmt.block_size, bool(fmt.dither)):  # decoded, then cut
         step = int(float(saved["step"]))
         n = p.numel()
         for key in [k for k in _MOMENTS if f"{k}_codes" in plain]:

@@ -6,11 +6,14 @@ one; its state is made of DTensors with the parameter's mesh and placements, so 
 depend on the world size does not: the state format is decided on the global shape,
 quantization blocks follow global rows, and 4-bit dither follows global element indices.
 
-Quantized state of a DTensor parameter is blocked along the rows of its last dimension:
-it needs that dimension whole on every rank (not sharded) and a multiple of the block
-size. Then a rank's shard is whole rows, hence whole blocks, at any world size, and the
-state's global layout — codes ``(*shape[:-1], C·bits/8)``, absmax ``(*shape[:-1], C/B)``
-— flattens to a plain tensor's. Other DTensor parameters keep 32-bit state.
+Quantized state of a DTensor parameter is blocked in rows: a row is what follows the
+last sharded dimension ``d`` (``inner = prod(shape[d+1:])`` elements, whole on every
+rank), and it must be a whole number of blocks. Then a rank's shard is whole rows, hence
+whole blocks, at any world size, and the state's global layout — codes
+``(*shape[:d+1], inner·bits/8)``, absmax ``(*shape[:d+1], inner/B)`` — flattens to a plain
+tensor's. A DTensor sharded along no dimension (replicated) keeps a plain tensor's flat
+layout. Other DTensor parameters (their last dimension sharded, rows that are not
+whole blocks) keep 32-bit state.
 
 Global options reduce over the parameters' meshes: non-finite counts and the
 skip/raise decision, percentile clipping's gradient norms. A count of a replicated
@@ -65,22 +68,55 @@ def like(p: Tensor, local_tensor: Tensor, shape: Sequence[int] | None = None) ->
     )
 
 
-def rows_quantizable(p: Tensor, block: int | None) -> bool:
-    """Whether a DTensor parameter's state can be quantized in global rows: its last
-    dimension not sharded (nor partial) and a whole number of ``block`` elements."""
-    if block is None or p.ndim == 0 or p.shape[-1] % block:
-        return False
+def _rows(p: Tensor) -> tuple[int, int] | None:
+    """(the last sharded dimension ``d``, elements per row after it) of a DTensor; (-1,
+    numel) if no dimension is sharded; None if a placement is partial."""
+    dims = [-1]
     for placement in p.placements:
-        if placement.is_partial() or (placement.is_shard() and placement.dim % p.ndim == p.ndim - 1):
-            return False
-    return True
+        if placement.is_partial():
+            return None
+        if placement.is_shard():
+            dims.append(placement.dim % p.ndim)
+    d = max(dims)
+    return d, math.prod(p.shape[d + 1 :])
 
 
-def quant_shape(p: Tensor, fmt: Any, column: str) -> tuple[int, ...]:
-    """The global shape of a DTensor parameter's quantized state entry ``column``."""
-    last = p.shape[-1]
-    width = last * fmt.bits // 8 if column.endswith("_codes") else last // fmt.block_size
-    return (*p.shape[:-1], width)
+def one_range(p: Tensor) -> bool:
+    """Whether each rank's shard of a DTensor is one range of global (row-major) element
+    indices: sharded along one dimension with nothing but size-1 dimensions before it,
+    by plain chunks (``_StridedShard`` interleaves them)."""
+    dims = {pl.dim % p.ndim for pl in p.placements if pl.is_shard()}
+    if not dims:
+        return True
+    if len(dims) > 1 or any(pl.is_shard() and type(pl).__name__ != "Shard" for pl in p.placements):
+        return False
+    return math.prod(p.shape[: dims.pop()]) == 1
+
+
+def rows_quantizable(p: Tensor, block: int | None, dithered: bool = False) -> bool:
+    """Whether a DTensor parameter's state can be quantized in global rows (whole blocks
+    after its last sharded dimension), or flat (no dimension sharded). Dithered (4-bit)
+    codes also need each shard to be one range of global indices (:func:`one_range`):
+    their dither follows the index."""
+    rows = _rows(p)
+    if rows is None or (dithered and not one_range(p)):
+        return False
+    d, inner = rows
+    if block is None:  # one absmax a tensor: only if not sharded
+        return d < 0
+    return d < 0 or (inner > 0 and inner % block == 0)
+
+
+def quant_shape(p: Tensor, fmt: Any, column: str, shape: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The global shape of a DTensor parameter's quantized state entry ``column`` (with
+    ``shape``: the local one, for the local tensor of that shape)."""
+    d, inner = _rows(p) or (-1, 0)
+    shape = tuple(p.shape if shape is None else shape)
+    if d < 0:  # not sharded: a plain tensor's layout
+        n = math.prod(shape)
+        return (fmt.code_bytes(n),) if column.endswith("_codes") else (fmt.blocks(n),)
+    width = inner * fmt.bits // 8 if column.endswith("_codes") else inner // fmt.block_size
+    return (*shape[: d + 1], width)
 
 
 @lru_cache(maxsize=4096)
@@ -109,18 +145,37 @@ def mesh_key(mesh: Any) -> tuple[Any, ...]:
     return (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.shape), tuple(mesh.mesh_dim_names or ()))
 
 
-def all_reduce_sum(values: dict[Any, Tensor]) -> dict[Any, Tensor]:
-    """``{mesh: float64 vector}`` summed over each mesh's ranks (every mesh dim), in the
-    meshes' common order. The vectors of one mesh must have one length on every rank."""
+def all_reduce_sum(values: dict[Any, Tensor], op: str = "sum") -> dict[Any, Tensor]:
+    """``{mesh: vector}`` summed (or ``op="max"``: maximized) over each mesh's ranks
+    (every mesh dim), in the meshes' common order, as float64 (int64 for "max"). The
+    vectors of one mesh must have one length on every rank."""
     out = {}
+    reduce_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
     for mesh in sorted(values, key=mesh_key):
-        vec = values[mesh].to(torch.float64)
         device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
-        vec = vec.to(device)
+        vec = values[mesh].to(device, torch.int64 if op == "max" else torch.float64)
         for dim in range(mesh.ndim):
-            dist.all_reduce(vec, group=mesh.get_group(dim))
+            dist.all_reduce(vec, op=reduce_op, group=mesh.get_group(dim))
         out[mesh] = vec.cpu()
     return out
+
+
+def meshes_of(tensors: Sequence[Tensor]) -> list[Any]:
+    """The distinct meshes of the DTensors among ``tensors``."""
+    seen: dict[Any, None] = {}
+    for t in tensors:
+        if is_sharded(t):
+            seen.setdefault(t.device_mesh, None)
+    return list(seen)
+
+
+def agreed_seed(seed: int, meshes: Sequence[Any]) -> int:
+    """A random seed every rank of ``meshes`` agrees on (the largest drawn): replicas of
+    a parameter must round alike."""
+    if not meshes:
+        return seed
+    agreed = all_reduce_sum({m: torch.tensor([seed]) for m in meshes}, op="max")
+    return max(int(v[0]) for v in agreed.values())
 
 
 def global_count(grads: Sequence[Tensor], counts: dict[int, int]) -> int:
@@ -161,8 +216,7 @@ def global_norms(grads: Sequence[Tensor]) -> list[float]:
 def shard_of(p: Tensor, full: Tensor) -> Tensor:
     """This rank's shard of a whole state tensor ``full`` of a DTensor parameter ``p``
     (its leading dimensions are ``p``'s), as a DTensor: cut locally, no communication."""
-    shape, offsets = compute_local_shape_and_global_offset(tuple(full.shape), p.device_mesh, tuple(p.placements))
-    piece = full.detach()
-    for dim, (size, start) in enumerate(zip(shape, offsets)):
-        piece = piece.narrow(dim, start, size)
-    return like(p, piece.to(local(p).device, copy=True).contiguous(), tuple(full.shape))
+    from torch.distributed.tensor import distribute_tensor
+
+    whole = full.detach().to(local(p).device, copy=True)
+    return distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None)

@@ -94,7 +94,7 @@ class _State:
         if bits in QUANT_BITS and p.is_floating_point() and p.numel() >= group.get("min_quant_size", 4096):
             block = group.get("block_size") or DEFAULT_BLOCK[bits]
             fmt = QuantFormat(bits, block if group.get("block_wise", True) else None)
-            if not is_sharded(p) or rows_quantizable(p, fmt.block_size):
+            if not is_sharded(p) or rows_quantizable(p, fmt.block_size, bool(fmt.dither)):
                 return fmt
         return self._state_dtype(p, group)
 
@@ -167,8 +167,7 @@ class _State:
                     dtype = torch.uint8 if column.endswith("_codes") else torch.float32
                     if is_sharded(p):  # the local rows' codes and scales, global rows around them
                         lp = local(p)
-                        width = _expected_shape(column, p, fmt)[-1]
-                        zeros = torch.zeros((*lp.shape[:-1], width), dtype=dtype, device=lp.device)
+                        zeros = torch.zeros(quant_shape(p, fmt, column, lp.shape), dtype=dtype, device=lp.device)
                         state[column] = like(p, zeros, _expected_shape(column, p, fmt))
                     else:
                         state[column] = torch.zeros(_expected_shape(column, p, fmt), dtype=dtype, device=p.device)

@@ -63,6 +63,12 @@ class _Work:
 _INTERNAL_DIRS = (os.path.dirname(os.path.dirname(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
 
 
+def _salt(position: int, p: Tensor) -> int:
+    """A tensor's salt for stochastic rounding: its position in its group, and for a
+    DTensor shard its first element's global index too (shards draw apart)."""
+    return position if not is_sharded(p) else (position * 0x9E3779B1 + _sharded.first_index(p)) & 0xFFFFFFFF
+
+
 def _flat_local(t: Tensor) -> Tensor:
     """Quantized state as the kernels take it: flat (a DTensor's local rows, flattened)."""
     return local(t).view(-1) if is_sharded(t) else t
@@ -129,15 +135,17 @@ class _Stepping:
         seed = None
         if any(group.get("stochastic_rounding") for group in self.param_groups):
             seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))  # torch.manual_seed reproduces it
+            rounded = [p for g in self.param_groups if g.get("stochastic_rounding") for p in g["params"]]
+            seed = _sharded.agreed_seed(seed, _sharded.meshes_of(rounded))  # replicas round alike
         amp = (grad_scale, found_inf if on_device else None)
-        sharded: dict[Any, float] = {}  # masked elements of DTensor shards, by mesh (weighted: see _sharded)
+        # masked elements of DTensor shards by mesh (weighted: see _sharded); every mesh
+        # of a stepped DTensor is there, whether this rank's shard is empty or not
+        sharded: dict[Any, list[Any]] = {}
         masked = [self._run(w, seed if w.group.get("stochastic_rounding") else None, amp, sharded) for w in work]
         on_host = sum(m for m in masked if not isinstance(m, Tensor))
         if sharded and self.nonfinite == "mask":  # counted over every rank: one small all-reduce per mesh
-            totals = _sharded.all_reduce_sum(
-                {mesh: torch.tensor([n], dtype=torch.float64) for mesh, n in sharded.items()}
-            )
-            on_host += round(sum(float(t[0]) for t in totals.values()))
+            local_counts = {mesh: torch.tensor([float(sum(counts))]) for mesh, counts in sharded.items()}
+            on_host += round(sum(float(t[0]) for t in _sharded.all_reduce_sum(local_counts).values()))
         if on_host:
             self._note_nonfinite(on_host, "masked: their parameters and moments were left unchanged")
         for count in (m for m in masked if isinstance(m, Tensor)):
@@ -180,7 +188,7 @@ class _Stepping:
         work: _Work,
         sr_seed: int | None,
         amp: tuple[Tensor | None, Tensor | None] = (None, None),
-        sharded: dict[Any, float] | None = None,
+        sharded: dict[Any, list[Any]] | None = None,
     ) -> int | Tensor:
         """One group's step: its validated buckets (a cached plan's, or made now from the
         parameters with a gradient), each given its step scalars and launched by its
@@ -207,6 +215,9 @@ class _Stepping:
         else:
             buckets, counters, shards = self._buckets(group, work.triples or [], capturable)
             stepped = [local(p) for _, p, _ in work.triples or []]
+            if sharded is not None and not capturable:  # a capturable step's counts stay on each device
+                for mesh in _sharded.meshes_of([p for _, p, _ in work.triples or []]):
+                    sharded.setdefault(mesh, [])
         masked: int | Tensor = 0
         for bucket, shard in zip(buckets, shards):
             kernel, device = bucket.kernel, bucket.device
@@ -228,8 +239,8 @@ class _Stepping:
             mesh, replicas, first = shard  # a DTensor shard: its dither continues the global tensor's
             scalars = dataclasses.replace(scalars, first_index=first)
             count = kernel.launch(bucket, scalars, **flags, amp=None if scale is None else (scale, None))
-            if sharded is not None:
-                sharded[mesh] = sharded.get(mesh, 0.0) + float(count) / replicas
+            if sharded is not None:  # read once a step, after every launch (a device count waits for its kernel)
+                sharded[mesh].append(count / replicas)
         if found_inf is not None and capturable:  # a skipped step does not count
             if work.launch is not None:
                 work.launch.unstep(found_inf)
@@ -321,14 +332,13 @@ class _Stepping:
         if not count:
             return False
         if self.nonfinite == "raise":
-            first = (
-                f"the first in param group {where[bad[0]][0]}, parameter {where[bad[0]][1]}"
-                if bad
-                else ("on another rank")
-            )
+            first = f", the first in param group {where[bad[0]][0]}, parameter {where[bad[0]][1]}" if bad else ""
+            if _sharded.meshes_of([g for _, _, g in pairs]):  # counted over ranks
+                where_bad = f"over all ranks, in {len(bad)} tensor(s) on this rank{first}"
+            else:
+                where_bad = f"in {len(bad)} tensor(s){first}"
             raise FloatingPointError(
-                f"{type(self).__name__}: {count} non-finite gradient element(s) in {len(bad)} tensor(s) here, {first}; "
-                "nothing was changed"
+                f"{type(self).__name__}: {count} non-finite gradient element(s) {where_bad}; nothing was changed"
             )
         self.skipped_steps += 1
         self._note_nonfinite(count, "seen: the whole step was skipped")
@@ -413,7 +423,7 @@ class _Stepping:
                     params=[local(triples[i][1]) for i in idx],
                     grads=[local(triples[i][2]) for i in idx],
                     state={k: [flat(states[i][k]) for i in idx] for k in state_columns(keys, fmt)},
-                    salts=[triples[i][0] for i in idx],
+                    salts=[_salt(triples[i][0], triples[i][1]) for i in idx],
                 )
             )  # fmt: skip
             bucket_shards.append(shard)

@@ -28,7 +28,7 @@ from ..kernels.registry import (
 from ..quant import QUANT_BITS, QuantFormat
 from ..spec import HISTORY, Algorithm
 from ._plan import TrackedState
-from ._sharded import is_sharded, local
+from ._sharded import is_sharded, local, quant_shape, rows_quantizable
 from ._state import _MOMENTS, EXTRA_STATE, QUANT_META, _expected_shape, quant_format_of
 
 
@@ -79,11 +79,12 @@ def _in_its_storage(t: Tensor) -> bool:
     return extent * t.element_size() <= held
 
 
-def _sharding_problem(key: str, t: Tensor, p: Tensor, replicated: bool) -> str | None:
+def _sharding_problem(key: str, t: Tensor, p: Tensor, replicated: bool, fmt: QuantFormat | None = None) -> str | None:
     """What makes a state tensor's sharding unfit for its parameter's: a DTensor
     parameter's state is DTensors on its mesh and placements, whose local tensors have
-    the local parameter's leading shape (``replicated``: a plain host-side tensor, as
-    percentile clipping's history); a plain parameter's state is plain."""
+    the local parameter's shape (quantized ``fmt``: its rows' codes and scales;
+    ``replicated``: a plain host-side tensor, as percentile clipping's history); a plain
+    parameter's state is plain."""
     if replicated or not is_sharded(p):
         return f"state {key!r} is a DTensor but the parameter is not" if is_sharded(t) else None
     if not is_sharded(t):
@@ -94,7 +95,13 @@ def _sharding_problem(key: str, t: Tensor, p: Tensor, replicated: bool) -> str |
             f"{tuple(p.placements)} on {p.device_mesh}"
         )
     lt, lp = local(t), local(p)
-    if tuple(lt.shape[:-1]) != tuple(lp.shape[:-1]) or (t.shape == p.shape and lt.shape != lp.shape):
+    if fmt is not None:  # the kernels step the local codes and scales flat, block by block
+        if not rows_quantizable(p, fmt.block_size, bool(fmt.dither)):
+            return f"state {key!r} is quantized in blocks of {fmt.block_size}, which this parameter's shards cut"
+        if not lt.is_contiguous():
+            return f"state {key!r}'s local tensor is not contiguous"
+    want = tuple(lp.shape) if fmt is None else quant_shape(p, fmt, key, lp.shape)
+    if tuple(lt.shape) != want:
         return f"state {key!r} holds a local {tuple(lt.shape)} shard for a local {tuple(lp.shape)} parameter"
     return None
 
@@ -149,7 +156,7 @@ def state_problem(
                 f"state {key!r} has shape {tuple(t.shape)} but the parameter has shape {tuple(p.shape)}{where}; "
                 "was the parameter resized?"
             )
-        problem = _sharding_problem(key, t, p, key in EXTRA_STATE)
+        problem = _sharding_problem(key, t, p, key in EXTRA_STATE, fmt)
         if problem:
             return problem + where
         if not _in_its_storage(local(t)):

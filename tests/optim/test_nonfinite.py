@@ -115,7 +115,7 @@ def test_raise_changes_nothing(info: OptimizerInfo) -> None:
     params[3].grad[1, 1, 1] = -INF
     with pytest.raises(
         FloatingPointError,
-        match=r"1 non-finite gradient element\(s\) in 1 tensor\(s\) here, the first in param group 0, parameter 3",
+        match=r"1 non-finite gradient element\(s\) in 1 tensor\(s\), the first in param group 0, parameter 3",
     ):
         opt.step()
     assert_unchanged(before, snapshot(opt, params))
