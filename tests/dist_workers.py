@@ -578,3 +578,21 @@ def empty_shards(rank: int, world: int) -> dict[str, Any]:
         module.w.grad = distribute_tensor(g, module.w.device_mesh, module.w.placements, src_data_rank=None)
         opt.step()
     return {"nonfinite_count": opt.nonfinite_count}
+
+
+def sr_replicas(rank: int, world: int) -> dict[str, Any]:
+    """A replicated bf16 parameter, stochastic rounding, each rank seeded differently:
+    the replicas must still round alike (the step's seed is agreed over the mesh)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full_p = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)).bfloat16()
+    p = nn.Parameter(distribute_tensor(full_p.clone(), mesh, [Replicate()]))  # (its local tensor may be the input)
+    opt = adamkit.AdamW([p], lr=1e-3, stochastic_rounding=True)
+    torch.manual_seed(1234 + rank)  # the ranks' generators differ
+    for step in range(1, 4):
+        g = torch.randn(64, 256, generator=torch.Generator().manual_seed(step)).bfloat16()
+        p.grad = distribute_tensor(g, mesh, [Replicate()], src_data_rank=None)
+        opt.step()
+    return {"local": p.to_local().detach().clone(), "changed": not torch.equal(p.to_local(), full_p)}

@@ -256,3 +256,9 @@ def test_mask_counts_with_a_rank_holding_only_empty_shards():
     """A rank whose every shard is empty still takes part in the step's count reduction."""
     ranks = run_ranks(2, "empty_shards")
     assert ranks[0]["nonfinite_count"] == ranks[1]["nonfinite_count"] == 1
+
+
+def test_stochastic_rounding_replicas_agree():
+    ranks = run_ranks(2, "sr_replicas")
+    assert ranks[0]["changed"]
+    assert torch.equal(ranks[0]["local"], ranks[1]["local"])
