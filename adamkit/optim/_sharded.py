@@ -23,24 +23,27 @@ tensor is counted once: each rank's share is weighted by 1 / (its replication).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-try:  # torch built without distributed support has no DTensor: nothing is sharded
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-except ImportError:  # pragma: no cover - torch without torch.distributed
-    dist, DTensor, compute_local_shape_and_global_offset = None, None, None  # type: ignore[assignment]
+
+def _dtensor() -> Any:
+    """The DTensor class, if its module was imported: no DTensor exists before (importing
+    it here would cost every ``import adamkit`` ~0.4 s)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 def is_sharded(t: Any) -> bool:
     """Whether ``t`` is a DTensor (its elements live in per-rank local tensors)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    cls = _dtensor()
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: Tensor) -> Tensor:
@@ -63,7 +66,7 @@ def like(p: Tensor, local_tensor: Tensor, shape: Sequence[int] | None = None) ->
         shape, stride = tuple(p.shape), tuple(p.stride())
     else:
         shape, stride = tuple(shape), _contiguous_stride(shape)
-    return DTensor.from_local(
+    return _dtensor().from_local(
         local_tensor, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=stride
     )
 
@@ -121,6 +124,8 @@ def quant_shape(p: Tensor, fmt: Any, column: str, shape: Sequence[int] | None = 
 
 @lru_cache(maxsize=4096)
 def _offset(shape: tuple[int, ...], mesh: Any, placements: tuple[Any, ...]) -> int:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     _, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
     return sum(o * s for o, s in zip(offsets, _contiguous_stride(shape)))
 
