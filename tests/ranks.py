@@ -36,13 +36,16 @@ def _entry(rank: int, world: int, port: int, target: str, args: tuple[Any, ...],
         result = getattr(dist_workers, target)(rank, world, *args)
         with open(os.path.join(out, f"{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
+        dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(out, f"{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # done, results written: leave without running C++ static destructors, whose gloo
+    # threads abort a process now and then at exit ("terminate called without an active
+    # exception", exit code -6) after everything has finished
+    os._exit(0)
 
 
 def run_ranks(world: int, target: str, *args: Any, timeout: float = 600) -> list[Any]:
