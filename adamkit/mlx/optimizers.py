@@ -1,0 +1,502 @@
+"""``adamkit.mlx.Adam``, ``AdamW``, ``Adamax`` and ``NAdam``: torch.optim's semantics as
+``mlx.optimizers.Optimizer`` subclasses.
+
+MLX's conventions hold: ``learning_rate`` is a float or a schedule (a callable of the
+step), ``update(model, grads)`` / ``apply_gradients``, lazy state in ``optimizer.state``
+(a tree beside the parameters' with a single ``step``), saved with
+``tree_flatten`` + ``mx.save_safetensors``. The math is torch's: bias correction,
+``amsgrad``, ``maximize``, coupled L2 (Adam) or decoupled decay (AdamW), Adamax and NAdam
+as torch defines them, with torch's defaults and state names (``exp_avg``,
+``exp_avg_sq``, ``max_exp_avg_sq``, ``exp_inf``, ``mu_product``: :mod:`adamkit.spec`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import mlx.core as mx
+from mlx.optimizers import Optimizer
+from mlx.utils import tree_flatten, tree_map
+
+from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat
+from ..spec import ALGORITHMS, Algorithm
+from ._rules import compiled, finite_, step_consts
+
+#: What ``nonfinite=`` accepts (as the torch side).
+NONFINITE_MODES = ("mask", "skip", "propagate", "raise")
+#: ``state_bits`` the MLX optimizers keep.
+STATE_BITS = (32, 16, 8, 4)
+#: The optimizer-wide entries of ``optimizer.state`` besides MLX's ``step`` and
+#: ``learning_rate``.
+COUNTERS = ("nonfinite_count", "skipped_steps")
+
+StateFormat = QuantFormat | mx.Dtype
+
+
+class AdamFamily(Optimizer):
+    """The machinery of :class:`Adam`, :class:`AdamW`, :class:`Adamax` and :class:`NAdam`:
+    arguments, lazy state, its checks, the per-step constants and the non-finite policy.
+    Subclasses name their algorithm and their arguments.
+
+    Attributes:
+        nonfinite_count: gradient elements masked under ``"mask"`` or seen in skipped
+            steps under ``"skip"`` (kept in ``state["nonfinite_count"]``).
+        skipped_steps: steps skipped as a whole under ``"skip"``.
+    """
+
+    algorithm: ClassVar[str]
+
+    def __init__(
+        self,
+        learning_rate: float | Callable[[mx.array], mx.array],
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        *,
+        lr: float | None = None,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        momentum_decay: float = 0.0,
+        state_bits: int = 32,
+        block_size: int | None = None,
+        min_quant_size: int = 4096,
+        nonfinite: str = "mask",
+    ) -> None:
+        super().__init__()
+        if lr is not None:  # torch's name, for ported code
+            learning_rate = lr
+        self.betas = tuple(betas)
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.amsgrad = bool(amsgrad)
+        self.maximize = bool(maximize)
+        self.decoupled_weight_decay = bool(decoupled_weight_decay)
+        self.momentum_decay = momentum_decay
+        if state_bits not in STATE_BITS:
+            raise ValueError(f"state_bits must be one of {STATE_BITS}, got {state_bits!r}")
+        self.state_bits = state_bits
+        self.quant_format = (
+            QuantFormat(state_bits, block_size or DEFAULT_BLOCK[state_bits]) if state_bits in QUANT_BITS else None
+        )
+        if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or min_quant_size < 0:
+            raise ValueError(f"min_quant_size must be an int >= 0, got {min_quant_size!r}")
+        self.min_quant_size = min_quant_size
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        if not callable(learning_rate):
+            _check_number("learning rate", learning_rate)
+        self._check_hyperparameters()
+        self._maybe_schedule("learning_rate", learning_rate)
+        self._add_counters(self._state)
+
+    # ------------------------------------------------------------------ arguments
+    @property
+    def spec(self) -> Algorithm:
+        """This optimizer's algorithm (:mod:`adamkit.spec`)."""
+        return ALGORITHMS[self.algorithm]
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        b1, b2 = self.betas
+        return {
+            "beta1": float(b1),
+            "beta2": float(b2),
+            "eps": float(self.eps),
+            "weight_decay": float(self.weight_decay),
+            "decoupled": self.decoupled_weight_decay,
+            "momentum_decay": float(self.momentum_decay),
+        }
+
+    def _check_hyperparameters(self) -> None:
+        """torch.optim's checks, before every step (the attributes may be changed)."""
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be a pair, got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            _check_number(f"beta parameter at index {i}", beta, below=1.0)
+        _check_number("epsilon value", self.eps)
+        _check_number("weight_decay value", self.weight_decay)
+        _check_number("momentum_decay value", self.momentum_decay)
+
+    @staticmethod
+    def _add_counters(state: dict) -> None:
+        for key in COUNTERS:
+            if key not in state:
+                state[key] = mx.array(0, mx.uint64)
+
+    @property
+    def nonfinite_count(self) -> int:
+        return int(self.state["nonfinite_count"])
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.state["skipped_steps"])
+
+    # ---------------------------------------------------------------------- state
+    def state_format(self, parameter: mx.array) -> StateFormat:
+        """The format of a parameter's state: quantized for ``state_bits`` 8 or 4 and at
+        least ``min_quant_size`` elements, else bfloat16 (``state_bits=16``), or float32
+        (float64 for float64 parameters)."""
+        _check_parameter(parameter)
+        if self.quant_format is not None and parameter.size >= self.min_quant_size:
+            return self.quant_format
+        if self.state_bits == 16:
+            return mx.bfloat16
+        return mx.float64 if parameter.dtype == mx.float64 else mx.float32
+
+    def expected_state(self, parameter: mx.array) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
+        """Each state entry of ``parameter`` (in order): its shape and dtype."""
+        fmt = self.state_format(parameter)
+        keys = self.spec.state_keys(self.amsgrad)
+        out: dict[str, tuple[tuple[int, ...], mx.Dtype]] = {}
+        if isinstance(fmt, QuantFormat):
+            n = parameter.size
+            for k in keys:
+                out[f"{k}_codes"] = ((fmt.code_bytes(n),), mx.uint8)
+                out[f"{k}_absmax"] = ((fmt.blocks(n),), mx.float32)
+        else:
+            out.update({k: (tuple(parameter.shape), fmt) for k in keys})
+        out.update({k: ((), mx.float32) for k in self.spec.history})
+        return out
+
+    def init_single(self, parameter: mx.array, state: dict) -> None:
+        """Zero state (history at its initial values) for a new parameter."""
+        for key, (shape, dtype) in self.expected_state(parameter).items():
+            initial = self.spec.history.get(key, 0.0)
+            state[key] = mx.full(shape, initial, dtype) if initial else mx.zeros(shape, dtype)
+
+    def init(self, parameters: dict) -> None:
+        """MLX's lazy initialization, then every existing state checked against its
+        parameter (a loaded ``optimizer.state`` included): ValueError names the parameter.
+        AMSGrad's maximum is added where ``amsgrad`` was switched on."""
+        self._check_format_record(self._state)
+        super().init(parameters)
+        for path, p in tree_flatten(parameters):
+            self._check_state(path, p, _find(self._state, path), add_missing=True)
+        self._add_counters(self._state)
+        if self.quant_format is not None:
+            self._state["quant_format"] = _format_record(self.quant_format)
+
+    def _check_format_record(self, state: Mapping[str, Any]) -> None:
+        record = state.get("quant_format")
+        if record is None:
+            return
+        try:
+            saved = tuple(int(x) for x in record.tolist())
+        except (RuntimeError, ValueError):  # a placeholder inside mx.compile: checked when concrete
+            return
+        mine = tuple(int(x) for x in _format_record(self.quant_format).tolist()) if self.quant_format else None
+        if saved != mine:
+            raise ValueError(
+                f"the state holds quantized state of format (bits, block, dither) {saved}, this optimizer keeps "
+                f"{mine or f'{self.state_bits}-bit state'}: build the optimizer with that state_bits and block_size, "
+                "or convert the state (adamkit.mlx.to_torch_state_dict / load_torch_state_dict)"
+            )
+
+    def _check_state(self, path: str, parameter: mx.array, state: Any, add_missing: bool = False) -> None:
+        if not isinstance(state, dict):
+            raise ValueError(f"parameter {path!r}: its state must be a dict, got {type(state).__name__}")
+        expected = self.expected_state(parameter)
+        amsgrad_key = self.spec.amsgrad_key
+        for key, (shape, dtype) in expected.items():
+            value = state.get(key)
+            if value is None and amsgrad_key and key.startswith(amsgrad_key) and state:
+                if add_missing:  # amsgrad switched on: its maximum starts at zero
+                    state[key] = mx.zeros(shape, dtype)
+                continue
+            if not isinstance(value, mx.array):
+                raise ValueError(f"parameter {path!r}: state entry {key!r} is missing (has {sorted(state)})")
+            if tuple(value.shape) != shape or value.dtype != dtype:
+                raise ValueError(
+                    f"parameter {path!r}: state entry {key!r} is {value.dtype} {tuple(value.shape)}, expected "
+                    f"{dtype} {shape} (state_bits={self.state_bits}, parameter {parameter.dtype} "
+                    f"{tuple(parameter.shape)})"
+                )
+
+    # ----------------------------------------------------------------------- step
+    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
+        """One step: ``parameters`` updated from ``gradients`` (MLX's contract). Checks
+        everything first; nothing changes if a check fails."""
+        self._check_hyperparameters()
+        tree_map(_check_pair, gradients, parameters)
+        if self._initialized:
+            for path, g in tree_flatten(gradients):
+                self._check_state(path, g, _find(self._state, path))
+        ok = None
+        if self.nonfinite in ("skip", "raise"):
+            seen = sum(
+                (mx.sum(~finite_(g)).astype(mx.uint64) for _, g in tree_flatten(gradients)), mx.array(0, mx.uint64)
+            )
+            if self.nonfinite == "raise":
+                _raise_if_nonfinite(seen)
+            else:
+                ok = seen == 0
+        if not self._initialized:
+            self.init(gradients)
+        elif self.amsgrad:  # checked: now add the maxima a switch to amsgrad needs
+            for path, g in tree_flatten(gradients):
+                self._check_state(path, g, _find(self._state, path), add_missing=True)
+        for name, scheduler in self._schedulers.items():
+            self.state[name] = scheduler(self.step)
+        t = self.step + 1
+        self._consts = step_consts(self.algorithm, t, self.learning_rate, self._hyperparameters(), ok)
+        self._t = t.astype(mx.uint32)
+        self._masked: list[mx.array] = []
+        if ok is not None:
+            self.state["nonfinite_count"] = self.state["nonfinite_count"] + seen
+            self.state["skipped_steps"] = self.state["skipped_steps"] + (~ok).astype(mx.uint64)
+            t = self.step + ok.astype(mx.uint64)
+        self.state["step"] = t
+        out = tree_map(self.apply_single, gradients, parameters, self.state)
+        if self._masked:
+            total = sum((m.astype(mx.uint64) for m in self._masked), mx.array(0, mx.uint64))
+            self.state["nonfinite_count"] = self.state["nonfinite_count"] + total
+        return out
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        """One parameter's compiled step (:func:`adamkit.mlx._rules.compiled`)."""
+        fmt = self.state_format(parameter)
+        keys = self.spec.state_keys(self.amsgrad)
+        history = tuple(self.spec.history)
+        quant = fmt if isinstance(fmt, QuantFormat) else None
+        names = [f"{k}_{part}" for k in keys for part in ("codes", "absmax")] if quant else list(keys)
+        names += history
+        mask, skip = self.nonfinite == "mask", self.nonfinite == "skip"
+        step = compiled(self.algorithm, keys, quant, self.maximize, self.amsgrad, mask, skip, len(history))
+        lead = (self._consts, self._t) if quant else (self._consts,)
+        new_p, *new_state, masked = step(gradient, parameter, *lead, *(state[k] for k in names))
+        state.update(zip(names, new_state))
+        if mask:
+            self._masked.append(masked)
+        return new_p
+
+    # ---------------------------------------------------------------- torch side
+    def to_torch_state_dict(self, names: Any, parameters: dict, **kwargs: Any) -> dict[str, Any]:
+        """This optimizer's state as a torch ``state_dict``:
+        :func:`adamkit.mlx.to_torch_state_dict`."""
+        from .convert import to_torch_state_dict
+
+        return to_torch_state_dict(self, names, parameters, **kwargs)
+
+    def load_torch_state_dict(self, state_dict: Mapping[str, Any], names: Any, parameters: dict, **kwargs: Any) -> None:
+        """Take the state of a torch ``state_dict``: :func:`adamkit.mlx.load_torch_state_dict`."""
+        from .convert import load_torch_state_dict
+
+        load_torch_state_dict(self, state_dict, names, parameters, **kwargs)
+
+
+def _format_record(fmt: QuantFormat) -> mx.array:
+    return mx.array([fmt.bits, fmt.block_key, int(fmt.dither)], mx.int32)
+
+
+def _check_number(name: str, value: Any, below: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < below:
+        bound = "[0, 1)" if below == 1.0 else ">= 0"
+        raise ValueError(f"Invalid {name}: {value!r} (a number {bound})")
+
+
+def _check_parameter(p: Any) -> None:
+    if not isinstance(p, mx.array):
+        raise TypeError(f"parameters and gradients must be mlx arrays, got {type(p).__name__}")
+    if not mx.issubdtype(p.dtype, mx.floating):
+        raise TypeError(f"adamkit.mlx steps real floating-point parameters, got {p.dtype}")
+
+
+def _check_pair(g: Any, p: Any) -> None:
+    _check_parameter(g)
+    _check_parameter(p)
+    if tuple(g.shape) != tuple(p.shape):
+        raise ValueError(f"a gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+
+
+def _find(tree: Any, path: str) -> Any:
+    """The subtree of ``tree`` at a ``tree_flatten`` path (``"layers.0.weight"``)."""
+    for part in path.split("."):
+        tree = (
+            tree[int(part)] if isinstance(tree, (list, tuple)) else tree.get(part) if isinstance(tree, dict) else None
+        )
+    return tree
+
+
+def _raise_if_nonfinite(seen: mx.array) -> None:
+    try:
+        count = int(seen)
+    except (RuntimeError, ValueError) as err:  # evaluated inside a transformation (mx.compile)
+        raise RuntimeError(
+            "nonfinite='raise' reads the gradients on the host, which mx.compile does not allow: use "
+            "nonfinite='skip' or 'mask' inside a compiled step"
+        ) from err
+    if count:
+        raise FloatingPointError(f"{count} gradient element(s) are NaN or infinite; nothing was changed")
+
+
+_ARGS = """
+    Args:
+        learning_rate: γ, a float or a schedule (a callable of the step array, as
+            ``mlx.optimizers`` schedules); ``lr=`` is accepted as torch's name for it.
+        betas: (β1, β2), each in [0, 1).
+        eps: ε.
+        weight_decay: λ.
+        state_bits: 32 (float32 state; float64 for float64 parameters), 16 (bfloat16
+            moments, math in float32), 8 or 4 (block-wise quantized moments with the
+            torch side's codebooks: :mod:`adamkit.quant`) for parameters of at least
+            ``min_quant_size`` elements; smaller ones keep 32-bit state.
+        block_size: elements per absmax of quantized state (default 256 at 8 bits, 128 at 4).
+        min_quant_size: smaller parameters keep 32-bit state (default 4096).
+        nonfinite: what a NaN/±inf gradient element does, as on the torch side:
+            ``"mask"`` (default: its parameter and moments stay unchanged, and those of
+            an element whose gradient is so large that its moments overflow; counted in
+            ``nonfinite_count``), ``"skip"`` (the whole step is skipped, ``step`` not
+            incremented; ``skipped_steps`` counts them), ``"propagate"`` (torch's and
+            MLX's behaviour) or ``"raise"`` (FloatingPointError, nothing changed; reads
+            the gradients on the host, so not inside ``mx.compile``).
+"""
+
+
+class Adam(AdamFamily):
+    __doc__ = (
+        """Adam as ``torch.optim.Adam``: bias-corrected moments, L2 weight decay added to
+    the gradient (``decoupled_weight_decay=True``: AdamW's decay), ``amsgrad``, ``maximize``.
+"""
+        + _ARGS
+        + """        amsgrad: use the running maximum of ``v``.
+        maximize: maximize the objective.
+        decoupled_weight_decay: decay the parameter instead (AdamW).
+
+    Example:
+        >>> import mlx.nn as nn, adamkit.mlx
+        >>> model = nn.Linear(4, 1)
+        >>> opt = adamkit.mlx.Adam(learning_rate=1e-3)
+"""
+    )
+
+    algorithm = "adam"
+
+    def __init__(
+        self,
+        learning_rate: float | Callable[[mx.array], mx.array] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        lr: float | None = None,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        state_bits: int = 32,
+        block_size: int | None = None,
+        min_quant_size: int = 4096,
+        nonfinite: str = "mask",
+    ) -> None:
+        super().__init__(
+            learning_rate, betas, eps, weight_decay, lr=lr, amsgrad=amsgrad, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay, state_bits=state_bits, block_size=block_size,
+            min_quant_size=min_quant_size, nonfinite=nonfinite,
+        )  # fmt: skip
+
+
+class AdamW(Adam):
+    __doc__ = (
+        """AdamW as ``torch.optim.AdamW``: Adam with decoupled weight decay,
+    ``θ ← (1 - γλ)·θ`` before the update (``weight_decay`` defaults to 1e-2). Unlike
+    ``mlx.optimizers.AdamW``, bias correction is always on.
+"""
+        + _ARGS
+        + """        amsgrad: use the running maximum of ``v``.
+        maximize: maximize the objective.
+"""
+    )
+
+    def __init__(
+        self,
+        learning_rate: float | Callable[[mx.array], mx.array] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        lr: float | None = None,
+        maximize: bool = False,
+        state_bits: int = 32,
+        block_size: int | None = None,
+        min_quant_size: int = 4096,
+        nonfinite: str = "mask",
+    ) -> None:
+        super().__init__(
+            learning_rate, betas, eps, weight_decay, amsgrad, lr=lr, maximize=maximize,
+            decoupled_weight_decay=True, state_bits=state_bits, block_size=block_size,
+            min_quant_size=min_quant_size, nonfinite=nonfinite,
+        )  # fmt: skip
+
+
+class Adamax(AdamFamily):
+    __doc__ = (
+        """Adamax as ``torch.optim.Adamax``: ``u ← max(β2·u, |g| + ε)`` (ε inside the
+    maximum), the first moment bias-corrected, L2 weight decay. ``mlx.optimizers.Adamax``
+    has no bias correction and adds ε outside the maximum.
+"""
+        + _ARGS
+        + """        maximize: maximize the objective.
+"""
+    )
+
+    algorithm = "adamax"
+
+    def __init__(
+        self,
+        learning_rate: float | Callable[[mx.array], mx.array] = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        lr: float | None = None,
+        maximize: bool = False,
+        state_bits: int = 32,
+        block_size: int | None = None,
+        min_quant_size: int = 4096,
+        nonfinite: str = "mask",
+    ) -> None:
+        super().__init__(
+            learning_rate, betas, eps, weight_decay, lr=lr, maximize=maximize, state_bits=state_bits,
+            block_size=block_size, min_quant_size=min_quant_size, nonfinite=nonfinite,
+        )  # fmt: skip
+
+
+class NAdam(AdamFamily):
+    __doc__ = (
+        """NAdam as ``torch.optim.NAdam``: Nesterov momentum with torch's momentum schedule
+    ``μ_t = β1·(1 - ½·0.96^(t·ψ))`` and each parameter's ``mu_product``; L2 weight decay,
+    or decoupled with ``decoupled_weight_decay=True`` (NAdamW). MLX has no NAdam.
+"""
+        + _ARGS
+        + """        momentum_decay: ψ (default 4e-3).
+        maximize: maximize the objective.
+        decoupled_weight_decay: decay the parameter instead.
+"""
+    )
+
+    algorithm = "nadam"
+
+    def __init__(
+        self,
+        learning_rate: float | Callable[[mx.array], mx.array] = 2e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum_decay: float = 4e-3,
+        *,
+        lr: float | None = None,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        state_bits: int = 32,
+        block_size: int | None = None,
+        min_quant_size: int = 4096,
+        nonfinite: str = "mask",
+    ) -> None:
+        super().__init__(
+            learning_rate, betas, eps, weight_decay, lr=lr, maximize=maximize,
+            decoupled_weight_decay=decoupled_weight_decay, momentum_decay=momentum_decay, state_bits=state_bits,
+            block_size=block_size, min_quant_size=min_quant_size, nonfinite=nonfinite,
+        )  # fmt: skip
