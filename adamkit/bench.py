@@ -638,6 +638,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="cpu", help="cpu (default) or cuda: on a GPU, the Triton kernels against torch's and peers'"
     )
+    parser.add_argument(
+        "--mlx",
+        action="store_true",
+        help="adamkit.mlx against mlx.optimizers.AdamW on MLX's device instead (needs MLX: .[mlx])",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="FILE.png", help="plot the ratios against torch fused (matplotlib)")
     parser.add_argument(
@@ -647,6 +652,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "mlx", False):
+        try:
+            from .mlx import bench as mlx_bench
+        except ImportError as err:
+            raise SystemExit(f"adamkit bench --mlx: {err}") from None
+        return mlx_bench.run(args)
     if args.plot:  # before the minutes of timing, not after
         try:
             import matplotlib  # noqa: F401

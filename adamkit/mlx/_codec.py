@@ -91,30 +91,49 @@ def unpack(codes: mx.array, bits: int, shape: tuple[int, int]) -> mx.array:
     return mx.stack([codes & 0xF, codes >> 4], axis=-1).reshape(shape)
 
 
-def dequantize(codes: mx.array, absmax: mx.array, book: Codebook, shape: tuple[int, int], step: mx.array) -> mx.array:
-    """float32 ``[blocks, block]``: the decoded state (codes written at ``step``)."""
+def levels(codes: mx.array, book: Codebook, shape: tuple[int, int], step: mx.array) -> mx.array:
+    """float32 ``[blocks, block]``: each element's decoded value before its block's scale
+    (codes written at ``step``): the codebook's value, and for dithered codes the
+    position between values the dither gives back."""
     t, stage = tables(book.name), _stages(book.name)
     code = unpack(codes, book.bits, shape)
     values = _lookup(t["values"], code)
     if not book.dither:
-        return stage.scale(values, absmax)
-    back, index = stage.backwards(code, step)
-    return stage.interpolate(values, back, _lookup(t["slopes"], index), absmax)
+        return values
+    return stage.interpolated(values, _lookup(t["slopes"], stage.slope_index(code, step)), step)
 
 
-def quantize(x: mx.array, book: Codebook, numel: int, step: mx.array) -> tuple[mx.array, mx.array]:
+def scaled(level: mx.array, absmax: mx.array, book: Codebook) -> mx.array:
+    """The state from its :func:`levels` and block scales (squared for a root codebook):
+    element-wise, so that a compiled step decodes inside its own fused loop."""
+    out = level * absmax[:, None]
+    return out * out if book.root else out
+
+
+def dequantize(codes: mx.array, absmax: mx.array, book: Codebook, shape: tuple[int, int], step: mx.array) -> mx.array:
+    """float32 ``[blocks, block]``: the decoded state (codes written at ``step``)."""
+    return _stages(book.name).scaled(levels(codes, book, shape, step), absmax)
+
+
+def quantize(
+    x: mx.array, book: Codebook, numel: int, step: mx.array, finite: bool = False
+) -> tuple[mx.array, mx.array]:
     """Encode float32 ``x`` (``[blocks, block]``, its first ``numel`` elements real):
-    (flat uint8 codes as stored, float32 absmax per block), as the reference codec."""
-    t, stage = tables(book.name), _stages(book.name)
+    (flat uint8 codes as stored, float32 absmax per block), as the reference codec.
+    ``finite``: the caller knows ``x`` holds no NaN or ±inf, and the stages skip the
+    selects that store them saturated (element-wise selects are MLX's slowest operation
+    on the CPU)."""
+    t, stage = tables(book.name), _stages(book.name, finite)
     if x.size != numel:  # the padding of the last block holds decoded codes: zeros, as the reference pads
-        x = mx.where(mx.arange(x.size).reshape(x.shape) < numel, x, 0.0)
+        flat = x.reshape(-1)[:numel]
+        x = mx.concatenate([flat, mx.zeros((x.size - numel,), flat.dtype)]).reshape(x.shape)
     absmax = stage.absmax(x)
-    y, where = stage.located(stage.normalized(x, absmax))
+    where = stage.located(x, absmax)
     if book.dither:
-        k = stage.interval(y, _lookup(t["first"], where), _lookup(t["threshold"], where))
-        codes = stage.dithered(y, _lookup(t["rate"], k), _lookup(t["offset"], k), step)
+        k = stage.interval(x, absmax, _lookup(t["first"], where), _lookup(t["threshold"], where))
+        codes = stage.dithered(x, absmax, _lookup(t["rate"], k), _lookup(t["offset"], k), step)
     else:
-        codes = stage.nearest(y, _lookup(t["packed"], where), x)
+        codes = stage.nearest(x, absmax, _lookup(t["packed"], where))
     flat = codes.reshape(-1)
     if book.bits == 4:
         if numel % 2:  # the last byte's high nibble is 0, as the reference packs
@@ -127,8 +146,10 @@ def quantize(x: mx.array, book: Codebook, numel: int, step: mx.array) -> tuple[m
 # operations, but a graph with a gather or a reduction in its middle runs several times
 # slower than its stages compiled apart (measured: 8-bit encoding of 4M elements 118 ms
 # as one graph, 18 ms in stages). Nested in a compiled step, they keep their boundaries.
+# Between gathers, each stage recomputes the normalized value from the state and its
+# block's scale rather than reading it back from memory.
 @cache
-def _stages(name: str) -> SimpleNamespace:
+def _stages(name: str, finite: bool = False) -> SimpleNamespace:
     from ..quant import codebook
 
     book = codebook(name)
@@ -141,61 +162,68 @@ def _stages(name: str) -> SimpleNamespace:
 
     def absmax(x: mx.array) -> mx.array:
         r = mx.abs(root(x))
-        return mx.max(mx.where(r < math.inf, r, 0.0), axis=1)  # a comparison, not isfinite: it fuses
+        return mx.max(r if finite else mx.where(r < math.inf, r, 0.0), axis=1)  # a comparison, not isfinite
 
     def normalized(x: mx.array, absmax: mx.array) -> mx.array:
+        """``y``: the element over its block's absmax (dithered: clamped to the map)."""
         r = root(x)
-        top = absmax[:, None]
-        r = mx.where(mx.abs(r) < math.inf, r, mx.where(r < 0, -top, top))  # NaN: +absmax
+        if not finite:
+            top = absmax[:, None]
+            r = mx.where(mx.abs(r) < math.inf, r, mx.where(r < 0, -top, top))  # NaN: +absmax
         scale = mx.where(absmax < FLOAT32_TINY, 2.0**64, 1.0)  # a subnormal absmax's inverse overflows
         inv = mx.where(absmax > 0, 1.0 / (absmax * scale), 0.0)
-        return (r * scale[:, None]) * inv[:, None]
+        y = (r * scale[:, None]) * inv[:, None]
+        if book.dither:  # NaN: as L[0]; > 1: code 15
+            y = mx.minimum(mx.maximum(y, lowest) if finite else mx.where(y > lowest, y, lowest), 2.0)
+        return y
 
-    def located(y: mx.array) -> tuple[mx.array, mx.array]:
-        """Dithered: ``y`` clamped to the codebook's range and its cell; nearest: the
-        encoder table's index."""
+    def located(x: mx.array, absmax: mx.array) -> mx.array:
+        """Dithered: the cell of ``y``; nearest: the encoder table's index."""
+        y = normalized(x, absmax)
         if book.dither:
-            y = mx.minimum(mx.where(y > lowest, y, lowest), 2.0)  # NaN: as L[0]; > 1: code 15
-            return y, mx.clip((y * t["cell"][0] + t["cell"][1]).astype(mx.int32), 0, 31)
+            return mx.clip((y * t["cell"][0] + t["cell"][1]).astype(mx.int32), 0, 31)
         bits = y.view(mx.uint32)
         magnitude = mx.clip(bits & 0x7FFFFFFF, _LOW_BITS, _ONE_BITS)
-        return y, ((magnitude - _LOW_BITS) >> _SHIFT) + (bits >> 31) * _HALF
+        return ((magnitude - _LOW_BITS) >> _SHIFT) + (bits >> 31) * _HALF
 
-    def nearest(y: mx.array, entry: mx.array, x: mx.array) -> mx.array:
-        bits = y.view(mx.uint32)
+    def nearest(x: mx.array, absmax: mx.array, entry: mx.array) -> mx.array:
+        bits = normalized(x, absmax).view(mx.uint32)
         low, candidate = entry & 0xFFFF, entry >> 16
         mine = (bits & 0xFFFF).astype(mx.int32)
-        codes = candidate + mx.where((bits >> 31) > 0, mine < low, mine > low).astype(mx.int32)
-        if clamp_zero:  # x above 0 (or NaN, stored as +absmax)
+        sign = 1 - 2 * (bits >> 31).astype(mx.int32)  # above the midpoint: mine > low; below zero: mine < low
+        codes = candidate + ((mine - low) * sign > 0).astype(mx.int32)
+        if clamp_zero and finite:  # x above 0 (or NaN, stored as +absmax)
+            codes = mx.maximum(codes, (x > 0).astype(mx.int32))
+        elif clamp_zero:
             codes = mx.where(x <= 0, codes, mx.maximum(codes, 1))
         return codes.astype(mx.uint8)
 
-    def interval(y: mx.array, first: mx.array, threshold: mx.array) -> mx.array:
-        return first + (y >= threshold).astype(mx.int32)
+    def interval(x: mx.array, absmax: mx.array, first: mx.array, threshold: mx.array) -> mx.array:
+        return first + (normalized(x, absmax) >= threshold).astype(mx.int32)
 
-    def dithered(y: mx.array, rate: mx.array, offset: mx.array, step: mx.array) -> mx.array:
-        position = (y * rate + offset).astype(mx.int32)  # in 2^-16 codes, truncated
-        return mx.minimum((position + dither(y.shape, step)) >> 16, 15).astype(mx.uint8)
+    def dithered(x: mx.array, absmax: mx.array, rate: mx.array, offset: mx.array, step: mx.array) -> mx.array:
+        position = (normalized(x, absmax) * rate + offset).astype(mx.int32)  # in 2^-16 codes, truncated
+        return mx.minimum((position + dither(x.shape, step)) >> 16, 15).astype(mx.uint8)
 
     def pack(flat: mx.array) -> mx.array:
         pairs = flat.reshape(-1, 2)
         return pairs[:, 0] | (pairs[:, 1] << 4)
 
-    def scale(values: mx.array, absmax: mx.array) -> mx.array:
-        out = values * absmax[:, None]
-        return out * out if book.root else out
+    def back(shape: tuple[int, ...], step: mx.array) -> mx.array:
+        """``code + 1/2 - u`` less the code, in 2^-16 codes."""
+        return (32768 - dither(shape, step)).astype(mx.float32)
 
-    def backwards(code: mx.array, step: mx.array) -> tuple[mx.array, mx.array]:
-        """``code + 1/2 - u`` less the code (in 2^-16 codes), and the index of its slope:
-        ``up[code]`` at ``code``, ``down[code]`` at ``code + 16``."""
-        back = (32768 - dither(code.shape, step)).astype(mx.float32)
-        return back, code.astype(mx.int32) + 16 * (back < 0).astype(mx.int32)
+    def slope_index(code: mx.array, step: mx.array) -> mx.array:
+        """``up[code]`` at ``code``, ``down[code]`` at ``code + 16``."""
+        return code.astype(mx.int32) + 16 * (back(code.shape, step) < 0).astype(mx.int32)
 
-    def interpolate(values: mx.array, back: mx.array, slope: mx.array, absmax: mx.array) -> mx.array:
-        return scale(values + back * slope, absmax)
+    def interpolated(values: mx.array, slope: mx.array, step: mx.array) -> mx.array:
+        return values + back(values.shape, step) * slope
 
-    compiled = {
-        f.__name__: mx.compile(f)
-        for f in (absmax, normalized, located, nearest, interval, dithered, pack, scale, backwards, interpolate)
-    }
+    def scaled_(level: mx.array, absmax: mx.array) -> mx.array:
+        return scaled(level, absmax, book)
+
+    stages = (absmax, located, nearest, interval, dithered, pack, slope_index, interpolated)
+    compiled = {f.__name__: mx.compile(f) for f in stages}
+    compiled["scaled"] = mx.compile(scaled_)
     return SimpleNamespace(**compiled)

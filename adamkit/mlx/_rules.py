@@ -20,7 +20,7 @@ import mlx.core as mx
 import torch
 
 from ..kernels.reference import HUGE as _HUGE
-from ..quant import QuantFormat
+from ..quant import Codebook, QuantFormat
 from ..quant.blockwise import DEFAULT_BLOCK
 from . import _codec
 
@@ -166,16 +166,27 @@ RULES: dict[str, Callable[..., tuple]] = {"adam": adam_rule, "adamax": adamax_ru
 
 # ----------------------------------------------------------------- one parameter
 def _dense_step(
-    rule: Callable[..., tuple], moments: int, maximize: bool, amsgrad: bool, mask: bool, skip: bool
+    rule: Callable[..., tuple],
+    moments: int,
+    maximize: bool,
+    amsgrad: bool,
+    mask: bool,
+    skip: bool,
+    books: Sequence[Codebook] = (),
 ) -> Callable[..., tuple]:
     """The step of one parameter with dense state: ``(g, p, c, *state) -> (p, *state,
     masked)``; the math in float32 (float64 for float64 parameters), results stored in
     the parameter's and the state's dtypes. ``state[:moments]`` are moments, the rest
-    per-parameter history (NAdam's ``mu_product``)."""
+    per-parameter history (NAdam's ``mu_product``). With ``books`` (quantized state),
+    each moment arrives as its levels and block scales (:func:`adamkit.mlx._codec.levels`)
+    and is decoded here, inside the fused loop, and leaves in float32."""
 
     def step(g: mx.array, p: mx.array, c: mx.array, *state: mx.array) -> tuple:
         work = mx.float64 if p.dtype == mx.float64 else mx.float32
         wg, wp = g.astype(work), p.astype(work)
+        if books:
+            decoded = [_codec.scaled(state[2 * i], state[2 * i + 1], b) for i, b in enumerate(books)]
+            state = (*decoded, *state[2 * len(books) :])
         ws = [s.astype(work) if i < moments else s for i, s in enumerate(state)]
         new_p, new_s = rule(wp, -wg if maximize else wg, ws, c, amsgrad)
         masked = mx.array(0, mx.uint32)
@@ -224,13 +235,16 @@ def _quant_step(
     mask: bool,
     skip: bool,
     history: int,
+    finite: bool,
 ) -> Callable[..., tuple]:
     """The step of one parameter with quantized state: ``(g, p, c, step, *state) -> (p,
     *state, masked)``, ``state`` the codes and absmax of each key, then the history.
     Decode (codes written at ``step - 1``), the dense step above, encode at ``step``:
-    the reference's ``_quantized_step``."""
-    dense = mx.compile(_dense_step(rule, len(keys), maximize, amsgrad, mask, skip), shapeless=True)
+    the reference's ``_quantized_step``. ``finite``: the gradient is known to hold
+    nothing non-finite or huge, so the new state is finite (the codec's short path)."""
     books = [fmt.codebook(k) for k in keys]
+    # per shape: a shapeless graph broadcasts the block scales with strided loops (2x slower)
+    dense = mx.compile(_dense_step(rule, len(keys), maximize, amsgrad, mask, skip, books))
     block = fmt.block_size or DEFAULT_BLOCK[fmt.bits]
 
     def step(g: mx.array, p: mx.array, c: mx.array, t: mx.array, *state: mx.array) -> tuple:
@@ -238,14 +252,14 @@ def _quant_step(
         gb, pb = _codec.blocked(g, block), _codec.blocked(p, block)
         shape = gb.shape
         before = t - 1
-        decoded = [
-            _codec.dequantize(state[2 * i], state[2 * i + 1], book, shape, before) for i, book in enumerate(books)
-        ]
-        new_p, *rest = dense(gb, pb, c, *decoded, *state[2 * len(keys) :])
+        encoded = []
+        for i, book in enumerate(books):
+            encoded += [_codec.levels(state[2 * i], book, shape, before), state[2 * i + 1]]
+        new_p, *rest = dense(gb, pb, c, *encoded, *state[2 * len(keys) :])
         new_dense, new_history, masked = rest[: len(keys)], rest[len(keys) : -1], rest[-1]
         out: list[mx.array] = []
         for book, x in zip(books, new_dense):
-            out.extend(_codec.quantize(x, book, n, t))
+            out.extend(_codec.quantize(x, book, n, t, finite))
         if skip:  # a skipped step keeps the codes written at the step count it keeps
             ok = c[_C["ok"]] > 0
             out = [mx.where(ok, new, old) for new, old in zip(out, state)]
@@ -264,6 +278,7 @@ def compiled(
     mask: bool,
     skip: bool,
     history: int,
+    finite: bool = False,
 ) -> Callable[..., tuple]:
     """The compiled step of one parameter (built once per argument set). Quantized
     state: the dense step and the codec's stages compiled apart (see
@@ -271,4 +286,4 @@ def compiled(
     rule = RULES[algorithm]
     if fmt is None:
         return mx.compile(_dense_step(rule, len(keys), maximize, amsgrad, mask, skip), shapeless=True)
-    return _quant_step(rule, keys, fmt, maximize, amsgrad, mask, skip, history)
+    return _quant_step(rule, keys, fmt, maximize, amsgrad, mask, skip, history, finite)

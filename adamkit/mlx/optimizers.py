@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat
 from ..spec import ALGORITHMS, Algorithm
-from ._rules import compiled, finite_, step_consts
+from ._rules import HUGE, compiled, finite_, step_consts
 
 #: What ``nonfinite=`` accepts (as the torch side).
 NONFINITE_MODES = ("mask", "skip", "propagate", "raise")
@@ -224,25 +224,38 @@ class AdamFamily(Optimizer):
         if self._initialized:
             for path, g in tree_flatten(gradients):
                 self._check_state(path, g, _find(self._state, path))
-        ok = None
+        flat = tree_flatten(gradients)
+        seen = None  # NaN/±inf gradient elements ("skip", "raise")
         if self.nonfinite in ("skip", "raise"):
-            seen = sum(
-                (mx.sum(~finite_(g)).astype(mx.uint64) for _, g in tree_flatten(gradients)), mx.array(0, mx.uint64)
-            )
+            seen = sum((mx.sum(~finite_(g)).astype(mx.uint64) for _, g in flat), mx.array(0, mx.uint64))
             if self.nonfinite == "raise":
                 _raise_if_nonfinite(seen)
-            else:
+        # Which gradients hold elements that are NaN, ±inf or huge (|g| >= 2^60: moments
+        # may overflow), read on the host (one sync on gradients the step needs anyway):
+        # the others take the step without the element-wise selects of masking and
+        # saturation, MLX's slowest operations on the CPU. Inside mx.compile nothing can
+        # be read, and every parameter takes the step that handles them.
+        counts = None
+        if self.nonfinite != "propagate" or self.quant_format is not None:
+            counts = _read([mx.sum(~(mx.abs(g) < HUGE)) for _, g in flat])
+        ok = None
+        if seen is not None and self.nonfinite == "skip":
+            if counts is None:  # decided on the device: every update selects on it
                 ok = seen == 0
+            elif sum(counts) and int(seen):
+                return self._skip(gradients, parameters, seen)
         if not self._initialized:
             self.init(gradients)
         elif self.amsgrad:  # checked: now add the maxima a switch to amsgrad needs
-            for path, g in tree_flatten(gradients):
+            for path, g in flat:
                 self._check_state(path, g, _find(self._state, path), add_missing=True)
         for name, scheduler in self._schedulers.items():
             self.state[name] = scheduler(self.step)
         t = self.step + 1
         self._consts = step_consts(self.algorithm, t, self.learning_rate, self._hyperparameters(), ok)
         self._t = t.astype(mx.uint32)
+        self._ok = ok
+        self._clean = {id(g): counts is not None and counts[i] == 0 for i, (_, g) in enumerate(flat)}
         self._masked: list[mx.array] = []
         if ok is not None:
             self.state["nonfinite_count"] = self.state["nonfinite_count"] + seen
@@ -255,6 +268,14 @@ class AdamFamily(Optimizer):
             self.state["nonfinite_count"] = self.state["nonfinite_count"] + total
         return out
 
+    def _skip(self, gradients: dict, parameters: dict, seen: mx.array) -> dict:
+        """A step skipped on the host: counted, nothing else changes."""
+        if not self._initialized:
+            self.init(gradients)
+        self.state["nonfinite_count"] = self.state["nonfinite_count"] + seen
+        self.state["skipped_steps"] = self.state["skipped_steps"] + 1
+        return tree_map(lambda g, p: p, gradients, parameters)
+
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         """One parameter's compiled step (:func:`adamkit.mlx._rules.compiled`)."""
         fmt = self.state_format(parameter)
@@ -263,8 +284,9 @@ class AdamFamily(Optimizer):
         quant = fmt if isinstance(fmt, QuantFormat) else None
         names = [f"{k}_{part}" for k in keys for part in ("codes", "absmax")] if quant else list(keys)
         names += history
-        mask, skip = self.nonfinite == "mask", self.nonfinite == "skip"
-        step = compiled(self.algorithm, keys, quant, self.maximize, self.amsgrad, mask, skip, len(history))
+        clean = self._clean.get(id(gradient), False)
+        mask, skip = self.nonfinite == "mask" and not clean, self._ok is not None
+        step = compiled(self.algorithm, keys, quant, self.maximize, self.amsgrad, mask, skip, len(history), clean)
         lead = (self._consts, self._t) if quant else (self._consts,)
         new_p, *new_state, masked = step(gradient, parameter, *lead, *(state[k] for k in names))
         state.update(zip(names, new_state))
@@ -318,6 +340,17 @@ def _find(tree: Any, path: str) -> Any:
             tree[int(part)] if isinstance(tree, (list, tuple)) else tree.get(part) if isinstance(tree, dict) else None
         )
     return tree
+
+
+def _read(counts: list[mx.array]) -> list[int] | None:
+    """The counts on the host, or None inside a transformation (``mx.compile``), where
+    nothing can be read."""
+    if not counts:
+        return []
+    try:
+        return [int(x) for x in mx.stack(counts).tolist()]
+    except (RuntimeError, ValueError):
+        return None
 
 
 def _raise_if_nonfinite(seen: mx.array) -> None:
