@@ -47,20 +47,22 @@ _C = {name: i for i, name in enumerate(CONSTS)}
 HUGE = _HUGE[torch.float32]
 
 
-#: The hyperparameters :func:`step_consts` reads, in the order of its ``hyper`` vector.
-HYPER = ("beta1", "beta2", "eps", "weight_decay", "momentum_decay")
+#: The hyperparameters :func:`step_consts` reads, in the order of its ``hyper`` vector:
+#: the betas as their complements ``1 - β`` (see :class:`adamkit.mlx.AdamFamily`).
+HYPER = ("one_minus_beta1", "one_minus_beta2", "eps", "weight_decay", "momentum_decay")
 
 
 def step_consts(
-    algorithm: str, step: mx.array, lr: mx.array, hyper: dict[str, float], ok: mx.array | None = None
+    algorithm: str, step: mx.array, lr: mx.array, hyper: mx.array, decoupled: bool, ok: mx.array | None = None
 ) -> mx.array:
-    """The float32 vector of :data:`CONSTS` at step ``step`` (the new step count, an
-    array: the formulas run in MLX, inside a user's ``mx.compile`` too). Computed in
-    float64 on the CPU stream, as torch computes them on the host, then rounded once;
-    one compiled graph per algorithm, so a step costs one call here."""
-    values = mx.array([hyper[k] for k in HYPER], mx.float64)
-    fn = _consts_fn(algorithm, bool(hyper["decoupled"]) and algorithm != "adamax")
-    return fn(step, lr, values, mx.array(True) if ok is None else ok)
+    """The float64 vector of :data:`CONSTS` at step ``step`` (the new step count) from the
+    learning rate and the hyperparameter vector ``[1-β1, 1-β2, ε, λ, ψ]`` (arrays:
+    the formulas run in MLX, inside a user's ``mx.compile`` too, where these are the
+    compiled step's inputs). Computed in float64 on the CPU stream, as torch computes
+    them on the host; float32 parameters take them rounded once. One compiled graph
+    per algorithm, so a step costs one call here."""
+    fn = _consts_fn(algorithm, bool(decoupled) and algorithm != "adamax")
+    return fn(step, lr, hyper, mx.array(True) if ok is None else ok)
 
 
 @cache
@@ -70,9 +72,11 @@ def _consts_fn(algorithm: str, decoupled: bool) -> Callable[..., mx.array]:
         with mx.stream(mx.cpu):
             t = step.astype(f64)
             lr = lr.astype(f64)
-            b1, b2, eps, wd, psi = (hyper[i] for i in range(len(HYPER)))
+            hyper = hyper.astype(f64)
+            c1, c2, eps, wd, psi = (hyper[i] for i in range(len(HYPER)))
+            b1, b2 = 1.0 - c1, 1.0 - c2
             one, zero = mx.array(1.0, f64), mx.array(0.0, f64)
-            w = (one - b1).astype(mx.float32).astype(f64)  # torch's lerp weight, in float32
+            w = c1  # torch's lerp weight 1 - β1, in float32
             bc2 = one if algorithm == "adamax" else 1.0 - mx.power(b2, t)
             mu = mu_next = zero
             if algorithm == "nadam":
@@ -85,18 +89,18 @@ def _consts_fn(algorithm: str, decoupled: bool) -> Callable[..., mx.array]:
                 "bc2": bc2,
                 "decay": one - lr * wd if decoupled else one,
                 "l2": zero if decoupled else wd,
-                "b1w": one - b1,
+                "b1w": c1,
                 "lerp_low": (w < 0.5).astype(f64),
                 "lerp_c1": mx.where(w < 0.5, w, -(1.0 - w)),
                 "beta2": b2,
-                "b2w": one - b2,
+                "b2w": c2,
                 "eps": eps,
                 "lr": lr,
                 "mu": mu,
                 "mu_next": mu_next,
                 "ok": ok.astype(f64),
             }
-            return mx.stack([values[k].reshape(()) for k in CONSTS]).astype(mx.float32)
+            return mx.stack([values[k].reshape(()) for k in CONSTS])
 
     return mx.compile(consts)
 

@@ -49,6 +49,8 @@ def to_mx(t: torch.Tensor) -> mx.array:
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         return mx.array(t.view(torch.int16).numpy()).view(mx.bfloat16)
+    if t.dtype == torch.float64:  # mx.array would round it to float32
+        return mx.array(t.numpy(), dtype=mx.float64)
     return mx.array(t.numpy())
 
 
@@ -119,6 +121,9 @@ def to_torch_state_dict(
         entry: dict[str, Any] = {"step": torch.tensor(float(step), dtype=torch.float32)}
         fmt = optimizer.state_format(p)
         for key in keys:
+            if key == optimizer.spec.amsgrad_key and not any(k.startswith(key) for k in mine):
+                entry[key] = torch.zeros(torch_shape)  # amsgrad switched on, no step since: its maximum is 0
+                continue
             if isinstance(fmt, QuantFormat):
                 codes, absmax = to_torch(mine[f"{key}_codes"]), to_torch(mine[f"{key}_absmax"])
                 if perm is None and state_bits is None:
@@ -221,10 +226,13 @@ def load_torch_state_dict(
         tree_unflatten([(f"{path}.{key}", value) for path, entry in per_param for key, value in entry.items()])
     )
     new_state["step"] = mx.array(step, mx.uint64)
-    optimizer.state = new_state
+    # in place: a step compiled with ``inputs=[..., optimizer.state]`` holds this dict
+    optimizer.state.clear()
+    optimizer.state.update(new_state)
+    optimizer._initialized = False  # checked against the parameters at the next step
 
 
-_ROOT = ("nonfinite_count", "skipped_steps", "quant_format")
+_ROOT = ("nonfinite_count", "skipped_steps", "quant_format", "one_minus_betas", "eps", "weight_decay", "momentum_decay")
 
 
 def _converted(
@@ -281,7 +289,11 @@ def _converted(
             out[key] = to_mx(value.to(torch.bfloat16).contiguous())
         else:
             out[key] = to_mx(dense.to(torch.float64 if target == mx.float64 else torch.float32).contiguous())
-    for key, initial in optimizer.spec.history.items():
-        value = entry.get(key, initial)
-        out[key] = mx.array(float(torch.as_tensor(value)), mx.float32)
+    for key in optimizer.spec.history:
+        if key not in entry:  # e.g. an Adam state into NAdam: its momentum history is unknown
+            raise ValueError(f"{where}: state entry {key!r} is missing (has {sorted(entry)})")
+        value = torch.as_tensor(entry[key])
+        if value.numel() != 1 or not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: {key} must be one finite number, got {value!r}")
+        out[key] = mx.array(float(value), mx.float32)
     return out

@@ -68,13 +68,13 @@ class AdamFamily(Optimizer):
         super().__init__()
         if lr is not None:  # torch's name, for ported code
             learning_rate = lr
-        self.betas = tuple(betas)
+        self.betas = betas
         self.eps = eps
         self.weight_decay = weight_decay
+        self.momentum_decay = momentum_decay
         self.amsgrad = bool(amsgrad)
         self.maximize = bool(maximize)
         self.decoupled_weight_decay = bool(decoupled_weight_decay)
-        self.momentum_decay = momentum_decay
         if state_bits not in STATE_BITS:
             raise ValueError(f"state_bits must be one of {STATE_BITS}, got {state_bits!r}")
         self.state_bits = state_bits
@@ -84,12 +84,9 @@ class AdamFamily(Optimizer):
         if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or min_quant_size < 0:
             raise ValueError(f"min_quant_size must be an int >= 0, got {min_quant_size!r}")
         self.min_quant_size = min_quant_size
-        if nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         self.nonfinite = nonfinite
         if not callable(learning_rate):
-            _check_number("learning rate", learning_rate)
-        self._check_hyperparameters()
+            learning_rate = _checked("learning rate", learning_rate)
         self._maybe_schedule("learning_rate", learning_rate)
         self._add_counters(self._state)
 
@@ -99,26 +96,93 @@ class AdamFamily(Optimizer):
         """This optimizer's algorithm (:mod:`adamkit.spec`)."""
         return ALGORITHMS[self.algorithm]
 
-    def _hyperparameters(self) -> dict[str, Any]:
-        b1, b2 = self.betas
-        return {
-            "beta1": float(b1),
-            "beta2": float(b2),
-            "eps": float(self.eps),
-            "weight_decay": float(self.weight_decay),
-            "decoupled": self.decoupled_weight_decay,
-            "momentum_decay": float(self.momentum_decay),
-        }
+    # The hyperparameters live in ``state`` as arrays, as MLX keeps ``learning_rate``: a
+    # compiled step reads them as inputs, so a change reaches it without tracing again,
+    # and checkpoints keep them. safetensors has no float64, so the betas are stored as
+    # float32 complements ``1 - β`` (0.001 is exact to float32 rounding; 0.999 would not
+    # be: its bias correction would be off by 1e-5). Checked when set; read back from the
+    # values set (or from a loaded state).
+    @property
+    def betas(self) -> tuple[float, float]:
+        return self._hyper("betas", lambda a: tuple(1.0 - float(x) for x in a.tolist()))
 
-    def _check_hyperparameters(self) -> None:
-        """torch.optim's checks, before every step (the attributes may be changed)."""
-        if len(self.betas) != 2:
-            raise ValueError(f"betas must be a pair, got {self.betas!r}")
-        for i, beta in enumerate(self.betas):
-            _check_number(f"beta parameter at index {i}", beta, below=1.0)
-        _check_number("epsilon value", self.eps)
-        _check_number("weight_decay value", self.weight_decay)
-        _check_number("momentum_decay value", self.momentum_decay)
+    @betas.setter
+    def betas(self, value: Any) -> None:
+        value = tuple(value)
+        if len(value) != 2:
+            raise ValueError(f"betas must be a pair, got {value!r}")
+        pair = tuple(_checked(f"beta parameter at index {i}", b, below=1.0) for i, b in enumerate(value))
+        self._set_hyper("betas", pair, mx.array([1.0 - b for b in pair], mx.float32))
+
+    eps = property(lambda self: self._hyper("eps"), lambda self, v: self._set_number("eps", "epsilon value", v))
+    weight_decay = property(
+        lambda self: self._hyper("weight_decay"),
+        lambda self, v: self._set_number("weight_decay", "weight_decay value", v),
+    )
+    momentum_decay = property(
+        lambda self: self._hyper("momentum_decay"),
+        lambda self, v: self._set_number("momentum_decay", "momentum_decay value", v),
+    )
+
+    #: The state entry of each hyperparameter.
+    _HYPER_KEYS = {
+        "betas": "one_minus_betas",
+        "eps": "eps",
+        "weight_decay": "weight_decay",
+        "momentum_decay": "momentum_decay",
+    }
+
+    def _hyper(self, name: str, read: Callable[[mx.array], Any] = float) -> Any:
+        value, stored = self._values[name]
+        current = self.state.get(self._HYPER_KEYS[name], stored)
+        return value if current is stored else read(current)
+
+    def _set_number(self, name: str, label: str, value: Any) -> None:
+        number = _checked(label, value)
+        self._set_hyper(name, number, mx.array(number, mx.float32))
+
+    def _set_hyper(self, name: str, value: Any, stored: mx.array) -> None:
+        if not hasattr(self, "_values"):
+            self._values: dict[str, tuple[Any, mx.array]] = {}
+        self._values[name] = (value, stored)  # the value as set, and what a loaded state lacking it gets
+        self.state[self._HYPER_KEYS[name]] = stored
+
+    def _hyper_vector(self) -> mx.array:
+        """float32 [1 - β1, 1 - β2, ε, λ, ψ] from the state (arrays: inputs of a compiled step)."""
+        s = self.state
+        parts = [s["one_minus_betas"]] + [s[k].reshape(1) for k in ("eps", "weight_decay", "momentum_decay")]
+        return mx.concatenate(parts)
+
+    def _check_hyper_state(self, state: dict) -> None:
+        """A loaded state's hyperparameters: float32 of the right shapes and, where they
+        can be read (not inside ``mx.compile``), valid values."""
+        for name, key in self._HYPER_KEYS.items():
+            value = state.get(key)
+            shape = (2,) if name == "betas" else ()
+            if value is None:
+                state[key] = self._values[name][1]
+                continue
+            if not isinstance(value, mx.array) or tuple(value.shape) != shape or value.dtype != mx.float32:
+                raise ValueError(f"the state's {key} must be a float32 array of shape {shape}, got {value!r}")
+            try:
+                values = value.reshape(-1).tolist()
+            except (RuntimeError, ValueError):  # a placeholder inside mx.compile
+                continue
+            for i, v in enumerate(values):
+                if name == "betas":
+                    _checked(f"beta parameter at index {i}", 1.0 - v, below=1.0)
+                else:
+                    _checked(f"{name} value", v)
+
+    @property
+    def nonfinite(self) -> str:
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        if value not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {value!r}")
+        self._nonfinite = value
 
     @staticmethod
     def _add_counters(state: dict) -> None:
@@ -172,9 +236,20 @@ class AdamFamily(Optimizer):
         parameter (a loaded ``optimizer.state`` included): ValueError names the parameter.
         AMSGrad's maximum is added where ``amsgrad`` was switched on."""
         self._check_format_record(self._state)
-        super().init(parameters)
-        for path, p in tree_flatten(parameters):
-            self._check_state(path, p, _find(self._state, path), add_missing=True)
+        self._check_hyper_state(self._state)
+        scales = []
+        existing = []
+        for path, p in tree_flatten(parameters):  # everything checked before anything changes
+            state = _find(self._state, path)
+            if state is None or state == {}:
+                continue
+            self._check_state(path, p, state)
+            existing.append((path, p, state))
+            scales += [(path, k, v) for k, v in state.items() if k.endswith("_absmax")]
+        _check_scales(scales)
+        super().init(parameters)  # state for the parameters that have none
+        for path, p, state in existing:
+            self._check_state(path, p, state, add_missing=True)
         self._add_counters(self._state)
         if self.quant_format is not None:
             self._state["quant_format"] = _format_record(self.quant_format)
@@ -183,6 +258,8 @@ class AdamFamily(Optimizer):
         record = state.get("quant_format")
         if record is None:
             return
+        if not isinstance(record, mx.array) or record.shape != (3,):
+            raise ValueError(f"the state's quant_format must be an array of 3 (bits, block, dither), got {record!r}")
         try:
             saved = tuple(int(x) for x in record.tolist())
         except (RuntimeError, ValueError):  # a placeholder inside mx.compile: checked when concrete
@@ -219,11 +296,14 @@ class AdamFamily(Optimizer):
     def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
         """One step: ``parameters`` updated from ``gradients`` (MLX's contract). Checks
         everything first; nothing changes if a check fails."""
-        self._check_hyperparameters()
         tree_map(_check_pair, gradients, parameters)
         if self._initialized:
             for path, g in tree_flatten(gradients):
-                self._check_state(path, g, _find(self._state, path))
+                state = _find(self._state, path)
+                if state is None or state == {}:  # a parameter new to this optimizer: init adds it
+                    self._initialized = False
+                    break
+                self._check_state(path, g, state)
         flat = tree_flatten(gradients)
         seen = None  # NaN/±inf gradient elements ("skip", "raise")
         if self.nonfinite in ("skip", "raise"):
@@ -252,7 +332,9 @@ class AdamFamily(Optimizer):
         for name, scheduler in self._schedulers.items():
             self.state[name] = scheduler(self.step)
         t = self.step + 1
-        self._consts = step_consts(self.algorithm, t, self.learning_rate, self._hyperparameters(), ok)
+        decoupled = self.decoupled_weight_decay
+        self._consts64 = step_consts(self.algorithm, t, self.learning_rate, self._hyper_vector(), decoupled, ok)
+        self._consts = self._consts64.astype(mx.float32)
         self._t = t.astype(mx.uint32)
         self._ok = ok
         self._clean = {id(g): counts is not None and counts[i] == 0 for i, (_, g) in enumerate(flat)}
@@ -287,7 +369,8 @@ class AdamFamily(Optimizer):
         clean = self._clean.get(id(gradient), False)
         mask, skip = self.nonfinite == "mask" and not clean, self._ok is not None
         step = compiled(self.algorithm, keys, quant, self.maximize, self.amsgrad, mask, skip, len(history), clean)
-        lead = (self._consts, self._t) if quant else (self._consts,)
+        consts = self._consts64 if parameter.dtype == mx.float64 else self._consts
+        lead = (consts, self._t) if quant else (consts,)
         new_p, *new_state, masked = step(gradient, parameter, *lead, *(state[k] for k in names))
         state.update(zip(names, new_state))
         if mask:
@@ -313,10 +396,16 @@ def _format_record(fmt: QuantFormat) -> mx.array:
     return mx.array([fmt.bits, fmt.block_key, int(fmt.dither)], mx.int32)
 
 
-def _check_number(name: str, value: Any, below: float = math.inf) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < below:
-        bound = "[0, 1)" if below == 1.0 else ">= 0"
+def _checked(name: str, value: Any, below: float = math.inf) -> float:
+    """``value`` as a float (a Python, numpy or MLX scalar), in ``[0, below)``."""
+    bound = "[0, 1)" if below == 1.0 else ">= 0"
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0.0 <= number < below:
         raise ValueError(f"Invalid {name}: {value!r} (a number {bound})")
+    return number
 
 
 def _check_parameter(p: Any) -> None:
@@ -340,6 +429,17 @@ def _find(tree: Any, path: str) -> Any:
             tree[int(part)] if isinstance(tree, (list, tuple)) else tree.get(part) if isinstance(tree, dict) else None
         )
     return tree
+
+
+def _check_scales(scales: list[tuple[str, str, mx.array]]) -> None:
+    """Block scales of quantized state (a loaded ``optimizer.state``) are finite and not
+    negative: read once, when the state is taken up (not inside ``mx.compile``)."""
+    if not scales:
+        return
+    bad = _read([mx.sum(~((v >= 0) & (v < math.inf))) for _, _, v in scales])
+    for (path, key, _), count in zip(scales, bad or []):
+        if count:
+            raise ValueError(f"parameter {path!r}: {key} holds {count} negative or non-finite block scale(s)")
 
 
 def _read(counts: list[mx.array]) -> list[int] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 mx = pytest.importorskip("mlx.core")
@@ -247,3 +249,29 @@ def test_loading_another_format_is_refused():
     other.state = tree_unflatten(tree_flatten(opt.state))
     with pytest.raises(ValueError, match=r"format \(bits, block, dither\) \(8, 256, 0\)"):
         other.apply_gradients({"w": mx.ones((300,))}, params)
+    bad = dict(tree_flatten(opt.state))
+    bad["w.exp_avg_absmax"] = mx.array([1.0, math.nan])
+    opt.state = tree_unflatten(list(bad.items()))
+    with pytest.raises(ValueError, match="'w': exp_avg_absmax holds 1 negative or non-finite"):
+        opt.apply_gradients({"w": mx.ones((300,))}, params)
+    bad["w.exp_avg_absmax"], bad["quant_format"] = mx.array([1.0, 1.0]), mx.array(8)
+    opt.state = tree_unflatten(list(bad.items()))
+    with pytest.raises(ValueError, match="quant_format must be an array of 3"):
+        opt.apply_gradients({"w": mx.ones((300,))}, params)
+
+
+def test_adam_state_into_nadam_and_amsgrad_switched_on_before_export():
+    """torch Adam state (no ``mu_product``) into NAdam: refused, its history unknown; an
+    MLX state exported right after amsgrad is switched on carries a zero maximum."""
+    model = torch.nn.Linear(5, 3)
+    opt_t = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.randn(4, 5)).sum().backward()
+    opt_t.step()
+    params = {"weight": ta(model.weight.detach()), "bias": ta(model.bias.detach())}
+    with pytest.raises(ValueError, match="'mu_product' is missing"):
+        am.NAdam(0.01).load_torch_state_dict(opt_t.state_dict(), ["weight", "bias"], params)
+    opt = am.Adam(0.01)
+    opt.load_torch_state_dict(opt_t.state_dict(), ["weight", "bias"], params)
+    opt.amsgrad = True
+    sd = opt.to_torch_state_dict(["weight", "bias"], params)
+    assert torch.equal(sd["state"][0]["max_exp_avg_sq"], torch.zeros(3, 5))

@@ -10,7 +10,7 @@ mx = pytest.importorskip("mlx.core")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 from mlx_helpers import MLX_CLASSES, float32_tolerance, mlx_kwargs, ta, tt  # noqa: E402
 from optim_db import ALL_CONFIG_IDS, ALL_CONFIGS, sweep  # noqa: E402
 
@@ -324,10 +324,9 @@ def test_bad_input_is_refused_and_changes_nothing():
         opt.apply_gradients({"w": mx.ones((3, 2)), "v": mx.ones((5,))}, params)
     with pytest.raises(TypeError, match="floating"):
         opt.apply_gradients({"w": mx.ones((3, 2)), "v": mx.ones((4,), mx.int32)}, params)
-    opt.betas = (0.9, 1.5)
     with pytest.raises(ValueError, match="beta parameter at index 1"):
-        opt.apply_gradients({"w": mx.ones((3, 2)), "v": mx.ones((4,))}, params)
-    opt.betas = (0.9, 0.999)
+        opt.betas = (0.9, 1.5)
+    assert opt.betas == (0.9, 0.999)
     for key, value in tree_flatten(opt.state):
         assert mx.array_equal(value, snapshot[key]), key
     for bad in (dict(state_bits=6), dict(nonfinite="ignore"), dict(eps=-1.0), dict(weight_decay=math.nan)):
@@ -355,3 +354,97 @@ def test_adamkit_does_not_import_mlx():
 
     done = run_isolated("import sys, adamkit; print('mlx.core' in sys.modules)")
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def test_a_rejected_state_stays_rejected_and_unchanged():
+    """A loaded state that fails its checks is refused at every step, not only the first,
+    and the failed step changes none of it (no state added for other parameters)."""
+    opt = am.AdamW(1e-3, state_bits=8, amsgrad=True, min_quant_size=0)
+    params = {"a": mx.ones((300,)), "w": mx.ones((300,))}
+    grads = {k: mx.ones_like(v) * 0.1 for k, v in params.items()}
+    opt.apply_gradients(grads, params)
+    bad = dict(tree_flatten(opt.state))
+    bad["w.exp_avg_absmax"] = mx.array([math.nan, 1.0])
+    del bad["a.max_exp_avg_sq_codes"], bad["a.max_exp_avg_sq_absmax"]
+    opt.state = tree_unflatten(list(bad.items()))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="non-finite block scale"):
+            opt.apply_gradients(grads, params)
+        assert sorted(opt.state["a"]) == ["exp_avg_absmax", "exp_avg_codes", "exp_avg_sq_absmax", "exp_avg_sq_codes"]
+
+
+def test_float64_parameters_step_in_float64():
+    """float64 parameters: float64 state and math, the step's constants in float64 (only
+    the learning rate is MLX's float32 array): torch.optim in float64 to 1e-7 of the path."""
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(40, dtype=torch.float64)
+    for torch_cls, cls in ((torch.optim.Adam, am.Adam), (torch.optim.NAdam, am.NAdam)):
+        ref = torch.nn.Parameter(start.clone())
+        opt_t = torch_cls([ref], lr=0.01, weight_decay=0.1)
+        opt_m = cls(0.01, weight_decay=0.1)
+        params = {"w": ta(start)}
+        assert params["w"].dtype == mx.float64
+        path = 0.0
+        for _ in range(20):
+            g = torch.randn(40, generator=gen, dtype=torch.float64)
+            before = ref.detach().clone()
+            ref.grad = g.clone()
+            opt_t.step()
+            path += float((ref.detach() - before).abs().max())
+            params = opt_m.apply_gradients({"w": ta(g)}, params)
+        assert opt_m.state["w"]["exp_avg"].dtype == mx.float64
+        err = float((tt(params["w"]) - ref.detach()).abs().max())
+        assert err <= 1e-7 * path, (cls.__name__, err, path)
+        twin = cls(0.01, weight_decay=0.1)  # torch's float64 state loads as float64 and steps
+        twin.load_torch_state_dict(opt_t.state_dict(), ["w"], params)
+        assert twin.state["w"]["exp_avg"].dtype == mx.float64
+        twin.apply_gradients({"w": params["w"] * 0}, params)
+
+
+def test_compiled_step_sees_hyperparameter_changes_and_loaded_state():
+    """Inside ``mx.compile`` (state as inputs and outputs): a weight-decay change after the
+    step was traced takes effect, and so does a state loaded with load_torch_state_dict."""
+    from functools import partial
+
+    opt = am.AdamW(0.1, weight_decay=0.0)
+    eager = am.AdamW(0.1, weight_decay=0.0)
+    holder = {"w": mx.ones((5,))}
+    state = [holder, opt.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(g):
+        holder["w"] = opt.apply_gradients({"w": g}, {"w": holder["w"]})["w"]
+
+    eager_params = {"w": mx.ones((5,))}
+    for i in range(4):
+        if i == 2:
+            opt.weight_decay = eager.weight_decay = 0.5
+        g = mx.full((5,), 0.1 * (i + 1))
+        step(g)
+        mx.eval(state)
+        eager_params = eager.apply_gradients({"w": g}, eager_params)
+        np.testing.assert_allclose(np.array(holder["w"]), np.array(eager_params["w"]), rtol=1e-6)
+    sd = eager.to_torch_state_dict(["w"], eager_params)
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"] * 0 + 7.0
+    opt.load_torch_state_dict(sd, ["w"], {"w": holder["w"]})
+    step(mx.zeros((5,)))
+    mx.eval(state)
+    assert float(opt.state["w"]["exp_avg"][0]) == pytest.approx(7.0 * 0.9)
+    assert int(opt.state["step"]) == 5
+
+
+def test_a_parameter_first_seen_later_gets_state():
+    """A parameter absent from the first steps' gradients (a layer unfrozen later) gets
+    fresh state when it first arrives."""
+    opt = am.AdamW(0.1)
+    params = {"a": mx.ones((3,)), "b": mx.ones((4,))}
+    params = {**params, **opt.apply_gradients({"a": mx.ones((3,))}, params)}
+    params = {**params, **opt.apply_gradients({"a": mx.ones((3,)), "b": mx.ones((4,))}, params)}
+    assert sorted(opt.state["b"]) == ["exp_avg", "exp_avg_sq"] and float(params["b"][0]) < 1.0
+
+
+def test_hyperparameters_as_arrays_and_numpy_scalars():
+    opt = am.AdamW(mx.array(1e-3), betas=(np.float32(0.9), 0.99), eps=np.float64(1e-8))
+    assert opt.betas == (pytest.approx(0.9), 0.99)
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        opt.nonfinite = "ignore"
