@@ -12,9 +12,11 @@ policy), shapeless for dense state and once per shape for quantized state.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from functools import cache
+from typing import Any
 
 import mlx.core as mx
 import torch
@@ -251,25 +253,33 @@ def _quant_step(
     dense = mx.compile(_dense_step(rule, len(keys), maximize, amsgrad, mask, skip, books))
     block = fmt.block_size or DEFAULT_BLOCK[fmt.bits]
 
-    def step(g: mx.array, p: mx.array, c: mx.array, t: mx.array, *state: mx.array) -> tuple:
+    def step(g: mx.array, p: mx.array, c: mx.array, t: mx.array, *state: mx.array, streams: Sequence = ()) -> tuple:
         n = p.size
         gb, pb = _codec.blocked(g, block), _codec.blocked(p, block)
         shape = gb.shape
         before = t - 1
         encoded = []
         for i, book in enumerate(books):
-            encoded += [_codec.levels(state[2 * i], book, shape, before), state[2 * i + 1]]
+            with _on(streams, i):
+                encoded += [_codec.levels(state[2 * i], book, shape, before), state[2 * i + 1]]
         new_p, *rest = dense(gb, pb, c, *encoded, *state[2 * len(keys) :])
         new_dense, new_history, masked = rest[: len(keys)], rest[len(keys) : -1], rest[-1]
         out: list[mx.array] = []
         for book, x in zip(books, new_dense):
-            out.extend(_codec.quantize(x, book, n, t, finite))
+            with _on(streams, len(out) // 2):
+                out.extend(_codec.quantize(x, book, n, t, finite))
         if skip:  # a skipped step keeps the codes written at the step count it keeps
             ok = c[_C["ok"]] > 0
             out = [mx.where(ok, new, old) for new, old in zip(out, state)]
         return (new_p.reshape(-1)[:n].reshape(p.shape), *out, *new_history, masked)
 
     return step
+
+
+def _on(streams: Sequence, i: int) -> Any:
+    """The context of the ``i``-th of ``streams`` (round robin), or none without streams:
+    the moments' codecs run side by side on the CPU's cores."""
+    return mx.stream(streams[i % len(streams)]) if streams else contextlib.nullcontext()
 
 
 @cache

@@ -173,8 +173,9 @@ def test_small_parameters_keep_32_bit_state():
 
 
 def test_hyperparameter_changes_never_compile_again(monkeypatch):
-    """The step is compiled once per dtype and rank (shapeless) and not again when lr,
-    betas, eps or weight decay change: they arrive as one array."""
+    """The step is traced at its first call (once per dtype and rank: shapeless; here the
+    small parameters are stepped together, flat) and not again when lr, betas, eps or
+    weight decay change: they arrive as arrays."""
     calls = []
     original = _rules.RULES["adam"]
     monkeypatch.setitem(_rules.RULES, "adam", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -188,7 +189,9 @@ def test_hyperparameter_changes_never_compile_again(monkeypatch):
             opt.eps, opt.weight_decay = 10.0 ** -(6 + i), 0.1 * i
             params = opt.apply_gradients({k: mx.ones_like(v) for k, v in params.items()}, params)
             mx.eval(params, opt.state)
-        assert len(calls) == 2  # one 2-D trace (two shapes), one 1-D
+            if i == 0:
+                first = len(calls)
+        assert 1 <= first <= 2 and len(calls) == first
     finally:
         _rules.compiled.cache_clear()
 
