@@ -107,6 +107,16 @@ def _compare(bits: int, params: dict, torch_params: dict, before: dict, late: bo
         _close_enough(bits, tt(params[k]), want, start, how, late)
 
 
+def _continue_both(bits: int, opt_t, torch_params: dict, opt_m, params: dict) -> None:
+    """Steps 4-7 in both frameworks from converted state, compared after the first and the last."""
+    before = {k: p.detach().clone() for k, p in torch_params.items()}
+    for step in range(4, 8):
+        _torch_step(opt_t, torch_params, step)
+        params = _mlx_step(opt_m, params, step)
+        if step in (4, 7):
+            _compare(bits, params, torch_params, before, late=step == 7)
+
+
 @pytest.mark.parametrize("bits", WIDTHS)
 def test_torch_to_mlx_continues(bits):
     """adamkit's torch AdamW at ``bits`` for 4 steps, its state_dict into adamkit.mlx (the
@@ -126,12 +136,7 @@ def test_torch_to_mlx_continues(bits):
         assert torch.equal(tt(opt_m.state["w"]["exp_avg_sq_absmax"]), theirs["exp_avg_sq_absmax"])
     else:
         assert torch.equal(tt(opt_m.state["w"]["exp_avg"]), theirs["exp_avg"])
-    before = {k: p.detach().clone() for k, p in torch_params.items()}
-    for step in range(4, 8):
-        _torch_step(opt_t, torch_params, step)
-        params = _mlx_step(opt_m, params, step)
-        if step in (4, 7):
-            _compare(bits, params, torch_params, before, late=step == 7)
+    _continue_both(bits, opt_t, torch_params, opt_m, params)
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
@@ -150,12 +155,7 @@ def test_mlx_to_torch_continues(bits):
     opt_t.load_state_dict(opt_m.to_torch_state_dict(NAMES, params))
     if bits in (8, 4):
         assert torch.equal(opt_t.state[torch_params["b"]]["exp_avg_codes"], tt(opt_m.state["b"]["exp_avg_codes"]))
-    before = {k: p.detach().clone() for k, p in torch_params.items()}
-    for step in range(4, 8):
-        _torch_step(opt_t, torch_params, step)
-        params = _mlx_step(opt_m, params, step)
-        if step in (4, 7):
-            _compare(bits, params, torch_params, before, late=step == 7)
+    _continue_both(bits, opt_t, torch_params, opt_m, params)
 
 
 def test_torch_optim_both_ways():
