@@ -36,6 +36,8 @@ from ..quant.codebooks import (
 
 _SHIFT = 23 - TABLE_BITS
 _HALF = ((_ONE_BITS - _LOW_BITS) >> _SHIFT) + 1  # encoder-table slices per sign
+#: The encoder table's layout, for the compiled step (:mod:`adamkit.mlx._native`).
+LAYOUT = (_LOW_BITS, _ONE_BITS, _SHIFT, _HALF)
 
 
 @cache

@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat
 from ..spec import ALGORITHMS, Algorithm
+from . import _native
 from ._rules import HUGE, compiled, finite_, step_consts
 
 #: What ``nonfinite=`` accepts (as the torch side).
@@ -319,14 +320,21 @@ class AdamFamily(Optimizer):
         # the others take the step without the element-wise selects of masking and
         # saturation, MLX's slowest operations on the CPU. Inside mx.compile nothing can
         # be read, and every parameter takes the step that handles them.
+        # Parameters the compiled quantized step takes (adamkit.mlx._native) mask in it.
+        native = self._native_positions(flat, parameters)
         counts = None
         if self.nonfinite != "propagate" or self.quant_format is not None or len(flat) > 1:
-            counts = _suspects([g for _, g in flat])
+            others = [i for i in range(len(flat)) if i not in native]
+            found = _suspects([flat[i][1] for i in others], flat[0][1] if flat else None)
+            if found is not None:
+                counts = [0] * len(flat)
+                for i, count in zip(others, found):
+                    counts[i] = count
         ok = None
         if seen is not None and self.nonfinite == "skip":
             if counts is None:  # decided on the device: every update selects on it
                 ok = seen == 0
-            elif sum(counts) and int(seen):
+            elif (sum(counts) or native) and int(seen):
                 return self._skip(gradients, parameters, seen)
         if not self._initialized:
             self.init(gradients)
@@ -343,7 +351,8 @@ class AdamFamily(Optimizer):
         self._ok = ok
         # per gradient, in tree_flatten's order (tree_map's): clean, its streams, and the
         # results of the steps taken together (small tensors in one fused call)
-        self._clean = [counts is not None and counts[i] == 0 for i in range(len(flat))]
+        self._clean = [counts is not None and counts[i] == 0 and i not in native for i in range(len(flat))]
+        self._compiled_quant = native
         self._placed = self._place(flat) if counts is not None else {}
         self._masked: list[mx.array] = []
         self._together = self._step_together(flat, parameters) if counts is not None else {}
@@ -357,6 +366,24 @@ class AdamFamily(Optimizer):
         if self._masked:
             total = sum((m.astype(mx.uint64) for m in self._masked), mx.array(0, mx.uint64))
             self.state["nonfinite_count"] = self.state["nonfinite_count"] + total
+        return out
+
+    def _native_positions(self, flat: list[tuple[str, mx.array]], parameters: dict) -> set[int]:
+        """The gradients whose step is the compiled quantized step (:mod:`adamkit.mlx._native`):
+        quantized state, on MLX's CPU, a format and dtypes it takes, the module loaded
+        (the first quantized step starts building it)."""
+        if self.quant_format is None or mx.default_device() != mx.cpu:
+            return set()
+        out = set()
+        module = None
+        for i, (path, g) in enumerate(flat):
+            p = _find(parameters, path)
+            fmt = self.state_format(p)
+            if isinstance(fmt, QuantFormat) and _native.supports(self.algorithm, fmt, p, g):
+                module = module or _native.module()
+                if module is None:
+                    return set()
+                out.add(i)
         return out
 
     def _place(self, flat: list[tuple[str, mx.array]]) -> dict[int, list]:
@@ -442,7 +469,11 @@ class AdamFamily(Optimizer):
         names += history
         clean = self._clean[position]
         mask, skip = self.nonfinite == "mask" and not clean, self._ok is not None
-        step = compiled(self.algorithm, keys, quant, self.maximize, self.amsgrad, mask, skip, len(history), clean)
+        if position in self._compiled_quant:  # one primitive: decode, rule, masking, skip, encode
+            mask = self.nonfinite == "mask"
+            step = _native.step_fn(_native.module(), self.algorithm, keys, quant, self.maximize, self.amsgrad, mask)
+        else:
+            step = compiled(self.algorithm, keys, quant, self.maximize, self.amsgrad, mask, skip, len(history), clean)
         consts = self._consts64 if parameter.dtype == mx.float64 else self._consts
         lead = (consts, self._t) if quant else (consts,)
         streams = self._placed.get(position, [])
@@ -540,10 +571,11 @@ def _tracing(step: mx.array) -> bool:
 SMALL = 1 << 16
 
 
-def _suspects(grads: list[mx.array]) -> list[int] | None:
+def _suspects(grads: list[mx.array], probe: mx.array | None = None) -> list[int] | None:
     """Per gradient, its elements that are NaN, ±inf or huge, read on the host (None
     inside ``mx.compile``, and then the step's place is not decided here either). The
-    small gradients are counted together, one by one only if they hold any."""
+    small gradients are counted together, one by one only if they hold any. ``probe``:
+    a gradient, which tells whether this runs inside ``mx.compile`` when ``grads`` is empty."""
 
     def count(g: mx.array) -> mx.array:
         return mx.sum(~(mx.abs(g) < HUGE))
@@ -554,7 +586,7 @@ def _suspects(grads: list[mx.array]) -> list[int] | None:
         exprs.append(count(mx.concatenate([grads[i].reshape(-1).astype(mx.float32) for i in small])))
     elif small:
         exprs.append(count(grads[small[0]]))
-    if _tracing(exprs[0] if exprs else mx.array(0)):
+    if _tracing(exprs[0] if exprs else probe.reshape(-1)[:1].sum() if probe is not None else mx.array(0)):
         return None
     values = _read(exprs)
     if values is None:
