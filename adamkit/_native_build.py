@@ -95,11 +95,23 @@ class NativeModule:
         return cache_dir() / f"{self.name}-{key.hexdigest()[:16]}{suffix}"
 
     def _compile(self, target: Path) -> None:
-        """Compile into ``target`` (through a temporary file: another process building it
-        at the same time never sees a partial one)."""
+        """Compile into ``target`` (through a temporary file: another process never sees a
+        partial one; processes building the same target at once take turns, and the
+        later ones find it built)."""
         if compiler() is None:
             raise RuntimeError("no C++ compiler (c++, g++ or $CXX)")
         target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.with_name(target.name + ".lock"), "w") as lock:
+            try:
+                import fcntl
+
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except (ImportError, OSError):  # no POSIX locks (or a file system without them): build anyway
+                pass
+            if not target.exists():
+                self._compile_unlocked(target)
+
+    def _compile_unlocked(self, target: Path) -> None:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
             cmd = self._command(self.source, out)

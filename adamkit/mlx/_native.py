@@ -99,6 +99,14 @@ def module(start: bool = True, wait: bool = False) -> ModuleType | None:
     return _build.module(start, wait)
 
 
+def cached() -> bool:
+    """Whether the module is built already (it then loads at once)."""
+    try:
+        return _build.target().exists()
+    except ImportError:  # no nanobind
+        return False
+
+
 def __getattr__(name: str) -> Any:
     if name == "status":
         return _build.status
