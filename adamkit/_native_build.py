@@ -42,16 +42,39 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
+#: /proc/cpuinfo's fields that tell CPUs apart: x86's model and flags, arm64's implementer,
+#: part, variant and features, and others' ISA lines.
+_CPU_FIELDS = (
+    "model name",
+    "flags",
+    "CPU implementer",
+    "CPU architecture",
+    "CPU variant",
+    "CPU part",
+    "Features",
+    "isa",
+    "uarch",
+)
+
+
 @cache
 def cpu_key() -> str:
-    """What a binary built with ``-march=native`` depends on: the CPU's model and flags
+    """What a binary built with ``-march=native`` depends on: the CPU's model and features
     (a cache directory shared between machines must not hand one CPU's build to another)."""
+    parts = [platform.machine(), platform.processor()]
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
+        parts += sorted({line for line in lines if line.split(":")[0].strip() in _CPU_FIELDS})
     except OSError:
-        return platform.processor() or platform.machine()
-    wanted = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags")]
-    return "\n".join(sorted(set(wanted))) or platform.machine()
+        pass
+    if sys.platform == "darwin":
+        for name in ("machdep.cpu.brand_string", "hw.cpufamily", "hw.optional.arm64"):
+            try:
+                done = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=10)
+                parts.append(done.stdout.strip())
+            except (OSError, subprocess.SubprocessError):
+                pass
+    return "\n".join(parts)
 
 
 class NativeModule:
@@ -91,6 +114,7 @@ class NativeModule:
         key = hashlib.sha256()
         key.update(self.source.read_bytes())
         key.update(f"{self._key()} {sys.version} {sysconfig.get_platform()} {cpu_key()}".encode())
+        key.update(" ".join(self._command(self.source, Path("out"))).encode())  # the compiler and its flags
         suffix = sysconfig.get_config_var("EXT_SUFFIX")
         return cache_dir() / f"{self.name}-{key.hexdigest()[:16]}{suffix}"
 
@@ -102,10 +126,10 @@ class NativeModule:
             raise RuntimeError("no C++ compiler (c++, g++ or $CXX)")
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target.with_name(target.name + ".lock"), "w") as lock:
-            try:
+            try:  # a POSIX record lock: a process's own (a forked child does not hold its parent's)
                 import fcntl
 
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                fcntl.lockf(lock, fcntl.LOCK_EX)
             except (ImportError, OSError):  # no POSIX locks (or a file system without them): build anyway
                 pass
             if not target.exists():
@@ -135,7 +159,12 @@ class NativeModule:
             target = self.target()
             if not target.exists():
                 self._compile(target)
-            module = self._load(target)
+            try:
+                module = self._load(target)
+            except ImportError:  # a damaged file in the cache (a full disk, a killed build): once more
+                target.unlink(missing_ok=True)
+                self._compile(target)
+                module = self._load(target)
             with self._lock:
                 self._module, self.status = module, f"loaded: {target}"
         except Exception as err:  # noqa: BLE001  (no compiler, no headers, ...: the Python path stays)

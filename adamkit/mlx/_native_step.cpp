@@ -23,6 +23,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -225,14 +226,14 @@ struct Step {
     const float lowest = bk.lowest, cell_scale = bk.cell[0], cell_offset = bk.cell[1];
     const uint32_t phase = t * DITHER_STEP;
     uint32_t h = static_cast<uint32_t>(start) * DITHER_ALONG + phase;  // the dither's hash, element by element
-    int32_t codes[MAX_BLOCK + 1];
+    uint8_t codes[MAX_BLOCK + 1];
     for (int i = 0; i < len; ++i, h += DITHER_ALONG) {
       float y = normalized<ROOT>(row[i], top, scale, inv);
       y = std::min(y > lowest ? y : lowest, 2.0f);  // NaN: the lowest value
       const int cell = std::clamp(static_cast<int32_t>(y * cell_scale + cell_offset), 0, 31);
-      const int interval = first[cell] + (y >= threshold[cell] ? 1 : 0);
+      const int interval = std::clamp(first[cell] + (y >= threshold[cell] ? 1 : 0), 0, 15);  // rate, offset: 16
       const int32_t position = static_cast<int32_t>(y * rate[interval] + offset[interval]);
-      codes[i] = std::clamp((position + static_cast<int32_t>(h >> 16)) >> 16, 0, 15);
+      codes[i] = static_cast<uint8_t>(std::clamp((position + static_cast<int32_t>(h >> 16)) >> 16, 0, 15));
     }
     if (len & 1) codes[len] = 0;  // odd size: the last byte's high nibble is 0
     for (int i = 0; i < (len + 1) / 2; ++i) out[i] = static_cast<uint8_t>(codes[2 * i] | (codes[2 * i + 1] << 4));
@@ -324,9 +325,11 @@ struct Step {
 
   template <typename P, typename G>
   uint32_t run_blocks(const P* p_in, const G* g_in, P* p_out, size_t b0, size_t b1) const {
-    float rows[MAX_MOMENTS][MAX_BLOCK];
-    float old[MAX_MOMENTS][MAX_BLOCK];
-    float newp[MAX_BLOCK];
+    // scratch on the heap (~112 KiB: threads may have small stacks)
+    std::vector<float> scratch(static_cast<size_t>(2 * MAX_MOMENTS + 1) * MAX_BLOCK);
+    float (*rows)[MAX_BLOCK] = reinterpret_cast<float (*)[MAX_BLOCK]>(scratch.data());
+    float (*old)[MAX_BLOCK] = rows + MAX_MOMENTS;
+    float* newp = scratch.data() + static_cast<size_t>(2 * MAX_MOMENTS) * MAX_BLOCK;
     uint32_t masked = 0;
     const bool ok = c[OK] > 0.0f;
     for (size_t b = b0; b < b1; ++b) {
@@ -492,7 +495,11 @@ class QuantizedStep : public mx::Primitive {
     const size_t per = (blocks + workers - 1) / workers;
     for (size_t w = 1; w < workers; ++w) {
       const size_t b0 = std::min(blocks, w * per), b1 = std::min(blocks, (w + 1) * per);
-      pool.emplace_back([&, w, b0, b1] { counts[w] = s.run_blocks<P, G>(pin, gin, pout, b0, b1); });
+      try {
+        pool.emplace_back([&, w, b0, b1] { counts[w] = s.run_blocks<P, G>(pin, gin, pout, b0, b1); });
+      } catch (const std::system_error&) {  // no thread to be had: this one does the range
+        counts[w] = s.run_blocks<P, G>(pin, gin, pout, b0, b1);
+      }
     }
     counts[0] = s.run_blocks<P, G>(pin, gin, pout, 0, std::min(blocks, per));
     for (auto& th : pool) th.join();
@@ -581,7 +588,12 @@ std::vector<mx::array> quantized_step(const mx::array& g, const mx::array& p, co
   require(m == expected, "moments for this algorithm");
   require(dither.size() == bits.size() && root.size() == bits.size() && clamp_zero.size() == bits.size() &&
               lowest.size() == bits.size(), "codebook attributes");
-  require(layout.size() == 4 && layout[2] >= 0 && layout[2] < 32 && layout[3] > 0 && layout[3] <= (1 << 24),
+  // the encoder table's index is at most ((one - low) >> shift) + half, inside the table's
+  // 2 * half entries exactly when half is that count plus one (the packed table's size is
+  // checked against 2 * half below)
+  require(layout.size() == 4 && layout[0] >= 0 && layout[0] < layout[1] && layout[1] <= 0x7F800000 &&
+              layout[2] >= 0 && layout[2] < 32 && layout[3] == ((layout[1] - layout[0]) >> layout[2]) + 1 &&
+              layout[3] <= (1 << 24),
           "encoder layout");
   require(block >= 2 && block <= MAX_BLOCK && block % 2 == 0, "block size");
   require(threads >= 1 && threads <= 256, "threads");
@@ -591,6 +603,7 @@ std::vector<mx::array> quantized_step(const mx::array& g, const mx::array& p, co
   }
   require(float_dtype(p.dtype()) && float_dtype(g.dtype()), "parameter and gradient dtypes");
   require(p.size() == g.size(), "gradient and parameter sizes");
+  require(p.size() > 0 && p.size() < (size_t{1} << 31), "parameter size (1 to 2^31 - 1 elements)");
   require(static_cast<int>(state.size()) == 2 * m, "state entries");
   int n_tables = 0;
   for (int k = 0; k < m; ++k) n_tables += tables_of(bits[k]);

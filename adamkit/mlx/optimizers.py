@@ -351,7 +351,12 @@ class AdamFamily(Optimizer):
         self._ok = ok
         # per gradient, in tree_flatten's order (tree_map's): clean, its streams, and the
         # results of the steps taken together (small tensors in one fused call)
+        # Quantized state with coupled L2 decay: a non-finite parameter makes its gradient
+        # non-finite inside the step, so the codec must store it saturated (no short path).
+        coupled = self.quant_format is not None and (not decoupled or self.algorithm == "adamax")
+        l2 = counts is not None and coupled and self.weight_decay != 0
         self._clean = [counts is not None and counts[i] == 0 and i not in native for i in range(len(flat))]
+        self._finite_quant = not l2
         self._compiled_quant = native
         self._placed = self._place(flat) if counts is not None else {}
         self._masked: list[mx.array] = []
@@ -473,7 +478,8 @@ class AdamFamily(Optimizer):
             mask = self.nonfinite == "mask"
             step = _native.step_fn(_native.module(), self.algorithm, keys, quant, self.maximize, self.amsgrad, mask)
         else:
-            step = compiled(self.algorithm, keys, quant, self.maximize, self.amsgrad, mask, skip, len(history), clean)
+            finite = clean and (quant is None or self._finite_quant)
+            step = compiled(self.algorithm, keys, quant, self.maximize, self.amsgrad, mask, skip, len(history), finite)
         consts = self._consts64 if parameter.dtype == mx.float64 else self._consts
         lead = (consts, self._t) if quant else (consts,)
         streams = self._placed.get(position, [])
