@@ -643,6 +643,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="adamkit.mlx against mlx.optimizers.AdamW on MLX's device instead (needs MLX: .[mlx])",
     )
+    parser.add_argument(
+        "--paged",
+        action="store_true",
+        help="paged (memory-mapped) state against in-RAM state on the CPU, and training past a memory limit",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="FILE.png", help="plot the ratios against torch fused (matplotlib)")
     parser.add_argument(
@@ -652,6 +657,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "paged", False):
+        from . import bench_paged
+
+        return bench_paged.run(args)
     if getattr(args, "mlx", False):
         try:
             from .mlx import bench as mlx_bench

@@ -13,7 +13,8 @@ bitsandbytes        adamkit
 ``block_wise``      ``block_wise`` (False: one absmax per tensor)
 ``percentile_clipping``  the same (100 = off)
 ``args``            an object whose attributes of these names override them
-``is_paged``        True raises NotImplementedError (paged state: not yet)
+``is_paged``        ``paged`` (moments of CPU parameters in a memory-mapped file;
+                    adamkit also takes ``paged_dir``)
 ==================  =====================================================
 
 Semantics are torch's, not bitsandbytes': ``Adam`` couples L2 weight decay into the
@@ -133,13 +134,12 @@ def _bnb_options(
         percentile_clipping = getattr(args, "percentile_clipping", percentile_clipping)
         block_wise = getattr(args, "block_wise", block_wise)
         is_paged = getattr(args, "is_paged", is_paged)
-    if is_paged:
-        raise NotImplementedError("paged optimizer state (is_paged=True, Paged* classes) is not supported yet")
     return dict(
         state_bits=optim_bits,
         min_quant_size=min_8bit_size,
         percentile_clipping=percentile_clipping,
         block_wise=block_wise,
+        paged=bool(is_paged),
     )
 
 
@@ -186,7 +186,7 @@ def keep_embeddings_32bit(model: torch.nn.Module) -> int:
 
 def _make(name: str, base: type, default_wd: float, bits: int | None, paged: bool) -> type:
     fixed = "" if bits is None else f" Always {bits}-bit state (``optim_bits`` is ignored, as in bitsandbytes)."
-    paged_note = " Paged state is not supported yet: constructing one raises NotImplementedError." if paged else ""
+    paged_note = " Paged state: moments of CPU parameters in a memory-mapped file (``paged_dir``)." if paged else ""
 
     def __init__(
         self: Any,
@@ -202,12 +202,13 @@ def _make(name: str, base: type, default_wd: float, bits: int | None, paged: boo
         percentile_clipping: int = 100,
         block_wise: bool = True,
         is_paged: bool = False,
+        paged_dir: str | None = None,
     ) -> None:
         wanted = optim_bits if bits is None else bits
         options = _bnb_options(wanted, args, min_8bit_size, percentile_clipping, block_wise, is_paged or paged)
         if bits is not None:
             options["state_bits"] = bits
-        base.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, **options)
+        base.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, paged_dir=paged_dir, **options)
 
     doc = (
         f"bitsandbytes' ``{name}`` on :class:`adamkit.{base.__name__}` (torch's semantics).{fixed}{paged_note}\n\n"

@@ -27,10 +27,10 @@ def test_bnb_signatures_and_mapping() -> None:
     assert adamkit.bnb.AdamW([p], args=args).param_groups[0]["min_quant_size"] == 16
     assert isinstance(adamkit.AdamW8bit([p]), adamkit.AdamW)
     for cls in (adamkit.PagedAdamW8bit, adamkit.PagedAdam, adamkit.PagedAdamW32bit):
-        with pytest.raises(NotImplementedError, match="paged optimizer state"):
-            cls([p])
-    with pytest.raises(NotImplementedError, match="paged"):
-        adamkit.AdamW8bit([p], is_paged=True)
+        assert cls([p]).param_groups[0]["paged"] is True
+    assert adamkit.AdamW8bit([p], is_paged=True).param_groups[0]["paged"] is True
+    assert adamkit.AdamW8bit([p]).param_groups[0]["paged"] is False
+    assert adamkit.bnb.AdamW([p], args=SimpleNamespace(is_paged=True)).param_groups[0]["paged"] is True
 
 
 @pytest.fixture

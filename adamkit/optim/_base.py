@@ -14,6 +14,7 @@ algorithm (:mod:`adamkit.spec`) decides.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, ClassVar
@@ -64,9 +65,14 @@ class AdamFamily(_Stepping, _Checkpoints, _Validation, _State, Optimizer):
         differentiable optimizer, which, as torch's, leaves that to the scaler."""
         return not self.defaults.get("differentiable", False)
 
-    def __init__(self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "mask") -> None:
+    def __init__(
+        self, params: Any, defaults: dict[str, Any], *, nonfinite: str = "mask", paged_dir: Any = None
+    ) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if paged_dir is not None and not os.path.isdir(paged_dir):
+            raise ValueError(f"paged_dir {paged_dir!r} is not a directory")
+        self.paged_dir = None if paged_dir is None else os.fspath(paged_dir)
         check_hyperparameters(defaults)  # before the parameters are read, as torch
         self._check_new_group(defaults, "")
         self.nonfinite = nonfinite
@@ -86,6 +92,7 @@ class AdamFamily(_Stepping, _Checkpoints, _Validation, _State, Optimizer):
         "_nonfinite_count": 0,
         "skipped_steps": 0,
         "_warned_nonfinite": False,
+        "paged_dir": None,
     }
 
     @property

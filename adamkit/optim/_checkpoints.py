@@ -37,6 +37,7 @@ IMPLEMENTATION_KEYS = (
     "block_size",
     "block_wise",
     "min_quant_size",
+    "paged",
 )
 
 
@@ -76,6 +77,15 @@ class _Checkpoints:
         super().__setstate__(state)
         if not isinstance(self.state, TrackedState):
             self.state = TrackedState(self.state)
+        self._page_all()  # unpickled or copied: a paged copy gets an arena of its own
+
+    def _page_all(self) -> None:
+        """Paged groups' CPU moments into the arena (unpickled, copied or loaded state)."""
+        for group in self.param_groups:
+            if group.get("paged"):
+                for p in group["params"]:
+                    if self.state.get(p):
+                        self._page_state(p, self.state[p], group)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict``, with plain dicts (loadable with ``weights_only=True``).
@@ -108,6 +118,10 @@ class _Checkpoints:
             if result is not None:
                 state_dict = result
         groups, state = self._validated(state_dict)
+        for group in groups:  # into the arena before anything changes (a full disk raises here)
+            for p in group["params"] if group.get("paged") else ():
+                if state.get(p):
+                    self._page_state(p, state[p], group)
         self.__setstate__({"state": state, "param_groups": groups})
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from .. import _memory
+from .._paged import MIN_PAGED_NUMEL
 from ..kernels._checks import LOWEST_ADDRESS, PLAIN_TYPES, storage_order
 from ..kernels._tables import Tables, chunk_table, unit_table
 from ..kernels.registry import Bucket, Kernel
@@ -239,8 +240,10 @@ class GroupPlan:
         signature: tuple[Any, ...],
         capturable: bool = False,
         history: Mapping[str, tuple[torch.dtype, float]] | None = None,
+        paged: Callable[[int, torch.dtype], Tensor] | None = None,
     ) -> None:
         self.params = list(params)
+        self._paged = paged
         n = len(self.params)
         self.device = params[0].device
         self.capturable = capturable
@@ -277,7 +280,7 @@ class GroupPlan:
                 sizes = seg.numels if count is None else np.array([count(params[i]) for i in idx], dtype=np.int64)
                 existing = [(state.get(params[i]) or {}).get(key) for i in idx]
                 fresh = [row for row, t in enumerate(existing) if t is None]
-                views = iter(self._flat(sizes[fresh], dtype))
+                views = iter(self._flat(sizes[fresh], dtype, not key.endswith("_absmax")))
                 for row, i in enumerate(idx):
                     if existing[row] is not None:  # earlier steps' or a checkpoint's: kept where it is
                         tensor = existing[row]
@@ -319,13 +322,16 @@ class GroupPlan:
         # address tells; one C-level pass (~0.1 us a storage)
         return np.fromiter(map(_storage_data_ptr, self._storages), dtype=np.int64, count=len(self._storages))
 
-    def _flat(self, sizes: np.ndarray, dtype: torch.dtype) -> list[Tensor]:
+    def _flat(self, sizes: np.ndarray, dtype: torch.dtype, moment: bool = True) -> list[Tensor]:
         """Views of one new zero buffer, ``sizes`` elements each, each starting on 16
-        bytes (the GPU kernels then move 16 bytes per access)."""
+        bytes (the GPU kernels then move 16 bytes per access). Moments (not block scales)
+        of paged state go to the optimizer's paged arena when the buffer is large."""
         unit = max(1, 16 // dtype.itemsize)
         offsets = np.concatenate([[0], np.cumsum(-(-sizes // unit) * unit)]).astype(np.int64)
         size = int(offsets[-1])
-        if self.device.type == "cpu":
+        if self._paged is not None and moment and size >= MIN_PAGED_NUMEL:
+            flat = self._paged(size, dtype)
+        elif self.device.type == "cpu":
             flat = _memory.zeros(size, dtype)  # on huge pages where possible
         else:
             flat = torch.zeros(size, dtype=dtype, device=self.device)

@@ -10,13 +10,15 @@ layout and creates its state lazily, at its first step.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import _memory
+from .. import _memory, _paged
 from ..kernels._checks import is_plain, storage_order
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat
 from ..spec import HISTORY, MOMENTS, Algorithm
@@ -148,6 +150,51 @@ class _State:
         flat = order is not None and all(storage_order(t) == order for t in ([] if g is None else [g]) + tensors)
         return p.dtype, fmt, flat
 
+    # ------------------------------------------------------------------- paged state
+    def _arena(self, p: Tensor, group: Mapping[str, Any]) -> _paged.Arena | None:
+        """The arena of a paged group's CPU state (created at its first use), else None.
+        Paged state on other devices is ordinary device memory, with a warning once."""
+        if not group.get("paged"):
+            return None
+        if local(p).device.type != "cpu":
+            if not self.__dict__.get("_warned_paged"):
+                self._warned_paged = True
+                warnings.warn(
+                    f"paged optimizer state is memory-mapped on the CPU only; {local(p).device.type} "
+                    "parameters keep their state in ordinary device memory",
+                    stacklevel=4,
+                )
+            return None
+        arena = self.__dict__.get("_paged_arena")
+        if arena is None:
+            arena = self._paged_arena = _paged.Arena(getattr(self, "paged_dir", None))
+        return arena
+
+    def _paged_zeros(self, arena: _paged.Arena | None, p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """Zero state of ``shape`` for ``p``: in ``arena`` if there is one and it is large
+        enough (laid out as ``p`` where it has ``p``'s shape), else ordinary memory."""
+        numel = math.prod(shape)
+        if arena is None or numel < _paged.MIN_PAGED_NUMEL:
+            if tuple(shape) == tuple(p.shape):
+                return _memory.zeros_like(p, dtype)
+            return torch.zeros(shape, dtype=dtype, device=p.device)
+        flat = arena.zeros(numel, dtype)
+        if tuple(shape) == tuple(p.shape) and not p.is_contiguous() and storage_order(p) is not None:
+            return flat.as_strided(p.shape, p.stride())  # dense in p's order, as zeros_like
+        return flat.view(shape)
+
+    def _page_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
+        """Move a CPU parameter's moments (dense moments, codes) of a paged group into its
+        arena (loaded or unpickled state; copies, same values)."""
+        arena = self._arena(p, group) if local(p).device.type == "cpu" else None
+        if arena is None or is_sharded(p):
+            return
+        for key, value in list(state.items()):
+            moment = key in _MOMENTS or key.endswith("_codes")
+            if moment and isinstance(value, Tensor) and is_plain(value) and value.device.type == "cpu":
+                if value.numel() >= _paged.MIN_PAGED_NUMEL and not _paged.is_paged(value):
+                    state[key] = arena.adopt(value)
+
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
         device = p.device if group.get("capturable") else None  # capturable: as torch, on the device
         state: dict[str, Any] = {"step": torch.zeros((), dtype=_scalar_dtype(), device=device)}
@@ -159,19 +206,23 @@ class _State:
     def _add_missing_state(self, p: Tensor, state: dict[str, Any], fmt: StateFormat, group: Mapping[str, Any]) -> None:
         """Zero state for every key the group needs and ``state`` lacks (all of them for a
         new parameter; AMSGrad's maximum when amsgrad is switched on mid-run)."""
+        arena = self._arena(p, group)
         if isinstance(fmt, QuantFormat):
             for key, value in quant_meta(fmt).items():
                 state.setdefault(key, value)
             for column in state_columns(self._state_keys(group), fmt):
                 if column not in state:
                     dtype = torch.uint8 if column.endswith("_codes") else torch.float32
+                    paging = arena if column.endswith("_codes") else None  # block scales: ordinary memory
                     if is_sharded(p):  # the local rows' codes and scales, global rows around them
                         lp = local(p)
-                        zeros = torch.zeros(quant_shape(p, fmt, column, lp.shape), dtype=dtype, device=lp.device)
+                        zeros = self._paged_zeros(paging, lp, quant_shape(p, fmt, column, lp.shape), dtype)
                         state[column] = like(p, zeros, _expected_shape(column, p, fmt))
                     else:
-                        state[column] = torch.zeros(_expected_shape(column, p, fmt), dtype=dtype, device=p.device)
+                        state[column] = self._paged_zeros(paging, p, _expected_shape(column, p, fmt), dtype)
             return
         for key in self._state_keys(group):
             if key not in state:
-                state[key] = like(p, _memory.zeros_like(local(p), fmt)) if is_sharded(p) else _memory.zeros_like(p, fmt)
+                lp = local(p)
+                zeros = self._paged_zeros(arena, lp, tuple(lp.shape), fmt)
+                state[key] = like(p, zeros) if is_sharded(p) else zeros

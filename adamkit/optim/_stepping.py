@@ -313,8 +313,18 @@ class _Stepping:
             if len(kept) > 1:
                 return None
             history[key] = (kept.pop() if kept else _scalar_dtype(), initial)
+        arena = self._arena(params[0], group) if device.type == "cpu" else None
         plan = GroupPlan(
-            params, kernels, self.state, keys, state_dtypes, _scalar_dtype(), signature, capturable, history
+            params,
+            kernels,
+            self.state,
+            keys,
+            state_dtypes,
+            _scalar_dtype(),
+            signature,
+            capturable,
+            history,
+            paged=None if arena is None else arena.zeros,
         )
         self._plans[index] = plan
         return plan

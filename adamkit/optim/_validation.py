@@ -249,6 +249,8 @@ class _Validation:
             QuantFormat(group["state_bits"] if group["state_bits"] in QUANT_BITS else 8, block)  # raises if bad
         if not isinstance(group.get("block_wise", True), bool):
             raise TypeError(f"block_wise must be a bool, got {group['block_wise']!r}{where}")
+        if not isinstance(group.get("paged", False), bool):
+            raise TypeError(f"paged must be a bool, got {group['paged']!r}{where}")
         size = group.get("min_quant_size", 0)
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"min_quant_size must be an int >= 0, got {size!r}{where}")

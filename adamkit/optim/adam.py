@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,6 +78,13 @@ _ARGS = """
             squared norms of its last 100 gradients and a gradient whose norm exceeds
             the ``percentile_clipping``-th smallest of them is scaled down to it. 100
             (default) turns it off.
+        paged: keep the moments of CPU parameters in a memory-mapped file (bitsandbytes'
+            ``is_paged``; see :mod:`adamkit._paged`): the operating system pages them out
+            under memory pressure, so state larger than RAM trains instead of failing.
+            Tensors under 100,000 elements, block scales and ``step`` stay in ordinary
+            memory. Results are bit for bit those of unpaged state.
+        paged_dir: the directory of the paged state's file (default: the system's
+            temporary directory). The file is unlinked as soon as it is created.
 """
 
 
@@ -123,6 +131,8 @@ class Adam(AdamFamily):
         block_wise: bool = True,
         min_quant_size: int = 4096,
         percentile_clipping: int = 100,
+        paged: bool = False,
+        paged_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -143,8 +153,9 @@ class Adam(AdamFamily):
             block_wise=block_wise,
             min_quant_size=min_quant_size,
             percentile_clipping=percentile_clipping,
+            paged=paged,
         )
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, paged_dir=paged_dir)
 
     def _check_new_group(self, group: Mapping[str, Any], where: str) -> None:
         """torch.optim.Adam's checks of tensor hyperparameters: betas are both tensors or
@@ -201,6 +212,8 @@ class AdamW(Adam):
         block_wise: bool = True,
         min_quant_size: int = 4096,
         percentile_clipping: int = 100,
+        paged: bool = False,
+        paged_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -223,6 +236,8 @@ class AdamW(Adam):
             block_wise=block_wise,
             min_quant_size=min_quant_size,
             percentile_clipping=percentile_clipping,
+            paged=paged,
+            paged_dir=paged_dir,
         )
 
     def _normalize_loaded_group(self, group: dict[str, Any]) -> None:

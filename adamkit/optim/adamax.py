@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import Tensor
@@ -45,7 +46,7 @@ class Adamax(AdamFamily):
             :class:`adamkit.Adam`.
         nonfinite: ``"mask"`` (default), ``"skip"``, ``"propagate"`` or ``"raise"``;
             see :class:`adamkit.Adam`.
-        block_size, block_wise, min_quant_size, percentile_clipping: quantized state
+        block_size, block_wise, min_quant_size, percentile_clipping, paged, paged_dir: quantized state
             and clipping; see :class:`adamkit.Adam`.
 
     Example:
@@ -76,6 +77,8 @@ class Adamax(AdamFamily):
         block_wise: bool = True,
         min_quant_size: int = 4096,
         percentile_clipping: int = 100,
+        paged: bool = False,
+        paged_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -94,5 +97,6 @@ class Adamax(AdamFamily):
             block_wise=block_wise,
             min_quant_size=min_quant_size,
             percentile_clipping=percentile_clipping,
+            paged=paged,
         )
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, paged_dir=paged_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,7 +50,7 @@ class NAdam(AdamFamily):
             NotImplementedError.
         differentiable: a step autograd records, as in torch; see :class:`adamkit.Adam`.
         fused, backend, state_bits, stochastic_rounding, nonfinite, block_size,
-        block_wise, min_quant_size, percentile_clipping: see :class:`adamkit.Adam`.
+        block_wise, min_quant_size, percentile_clipping, paged, paged_dir: see :class:`adamkit.Adam`.
 
     Example:
         >>> import torch, adamkit
@@ -81,6 +82,8 @@ class NAdam(AdamFamily):
         block_wise: bool = True,
         min_quant_size: int = 4096,
         percentile_clipping: int = 100,
+        paged: bool = False,
+        paged_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -101,8 +104,9 @@ class NAdam(AdamFamily):
             block_wise=block_wise,
             min_quant_size=min_quant_size,
             percentile_clipping=percentile_clipping,
+            paged=paged,
         )
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, paged_dir=paged_dir)
 
     def _check_new_group(self, group: Mapping[str, Any], where: str) -> None:
         """torch.optim.NAdam's check of ``momentum_decay``."""
