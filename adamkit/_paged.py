@@ -19,9 +19,12 @@ file released). Fresh regions read as zeros without being touched.
 
 After ``fork`` the child remaps every region privately (copy-on-write), so that it can
 never write into the parent's state; the child's new buffers go to a new file of its
-own. (A private file mapping shows the child the parent's later writes to pages the
-child has not written; anonymous memory would show it a snapshot. Either way the
-parent's state is safe.)
+own. This is not a snapshot, as anonymous memory would be: the child still sees the
+parent's later writes to pages the child has not written, and zeros once the parent
+frees the state. A child that must read a consistent copy (a fork-based asynchronous
+checkpoint) needs one taken before the fork (``state_dict()`` tensors cloned).
+Regions are never unmapped at interpreter exit, when a thread or an exit handler may
+still read them.
 """
 
 from __future__ import annotations
@@ -76,18 +79,23 @@ class _File:
 
 
 class _Region:
-    """One mapped region: its address, length, file and offset."""
+    """One mapped region: its address, length, file and offset; ``private`` once a
+    forked child has remapped it copy-on-write; ``arena``: a weak reference to the arena
+    whose free list takes its offset back."""
 
-    __slots__ = ("__weakref__", "address", "file", "length", "offset", "owner")
+    __slots__ = ("__weakref__", "address", "arena", "file", "length", "offset", "owner", "private")
 
-    def __init__(self, address: int, length: int, file: _File, offset: int) -> None:
+    def __init__(self, address: int, length: int, file: _File, offset: int, arena: Arena) -> None:
         self.address, self.length, self.file, self.offset = address, length, file, offset
         self.owner = os.getpid()
+        self.private = False
+        self.arena = weakref.ref(arena)
 
 
 #: Every live region by address (for the fork handler and :func:`is_paged`).
 _regions: dict[int, _Region] = {}
-_lock = threading.Lock()
+#: Re-entrant: a garbage collection inside a locked section may release a region.
+_lock = threading.RLock()
 
 
 def _release(region: _Region) -> None:
@@ -97,18 +105,29 @@ def _release(region: _Region) -> None:
         if _regions.get(region.address) is region:
             del _regions[region.address]
     _munmap(region.address, region.length)
-    if region.owner == os.getpid() and _fallocate is not None:
-        _fallocate(region.file.fd, _PUNCH_HOLE, region.offset, region.length)
+    if region.owner == os.getpid() and not region.private:
+        if _fallocate is not None:
+            _fallocate(region.file.fd, _PUNCH_HOLE, region.offset, region.length)
+        arena = region.arena()
+        if arena is not None:
+            arena._free_region(region)
 
 
 def _remap_private_in_child() -> None:
+    """In a forked child: every region still shared with a file becomes copy-on-write
+    (regions already private, from an earlier fork, stay as they are); locks start free."""
+    global _lock
+    _lock = threading.RLock()
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     for region in list(_regions.values()):
+        if region.private:
+            continue
         flags = mmap.MAP_PRIVATE | _MAP_FIXED
         address = _mmap(region.address, region.length, prot, flags, region.file.fd, region.offset)
         if address != region.address:  # cannot keep the parent's state safe: stop here, loudly
             os.write(2, b"adamkit: could not remap paged optimizer state privately after fork\n")
             os._exit(70)
+        region.private = True
 
 
 if hasattr(os, "register_at_fork"):
@@ -124,14 +143,29 @@ class Arena:
             raise ValueError(f"paged_dir {str(self.directory)!r} is not a directory")
         self._file: _File | None = None
         self._size = 0
-        self._lock = threading.Lock()
+        self._free: dict[int, list[int]] = {}  # released regions' offsets by length, for reuse
+        self._lock = threading.RLock()
+        self._lock_pid = os.getpid()
         #: bytes of the file in use (regions alive)
         self.nbytes = 0
+
+    def _locked(self) -> threading.RLock:
+        """The arena's lock (a new one in a forked child: another thread may have held
+        the parent's at the fork)."""
+        if self._lock_pid != os.getpid():
+            self._lock, self._lock_pid = threading.RLock(), os.getpid()
+        return self._lock
+
+    def _free_region(self, region: _Region) -> None:
+        with self._locked():
+            self.nbytes -= region.length
+            if region.file is self._file:
+                self._free.setdefault(region.length, []).append(region.offset)
 
     def _current(self) -> _File:
         """The file new regions go to (a new one in a forked child)."""
         if self._file is None or self._file.pid != os.getpid():
-            self._file, self._size = _File(self.directory), 0
+            self._file, self._size, self._free = _File(self.directory), 0, {}
         return self._file
 
     @property
@@ -143,12 +177,15 @@ class Arena:
         """A flat CPU tensor of ``numel`` zeros of ``dtype`` in the file."""
         nbytes = int(numel) * dtype.itemsize
         length = max(PAGE, -(-nbytes // PAGE) * PAGE)
-        with self._lock:
+        with self._locked():
             file = self._current()
-            fd, offset = file.fd, self._size
+            reused = self._free.get(length)
+            fd, offset = file.fd, (reused.pop() if reused else self._size)
             try:
                 os.posix_fallocate(fd, offset, length)
             except OSError as err:
+                if reused is not None and offset != self._size:
+                    reused.append(offset)
                 raise OSError(
                     err.errno,
                     f"paged optimizer state: cannot reserve {length} bytes in {str(self.directory)!r} "
@@ -160,21 +197,20 @@ class Arena:
                 code = ctypes.get_errno()
                 if _fallocate is not None:
                     _fallocate(fd, _PUNCH_HOLE, offset, length)
+                self._free.setdefault(length, []).append(offset)
                 raise OSError(code, f"paged optimizer state: mmap of {length} bytes failed: {os.strerror(code)}")
-            self._size += length
+            if offset == self._size:
+                self._size += length
             self.nbytes += length
-        region = _Region(address, length, file, offset)
-        buffer = (ctypes.c_uint8 * length).from_address(address)
-        # the region lives as long as the buffer, which every tensor on it keeps alive
-        weakref.finalize(buffer, _release, region)
-        buffer._adamkit_region = region  # type: ignore[attr-defined]
-        with _lock:
-            _regions[address] = region
-        weakref.finalize(buffer, self._forget, length)
+            region = _Region(address, length, file, offset, self)
+            buffer = (ctypes.c_uint8 * length).from_address(address)
+            # the region lives as long as the buffer, which every tensor on it keeps alive;
+            # not released at interpreter exit, when threads or exit handlers may still read it
+            weakref.finalize(buffer, _release, region).atexit = False
+            buffer._adamkit_region = region  # type: ignore[attr-defined]
+            with _lock:
+                _regions[address] = region
         return torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes).view(dtype)
-
-    def _forget(self, length: int) -> None:
-        self.nbytes -= length
 
     def zeros_like(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         """Zeros of ``t``'s shape and ``dtype``, contiguous, in the file."""

@@ -312,3 +312,59 @@ def test_bench_paged_quick(tmp_path):
     assert [(r["workload"], r["bits"]) for r in data["speed"]] == [("flat-1M", 32), ("flat-1M", 8)]
     assert all(r["paged_ms"] > 0 and r["in_ram_ms"] > 0 for r in data["speed"])
     assert data["budget"]["paged"].startswith("trains") and data["budget"]["in-RAM"].startswith("out of memory")
+
+
+@pytest.mark.heavy
+def test_exit_handlers_may_still_read_paged_state():
+    """Mappings are not released at interpreter exit: an exit handler registered before
+    the optimizer existed reads its state (an emergency checkpoint) without a crash."""
+    code = """
+import atexit, torch, adamkit
+state = {}
+atexit.register(lambda: print("sum", float(state["opt"].state[state["p"]]["exp_avg"].sum())))
+p = torch.nn.Parameter(torch.zeros(200_000))
+opt = adamkit.AdamW([p], paged=True)
+p.grad = torch.ones(200_000)
+opt.step()
+state.update(opt=opt, p=p)
+"""
+    done = run_isolated(code)
+    assert done.returncode == 0 and "sum 20000" in done.stdout, (done.returncode, done.stderr[-2000:])
+
+
+def test_nested_forks_keep_each_generations_writes():
+    """A grandchild sees its parent's (the child's) own writes, not the file's."""
+    arena = _paged.Arena()
+    t = arena.zeros(BIG, torch.float32)
+    t.numpy()[:] = 1.0
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            t.numpy()[0] = 5.0
+            grand = os.fork()
+            if grand == 0:
+                os.write(write, str(float(t.numpy()[0])).encode())
+                os._exit(0)
+            os.waitpid(grand, 0)
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 100) == b"5.0"
+    os.close(read)
+    assert float(t.numpy()[0]) == 1.0
+
+
+def test_freed_regions_are_reused():
+    """Loading state again and again reuses the file's freed regions: its size stays
+    bounded (it matters under a file-size limit)."""
+    params = _params(shapes=((BIG + 7,),))
+    opt = _run(adamkit.AdamW, params, steps=1, paged=True)
+    saved = round_trip(opt.state_dict())
+    sizes = []
+    for _ in range(6):
+        opt.load_state_dict(saved)
+        gc.collect()
+        sizes.append(os.fstat(opt._paged_arena.fd).st_size)
+    assert sizes[-1] == sizes[1], sizes
