@@ -20,6 +20,7 @@ from .bnb import (
     keep_embeddings_32bit,
 )
 from .kernels import KernelUnavailableError
+from .offload import CPUOffload
 from .optim import NONFINITE_MODES, Adam, Adamax, AdamFamily, AdamW, NAdam
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "AdamFamily",
     "AdamW",
     "AdamW8bit",
+    "CPUOffload",
     "AdamW32bit",
     "Adamax",
     "GlobalOptimManager",

@@ -420,6 +420,16 @@ def state_bytes(opt: torch.optim.Optimizer, n: int) -> float | None:
     return total / n if total else None
 
 
+def write_json(path: str, payload: dict[str, Any], default: Callable[[Any], Any] | None = None) -> None:
+    """Write a bench's results as JSON to ``path`` (``-``: stdout)."""
+    text = json.dumps(payload, indent=2, default=default)
+    if path == "-":
+        print(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def _paired_ratio(reference: list[float], ours: list[float]) -> float:
     """Median over rounds of (reference time / our time) in the same round.
 
@@ -648,6 +658,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="paged (memory-mapped) state against in-RAM state on the CPU, and training past a memory limit",
     )
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="adamkit.CPUOffload's step against torchao's CPUOffloadOptimizer (GPT-2 small's parameters)",
+    )
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': stdout)")
     parser.add_argument("--plot", metavar="FILE.png", help="plot the ratios against torch fused (matplotlib)")
     parser.add_argument(
@@ -657,6 +672,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "offload", False):
+        from . import bench_offload
+
+        return bench_offload.run(args)
     if getattr(args, "paged", False):
         from . import bench_paged
 
@@ -729,12 +748,7 @@ def run(args: argparse.Namespace) -> int:
         progress.close()
     _table(results, meta)
     if args.json:
-        payload = json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=2)
-        if args.json == "-":
-            print(payload)
-        else:
-            with open(args.json, "w") as f:
-                f.write(payload + "\n")
+        write_json(args.json, {"meta": meta, "results": [asdict(r) for r in results]})
     if args.plot:
         _plot(results, args.plot)
         print(f"plot written to {args.plot}")

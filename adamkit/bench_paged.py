@@ -25,7 +25,7 @@ import torch
 
 import adamkit
 
-from .bench import WORKLOADS
+from .bench import WORKLOADS, write_json
 
 PAGED_WORKLOADS = ("flat-16M", "gpt2")
 PAGED_QUICK_WORKLOADS = ("flat-1M",)
@@ -97,8 +97,6 @@ def budget(n: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """``adamkit bench --paged``."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
@@ -120,10 +118,5 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json:
         meta = {"reps": reps, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
-        payload = json.dumps({"meta": meta, "speed": rows, "budget": limit}, indent=2)
-        if args.json == "-":
-            print(payload)
-        else:
-            with open(args.json, "w") as f:
-                f.write(payload + "\n")
+        write_json(args.json, {"meta": meta, "speed": rows, "budget": limit})
     return 0

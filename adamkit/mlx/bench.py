@@ -189,12 +189,10 @@ def convergence(steps: int = 300) -> dict[str, list[float]]:
 
 def run(args: argparse.Namespace) -> int:
     """``adamkit bench --mlx``."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
-    from ..bench import Progress
+    from ..bench import Progress, write_json
 
     workloads = args.workloads or (MLX_QUICK_WORKLOADS if args.quick else MLX_WORKLOADS)
     reps = args.reps or (3 if args.quick else 9)
@@ -244,12 +242,7 @@ def run(args: argparse.Namespace) -> int:
         final = ", ".join(f"{k} {v:.4g}" for k, v in meta["convergence"].items())
         console.print(f"regression loss at the end of training: {final}")
     if args.json:
-        payload = json.dumps({"meta": meta, "results": rows}, indent=2, default=_plain)
-        if args.json == "-":
-            print(payload)
-        else:
-            with open(args.json, "w") as f:
-                f.write(payload + "\n")
+        write_json(args.json, {"meta": meta, "results": rows}, default=_plain)
     return 0
 
 

@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -122,20 +122,35 @@ class _Stepping:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_groups(None)
+        return loss
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _step_groups(self, only: Collection[int] | None) -> None:
+        """``step()``'s work for the groups at the positions ``only`` (every group if None).
+
+        :class:`adamkit.CPUOffload` steps its host optimizer's groups one run at a time
+        this way, to copy each run's parameters back while the next is stepped. Under
+        ``nonfinite="skip"`` or ``"raise"`` only the groups stepped are screened: their
+        caller steps every group at once then.
+        """
+        self._check_not_captured()
         self._settle_counts(wait=False)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         if not isinstance(self.state, TrackedState):  # reassigned, e.g. ``opt.state = defaultdict(dict)``
             self.state = TrackedState(self.state)
-        work = [self._prepare(i, group) for i, group in enumerate(self.param_groups)]
-        on_device = all(group.get("capturable") for group in self.param_groups)
+        groups = [(i, g) for i, g in enumerate(self.param_groups) if only is None or i in only]
+        work = [self._prepare(i, group) for i, group in groups]
+        on_device = all(group.get("capturable") for _, group in groups)
         if found_inf is not None and not on_device and float(found_inf) != 0:  # GradScaler saw inf/NaN: skip
-            return loss
+            return
         if self.nonfinite in ("skip", "raise") and self._screen(work):
-            return loss
+            return
         seed = None
-        if any(group.get("stochastic_rounding") for group in self.param_groups):
+        if any(group.get("stochastic_rounding") for _, group in groups):
             seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))  # torch.manual_seed reproduces it
-            rounded = [p for g in self.param_groups if g.get("stochastic_rounding") for p in g["params"]]
+            rounded = [p for _, g in groups if g.get("stochastic_rounding") for p in g["params"]]
             seed = _sharded.agreed_seed(seed, _sharded.meshes_of(rounded))  # replicas round alike
         amp = (grad_scale, found_inf if on_device else None)
         # masked elements of DTensor shards by mesh (weighted: see _sharded); every mesh
@@ -154,7 +169,6 @@ class _Stepping:
                 event.record(torch.cuda.current_stream(count.device))
             self._pending_counts.append((count, event))
         self._settle_counts(wait=False)
-        return loss
 
     def _check_not_captured(self) -> None:
         """torch's check: a step inside a CUDA graph capture needs ``capturable=True`` in
