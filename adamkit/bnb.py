@@ -13,8 +13,8 @@ bitsandbytes        adamkit
 ``block_wise``      ``block_wise`` (False: one absmax per tensor)
 ``percentile_clipping``  the same (100 = off)
 ``args``            an object whose attributes of these names override them
-``is_paged``        ``paged`` (moments of CPU parameters in a memory-mapped file;
-                    adamkit also takes ``paged_dir``)
+``is_paged``        ``paged`` (moments of CPU parameters in a memory-mapped file,
+                    of CUDA ones in managed memory; adamkit also takes ``paged_dir``)
 ==================  =====================================================
 
 Semantics are torch's, not bitsandbytes': ``Adam`` couples L2 weight decay into the
@@ -186,7 +186,12 @@ def keep_embeddings_32bit(model: torch.nn.Module) -> int:
 
 def _make(name: str, base: type, default_wd: float, bits: int | None, paged: bool) -> type:
     fixed = "" if bits is None else f" Always {bits}-bit state (``optim_bits`` is ignored, as in bitsandbytes)."
-    paged_note = " Paged state: moments of CPU parameters in a memory-mapped file (``paged_dir``)." if paged else ""
+    paged_note = (
+        " Paged state: moments of CPU parameters in a memory-mapped file (``paged_dir``), of CUDA ones in CUDA "
+        "managed memory."
+        if paged
+        else ""
+    )
 
     def __init__(
         self: Any,

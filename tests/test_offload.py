@@ -518,3 +518,51 @@ def test_bench_offload_quick(tmp_path):
     _train(a, loop, steps=3)
     _train(b, fused, steps=3)
     assert _same(a, b)
+
+
+# ---------------------------------------------------------------- on a GPU
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("step_in_backward", MODES)
+@pytest.mark.parametrize("bits", [32, 8])
+def test_cuda_offload_equals_the_host_optimizer(bits, step_in_backward):
+    """Parameters and gradients on the GPU, pinned host copies, copies on side streams:
+    the numbers of the same optimizer stepping CPU copies with the GPU's gradients."""
+    gpu = _model().cuda()
+    cpu = _model()
+    off = CPUOffload(gpu.parameters(), lr=1e-2, state_bits=bits, min_quant_size=1000, chunk_size=3000,
+                     step_in_backward=step_in_backward)  # fmt: skip
+    plain = adamkit.AdamW(cpu.parameters(), lr=1e-2, state_bits=bits, min_quant_size=1000)
+    assert all(off._host[p].is_pinned() for p in gpu.parameters())
+    for i in range(4):
+        off.zero_grad()
+        x, y = _batch(i)
+        ((gpu(x.cuda()) - y.cuda()) ** 2).mean().backward()
+        for p, q in zip(cpu.parameters(), gpu.parameters()):
+            p.grad = q.grad.cpu()
+        off.step()
+        plain.step()
+        out = gpu(x.cuda())  # the next forward sees the copies back
+        assert torch.isfinite(out).all()
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.equal(p, q.cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_torchao_offload_with_adamkit():
+    torchao_optim = pytest.importorskip("torchao.optim")
+    gpu = _model().cuda()
+    cpu = _model()
+    off = torchao_optim.CPUOffloadOptimizer(gpu.parameters(), adamkit.AdamW, lr=1e-2, minimal_size=0)
+    plain = adamkit.AdamW(cpu.parameters(), lr=1e-2)
+    for i in range(3):
+        off.zero_grad()
+        x, y = _batch(i)
+        ((gpu(x.cuda()) - y.cuda()) ** 2).mean().backward()
+        for p, q in zip(cpu.parameters(), gpu.parameters()):
+            p.grad = q.grad.cpu()
+        off.step()
+        plain.step()
+    for p, q in zip(cpu.parameters(), gpu.parameters()):
+        assert torch.equal(p, q.cpu())

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .. import _paged
+from ..kernels._checks import is_plain
 from ..quant import QuantFormat, dequantize, quantize
 from ..spec import HISTORY, Algorithm
 from ._plan import GroupPlan, TrackedState, quant_meta
@@ -224,17 +226,28 @@ class _Checkpoints:
                     raise ValueError(f"{where}: state {key!r} is {value.dtype}, expected {kind}")
                 if key.endswith("_absmax") and not bool(((local(value) >= 0) & local(value).isfinite()).all()):
                     raise ValueError(f"{where}: state {key!r} holds negative or non-finite block scales")
-                out[key] = value.detach().to(device=p.device, copy=True)
+                out[key] = self._loaded_copy(key, value, p, group)
                 continue
             if value.is_complex() != p.is_complex() or not (value.is_floating_point() or value.is_complex()):
                 raise ValueError(
                     f"{where}: state {key!r} is {value.dtype}, which cannot hold a {p.dtype} parameter's state"
                 )
-            dense[key] = value.detach().to(device=p.device, copy=True)
+            dense[key] = self._loaded_copy(key, value, p, group)
         dtypes = {k: str(dense[k].dtype) for k in (*keys, *_MOMENTS) if k in dense}
         if len(set(dtypes.values())) > 1:
             raise ValueError(f"{where}: state tensors must share one dtype, got {dtypes}")
         return self._converted(out, dense, saved_fmt, p, group)
+
+    def _loaded_copy(self, key: str, value: Tensor, p: Tensor, group: Mapping[str, Any]) -> Tensor:
+        """A checkpoint's state tensor copied to ``p``'s device: a paged group's large
+        moments and codes straight into its arena (a checkpoint opened with
+        ``torch.load(mmap=True)`` then never passes through ordinary memory)."""
+        paged = group.get("paged") and (key in _MOMENTS or key.endswith("_codes")) and not is_sharded(p)
+        if paged and value.numel() >= _paged.MIN_PAGED_NUMEL and is_plain(value) and value.is_contiguous():
+            arena = self._arena(p, group)
+            if arena is not None:
+                return arena.adopt(value.detach())
+        return value.detach().to(device=p.device, copy=True)
 
     @staticmethod
     def _saved_format(saved: Mapping[str, Any], where: str) -> QuantFormat | None:

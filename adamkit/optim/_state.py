@@ -11,14 +11,13 @@ layout and creates its state lazily, at its first step.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .. import _memory, _paged
+from .. import _managed, _memory, _paged
 from ..kernels._checks import is_plain, storage_order
 from ..quant import DEFAULT_BLOCK, QUANT_BITS, QuantFormat
 from ..spec import HISTORY, MOMENTS, Algorithm
@@ -151,19 +150,20 @@ class _State:
         return p.dtype, fmt, flat
 
     # ------------------------------------------------------------------- paged state
-    def _arena(self, p: Tensor, group: Mapping[str, Any]) -> _paged.Arena | None:
-        """The arena of a paged group's CPU state (created at its first use), else None.
-        Paged state on other devices is ordinary device memory, with a warning once."""
+    def _arena(self, p: Tensor, group: Mapping[str, Any]) -> Any:
+        """The arena of a paged group's state (created at its first use): a memory-mapped
+        file's (:class:`adamkit._paged.Arena`) for CPU parameters, CUDA managed memory's
+        (:class:`adamkit._managed.ManagedArena`) for CUDA ones; None if not paged. Other
+        devices cannot page: refused when the group is added (``_check_group``)."""
         if not group.get("paged"):
             return None
-        if local(p).device.type != "cpu":
-            if not self.__dict__.get("_warned_paged"):
-                self._warned_paged = True
-                warnings.warn(
-                    f"paged optimizer state is memory-mapped on the CPU only; {local(p).device.type} "
-                    "parameters keep their state in ordinary device memory",
-                    stacklevel=4,
-                )
+        device = local(p).device.type
+        if device == "cuda":
+            managed = self.__dict__.get("_managed_arena")
+            if managed is None:
+                managed = self._managed_arena = _managed.ManagedArena()
+            return _OnDevice(managed, local(p).device)
+        if device != "cpu":
             return None
         arena = self.__dict__.get("_paged_arena")
         if arena is None:
@@ -184,15 +184,16 @@ class _State:
         return flat.view(shape)
 
     def _page_state(self, p: Tensor, state: dict[str, Any], group: Mapping[str, Any]) -> None:
-        """Move a CPU parameter's moments (dense moments, codes) of a paged group into its
+        """Move a parameter's moments (dense moments, codes) of a paged group into its
         arena (loaded or unpickled state; copies, same values)."""
-        arena = self._arena(p, group) if local(p).device.type == "cpu" else None
+        arena = self._arena(p, group)
         if arena is None or is_sharded(p):
             return
+        paged = _managed.is_managed if p.device.type == "cuda" else _paged.is_paged
         for key, value in list(state.items()):
             moment = key in _MOMENTS or key.endswith("_codes")
-            if moment and isinstance(value, Tensor) and is_plain(value) and value.device.type == "cpu":
-                if value.numel() >= _paged.MIN_PAGED_NUMEL and not _paged.is_paged(value):
+            if moment and isinstance(value, Tensor) and is_plain(value) and value.device == p.device:
+                if value.numel() >= _paged.MIN_PAGED_NUMEL and not paged(value):
                     state[key] = arena.adopt(value)
 
     def _init_state(self, p: Tensor, group: Mapping[str, Any]) -> dict[str, Any]:
@@ -226,3 +227,18 @@ class _State:
                 lp = local(p)
                 zeros = self._paged_zeros(arena, lp, tuple(lp.shape), fmt)
                 state[key] = like(p, zeros) if is_sharded(p) else zeros
+
+
+class _OnDevice:
+    """A managed arena seen as one device's: ``zeros(numel, dtype)`` as the CPU arena's."""
+
+    def __init__(self, arena: _managed.ManagedArena, device: torch.device) -> None:
+        self.arena, self.device = arena, device
+
+    def zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
+        return self.arena.zeros(numel, dtype, self.device)
+
+    def adopt(self, t: Tensor) -> Tensor:
+        out = self.arena.zeros(t.numel(), t.dtype, self.device).view(t.shape)
+        out.copy_(t)
+        return out

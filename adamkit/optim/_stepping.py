@@ -147,6 +147,9 @@ class _Stepping:
             return
         if self.nonfinite in ("skip", "raise") and self._screen(work):
             return
+        managed = self.__dict__.get("_managed_arena")
+        if managed is not None and any(group.get("paged") for _, group in groups):
+            managed.prefetch()  # paged CUDA state to its GPU, queued before the kernels
         seed = None
         if any(group.get("stochastic_rounding") for _, group in groups):
             seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))  # torch.manual_seed reproduces it

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .. import _managed
 from ..kernels.registry import (
     FUSED_BACKENDS,
     STATE_BITS,
@@ -251,6 +252,15 @@ class _Validation:
             raise TypeError(f"block_wise must be a bool, got {group['block_wise']!r}{where}")
         if not isinstance(group.get("paged", False), bool):
             raise TypeError(f"paged must be a bool, got {group['paged']!r}{where}")
+        if group.get("paged"):
+            devices = {local(p).device.type for p in params if isinstance(p, Tensor)} - {"meta"}
+            if devices - {"cpu", "cuda"}:
+                raise ValueError(
+                    f"paged state lives in memory-mapped files (CPU) or CUDA managed memory; "
+                    f"{sorted(devices - {'cpu', 'cuda'})} parameters cannot page{where}: use paged=False"
+                )
+            if "cuda" in devices:
+                _managed.runtime()  # RuntimeError, saying what to install, before anything changes
         size = group.get("min_quant_size", 0)
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"min_quant_size must be an int >= 0, got {size!r}{where}")

@@ -297,6 +297,44 @@ print("trained")
 
 
 @pytest.mark.heavy
+def test_a_checkpoint_larger_than_the_memory_budget_loads(tmp_path):
+    """A checkpoint opened with ``torch.load(mmap=True)`` loads into a paged optimizer
+    under an RLIMIT_DATA budget too small for another copy of its state: the moments go
+    from the checkpoint's file straight into the arena, never through anonymous memory
+    (unpaged: out of memory)."""
+    n = 24_000_000
+    p = torch.nn.Parameter(torch.zeros(n))
+    p.grad = torch.full((n,), 1e-3)
+    opt = adamkit.AdamW([p], lr=0.01)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "ck.pt")
+    del opt, p
+    code = f"""
+import resource, sys, torch, adamkit
+n = {n}
+p = torch.nn.Parameter(torch.full((n,), -0.01))
+p.grad = torch.full((n,), 1e-3)
+# mapped before the limit is set (a private file mapping counts as data)
+saved = torch.load({str(tmp_path / "ck.pt")!r}, mmap=True, weights_only=True)
+data = int([l for l in open("/proc/self/status") if l.startswith("VmData")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (data + (64 << 20), resource.RLIM_INFINITY))
+opt = adamkit.AdamW([p], lr=0.01, paged=sys.argv[-1] == "paged")
+try:
+    opt.load_state_dict(saved)
+    opt.step()
+except (RuntimeError, MemoryError) as err:
+    print("out of memory:", type(err).__name__)
+    raise SystemExit(0)
+assert float(opt.state[p]["step"]) == 2 and abs(float(p[0]) + 0.02) < 1e-3, float(p[0])
+print("loaded and stepped")
+"""
+    paged = run_isolated(code.replace('sys.argv[-1] == "paged"', "True"))
+    assert paged.returncode == 0 and "loaded and stepped" in paged.stdout, paged.stderr[-2000:]
+    plain = run_isolated(code.replace('sys.argv[-1] == "paged"', "False"))
+    assert "out of memory" in plain.stdout, (plain.stdout, plain.stderr[-2000:])
+
+
+@pytest.mark.heavy
 def test_bench_paged_quick(tmp_path):
     """``adamkit bench --paged --quick``: the table's numbers, and the budget run: paged
     state trains where in-RAM state runs out of memory."""
@@ -368,3 +406,121 @@ def test_freed_regions_are_reused():
         gc.collect()
         sizes.append(os.fstat(opt._paged_arena.fd).st_size)
     assert sizes[-1] == sizes[1], sizes
+
+
+# ---------------------------------------------------------------- CUDA managed memory
+class _FakeRuntime:
+    """cuda-bindings' runtime as seen by adamkit._managed: calls recorded, errors on demand."""
+
+    cudaMemAttachGlobal = 1
+
+    class cudaMemLocation:  # noqa: N801 - the bindings' name
+        type = None
+        id = None
+
+    class cudaMemLocationType:  # noqa: N801
+        cudaMemLocationTypeDevice = "device"
+
+    def __init__(self, v13=True, fail=None):
+        self.calls, self.v13, self.fail, self.next = [], v13, fail, 4096
+
+    def cudaMallocManaged(self, size, flags):  # noqa: N802
+        self.calls.append(("malloc", size, flags))
+        if self.fail == "malloc":
+            return (_Err(2, "cudaErrorMemoryAllocation"), None)
+        self.next += 4096
+        return (_Err(0), self.next)
+
+    def cudaFree(self, ptr):  # noqa: N802
+        self.calls.append(("free", ptr))
+        return (_Err(0),)
+
+    def cudaMemPrefetchAsync(self, *args):  # noqa: N802
+        if self.v13 != (len(args) == 5):
+            raise TypeError("wrong number of arguments")
+        self.calls.append(("prefetch", *args))
+        return (_Err(0),)
+
+
+class _Err(int):
+    def __new__(cls, value, name="cudaSuccess"):
+        out = super().__new__(cls, value)
+        out.name = name
+        return out
+
+
+def test_managed_buffers_prefetch_free_and_say_what_failed():
+    from adamkit import _managed
+
+    for v13 in (True, False):  # CUDA 13's prefetch signature, and CUDA 12's
+        rt = _FakeRuntime(v13=v13)
+        buf = _managed._Buffer(rt, 1000, 0)
+        assert rt.calls == [("malloc", 1000, 1)]
+        iface = buf.__cuda_array_interface__
+        assert iface["data"] == (buf.ptr, False) and iface["shape"] == (1000,) and iface["typestr"] == "|u1"
+        _managed._prefetch(rt, buf.ptr, 1000, 0, 7)
+        kind, ptr, size, where, *rest = rt.calls[-1]
+        assert (kind, ptr, size) == ("prefetch", buf.ptr, 1000)
+        if v13:
+            assert (where.type, where.id, rest) == ("device", 0, [0, 7])
+        else:
+            assert (where, rest) == (0, [7])
+        ptr = buf.ptr
+        del buf
+        gc.collect()
+        assert rt.calls[-1] == ("free", ptr)
+    with pytest.raises(RuntimeError, match="cudaMallocManaged.*cudaErrorMemoryAllocation"):
+        _managed._Buffer(_FakeRuntime(fail="malloc"), 10, 0)
+
+
+def test_paged_cuda_state_without_cuda_bindings_says_what_to_install(monkeypatch):
+    import sys
+
+    from adamkit import _managed
+
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    with pytest.raises(RuntimeError, match=r"cuda-bindings.*adamkit\[cuda\]"):
+        _managed.runtime()
+
+
+def _cuda_ready():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from adamkit import _managed
+
+        _managed.runtime()
+        return True
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA GPU and cuda-bindings")
+@pytest.mark.parametrize("bits", [32, 16, 8, 4])
+def test_cuda_paged_equals_unpaged_bit_for_bit(bits):
+    """On a GPU: large moments in managed memory, prefetched each step; the same numbers
+    and the same checkpoint content as ordinary device state."""
+    from adamkit import _managed
+
+    a = [p.cuda() for p in _params()]
+    b = [p.cuda() for p in _params()]
+    a = [torch.nn.Parameter(p.detach()) for p in a]
+    b = [torch.nn.Parameter(p.detach()) for p in b]
+    opt_a = _run(adamkit.AdamW, a, paged=True, state_bits=bits)
+    opt_b = _run(adamkit.AdamW, b, state_bits=bits)
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+        mine, theirs = _moments(opt_a, pa), _moments(opt_b, pb)
+        for key in mine:
+            assert torch.equal(mine[key], theirs[key]), key
+            assert _managed.is_managed(mine[key]) == (mine[key].numel() >= BIG and not key.endswith("_absmax")), key
+    assert opt_a._managed_arena.nbytes > 0 and opt_a._managed_arena.prefetch() > 0
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    for k in sb["state"]:
+        for key, v in sb["state"][k].items():
+            assert torch.equal(torch.as_tensor(sa["state"][k][key]), torch.as_tensor(v))
+    clone = copy.deepcopy(opt_a)  # a copy pages its own state
+    p0 = clone.param_groups[0]["params"][0]
+    assert _managed.is_managed(clone.state[p0]["exp_avg" if bits in (32, 16) else "exp_avg_codes"])
