@@ -1,7 +1,8 @@
 """Paged optimizer state on CUDA: moments in CUDA managed (unified) memory.
 
 As bitsandbytes' ``Paged*`` optimizers do: a paged group's large state tensors are
-allocated with ``cudaMallocManaged`` and prefetched to their GPU before each step; when
+allocated with ``cudaMallocManaged`` and prefetched to their GPU before the group's
+step (a group at a time, so that state larger than the GPU is not all asked for at once); when
 the GPU's memory runs short the driver evicts their pages to the host and brings them
 back on access, so state larger than the device trains instead of failing. Block
 scales, small tensors and ``step`` stay ordinary device tensors.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from torch import Tensor
 
 from ._paged import MIN_PAGED_NUMEL
 
-__all__ = ["MIN_PAGED_NUMEL", "ManagedArena", "is_managed", "runtime"]
+__all__ = ["MIN_PAGED_NUMEL", "ManagedArena", "check_device", "is_managed", "runtime"]
 
 _INSTALL = "pip install 'adamkit[cuda]' (NVIDIA's cuda-bindings; for a CUDA 12 driver: 'cuda-bindings<13')"
 
@@ -89,6 +91,19 @@ def is_managed(t: Tensor) -> bool:
     return t.untyped_storage().data_ptr() in _live
 
 
+def _attribute(rt: Any, name: str, device: int) -> int:
+    """A device attribute (``cudaDevAttr...``) of GPU ``device``."""
+    return int(_check(rt.cudaDeviceGetAttribute(getattr(rt.cudaDeviceAttr, name), device), f"{name} of GPU {device}"))
+
+
+def check_device(device: int) -> None:
+    """RuntimeError unless GPU ``device`` can allocate managed memory (cuda-bindings
+    installed, a driver that supports it)."""
+    rt = runtime()
+    if not _attribute(rt, "cudaDevAttrManagedMemory", device):
+        raise RuntimeError(f"paged optimizer state: GPU {device} cannot allocate CUDA managed memory; use paged=False")
+
+
 class ManagedArena:
     """Managed buffers of one optimizer's paged CUDA state (see the module docstring)."""
 
@@ -96,6 +111,7 @@ class ManagedArena:
         self.rt = runtime()
         self._buffers: weakref.WeakSet[_Buffer] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._can_prefetch: dict[int, bool] = {}
 
     def zeros(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A flat tensor of ``numel`` zeros of ``dtype`` in managed memory, on ``device``."""
@@ -132,15 +148,29 @@ class ManagedArena:
         with self._lock:
             return sum(b.nbytes for b in self._buffers if b.ptr)
 
-    def prefetch(self, device: torch.device | None = None) -> int:
-        """Queue the prefetch of every live buffer (of ``device``, if given) to its GPU on
-        that GPU's current stream; the count queued."""
+    def prefetch(self, tensors: Iterable[Tensor] | None = None) -> int:
+        """Queue the prefetch of the buffers under ``tensors`` (every live buffer if None)
+        to their GPU on its current stream; the count queued. A GPU without concurrent
+        managed access (Windows, WSL2, some Jetson boards) is not prefetched to: its
+        driver moves the pages on access, as bitsandbytes leaves it."""
         with self._lock:
-            buffers = [b for b in self._buffers if b.ptr and (device is None or b.device == device.index)]
+            if tensors is None:
+                buffers = [b for b in self._buffers if b.ptr]
+            else:
+                wanted = {t.untyped_storage().data_ptr() for t in tensors if is_managed(t)}
+                buffers = [b for b in self._buffers if b.ptr and b.ptr in wanted]
+        count = 0
         for b in buffers:
-            stream = torch.cuda.current_stream(b.device).cuda_stream
-            _prefetch(self.rt, b.ptr, b.nbytes, b.device, stream)
-        return len(buffers)
+            can = self._can_prefetch.get(b.device)
+            if can is None:
+                can = self._can_prefetch[b.device] = bool(
+                    _attribute(self.rt, "cudaDevAttrConcurrentManagedAccess", b.device)
+                )
+            if can:
+                stream = torch.cuda.current_stream(b.device).cuda_stream
+                _prefetch(self.rt, b.ptr, b.nbytes, b.device, stream)
+                count += 1
+        return count
 
 
 def _prefetch(rt: Any, ptr: int, nbytes: int, device: int, stream: int) -> None:

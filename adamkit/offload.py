@@ -34,9 +34,10 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .optim import AdamFamily, AdamW
+from .optim._validation import check_hyperparameters
 
 #: Elements per run of parameters stepped and copied back together (4M: 16 MiB of
 #: fp32 parameters, a few ms of CPU step, long enough to hide the copy of the run before).
@@ -59,7 +61,16 @@ class _Run:
     params: list[Tensor]  # on the device
     arrived: set[int] = field(default_factory=set)  # ids of params whose gradient arrived this backward
     pending: Future[None] | None = None  # its step on the worker (step_in_backward)
+    done: bool = False  # stepped on the worker since the last step() / zero_grad()
     copied_back: Any = None  # the event after its parameters' copy to the device
+
+
+def _hook(ref: weakref.ref[CPUOffload], p: Tensor) -> None:
+    """The gradient hook: a weak reference, so that a dropped optimizer is collected
+    (and its hooks removed) while the model lives on."""
+    opt = ref()
+    if opt is not None:
+        opt._on_grad(p)
 
 
 class _Copies:
@@ -133,9 +144,9 @@ class CPUOffload(Optimizer):
 
     Args:
         params: the device parameters, or param-group dicts, as for any optimizer.
-        optimizer_class: the host optimizer (default :class:`adamkit.AdamW`); any
-            ``torch.optim.Optimizer`` works, adamkit's step run by run (see
-            ``chunk_size``), others in one ``step()``.
+        optimizer_class: the host optimizer (default :class:`adamkit.AdamW`). adamkit's
+            optimizers step run by run (see ``chunk_size``); other ``torch.optim``
+            optimizers in one ``step()`` (not those that need a closure, as LBFGS).
         state_bits: passed to ``optimizer_class`` when given (adamkit: 32, 16, 8 or 4).
         step_in_backward: step each run of parameters on a worker thread as soon as its
             gradients have arrived, during backward. Not with global-norm clipping or
@@ -147,7 +158,8 @@ class CPUOffload(Optimizer):
             ``GradScaler``; set False if the training loop writes gradients in a way it
             does not (through ``.data``, by collectives), to copy every gradient in
             ``step()``.
-        chunk_size: elements per run of parameters stepped and copied back together.
+        chunk_size: elements per run of parameters stepped and copied back together (a
+            group with ``stochastic_rounding`` is one run).
         pin_memory: keep host copies in pinned memory (default: for CUDA parameters).
         **kwargs: the host optimizer's arguments (``lr``, ``betas``, ``weight_decay``...).
 
@@ -172,25 +184,25 @@ class CPUOffload(Optimizer):
         pin_memory: bool | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if step_in_backward and not copy_grads_in_backward:
+            raise ValueError(
+                "step_in_backward steps from the gradients copied in backward: copy_grads_in_backward=False "
+                "contradicts it"
+            )
         groups = _groups(params)
-        devices = {p.device for g in groups for p in g["params"]}
-        if len(devices) != 1:
+        devices = {p.device for g in groups for p in g["params"] if isinstance(p, Tensor)}
+        if len(devices) > 1:
             raise ValueError(f"CPUOffload needs every parameter on one device, got {sorted(map(str, devices))}")
-        (device,) = devices
-        for g in groups:
-            for p in g["params"]:
-                if not isinstance(p, Tensor) or not p.is_leaf or not p.is_floating_point():
-                    raise TypeError("CPUOffload takes floating-point leaf tensors (parameters)")
-                if p.is_sparse or p.layout != torch.strided:
-                    raise ValueError("CPUOffload takes dense parameters")
+        device = devices.pop() if devices else torch.device("cpu")
         if state_bits is not None:
             kwargs["state_bits"] = state_bits
         self.device = device
         self.step_in_backward = bool(step_in_backward)
         self.copy_grads_in_backward = bool(copy_grads_in_backward)
         self.chunk_size = chunk_size
+        self._rounding = bool(kwargs.get("stochastic_rounding", False))
         self._pin = device.type == "cuda" if pin_memory is None else bool(pin_memory)
         self._share_host = device.type == "cpu" and self._share_cpu
         self._copies = _Copies(device)
@@ -198,19 +210,29 @@ class CPUOffload(Optimizer):
         self._grad_copies: dict[Tensor, tuple[Any, int, Any]] = {}  # param -> (grad ref, version, event)
         self._versions: dict[Tensor, tuple[int, int]] = {}  # param -> (version, data_ptr) after our copy
         self._runs: list[_Run] = []
+        self._group_runs: list[list[_Run]] = []
         self._run_of: dict[Tensor, _Run] = {}
         self._lock = threading.RLock()
         self._accumulating = 0
         self._worker: ThreadPoolExecutor | None = None
         self._hooks: list[Any] = []
+        seen: set[Tensor] = set()
+        for g in groups:
+            self._check_params(g["params"], seen)
         host_groups = [self._host_group(i, g) for i, g in enumerate(groups)]
         self.optimizer = optimizer_class([c for runs in host_groups for c in runs], **kwargs)
         self._by_runs = isinstance(self.optimizer, AdamFamily)
-        if self.step_in_backward and getattr(self.optimizer, "nonfinite", "mask") in ("skip", "raise"):
-            raise ValueError(
-                f"step_in_backward steps each run of parameters on its own: nonfinite={self.optimizer.nonfinite!r}, "
-                "which decides for the whole step, needs step_in_backward=False"
-            )
+        if self.step_in_backward:
+            if getattr(self.optimizer, "nonfinite", "mask") in ("skip", "raise"):
+                raise ValueError(
+                    f"step_in_backward steps each run of parameters on its own: nonfinite="
+                    f"{self.optimizer.nonfinite!r}, which decides for the whole step, needs step_in_backward=False"
+                )
+            if not self._by_runs or any(g.get("stochastic_rounding") for g in self.optimizer.param_groups):
+                raise ValueError(
+                    "step_in_backward needs an adamkit optimizer without stochastic_rounding (which draws one "
+                    "seed for the whole step)"
+                )
         self._building = True
         try:
             super().__init__(groups, dict(self.optimizer.defaults))
@@ -222,22 +244,35 @@ class CPUOffload(Optimizer):
                 self._watch(p)
 
     # ------------------------------------------------------------ construction
+    def _check_params(self, params: list[Any], seen: set[Tensor]) -> None:
+        """Refuse what cannot be offloaded, before anything is built."""
+        for p in params:
+            if not isinstance(p, Tensor) or not p.is_leaf or not p.is_floating_point():
+                raise TypeError("CPUOffload takes floating-point leaf tensors (parameters)")
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError("CPUOffload takes dense parameters")
+            if p.device != self.device:
+                raise ValueError(f"CPUOffload's parameters are on {self.device}, got one on {p.device}")
+            if p in seen or p in self._host:
+                raise ValueError("a parameter appears more than once in the parameter groups")
+            seen.add(p)
+
     def _host_group(self, index: int, group: dict[str, Any]) -> list[dict[str, Any]]:
         """The host optimizer's groups for the wrapper's group ``index``: its parameters'
         host copies in runs of at most ``chunk_size`` elements, the same options."""
         options = {k: v for k, v in group.items() if k != "params"}
+        whole = bool(group.get("stochastic_rounding", self._rounding))  # one seed, positions in the group
         runs: list[list[Tensor]] = [[]]
         size = 0
         for p in group["params"]:
-            if p in self._host:
-                raise ValueError("some parameters appear in more than one parameter group")
-            if runs[-1] and size + p.numel() > self.chunk_size:
+            if runs[-1] and size + p.numel() > self.chunk_size and not whole:
                 runs.append([])
                 size = 0
             runs[-1].append(p)
             size += p.numel()
         out = []
         first = len(self._runs)
+        mine = []
         for k, ps in enumerate(runs):
             hosts = []
             for p in ps:
@@ -251,63 +286,63 @@ class CPUOffload(Optimizer):
                 hosts.append(h)
             run = _Run(group=index, inner=first + k, params=ps)
             self._runs.append(run)
+            mine.append(run)
             for p in ps:
                 self._run_of[p] = run
             out.append({**options, "params": hosts})
+        self._group_runs.append(mine)
         return out
 
     def _watch(self, p: Tensor) -> None:
         self._versions[p] = (p._version, p.data_ptr())
         if p.requires_grad:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+            self._hooks.append(p.register_post_accumulate_grad_hook(partial(_hook, weakref.ref(self))))
 
-    def _adopt_defaults(self, groups: list[dict[str, Any]] | None = None) -> None:
-        """Give each wrapper group the options its host groups were completed with."""
-        for g in self.param_groups if groups is None else groups:
-            inner = self.optimizer.param_groups[self._first_run(g).inner]
-            for k, v in inner.items():
-                if k != "params":
-                    g[k] = v
-
-    def _first_run(self, group: dict[str, Any]) -> _Run:
-        return self._run_of[group["params"][0]]
+    def _adopt_defaults(self, indices: Iterable[int] | None = None) -> None:
+        """Give wrapper groups the options their host groups were completed with."""
+        for i in range(len(self.param_groups)) if indices is None else indices:
+            inner = self.optimizer.param_groups[self._group_runs[i][0].inner]
+            self.param_groups[i].update({k: v for k, v in inner.items() if k != "params"})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_building", False):
             super().add_param_group(param_group)
             return
         (group,) = _groups([param_group])
-        for p in group["params"]:
-            if p.device != self.device:
-                raise ValueError(f"CPUOffload's parameters are on {self.device}, got one on {p.device}")
+        self._check_params(group["params"], set())
         index = len(self.param_groups)
-        before = len(self.optimizer.param_groups)
+        before, runs_before = len(self.optimizer.param_groups), len(self._runs)
         try:
             for run in self._host_group(index, group):
                 self.optimizer.add_param_group(run)
-        except Exception:
+            super().add_param_group(group)
+        except Exception:  # nothing of the new group stays
             del self.optimizer.param_groups[before:]
-            for run in self._runs[:]:
-                if run.group == index:
-                    self._runs.remove(run)
-                    for p in run.params:
-                        self._run_of.pop(p, None)
-                        self._host.pop(p, None)
+            del self.param_groups[index:]
+            for run in self._runs[runs_before:]:
+                for p in run.params:
+                    self._run_of.pop(p, None)
+                    self._host.pop(p, None)
+            del self._runs[runs_before:]
+            del self._group_runs[index:]
             raise
-        super().add_param_group(group)
-        self._adopt_defaults([self.param_groups[-1]])
+        self._adopt_defaults([index])
         for p in self.param_groups[-1]["params"]:
             self._watch(p)
 
     # ------------------------------------------------------------ hyperparameters
     def _sync_options(self) -> None:
-        """Copy each wrapper group's options (a scheduler's lr, ...) to its host groups."""
+        """Copy each wrapper group's options (a scheduler's lr, ...) to its host groups,
+        and check them (an adamkit host optimizer's rules) before anything steps."""
         inner = self.optimizer.param_groups
         for run in self._runs:
             g, h = self.param_groups[run.group], inner[run.inner]
             for k, v in g.items():
                 if k != "params" and h.get(k, _MISSING) is not v:
                     h[k] = v
+        if self._by_runs:
+            for i, g in enumerate(self.param_groups):
+                check_hyperparameters(g, f" (param group {i})")
 
     # ------------------------------------------------------------ gradients
     def _grad_of(self, p: Tensor) -> Tensor | None:
@@ -329,11 +364,21 @@ class CPUOffload(Optimizer):
             return None
         buf = h.grad
         if buf is None or buf.shape != h.shape or buf.dtype != h.dtype:
-            buf = torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=self._pin)
+            buf = self._grad_buffers.get(h)
+            if buf is None:
+                buf = self._grad_buffers[h] = torch.empty(h.shape, dtype=h.dtype, device="cpu", pin_memory=self._pin)
         event = self._copies.to_host(buf, g)
         h.grad = buf
         self._grad_copies[p] = (weakref.ref(g), g._version, event)
         return event
+
+    @property
+    def _grad_buffers(self) -> dict[Tensor, Tensor]:
+        """The pinned host buffers of the gradients, kept while a parameter has none."""
+        buffers = self.__dict__.get("_buffers")
+        if buffers is None:
+            buffers = self.__dict__["_buffers"] = {}
+        return buffers
 
     def _fresh(self, p: Tensor, g: Tensor) -> bool:
         """Whether the host buffer holds ``g`` as it is now (copied by the hook since it
@@ -345,39 +390,62 @@ class CPUOffload(Optimizer):
         """A device parameter changed outside the optimizer (loaded weights, ``p.data =``):
         its host copy takes the new values before the step."""
         if self._versions.get(p) != (p._version, p.data_ptr()):
-            h = self._host[p]
-            if p.shape != h.shape or p.dtype != h.dtype:
-                raise ValueError(
-                    f"a parameter changed shape or dtype since CPUOffload was built: {tuple(h.shape)} {h.dtype} "
-                    f"-> {tuple(p.shape)} {p.dtype}"
-                )
-            if not self._share_host:
-                h.copy_(p.detach())
-            elif h.data_ptr() != p.data_ptr():  # a new storage (``p.data = ...``): shared again
-                h.set_(p.data)
-            self._versions[p] = (p._version, p.data_ptr())
+            self._reload(p)
+
+    def _reload(self, p: Tensor) -> None:
+        h = self._host[p]
+        if p.shape != h.shape or p.dtype != h.dtype:
+            raise ValueError(
+                f"a parameter changed shape or dtype since CPUOffload was built: {tuple(h.shape)} {h.dtype} "
+                f"-> {tuple(p.shape)} {p.dtype}"
+            )
+        if not self._share_host:
+            h.copy_(p.detach())
+        elif h.data_ptr() != p.data_ptr():  # a new storage (``p.data = ...``): shared again
+            h.set_(p.data)
+        self._versions[p] = (p._version, p.data_ptr())
+
+    @torch.no_grad()
+    def reload_parameters(self) -> None:
+        """Read every device parameter into its host copy again. Changes autograd sees
+        (in-place operations, ``p.data = new``, ``load_state_dict``) are noticed before
+        each step; call this after writing parameters through ``.data`` (``p.data.clamp_()``)."""
+        with self._lock:
+            self._end_backward()
+            for run in self._runs:
+                self._copies.wait(run.copied_back)
+                for p in run.params:
+                    self._reload(p)
 
     @torch.no_grad()
     def _on_grad(self, p: Tensor) -> None:
         """Post-accumulate-grad hook: copy the gradient to the host as soon as it is ready;
         with ``step_in_backward``, hand a run whose gradients have all arrived to the worker."""
-        sib = self.step_in_backward
-        if p not in self._host or not (self.copy_grads_in_backward or sib) or self._accumulating and not sib:
+        if p not in self._run_of or not self.copy_grads_in_backward or self._accumulating:
             return
         with self._lock:
-            if self.step_in_backward and self._accumulating:
-                return
             g = self._grad_of(p)
             if g is None:
                 return
-            self._copy_grad(p, g)
-            if not self.step_in_backward or not self._by_runs:
+            if not self.step_in_backward:
+                self._copy_grad(p, g)
                 return
             run = self._run_of[p]
-            if not any(r.arrived for r in self._runs):  # the first gradient of this backward
+            if id(p) in run.arrived:
+                raise RuntimeError(
+                    "CPUOffload(step_in_backward=True): a parameter's gradient arrived twice before step(); call "
+                    "step() (or zero_grad()) after each backward, wrap the backward passes of an accumulated step "
+                    "but the last in accumulate(), and do not share parameters across reentrant activation "
+                    "checkpoints (use_reentrant=False is fine)"
+                )
+            if not any(r.arrived or r.done or r.pending for r in self._runs):  # the first gradient of this backward
                 self._sync_options()
+            self._copy_grad(p, g)
             run.arrived.add(id(p))
-            if run.pending is None and all(id(q) in run.arrived for q in run.params if q.requires_grad):
+            if all(id(q) in run.arrived for q in run.params if q.requires_grad):
+                for q in run.params:  # frozen since: not stepped with an old gradient
+                    if id(q) not in run.arrived:
+                        self._host[q].grad = None
                 self._refresh_run(run)
                 if self._worker is None:
                     self._worker = ThreadPoolExecutor(1, thread_name_prefix="adamkit-offload")
@@ -385,7 +453,7 @@ class CPUOffload(Optimizer):
 
     @contextlib.contextmanager
     def accumulate(self) -> Iterator[None]:
-        """Backward passes inside do not step (``step_in_backward``) and copy nothing:
+        """Backward passes inside copy nothing and (``step_in_backward``) step nothing:
         wrap every micro-batch of an accumulated step but the last."""
         with self._lock:
             self._accumulating += 1
@@ -441,52 +509,66 @@ class CPUOffload(Optimizer):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         self.grad_scale = self.found_inf = None  # one step's (GradScaler sets them before each)
         amp = found_inf is not None or grad_scale is not None
-        if amp and self.step_in_backward:
-            raise RuntimeError(
-                "CPUOffload(step_in_backward=True) cannot be used with GradScaler: the parameters were stepped "
-                "with scaled gradients during backward; use step_in_backward=False"
-            )
-        if found_inf is not None and float(found_inf) != 0:  # GradScaler saw inf/NaN: the step is skipped
-            return loss
         with self._lock:
             try:
                 done = self._join_worker()
+                if amp and self.step_in_backward:
+                    raise RuntimeError(
+                        "CPUOffload(step_in_backward=True) cannot be used with GradScaler: the parameters were "
+                        "stepped with scaled gradients during backward; use step_in_backward=False"
+                    )
+                if found_inf is not None and float(found_inf) != 0:  # GradScaler saw inf/NaN: the step is skipped
+                    return loss
                 self._step_rest(done, recopy=amp, grad_scale=grad_scale)
             finally:
-                for run in self._runs:
-                    run.arrived.clear()
-                    run.pending = None
+                self._end_backward(join=False)
                 self._copies.join()
         return loss
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's; under ``step_in_backward`` it also ends a backward that was not
+        followed by ``step()`` (one that failed, or a skipped batch): the runs it stepped
+        stay stepped, and the next backward starts afresh."""
+        with self._lock:
+            self._end_backward()
+        super().zero_grad(set_to_none)
+
+    def _end_backward(self, join: bool = True) -> None:
+        """Forget this backward's arrivals and steps (after waiting for the worker)."""
+        try:
+            if join:
+                self._join_worker()
+        finally:
+            for run in self._runs:
+                run.arrived.clear()
+                run.pending = None
+                run.done = False
+
     def _join_worker(self) -> set[int]:
-        """Wait for the runs stepped during backward; their positions."""
-        done, error = set(), None
-        for k, run in enumerate(self._runs):
+        """Wait for the runs stepped during backward; the positions of those stepped."""
+        error = None
+        for run in self._runs:
             if run.pending is not None:
                 try:
                     run.pending.result()
-                    done.add(k)
-                except BaseException as exc:  # noqa: BLE001 - re-raised below, after every run is joined
+                    run.done = True
+                except BaseException as exc:  # noqa: BLE001 - raised below, once every run is joined
                     error = error or exc
+                finally:
+                    run.pending = None
         if error is not None:
             raise error
-        return done
+        return {k for k, run in enumerate(self._runs) if run.done}
 
     def _step_rest(self, done: set[int], recopy: bool = False, grad_scale: Tensor | None = None) -> None:
         """Copy the gradients not yet on the host (or changed since; every one under
-        ``recopy``), unscale them by ``grad_scale`` if given, then step."""
+        ``recopy``), then step with ``grad_scale`` (GradScaler's, not yet divided out)."""
         todo = [k for k in range(len(self._runs)) if k not in done]
         grads = {}
-        for k in todo:  # validate every gradient before anything changes
+        for k in todo:  # validate every gradient and option before anything changes
             for p in self._runs[k].params:
                 grads[p] = self._grad_of(p)
         self._sync_options()
-        if self._by_runs:
-            from .optim._validation import check_hyperparameters
-
-            for g in self.param_groups:
-                check_hyperparameters(g)
         for k in todo:
             run = self._runs[k]
             self._refresh_run(run)
@@ -494,31 +576,58 @@ class CPUOffload(Optimizer):
                 g, h = grads[p], self._host[p]
                 if g is None:
                     h.grad = None
-                elif recopy or not (self.copy_grads_in_backward or self.step_in_backward) or not self._fresh(p, g):
+                elif recopy or not self.copy_grads_in_backward or not self._fresh(p, g):
                     self._copy_grad(p, g)
-        if grad_scale is not None:  # GradScaler left them scaled: divided on the host, as the kernels would
-            scaled = [self._host[p].grad for k in todo for p in self._runs[k].params if self._host[p].grad is not None]
+        opt = self.optimizer
+        whole = (
+            not self._by_runs
+            or opt.nonfinite in ("skip", "raise")
+            or any(g.get("stochastic_rounding") for g in opt.param_groups)
+        )
+        if whole:
             for k in todo:
                 self._wait_grads(self._runs[k])
-            if scaled:
-                torch._foreach_div_(scaled, grad_scale.to("cpu", torch.float32))
-        whole = not self._by_runs or self.optimizer.nonfinite in ("skip", "raise")
-        if whole:  # one step over every group: a policy that looks at the whole step, or not adamkit's
+        with self._unscaling(grad_scale, [k for k in todo]):
+            if whole:  # one step: a policy or a seed for the whole step, or not adamkit's optimizer
+                hidden = self._hide_done(done)
+                try:
+                    opt.step()
+                finally:
+                    for h, buf in hidden:
+                        h.grad = buf
+                for k in todo:
+                    self._copy_back(self._runs[k])
+                return
             for k in todo:
-                self._wait_grads(self._runs[k])
-            hidden = self._hide_done(done)
+                run = self._runs[k]
+                if any(self._host[p].grad is not None for p in run.params):
+                    self._step_run(run)
+
+    @contextlib.contextmanager
+    def _unscaling(self, grad_scale: Tensor | None, todo: list[int]) -> Iterator[None]:
+        """GradScaler's scale for the host step, as the host optimizer takes it: the
+        attributes GradScaler would set on it (adamkit's, torch's fused), or the
+        gradients multiplied by the scale's reciprocal as ``GradScaler.unscale_`` does."""
+        opt = self.optimizer
+        if grad_scale is None:
+            yield
+            return
+        scale = grad_scale.to("cpu")
+        if getattr(opt, "_step_supports_amp_scaling", False):
+            opt.grad_scale, opt.found_inf = scale, torch.zeros((), dtype=torch.float32)
             try:
-                self.optimizer.step()
+                yield
             finally:
-                for h, buf in hidden:
-                    h.grad = buf
-            for k in todo:
-                self._copy_back(self._runs[k])
+                for name in ("grad_scale", "found_inf"):
+                    with contextlib.suppress(AttributeError):
+                        delattr(opt, name)
             return
         for k in todo:
-            run = self._runs[k]
-            if any(self._host[p].grad is not None for p in run.params):
-                self._step_run(run)
+            self._wait_grads(self._runs[k])
+        grads = [self._host[p].grad for k in todo for p in self._runs[k].params if self._host[p].grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale.double().reciprocal().float())
+        yield
 
     def _hide_done(self, done: set[int]) -> list[tuple[Tensor, Tensor | None]]:
         """Take the gradients of runs already stepped off their host copies for one step."""
@@ -543,41 +652,56 @@ class CPUOffload(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The host optimizer's ``state_dict`` with the wrapper's groups: what
         ``optimizer_class`` over the same parameters and groups would save."""
+        for pre in self._optimizer_state_dict_pre_hooks.values():
+            pre(self)
         with self._lock:
             self._join_worker()
             self._sync_options()
             inner = self.optimizer.state_dict()
         groups = []
-        for i in range(len(self.param_groups)):
-            runs = [r for r in self._runs if r.group == i]
+        for runs in self._group_runs:
             first = dict(inner["param_groups"][runs[0].inner])
             first["params"] = [x for r in runs for x in inner["param_groups"][r.inner]["params"]]
             groups.append(first)
-        return {"state": inner["state"], "param_groups": groups}
+        out: dict[str, Any] = {"state": inner["state"], "param_groups": groups}
+        for post in self._optimizer_state_dict_post_hooks.values():
+            result = post(self, out)
+            if result is not None:
+                out = result
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of this wrapper or of ``optimizer_class`` (or torch's
-        optimizer, as the host optimizer accepts) over the same parameters and groups."""
-        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+        optimizer, as the host optimizer accepts) over the same parameters and groups.
+        A checkpoint that does not fit raises and changes nothing."""
+        for pre in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre(self, state_dict)
+            if result is not None:
+                state_dict = result
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError("a state_dict must be a mapping with 'state' and 'param_groups'")
+        groups = state_dict["param_groups"]
+        if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
             raise ValueError(
-                f"the checkpoint has {len(groups) if isinstance(groups, list) else 'no'} param groups, "
+                f"the checkpoint has {len(groups) if isinstance(groups, (list, tuple)) else 'no'} param groups, "
                 f"this optimizer {len(self.param_groups)}"
             )
         split = []
         for i, g in enumerate(groups):
-            ids = g.get("params") if isinstance(g, dict) else None
+            ids = g.get("params") if isinstance(g, Mapping) else None
             mine = self.param_groups[i]["params"]
-            if not isinstance(ids, list) or len(ids) != len(mine):
+            if not isinstance(ids, (list, tuple)) or len(ids) != len(mine):
                 raise ValueError(f"param group {i}: the checkpoint's parameters do not match this optimizer's")
             at = 0
-            for run in (r for r in self._runs if r.group == i):
-                split.append({**g, "params": ids[at : at + len(run.params)]})
+            for run in self._group_runs[i]:
+                split.append({**g, "params": list(ids[at : at + len(run.params)])})
                 at += len(run.params)
         with self._lock:
             self._join_worker()
-            self.optimizer.load_state_dict({"state": state_dict.get("state", {}), "param_groups": split})
+            self.optimizer.load_state_dict({"state": state_dict["state"], "param_groups": split})
             self._adopt_defaults()  # the loaded options become the wrapper's
+        for post in self._optimizer_load_state_dict_post_hooks.values():
+            post(self)
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("a CPUOffload cannot be pickled or copied; save its state_dict() instead")
@@ -586,12 +710,14 @@ class CPUOffload(Optimizer):
         return f"CPUOffload({self.optimizer!r}, device={self.device})"
 
     def close(self) -> None:
-        """Remove the gradient hooks and stop the worker (also done when collected)."""
-        for h in self._hooks:
+        """Remove the gradient hooks and stop the worker (also done when the optimizer
+        is collected: the hooks hold it weakly)."""
+        for h in self.__dict__.get("_hooks", ()):
             h.remove()
-        self._hooks.clear()
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
+        self.__dict__.get("_hooks", []).clear()
+        worker = self.__dict__.get("_worker")
+        if worker is not None:
+            worker.shutdown(wait=True)
             self._worker = None
 
     def __del__(self) -> None:

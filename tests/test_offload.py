@@ -264,7 +264,7 @@ def test_add_param_group_and_state_view():
     assert _same(a, b)
     assert len(off.state) == len(pb) and all(p in off.state for p in pb)
     assert torch.equal(off.state[pb[0]]["exp_avg"], plain.state[pa[0]]["exp_avg"])
-    with pytest.raises(ValueError, match="more than one"):
+    with pytest.raises(ValueError, match="more than once"):
         off.add_param_group({"params": pb[:1]})
     assert len(off.param_groups) == 2 and len(off.optimizer.param_groups) == len(off._runs)
 
@@ -310,7 +310,7 @@ def test_construction_errors():
         CPUOffload(m.parameters(), step_in_backward=True, nonfinite="skip")
     with pytest.raises(ValueError, match="Invalid learning rate"):
         CPUOffload(m.parameters(), lr=-1)
-    with pytest.raises(ValueError, match="more than one"):
+    with pytest.raises(ValueError, match="more than once"):
         p = next(m.parameters())
         CPUOffload([{"params": [p]}, {"params": [p]}])
     with pytest.raises(ValueError, match="param groups"):
@@ -566,3 +566,206 @@ def test_cuda_torchao_offload_with_adamkit():
         plain.step()
     for p, q in zip(cpu.parameters(), gpu.parameters()):
         assert torch.equal(p, q.cpu())
+
+
+# ---------------------------------------------------------------- hostile cases
+def test_a_dropped_offload_is_collected_and_its_hooks_go_with_it():
+    import gc
+    import weakref
+
+    m = _model()
+    for step_in_backward in MODES:
+        off = CPUOffload(m.parameters(), lr=0.1, step_in_backward=step_in_backward)
+        _loss(m, 0).backward()
+        off.step()
+        off.zero_grad()
+        ref = weakref.ref(off)
+        del off
+        gc.collect()
+        assert ref() is None
+        before = [p.detach().clone() for p in m.parameters()]
+        sgd = torch.optim.SGD(m.parameters(), lr=0.0)
+        _loss(m, 1).backward()
+        sgd.step()
+        sgd.zero_grad()
+        assert _same_list(list(m.parameters()), before)
+
+
+def test_step_in_backward_refuses_a_second_backward_before_step():
+    m = _model()
+    off = CPUOffload(m.parameters(), lr=0.1, step_in_backward=True)
+    _loss(m, 0).backward()
+    with pytest.raises(RuntimeError, match="arrived twice"):
+        _loss(m, 1).backward()
+    off.zero_grad()  # ends that backward: the next one starts afresh
+    _loss(m, 2).backward()
+    off.step()
+    assert all(off.state[p]["step"] == 2 for p in m.parameters())
+
+
+def test_step_in_backward_after_a_failed_backward():
+    """A backward that fails midway (an OOM a loop skips): the runs it stepped stay
+    stepped; zero_grad() ends it; the next iteration steps every parameter once."""
+    m = _model()
+    off = CPUOffload(m.parameters(), lr=0.1, step_in_backward=True, chunk_size=1)
+
+    def boom(grad):
+        raise MemoryError("out of memory")
+
+    handle = m[0].weight.register_hook(boom)  # fails after the later layers' gradients arrived
+    with pytest.raises(MemoryError):
+        _loss(m, 0).backward()
+    handle.remove()
+    off.zero_grad()
+    steps = {p: int(off.state[p]["step"]) if p in off.state else 0 for p in m.parameters()}
+    assert steps[m[-1].weight] == 1 and steps[m[0].weight] == 0
+    _loss(m, 1).backward()
+    off.step()
+    assert all(int(off.state[p]["step"]) == steps[p] + 1 for p in m.parameters())
+
+
+def test_step_in_backward_skips_parameters_frozen_since():
+    m = _model()
+    off = CPUOffload(m.parameters(), lr=0.1, step_in_backward=True, chunk_size=10**6)
+    _loss(m, 0).backward()
+    off.step()
+    off.zero_grad()
+    m[0].bias.requires_grad_(False)
+    frozen = m[0].bias.detach().clone()
+    _loss(m, 1).backward()
+    off.step()
+    assert torch.equal(m[0].bias, frozen) and off.state[m[0].bias]["step"] == 1
+    assert off.state[m[0].weight]["step"] == 2
+
+
+def test_writes_through_data_need_reload_parameters():
+    a, b = _model(), _model()
+    plain, off = adamkit.AdamW(a.parameters(), lr=1e-2), CPUOffload(b.parameters(), lr=1e-2)
+    for m, o in ((a, plain), (b, off)):
+        for i in range(3):
+            o.zero_grad()
+            _loss(m, i).backward()
+            o.step()
+            for p in m.parameters():
+                p.data.clamp_(-0.05, 0.05)  # unseen by autograd's version counter
+            if o is off:
+                off.reload_parameters()
+    assert _same(a, b)
+
+
+def test_hostile_checkpoints_change_nothing():
+    m = _model()
+    off = CPUOffload(_groups(m), lr=1e-2)
+    _train(m, off, steps=2)
+    good = off.state_dict()
+    snap = copy.deepcopy(good)
+    bad = [
+        {"param_groups": good["param_groups"]},  # no state: not "start afresh"
+        {"state": good["state"], "param_groups": good["param_groups"][:1]},
+        {"state": good["state"], "param_groups": [good["param_groups"][0], {"params": [3]}]},
+        {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3)}}, "param_groups": good["param_groups"]},
+        "not a checkpoint",
+    ]
+    for sd in bad:
+        with pytest.raises((ValueError, TypeError)):
+            off.load_state_dict(sd)
+        _assert_state_equal(off.state_dict(), snap)
+
+
+def test_stochastic_rounding_is_bit_for_bit():
+    a, b = _model().bfloat16(), _model().bfloat16()
+    kw = dict(lr=1e-3, stochastic_rounding=True)
+    plain, off = adamkit.AdamW(a.parameters(), **kw), CPUOffload(b.parameters(), chunk_size=1000, **kw)
+    assert len(off._runs) == 1  # one run: one seed, positions in the group
+    for m, o in ((a, plain), (b, off)):
+        torch.manual_seed(5)
+        for i in range(3):
+            o.zero_grad()
+            x, y = _batch(i)
+            ((m(x.bfloat16()) - y.bfloat16()) ** 2).mean().backward()
+            o.step()
+    assert _same(a, b)
+    with pytest.raises(ValueError, match="stochastic_rounding"):
+        CPUOffload(b.parameters(), step_in_backward=True, **kw)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: adamkit.AdamW(ps, lr=1e-2),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+    ],
+)
+def test_gradscaler_at_any_scale_is_bit_for_bit(make):
+    a, b = _model(), _model()
+    plain = make(list(a.parameters()))
+    off = CPUOffload(b.parameters(), lambda ps, **kw: make(ps))
+    for m, o in ((a, plain), (b, off)):
+        scaler = torch.amp.GradScaler("cpu", init_scale=3000.0, growth_interval=2)
+        _train(m, o, steps=4, scaler=scaler, unscale=False, poison=1)
+    assert _same(a, b)
+
+
+def test_group_edge_cases():
+    m = _model()
+    ps = list(m.parameters())
+    off = CPUOffload([{"params": []}, {"params": ps[:2]}], lr=1e-2)  # an empty group, as torch allows
+    off.add_param_group({"params": []})
+    with pytest.raises(TypeError, match="leaf"):
+        off.add_param_group({"params": [ps[2] * 2]})
+    with pytest.raises(ValueError, match="more than once"):
+        off.add_param_group({"params": [ps[2], ps[2]]})
+    with pytest.raises(ValueError, match="more than once"):
+        CPUOffload([ps[0], ps[0]])
+    off.add_param_group({"params": ps[2:]})
+    assert [len(g["params"]) for g in off.param_groups] == [0, 2, 0, len(ps) - 2]
+    _train(m, off, steps=2)
+    assert all(off.state[p]["step"] == 2 for p in ps)
+    sd = off.state_dict()
+    off.load_state_dict(sd)
+    with pytest.raises(ValueError, match="copy_grads_in_backward"):
+        CPUOffload(ps, step_in_backward=True, copy_grads_in_backward=False)
+
+
+def test_step_in_backward_checks_options_before_stepping():
+    m = _model()
+    off = CPUOffload(_groups(m), lr=1e-2, step_in_backward=True, chunk_size=1)
+    before = [p.detach().clone() for p in m.parameters()]
+    off.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="learning rate"):
+        _loss(m, 0).backward()
+    off.zero_grad()
+    assert _same_list(list(m.parameters()), before)
+
+
+def test_a_worker_error_is_raised_once():
+    m = _model()
+    off = CPUOffload(m.parameters(), lr=1e-2, step_in_backward=True)
+    real = off.optimizer._step_groups
+
+    def failing(only):
+        raise RuntimeError("boom")
+
+    off.optimizer._step_groups = failing
+    _loss(m, 0).backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        off.state_dict()
+    off.optimizer._step_groups = real
+    off.state_dict()  # raised once, not forever
+    off.zero_grad()
+    _loss(m, 1).backward()
+    off.step()
+
+
+def test_state_dict_hooks_run():
+    m = _model()
+    off = CPUOffload(m.parameters(), lr=1e-2)
+    seen = []
+    off.register_state_dict_pre_hook(lambda o: seen.append("pre"))
+    off.register_state_dict_post_hook(lambda o, sd: seen.append("post"))
+    off.register_load_state_dict_pre_hook(lambda o, sd: seen.append("load-pre"))
+    off.register_load_state_dict_post_hook(lambda o: seen.append("load-post"))
+    off.load_state_dict(off.state_dict())
+    assert seen == ["pre", "post", "load-pre", "load-post"]

@@ -82,7 +82,7 @@ class _Checkpoints:
         self._page_all()  # unpickled or copied: a paged copy gets an arena of its own
 
     def _page_all(self) -> None:
-        """Paged groups' CPU moments into the arena (unpickled, copied or loaded state)."""
+        """Paged groups' moments into their arena (unpickled, copied or loaded state)."""
         for group in self.param_groups:
             if group.get("paged"):
                 for p in group["params"]:

@@ -147,9 +147,6 @@ class _Stepping:
             return
         if self.nonfinite in ("skip", "raise") and self._screen(work):
             return
-        managed = self.__dict__.get("_managed_arena")
-        if managed is not None and any(group.get("paged") for _, group in groups):
-            managed.prefetch()  # paged CUDA state to its GPU, queued before the kernels
         seed = None
         if any(group.get("stochastic_rounding") for _, group in groups):
             seed = int(torch.randint(0, 2**32, (), dtype=torch.int64))  # torch.manual_seed reproduces it
@@ -159,7 +156,12 @@ class _Stepping:
         # masked elements of DTensor shards by mesh (weighted: see _sharded); every mesh
         # of a stepped DTensor is there, whether this rank's shard is empty or not
         sharded: dict[Any, list[Any]] = {}
-        masked = [self._run(w, seed if w.group.get("stochastic_rounding") else None, amp, sharded) for w in work]
+        masked = []
+        managed = self.__dict__.get("_managed_arena")
+        for w in work:
+            if managed is not None and w.group.get("paged"):  # paged CUDA state to its GPU, before its kernels
+                managed.prefetch(t for p in w.group["params"] for t in self.state.get(p, {}).values())
+            masked.append(self._run(w, seed if w.group.get("stochastic_rounding") else None, amp, sharded))
         on_host = sum(m for m in masked if not isinstance(m, Tensor))
         if sharded and self.nonfinite == "mask":  # counted over every rank: one small all-reduce per mesh
             local_counts = {mesh: torch.tensor([float(sum(counts))]) for mesh, counts in sharded.items()}

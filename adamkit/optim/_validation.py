@@ -259,8 +259,8 @@ class _Validation:
                     f"paged state lives in memory-mapped files (CPU) or CUDA managed memory; "
                     f"{sorted(devices - {'cpu', 'cuda'})} parameters cannot page{where}: use paged=False"
                 )
-            if "cuda" in devices:
-                _managed.runtime()  # RuntimeError, saying what to install, before anything changes
+            for index in sorted({local(p).device.index or 0 for p in params if local(p).device.type == "cuda"}):
+                _managed.check_device(index)  # RuntimeError, saying what is missing, before anything changes
         size = group.get("min_quant_size", 0)
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"min_quant_size must be an int >= 0, got {size!r}{where}")

@@ -421,8 +421,17 @@ class _FakeRuntime:
     class cudaMemLocationType:  # noqa: N801
         cudaMemLocationTypeDevice = "device"
 
-    def __init__(self, v13=True, fail=None):
+    class cudaDeviceAttr:  # noqa: N801
+        cudaDevAttrManagedMemory = "managed"
+        cudaDevAttrConcurrentManagedAccess = "concurrent"
+
+    def __init__(self, v13=True, fail=None, attributes=None):
         self.calls, self.v13, self.fail, self.next = [], v13, fail, 4096
+        self.attributes = {"managed": 1, "concurrent": 1, **(attributes or {})}
+
+    def cudaDeviceGetAttribute(self, attr, device):  # noqa: N802
+        self.calls.append(("attribute", attr, device))
+        return (_Err(0), self.attributes[attr])
 
     def cudaMallocManaged(self, size, flags):  # noqa: N802
         self.calls.append(("malloc", size, flags))
@@ -471,6 +480,21 @@ def test_managed_buffers_prefetch_free_and_say_what_failed():
         assert rt.calls[-1] == ("free", ptr)
     with pytest.raises(RuntimeError, match="cudaMallocManaged.*cudaErrorMemoryAllocation"):
         _managed._Buffer(_FakeRuntime(fail="malloc"), 10, 0)
+
+
+def test_managed_memory_needs_a_capable_gpu_and_prefetches_only_where_it_can(monkeypatch):
+    from adamkit import _managed
+
+    monkeypatch.setattr(_managed, "runtime", lambda: _FakeRuntime(attributes={"managed": 0}))
+    with pytest.raises(RuntimeError, match="cannot allocate CUDA managed memory"):
+        _managed.check_device(0)
+    rt = _FakeRuntime(attributes={"concurrent": 0})  # Windows, WSL2: the driver moves pages on access
+    monkeypatch.setattr(_managed, "runtime", lambda: rt)
+    arena = _managed.ManagedArena()
+    buf = _managed._Buffer(rt, 4096, 0)
+    arena._buffers.add(buf)
+    assert arena.prefetch() == 0 and arena.nbytes == 4096
+    assert not any(c[0] == "prefetch" for c in rt.calls)
 
 
 def test_paged_cuda_state_without_cuda_bindings_says_what_to_install(monkeypatch):
