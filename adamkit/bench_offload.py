@@ -6,11 +6,13 @@ A GPT-2-small-sized set of parameters (``gpt2``: 124M elements in 148 tensors; q
 * adamkit's :class:`~adamkit.CPUOffload` at 32, 8 and 4 bits of state;
 * torchao's ``CPUOffloadOptimizer`` with ``torch.optim.AdamW(fused=True)`` (its
   default): one torch optimizer per parameter, stepped in the order the gradients
-  arrived, each parameter copied back after its step.
+  arrived, each parameter copied back after its step;
+* the backward pass alone (no step), which the other rows include: subtracted, it
+  gives each contender's step time.
 
-On a GPU each round times a backward pass (a loss whose gradients cost almost nothing
-to compute: what is left is the offload's copies, hooks and step) plus ``step()``,
-until the device is done. Without a GPU the parameters stay on the CPU and the copies
+On a GPU each round times a backward pass (``torch.autograd.backward(params, w)``: each
+gradient is a fixed tensor, so what is left is the offload's copies, hooks and step)
+plus ``step()``, until the device is done. Without a GPU the parameters stay on the CPU and the copies
 are no-ops: adamkit's offload shares the parameters as its host copies, torchao's
 optimizer (which refuses a machine without CUDA) is replaced by the same per-parameter
 loop over the same tensors, so what is compared is the host step, which is what
@@ -66,6 +68,24 @@ class _PerParameterOffload:
             opt.zero_grad()
 
 
+class _BackwardOnly:
+    """No step: the backward pass and the synchronization alone, to subtract."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+#: The row that times backward alone (no ratio: what the others' times include).
+BASELINE = "backward alone (no step)"
+
+
 def contenders(device: torch.device) -> dict[str, Callable[[list[torch.Tensor]], Any]]:
     """Name -> how to build it over ``params`` (on ``device``)."""
     offload = CPUOffload if device.type == "cuda" else _SharedOffload
@@ -83,6 +103,7 @@ def contenders(device: torch.device) -> dict[str, Callable[[list[torch.Tensor]],
             )
     else:
         out["torchao's loop (torch AdamW fused per parameter)"] = lambda ps: _PerParameterOffload(ps, lr=1e-3)
+    out[BASELINE] = _BackwardOnly
     return out
 
 
@@ -97,15 +118,20 @@ def speed(workload: str, reps: int, device: torch.device) -> list[dict[str, Any]
         weights = [torch.randn(s, generator=gen).to(device) * 1e-3 for s in shapes]  # the gradients
         runs[name] = (make(params), params, weights, [])
 
+    keep = device.type == "cpu"  # gradients zeroed in place: no 0.5 GB of page faults a round
+
     def one(opt: Any, params: list[torch.Tensor], weights: list[torch.Tensor]) -> float:
-        loss = sum((p * w).sum() for p, w in zip(params, weights))
         _sync(device)
         t0 = time.perf_counter()
-        loss.backward()
+        torch.autograd.backward(params, weights)  # each gradient += its weights, hooks fired
         opt.step()
         _sync(device)
         elapsed = time.perf_counter() - t0
-        opt.zero_grad()
+        if keep:
+            for p in params:
+                p.grad.zero_()
+        else:
+            opt.zero_grad()
         return elapsed
 
     for rep in range(reps + 1):
@@ -125,7 +151,7 @@ def speed(workload: str, reps: int, device: torch.device) -> list[dict[str, Any]
                 elements=elements,
                 optimizer=name,
                 median_ms=ms,
-                vs_torchao=None if peer_ms is None else peer_ms / ms,
+                vs_torchao=None if peer_ms is None or name == BASELINE else peer_ms / ms,
                 device=str(device),
             )
         )
@@ -148,11 +174,19 @@ def run(args: argparse.Namespace) -> int:
     rows = [r for w in workloads for r in speed(w, reps, device)]
     where = "GPU, real copies" if device.type == "cuda" else "no GPU: the copies are no-ops"
     table = Table(title=f"Offloaded AdamW: backward + step, median of {reps} ({where})")
-    for col in ("workload", "optimizer", "ms", "vs torchao"):
+    for col in ("workload", "optimizer", "ms", "step ms", "vs torchao", "step vs torchao"):
         table.add_column(col, justify="left" if col in ("workload", "optimizer") else "right")
+    base = {r["workload"]: r["median_ms"] for r in rows if r["optimizer"] == BASELINE}
+    peer = {r["workload"]: r["median_ms"] for r in rows if r["optimizer"].startswith("torchao")}
     for r in rows:
+        step = r["median_ms"] - base.get(r["workload"], 0.0)
+        r["step_ms"] = None if r["optimizer"] == BASELINE else step
+        peer_step = peer.get(r["workload"], 0.0) - base.get(r["workload"], 0.0)
+        r["step_vs_torchao"] = peer_step / step if r["step_ms"] and peer_step > 0 and step > 0 else None
         ratio = "" if r["vs_torchao"] is None else f"{r['vs_torchao']:.2f}x"
-        table.add_row(r["workload"], r["optimizer"], f"{r['median_ms']:.1f}", ratio)
+        step_ratio = "" if r["step_vs_torchao"] is None else f"{r['step_vs_torchao']:.2f}x"
+        step_text = "" if r["step_ms"] is None else f"{step:.1f}"
+        table.add_row(r["workload"], r["optimizer"], f"{r['median_ms']:.1f}", step_text, ratio, step_ratio)
     Console(width=max(100, Console().width)).print(table)
     if args.json:
         meta = {

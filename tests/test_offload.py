@@ -511,7 +511,8 @@ def test_bench_offload_quick(tmp_path):
     assert bench_offload.run(args) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["optimizer"] for r in rows] == list(bench_offload.contenders(torch.device("cpu")))
-    assert all(r["median_ms"] > 0 and r["vs_torchao"] > 0 for r in rows)
+    assert all(r["median_ms"] > 0 for r in rows)
+    assert all(r["vs_torchao"] > 0 for r in rows if r["optimizer"] != bench_offload.BASELINE)
     a, b = _model(), _model()
     loop, fused = bench_offload._PerParameterOffload(list(a.parameters()), lr=1e-2), None
     fused = torch.optim.AdamW(b.parameters(), lr=1e-2, fused=True)
