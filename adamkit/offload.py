@@ -349,6 +349,19 @@ class CPUOffload(Optimizer):
         if self._by_runs:
             for i, g in enumerate(self.param_groups):
                 check_hyperparameters(g, f" (param group {i})")
+                if g.get("stochastic_rounding") and len(self._group_runs[i]) > 1:
+                    raise ValueError(
+                        f"stochastic_rounding was switched on in param group {i} after CPUOffload split it into "
+                        f"runs: pass it when the group is added (one run, one seed per step)"
+                    )
+            if self.step_in_backward and (
+                self.optimizer.nonfinite in ("skip", "raise")
+                or any(g.get("stochastic_rounding") for g in self.param_groups)
+            ):
+                raise ValueError(
+                    "step_in_backward steps each run on its own: not with nonfinite='skip'/'raise' or "
+                    "stochastic_rounding (which decide for the whole step)"
+                )
 
     # ------------------------------------------------------------ gradients
     def _grad_of(self, p: Tensor) -> Tensor | None:
@@ -417,7 +430,7 @@ class CPUOffload(Optimizer):
         (in-place operations, ``p.data = new``, ``load_state_dict``) are noticed before
         each step; call this after writing parameters through ``.data`` (``p.data.clamp_()``)."""
         with self._lock:
-            self._end_backward()
+            self._join_worker()  # runs stepped in this backward stay stepped (not stepped again)
             for run in self._runs:
                 self._copies.wait(run.copied_back)
                 for p in run.params:
@@ -449,9 +462,13 @@ class CPUOffload(Optimizer):
             self._copy_grad(p, g)
             run.arrived.add(id(p))
             if all(id(q) in run.arrived for q in run.params if q.requires_grad):
-                for q in run.params:  # frozen since: not stepped with an old gradient
+                for q in run.params:  # frozen: stepped if it has a gradient, as without offload
                     if id(q) not in run.arrived:
-                        self._host[q].grad = None
+                        old = self._grad_of(q)
+                        if old is None:
+                            self._host[q].grad = None
+                        elif not self._fresh(q, old):
+                            self._copy_grad(q, old)
                 self._refresh_run(run)
                 if self._worker is None:
                     self._worker = ThreadPoolExecutor(1, thread_name_prefix="adamkit-offload")
@@ -512,13 +529,15 @@ class CPUOffload(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # GradScaler sets them before the step and deletes them after; read, never set
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        self.grad_scale = self.found_inf = None  # one step's (GradScaler sets them before each)
         amp = found_inf is not None or grad_scale is not None
         with self._lock:
             try:
                 done = self._join_worker()
                 if amp and self.step_in_backward:
+                    for name in ("grad_scale", "found_inf"):
+                        self.__dict__.pop(name, None)
                     raise RuntimeError(
                         "CPUOffload(step_in_backward=True) cannot be used with GradScaler: the parameters were "
                         "stepped with scaled gradients during backward; use step_in_backward=False"

@@ -770,3 +770,58 @@ def test_state_dict_hooks_run():
     off.register_load_state_dict_post_hook(lambda o: seen.append("load-post"))
     off.load_state_dict(off.state_dict())
     assert seen == ["pre", "post", "load-pre", "load-post"]
+
+
+def test_gradscaler_after_direct_steps():
+    """A loop that steps without a scaler first (a warm-up), then with one."""
+    a, b = _model(), _model()
+    plain, off = adamkit.AdamW(a.parameters(), lr=1e-2), CPUOffload(b.parameters(), lr=1e-2)
+    for m, o in ((a, plain), (b, off)):
+        _train(m, o, steps=2)
+        _train(m, o, steps=3, scaler=torch.amp.GradScaler("cpu", init_scale=3000.0), unscale=False)
+        _train(m, o, steps=1)
+    assert _same(a, b)
+
+
+def test_reload_parameters_mid_step_in_backward():
+    a, b = _model(), _model()
+    plain = adamkit.AdamW(a.parameters(), lr=1e-2)
+    off = CPUOffload(b.parameters(), lr=1e-2, step_in_backward=True, chunk_size=300)
+    _train(a, plain, steps=2)
+    for i in range(2):
+        off.zero_grad()
+        _loss(b, i).backward()
+        off.reload_parameters()  # the runs stepped in this backward are not stepped again
+        off.step()
+    assert _same(a, b) and all(off.state[p]["step"] == 2 for p in b.parameters())
+
+
+def test_options_that_decide_for_the_whole_step_set_later():
+    m = _model().bfloat16()
+    off = CPUOffload(m.parameters(), lr=1e-2, chunk_size=300)
+    off.param_groups[0]["stochastic_rounding"] = True  # several runs: one seed each would differ
+    x, y = _batch(0)
+    ((m(x.bfloat16()) - y.bfloat16()) ** 2).mean().backward()
+    with pytest.raises(ValueError, match="stochastic_rounding was switched on"):
+        off.step()
+    m = _model()
+    off = CPUOffload(m.parameters(), lr=1e-2, step_in_backward=True)
+    off.optimizer.nonfinite = "skip"
+    with pytest.raises(ValueError, match="step_in_backward"):
+        _loss(m, 0).backward()
+
+
+@pytest.mark.parametrize("step_in_backward", MODES)
+def test_frozen_parameters_with_stale_gradients_step_as_without_offload(step_in_backward):
+    a, b = _model(), _model()
+    plain = adamkit.AdamW(a.parameters(), lr=1e-2, weight_decay=0.5)
+    off = CPUOffload(b.parameters(), lr=1e-2, weight_decay=0.5, chunk_size=300, step_in_backward=step_in_backward)
+    for m, o in ((a, plain), (b, off)):
+        for i in range(3):
+            o.zero_grad(set_to_none=False)  # a frozen parameter keeps a zeroed gradient
+            if i == 1:
+                m[0].weight.requires_grad_(False)
+            _loss(m, i).backward()
+            o.step()
+    assert _same(a, b)
+    assert off.state[b[0].weight]["step"] == plain.state[a[0].weight]["step"] == 3

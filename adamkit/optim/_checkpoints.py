@@ -207,6 +207,8 @@ class _Checkpoints:
             else:
                 out[key] = torch.tensor(float(value), dtype=_scalar_dtype())
         dense: dict[str, Tensor] = {}
+        target = self._state_format(p, group)  # kept as saved (into a paged arena directly) or converted
+        kept = saved_fmt == target if saved_fmt is not None else not isinstance(target, QuantFormat)
         for key, value in saved.items():
             if key == "step" or key in QUANT_META or key in HISTORY:
                 continue
@@ -226,23 +228,24 @@ class _Checkpoints:
                     raise ValueError(f"{where}: state {key!r} is {value.dtype}, expected {kind}")
                 if key.endswith("_absmax") and not bool(((local(value) >= 0) & local(value).isfinite()).all()):
                     raise ValueError(f"{where}: state {key!r} holds negative or non-finite block scales")
-                out[key] = self._loaded_copy(key, value, p, group)
+                out[key] = self._loaded_copy(key, value, p, group, kept)
                 continue
             if value.is_complex() != p.is_complex() or not (value.is_floating_point() or value.is_complex()):
                 raise ValueError(
                     f"{where}: state {key!r} is {value.dtype}, which cannot hold a {p.dtype} parameter's state"
                 )
-            dense[key] = self._loaded_copy(key, value, p, group)
+            dense[key] = self._loaded_copy(key, value, p, group, kept)
         dtypes = {k: str(dense[k].dtype) for k in (*keys, *_MOMENTS) if k in dense}
         if len(set(dtypes.values())) > 1:
             raise ValueError(f"{where}: state tensors must share one dtype, got {dtypes}")
         return self._converted(out, dense, saved_fmt, p, group)
 
-    def _loaded_copy(self, key: str, value: Tensor, p: Tensor, group: Mapping[str, Any]) -> Tensor:
+    def _loaded_copy(self, key: str, value: Tensor, p: Tensor, group: Mapping[str, Any], kept: bool) -> Tensor:
         """A checkpoint's state tensor copied to ``p``'s device: a paged group's large
-        moments and codes straight into its arena (a checkpoint opened with
-        ``torch.load(mmap=True)`` then never passes through ordinary memory)."""
-        paged = group.get("paged") and (key in _MOMENTS or key.endswith("_codes")) and not is_sharded(p)
+        moments and codes that are ``kept`` (not converted to another format) straight into
+        its arena (a checkpoint opened with ``torch.load(mmap=True)`` then never passes
+        through ordinary memory)."""
+        paged = kept and group.get("paged") and (key in _MOMENTS or key.endswith("_codes")) and not is_sharded(p)
         if paged and value.numel() >= _paged.MIN_PAGED_NUMEL and is_plain(value) and value.is_contiguous():
             arena = self._arena(p, group)
             if arena is not None:

@@ -334,6 +334,26 @@ print("loaded and stepped")
     assert "out of memory" in plain.stdout, (plain.stdout, plain.stderr[-2000:])
 
 
+def test_a_converted_checkpoint_pages_only_its_final_state(monkeypatch):
+    """A 32-bit checkpoint into a paged 8-bit optimizer: the moments are quantized from
+    the checkpoint, and only the codes go into the arena (not the fp32 moments first)."""
+    p = torch.nn.Parameter(torch.randn(BIG * 2))
+    p.grad = torch.randn(BIG * 2)
+    dense = adamkit.AdamW([p], lr=0.01)
+    dense.step()
+    sizes = []
+    real = _paged.Arena.zeros
+    monkeypatch.setattr(_paged.Arena, "zeros", lambda self, n, dt: sizes.append(n * dt.itemsize) or real(self, n, dt))
+    q = torch.nn.Parameter(p.detach().clone())
+    paged = adamkit.AdamW([q], lr=0.01, state_bits=8, paged=True)
+    paged.load_state_dict(dense.state_dict())
+    assert sizes and max(sizes) <= BIG * 2  # uint8 codes, never fp32 moments
+    plain = adamkit.AdamW([r := torch.nn.Parameter(p.detach().clone())], lr=0.01, state_bits=8)
+    plain.load_state_dict(dense.state_dict())
+    for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+        assert _paged.is_paged(paged.state[q][key]) and torch.equal(paged.state[q][key], plain.state[r][key])
+
+
 @pytest.mark.heavy
 def test_bench_paged_quick(tmp_path):
     """``adamkit bench --paged --quick``: the table's numbers, and the budget run: paged
