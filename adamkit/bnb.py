@@ -152,6 +152,9 @@ def managed_overrides(opt: Any, p: Tensor) -> dict[str, Any]:
     mng = GlobalOptimManager.get_instance()
     if not (mng.uses_config_override or mng.module_weight_config_triple):
         return {}
+    device_params = opt.__dict__.get("_offloaded")  # CPUOffload's host optimizer: id(host copy) -> parameter
+    if device_params is not None and id(p) in device_params:
+        return mng.config_for(device_params[id(p)], None)  # by the device parameter or its module
     if not getattr(opt, "_bnb_positions", False):
         return mng.config_for(p, None)
     groups = opt.param_groups

@@ -227,6 +227,8 @@ class CPUOffload(Optimizer):
             self._check_params(g["params"], seen)
         host_groups = [self._host_group(i, g) for i, g in enumerate(groups)]
         self.optimizer = optimizer_class([c for runs in host_groups for c in runs], **kwargs)
+        # GlobalOptimManager's overrides (keep_embeddings_32bit, ...) are the device parameters'
+        self.optimizer.__dict__["_offloaded"] = weakref.WeakValueDictionary({id(h): p for p, h in self._host.items()})
         self._by_runs = isinstance(self.optimizer, AdamFamily)
         if self.step_in_backward:
             if getattr(self.optimizer, "nonfinite", "mask") in ("skip", "raise"):
@@ -335,6 +337,7 @@ class CPUOffload(Optimizer):
         self._adopt_defaults([index])
         for p in self.param_groups[-1]["params"]:
             self._watch(p)
+            self.optimizer.__dict__["_offloaded"][id(self._host[p])] = p
 
     # ------------------------------------------------------------ hyperparameters
     def _sync_options(self) -> None:
@@ -765,6 +768,12 @@ class _StateView:
 
     def __getitem__(self, p: Tensor) -> dict[str, Any]:
         return self._owner.optimizer.state[self._owner._host[p]]
+
+    def __setitem__(self, p: Tensor, value: Mapping[str, Any]) -> None:
+        """Frameworks move state to the parameters' device this way (Lightning); the
+        state stays on the host, where the step is."""
+        host = {k: v.to("cpu") if isinstance(v, Tensor) else v for k, v in value.items()}
+        self._owner.optimizer.state[self._owner._host[p]] = host
 
     def __contains__(self, p: object) -> bool:
         host = self._owner._host.get(p) if isinstance(p, Tensor) else None

@@ -1,6 +1,7 @@
 """adamkit inside the training frameworks users bring: Hugging Face's Trainer, Accelerate
 and Lightning, on tiny randomly initialised models (no downloads), resuming from their
-checkpoints bit for bit. Each framework's tests skip where it is not installed."""
+checkpoints bit for bit, with adamkit's optimizers and with CPUOffload. Each framework's
+tests skip where it is not installed."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("how", ["optimizers", "optimizer_cls_and_kwargs"])
+@pytest.mark.parametrize("how", ["optimizers", "optimizer_cls_and_kwargs", "offload"])
 def test_hf_trainer_resumes_bit_for_bit(tmp_path, how):
     def run(resume: str | None = None):
         model = _tiny_gpt2()
@@ -59,6 +60,8 @@ def test_hf_trainer_resumes_bit_for_bit(tmp_path, how):
         kwargs = {"lr": 1e-3, "state_bits": 8, "min_quant_size": 1024}
         if how == "optimizers":
             trainer = _trainer(tmp_path, model, optimizers=(adamkit.AdamW(model.parameters(), **kwargs), None))
+        elif how == "offload":  # the Trainer clips gradients after backward: copied again at step()
+            trainer = _trainer(tmp_path, model, optimizers=(adamkit.CPUOffload(model.parameters(), **kwargs), None))
         else:
             trainer = _trainer(tmp_path, model, optimizer_cls_and_kwargs=(adamkit.AdamW, kwargs))
         trainer.train(resume_from_checkpoint=resume)
@@ -77,13 +80,14 @@ def test_hf_trainer_resumes_bit_for_bit(tmp_path, how):
         assert torch.equal(uninterrupted[k], resumed[k]), k
 
 
-def test_accelerate_save_and_load_state(tmp_path):
+@pytest.mark.parametrize("cls", [adamkit.AdamW, adamkit.CPUOffload])
+def test_accelerate_save_and_load_state(tmp_path, cls):
     accelerate = pytest.importorskip("accelerate")
 
     def run(resume: bool):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 8))
-        opt = adamkit.AdamW(model.parameters(), lr=1e-2, state_bits=8, min_quant_size=1024)
+        opt = cls(model.parameters(), lr=1e-2, state_bits=8, min_quant_size=1024)
         accelerator = accelerate.Accelerator(cpu=True)
         model, opt = accelerator.prepare(model, opt)
         for step in range(4):
@@ -104,7 +108,8 @@ def test_accelerate_save_and_load_state(tmp_path):
         assert torch.equal(uninterrupted[k], resumed[k]), k
 
 
-def test_lightning_checkpoint_and_resume(tmp_path):
+@pytest.mark.parametrize("offload", [False, True])
+def test_lightning_checkpoint_and_resume(tmp_path, offload):
     pl = pytest.importorskip("lightning.pytorch")
 
     class Module(pl.LightningModule):
@@ -117,6 +122,8 @@ def test_lightning_checkpoint_and_resume(tmp_path):
             return self.net(batch[0]).pow(2).mean()
 
         def configure_optimizers(self):
+            if offload:
+                return adamkit.CPUOffload(self.parameters(), lr=1e-2, state_bits=8, min_quant_size=1024)
             return adamkit.AdamW8bit(self.parameters(), lr=1e-2, min_8bit_size=1024)
 
     data = torch.utils.data.TensorDataset(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)))

@@ -825,3 +825,27 @@ def test_frozen_parameters_with_stale_gradients_step_as_without_offload(step_in_
             o.step()
     assert _same(a, b)
     assert off.state[b[0].weight]["step"] == plain.state[a[0].weight]["step"] == 3
+
+
+def test_global_optim_manager_overrides_follow_the_device_parameters():
+    emb, lin = torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 1000)
+    m = torch.nn.Sequential(emb, lin)
+    try:
+        adamkit.keep_embeddings_32bit(m)  # registered for the device parameter, not its host copy
+        off = CPUOffload(m.parameters(), state_bits=8, min_quant_size=1024)
+        m(torch.randint(0, 1000, (8,))).sum().backward()
+        off.step()
+    finally:
+        adamkit.GlobalOptimManager.get_instance().initialize()
+    assert "exp_avg" in off.state[emb.weight] and "exp_avg_codes" in off.state[lin.weight]
+
+
+def test_state_assigned_by_a_framework_stays_on_the_host():
+    m = _model()
+    off = CPUOffload(m.parameters(), lr=1e-2)
+    _train(m, off, steps=1)
+    p = next(m.parameters())
+    off.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in off.state[p].items()}
+    assert all(v.device.type == "cpu" for v in off.state[p].values() if isinstance(v, torch.Tensor))
+    _train(m, off, steps=1)
+    assert off.state[p]["step"] == 2
