@@ -530,12 +530,18 @@ def test_cuda_offload_equals_the_host_optimizer(bits, step_in_backward):
     """Parameters and gradients on the GPU, pinned host copies, copies on side streams:
     the numbers of the same optimizer stepping CPU copies with the GPU's gradients."""
     gpu = _model().cuda()
-    cpu = _model()
     off = CPUOffload(gpu.parameters(), lr=1e-2, state_bits=bits, min_quant_size=1000, chunk_size=3000,
                      step_in_backward=step_in_backward)  # fmt: skip
-    plain = adamkit.AdamW(cpu.parameters(), lr=1e-2, state_bits=bits, min_quant_size=1000)
     assert all(off._host[p].is_pinned() for p in gpu.parameters())
-    for i in range(4):
+    _cuda_against_the_host(gpu, off, steps=4, state_bits=bits, min_quant_size=1000)
+
+
+def _cuda_against_the_host(gpu, off, steps, **kw):
+    """Train ``gpu`` with ``off`` and a CPU twin with adamkit.AdamW(**kw) on the GPU's
+    gradients; the parameters must end equal (and each next forward sees the copies)."""
+    cpu = _model()
+    plain = adamkit.AdamW(cpu.parameters(), lr=1e-2, **kw)
+    for i in range(steps):
         off.zero_grad()
         x, y = _batch(i)
         ((gpu(x.cuda()) - y.cuda()) ** 2).mean().backward()
@@ -543,8 +549,7 @@ def test_cuda_offload_equals_the_host_optimizer(bits, step_in_backward):
             p.grad = q.grad.cpu()
         off.step()
         plain.step()
-        out = gpu(x.cuda())  # the next forward sees the copies back
-        assert torch.isfinite(out).all()
+        assert torch.isfinite(gpu(x.cuda())).all()
     for p, q in zip(cpu.parameters(), gpu.parameters()):
         assert torch.equal(p, q.cpu())
 
@@ -554,19 +559,8 @@ def test_cuda_offload_equals_the_host_optimizer(bits, step_in_backward):
 def test_cuda_torchao_offload_with_adamkit():
     torchao_optim = pytest.importorskip("torchao.optim")
     gpu = _model().cuda()
-    cpu = _model()
     off = torchao_optim.CPUOffloadOptimizer(gpu.parameters(), adamkit.AdamW, lr=1e-2, minimal_size=0)
-    plain = adamkit.AdamW(cpu.parameters(), lr=1e-2)
-    for i in range(3):
-        off.zero_grad()
-        x, y = _batch(i)
-        ((gpu(x.cuda()) - y.cuda()) ** 2).mean().backward()
-        for p, q in zip(cpu.parameters(), gpu.parameters()):
-            p.grad = q.grad.cpu()
-        off.step()
-        plain.step()
-    for p, q in zip(cpu.parameters(), gpu.parameters()):
-        assert torch.equal(p, q.cpu())
+    _cuda_against_the_host(gpu, off, steps=3)
 
 
 # ---------------------------------------------------------------- hostile cases

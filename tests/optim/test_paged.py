@@ -160,30 +160,40 @@ def test_a_forked_child_never_writes_into_the_parents_state():
     param_before = p.detach().clone()
     parent_fd = opt._paged_arena.fd
     size_before = os.fstat(parent_fd).st_size
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child steps (writes its copy) and allocates new paged state
-        try:  # (numpy, not large torch operations: torch's OpenMP threads hang after fork)
-            os.close(read)
-            p.grad = torch.randn(p.shape)
-            opt.step()
-            fresh = opt._paged_arena.zeros(BIG, torch.float32)  # a file of the child's own
-            fresh.numpy()[:] = 1.0
-            assert opt._paged_arena.fd != parent_fd
-            changed = bool((opt.state[p]["exp_avg_codes"].numpy() != before["exp_avg_codes"].numpy()).any())
-            os.write(write, b"ok" if changed else b"unchanged")
-        finally:
-            os._exit(0)
-    os.close(write)
-    os.waitpid(pid, 0)
-    assert os.read(read, 100) == b"ok"
-    os.close(read)
+
+    def child() -> bytes:  # steps (writes its copy) and allocates new paged state
+        p.grad = torch.randn(p.shape)  # (numpy, not large torch operations: OpenMP hangs after fork)
+        opt.step()
+        fresh = opt._paged_arena.zeros(BIG, torch.float32)  # a file of the child's own
+        fresh.numpy()[:] = 1.0
+        assert opt._paged_arena.fd != parent_fd
+        changed = bool((opt.state[p]["exp_avg_codes"].numpy() != before["exp_avg_codes"].numpy()).any())
+        return b"ok" if changed else b"unchanged"
+
+    assert _in_child(child) == b"ok"
     for key, value in _moments(opt, p).items():
         assert torch.equal(value, before[key]), key
     assert torch.equal(p.detach(), param_before)
     assert opt._paged_arena.fd == parent_fd and os.fstat(parent_fd).st_size == size_before
     p.grad = torch.randn(p.shape)
     opt.step()  # the parent's state is still its own, mapped and writable
+
+
+def _in_child(fn) -> bytes:
+    """Run ``fn`` in a forked child and return the bytes it returned (b"" if it failed)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            os.write(write, fn())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    out = os.read(read, 100)
+    os.close(read)
+    return out
 
 
 def test_deepcopy_pickle_and_state_dict():
@@ -395,22 +405,12 @@ def test_nested_forks_keep_each_generations_writes():
     arena = _paged.Arena()
     t = arena.zeros(BIG, torch.float32)
     t.numpy()[:] = 1.0
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            t.numpy()[0] = 5.0
-            grand = os.fork()
-            if grand == 0:
-                os.write(write, str(float(t.numpy()[0])).encode())
-                os._exit(0)
-            os.waitpid(grand, 0)
-        finally:
-            os._exit(0)
-    os.close(write)
-    os.waitpid(pid, 0)
-    assert os.read(read, 100) == b"5.0"
-    os.close(read)
+
+    def child() -> bytes:
+        t.numpy()[0] = 5.0
+        return _in_child(lambda: str(float(t.numpy()[0])).encode())  # the grandchild's view
+
+    assert _in_child(child) == b"5.0"
     assert float(t.numpy()[0]) == 1.0
 
 
