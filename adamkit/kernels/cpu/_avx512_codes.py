@@ -21,8 +21,11 @@ over <16 x float>, one call per row of a block:
   the interval, two ``vpermps`` its start and rate, and the dither is an integer
   multiply-add of the element index; the reference's codes exactly;
 * **decode**: at 8 bits one gather from the 256 values (a tree of eight ``vpermi2ps``
-  and seven blends was slower: 0.19 ns vs 0.15); at 4 bits the dither subtracted and
-  two ``vpermps`` (an interval's start and width) to interpolate.
+  and seven blends was slower: 0.19 ns vs 0.15, on an Intel Xeon), or, where the CPU
+  has AVX512-VBMI, 64 codes at a time from the values' byte planes
+  (:func:`decode_rows8_planes`: 0.072 ns per value on Zen 4, where a gather takes
+  0.34); at 4 bits the dither subtracted and two ``vpermps`` (an interval's start and
+  width) to interpolate.
 
 Each encoder's constants come from a 64-byte-aligned numpy table
 (:data:`ENCODER_CONSTANTS`) loaded into registers once per row, not from LLVM's
@@ -352,3 +355,100 @@ ENCODER_CONSTANTS = {
     "sqrt_geo4_dither": lambda: dither_constants("sqrt_geo4_dither"),
     "geo4_dither": lambda: dither_constants("geo4_dither"),
 }
+
+
+# ------------------------------------------------------------------ 8-bit decode by bytes
+#: Whether the CPU has AVX512-VBMI (``vpermi2b``): then 8-bit codes decode 64 at a time
+#: from byte planes (:func:`decode_rows8_planes`), not by gathers.
+HAS_VBMI = HAS_AVX512 and bool(llvm_binding.get_host_cpu_features().get("avx512vbmi", False))
+_B64 = ir.VectorType(_I8, 64)
+_W32 = ir.VectorType(ir.IntType(16), 32)
+
+
+def _interleave(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, lanes: int, high: bool) -> ir.Value:
+    """``punpck{l,h}{bw,wd}``: per 128-bit lane, the low (or high) half of ``a``'s and
+    ``b``'s ``lanes``-element lane interleaved."""
+    half = lanes // 2
+    width = a.type.count
+    mask = [
+        x
+        for lane in range(0, width, lanes)
+        for k in range(half)
+        for x in (lane + k + (half if high else 0), width + lane + k + (half if high else 0))
+    ]
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, width), mask))
+
+
+def _plane_order() -> list:
+    """The byte order the codes are put in before the lookups, so that the two rounds of
+    interleaving (bytes to 16-bit words, words to 32-bit floats, each within 128-bit
+    lanes) leave the 64 floats in order: ``order[j]``, the code that goes to position
+    ``j``."""
+    # word w of the byte round's low (high) result holds position 16·(w // 8) + w % 8 (+ 8)
+    words = [[16 * (w // 8) + w % 8 + 8 * high for w in range(32)] for high in (0, 1)]
+    order = [0] * 64
+    for s in range(4):  # the word round's results: float 4·lane + k of result s
+        for lane in range(4):
+            for k in range(4):
+                order[words[s // 2][8 * lane + k + 4 * (s % 2)]] = 16 * s + 4 * lane + k
+    return order
+
+
+_PLANE_ORDER = _plane_order()
+
+
+def plane_table(values: np.ndarray) -> np.ndarray:
+    """256 float32 ``values`` as 16 rows of 64 bytes (byte plane ``b``, codes
+    ``64q..64q+63``, row ``4b + q``), 64-byte aligned, for :func:`decode_rows8_planes`."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    raw = np.empty(64 * 17, dtype=np.uint8)
+    skip = -raw.ctypes.data % 64
+    out = raw[skip : skip + 64 * 16].reshape(16, 64)
+    for b in range(4):
+        out[4 * b : 4 * b + 4] = ((bits >> (8 * b)) & 0xFF).astype(np.uint8).reshape(4, 64)
+    return out
+
+
+@intrinsic
+def decode_rows8_planes(typingctx, codes_addr, count, planes_addr, out_addr):  # noqa: ARG001
+    """out[0 : 64·count] = values[codes] (float32 bits, exactly), 8-bit codes: per 64
+    codes, four ``vpermi2b`` pairs look each code's four bytes up in :func:`plane_table`'s
+    planes, a blend on the code's top bit picks the half, and two rounds of interleaving
+    put the bytes together. ~26 instructions per 64 values, where a 16-lane gather costs
+    ~20 cycles on Zen 4."""
+
+    def codegen(context, builder, signature, args):
+        codes_at, count_v, planes_at, out_at = args
+        base = builder.inttoptr(planes_at, _B64.as_pointer())
+        planes = [builder.load(builder.gep(base, [ir.Constant(_I32, k)]), align=64) for k in range(16)]
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_B64, [_B64, _B64, _B64]), "llvm.x86.avx512.vpermi2var.qi.512"
+        )
+        order = ir.Constant(ir.VectorType(_I32, 64), _PLANE_ORDER)
+        with cgutils.for_range(builder, count_v) as loop:
+            i = loop.index
+            at = builder.add(codes_at, builder.mul(i, ir.Constant(i.type, 64)))
+            codes = builder.load(builder.inttoptr(at, _B64.as_pointer()), align=1)
+            codes = builder.shuffle_vector(codes, ir.Constant(_B64, ir.Undefined), order)
+            top = builder.icmp_signed("<", codes, ir.Constant(_B64, [0] * 64))
+            b = [
+                builder.select(
+                    top,
+                    builder.call(fn, [planes[4 * k + 2], codes, planes[4 * k + 3]]),
+                    builder.call(fn, [planes[4 * k], codes, planes[4 * k + 1]]),
+                )
+                for k in range(4)
+            ]
+            lo = [_interleave(builder, b[0], b[1], 16, h) for h in (False, True)]
+            hi = [_interleave(builder, b[2], b[3], 16, h) for h in (False, True)]
+            for s in range(4):
+                w = _interleave(
+                    builder, builder.bitcast(lo[s // 2], _W32), builder.bitcast(hi[s // 2], _W32), 8, bool(s % 2)
+                )
+                dest = builder.add(
+                    builder.add(out_at, builder.mul(i, ir.Constant(i.type, 256))), ir.Constant(i.type, 64 * s)
+                )
+                builder.store(builder.bitcast(w, _F16), builder.inttoptr(dest, _F16.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen

@@ -69,13 +69,17 @@ from ...spec import ALGORITHMS, BOOK_ROLES
 from .._tables import CHUNK, tables_for
 from ..registry import register
 from . import dense as nc
+from ._avx512_codes import plane_table
 from ._simd import (
     FUSED4,
     LANES,
+    PLANES8,
     SIMD,
     adam_rows_4,
     adam_rows_8,
+    adam_rows_8d,
     decode_rows8,
+    decode_rows8_planes,
     decode_rows_dither4,
     encode_rows_dither4,
     encode_rows_m8,
@@ -344,7 +348,7 @@ def _unowned(a):
 
 @njit(inline="always")
 def _unowned_book(book):
-    return _unowned(book[0]), _unowned(book[1]), book[2], _unowned(book[3])
+    return _unowned(book[0]), _unowned(book[1]), book[2], _unowned(book[3]), _unowned(book[4])
 
 
 @njit(inline="always")
@@ -477,6 +481,13 @@ def _rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, 
 def _fused8(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, skip, hd):
     if SIMD:
         if _fused_ok(n, skip, consts):
+            if PLANES8:
+                if n % 64 == 0:
+                    decode_rows8_planes(mc.ctypes.data, n // 64, books[0][4].ctypes.data, rows[0].ctypes.data)
+                    decode_rows8_planes(sc.ctypes.data, n // 64, books[1][4].ctypes.data, rows[1].ctypes.data)
+                    args = _rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, hd)
+                    mtop, vtop = adam_rows_8d(*args)
+                    return True, mtop, vtop
             mtop, vtop = adam_rows_8(*_rows_args(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, hd))
             return True, mtop, vtop
     return False, np.int32(0), np.int32(0)
@@ -711,15 +722,16 @@ def unsupported(param_dtype: torch.dtype, fmt: object, contiguous: bool) -> str 
 @functools.cache
 def _book_tables(name: str, bits: int) -> tuple:
     """A codebook's tables for the kernels: at 8 bits (values, packed encoder table, root,
-    16-wide encoder constants); at 4 bits (dither table, cell firsts, root, dither table),
+    16-wide encoder constants, the values' byte planes); at 4 bits (dither table, cell
+    firsts, root, dither table, nothing),
     the dither table (:func:`~adamkit.kernels.cpu._avx512_codes.dither_constants`) serving
     the SIMD and the portable code alike."""
     root = name.startswith("sqrt_")
     if bits == 4:
         table = encoder_constants[name]()
-        return table, dither_tables(name).first, root, table
+        return table, dither_tables(name).first, root, table, np.zeros((0, 64), np.uint8)
     packed, _, values = encoder_table(name)
-    return values, packed, root, encoder_constants[name]()
+    return values, packed, root, encoder_constants[name](), plane_table(values)
 
 
 def _books(fmt: QuantFormat, keys: Sequence[str]) -> tuple:

@@ -110,6 +110,33 @@ def test_simd_encoders(name: str) -> None:
         np.testing.assert_array_equal(codes, decade_encode(odd, decade_tables(name)))
 
 
+@pytest.mark.skipif(not adamkit.kernels.cpu._simd.PLANES8, reason="the CPU has no AVX512-VBMI")
+@pytest.mark.parametrize("name", ["dynamic8", "udynamic8"])
+def test_byte_plane_decoder_is_a_table_lookup(name: str) -> None:
+    """``decode_rows8_planes`` gives ``values[codes]`` bit for bit: every code at every
+    position of a 64-code group (the byte order and the two rounds of interleaving), and
+    a run of random codes with NaN and subnormal bits planted in the table."""
+    import numba
+
+    from adamkit.kernels.cpu._avx512_codes import decode_rows8_planes, plane_table
+    from adamkit.quant import encoder_table
+
+    @numba.njit
+    def run(codes, planes, out):
+        decode_rows8_planes(codes.ctypes.data, codes.size // 64, planes.ctypes.data, out.ctypes.data)
+
+    values = np.ascontiguousarray(encoder_table(name)[2], dtype=np.float32)
+    planted = values.copy()
+    planted.view(np.uint32)[[0, 77, 128, 255]] = [0x7FC01234, 0x00000001, 0x80000000, 0xFF800000]
+    rng = np.random.default_rng(0)
+    shifted = (np.arange(64 * 256) + np.repeat(np.arange(256), 64)) % 256  # code c at every position
+    for table, codes in ((values, shifted), (planted, rng.integers(0, 256, 64 * 1000))):
+        codes = codes.astype(np.uint8)
+        out = np.full(codes.size, np.nan, dtype=np.float32)
+        run(codes, plane_table(table), out)
+        np.testing.assert_array_equal(out.view(np.uint32), table[codes].view(np.uint32))
+
+
 @pytest.mark.skipif(not adamkit.kernels.cpu._simd.SIMD, reason="the CPU has neither AVX-512 nor AVX2")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
@@ -120,7 +147,9 @@ def test_simd_blocks_equal_numba_loop(cls, kw, bits, dtype, monkeypatch) -> None
     """Blocks through the SIMD block loop (``_avx512_adam`` or ``_avx2_quant``: decode,
     update and store in one loop) give the numba loop's parameters, codes and absmax bit
     for bit (AVX-512's division by a refined reciprocal included), masked NaN/±inf
-    gradients too (blocks holding one take the masked loop, the others the plain one)."""
+    gradients too (blocks holding one take the masked loop, the others the plain one).
+    With AVX512-VBMI, 8-bit blocks of a multiple of 64 elements are decoded from byte
+    planes first, the others (the 48-element last block of the first size) by gathers."""
     from adamkit.kernels.cpu import _simd
     from adamkit.kernels.cpu import quantized as numba_quant
 
@@ -246,6 +275,7 @@ import llvmlite.binding as ll
 
 bf16 = sys.argv[1] == "1"
 dtypes = sys.argv[2].split(",")
+vbmi = sys.argv[3] == "1"
 host = ll.get_host_cpu_features
 
 
@@ -254,6 +284,7 @@ def features():  # what adamkit reads to choose its SIMD code: an AVX-512 CPU's
     for name in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"):
         f[name] = True
     f["avx512bf16"] = bf16
+    f["avx512vbmi"] = vbmi
     return f
 
 
@@ -269,6 +300,7 @@ from adamkit.kernels.cpu import quantized as numba_quant
 from adamkit.quant import QuantFormat
 
 assert _simd.ISA == "avx512" and numba_cpu.HW_BF16 == bf16, (_simd.ISA, numba_cpu.HW_BF16)
+assert _simd.PLANES8 == vbmi, _simd.PLANES8
 built = []
 
 
@@ -300,14 +332,15 @@ print("built", len(built))
 
 @pytest.mark.heavy
 @pytest.mark.parametrize(
-    "cpu,bf16,dtypes", [("znver4", True, "float32,bfloat16"), ("skylake-avx512", False, "float32")]
+    "cpu,bf16,dtypes,vbmi", [("znver4", True, "float32,bfloat16", True), ("skylake-avx512", False, "float32", False)]
 )
-def test_avx512_kernels_compile_for_an_avx512_cpu(cpu: str, bf16: bool, dtypes: str, tmp_path) -> None:
+def test_avx512_kernels_compile_for_an_avx512_cpu(cpu: str, bf16: bool, dtypes: str, vbmi: bool, tmp_path) -> None:
     """Where the CPU has no AVX-512 its code cannot run, but it must still build: a
     fresh process that reads the features of an AVX-512 CPU (AMD Zen 4's, with
     AVX512-BF16, and Intel's) compiles the fused kernels for it, 32-bit and quantized
     state (fp32 and bf16 parameters on Zen 4), with every AVX-512 intrinsic (the block
-    loops, the row encoders and decoders), without running them; their machine code
+    loops, the row encoders and decoders; the byte-plane decoder with Zen 4's
+    AVX512-VBMI, the gathers without it), without running them; their machine code
     uses zmm registers. On an AVX-512 CPU the other tests run this code."""
     import os
     import subprocess
@@ -315,8 +348,8 @@ def test_avx512_kernels_compile_for_an_avx512_cpu(cpu: str, bf16: bool, dtypes: 
 
     env = {**os.environ, "ADAMKIT_SIMD": "auto", "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": "",
            "NUMBA_CACHE_DIR": str(tmp_path)}  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", _AVX512_BUILD, str(int(bf16)), dtypes], env=env, capture_output=True,
-                          text=True, timeout=900)  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", _AVX512_BUILD, str(int(bf16)), dtypes, str(int(vbmi))], env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"built {3 * len(dtypes.split(','))}" in done.stdout
 
