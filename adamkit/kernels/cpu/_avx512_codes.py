@@ -168,10 +168,13 @@ class _Rows:
         return self.builder.bitcast(self.rows[k], _I16)
 
 
-def _row_encoder(bits: int, table_rows: int, body):
+def _row_encoder(bits: int, table_rows: int, body, floor: bool = False):
     """An intrinsic ``encode_rows(row_addr, count, inv, table_addr, codes_addr)``: the codes
     of ``row[0 : 16·count] · inv`` by ``body(builder, constants, y) -> codes``, with the
-    table's ``table_rows`` rows loaded into registers once, before the loop."""
+    table's ``table_rows`` rows loaded into registers once, before the loop. ``floor``
+    (an unsigned map whose code 0 is 0): a row value above 0 takes code 1 at least, as
+    :func:`adamkit.kernels.cpu.quantized._encode_block8` requires (a compare and a max
+    here, where a pass over the row after it cost ~4 % of the 8-bit step on Zen 4)."""
 
     @intrinsic
     def encode_rows(typingctx, row_addr, count, inv, table_addr, codes_addr):  # noqa: ARG001
@@ -182,8 +185,12 @@ def _row_encoder(bits: int, table_rows: int, body):
             with cgutils.for_range(builder, count_v) as loop:
                 i = loop.index
                 at = builder.add(row_at, builder.mul(i, ir.Constant(i.type, 64)))
-                y = builder.fmul(builder.load(builder.inttoptr(at, _F16.as_pointer()), align=4), scale)
-                codes = body(builder, k, y)
+                x = builder.load(builder.inttoptr(at, _F16.as_pointer()), align=4)
+                codes = body(builder, k, builder.fmul(x, scale))
+                if floor:  # code 0 (the low byte: the lanes hold it sign-extended) of a value above 0 to 1
+                    zero = builder.icmp_signed("==", builder.and_(codes, _splat(0xFF)), _splat(0))
+                    above = builder.fcmp_ordered(">", x, ir.Constant(_F16, [0.0] * 16))
+                    codes = builder.or_(codes, builder.zext(builder.and_(zero, above), _I16))
                 _codes_out(builder, builder.add(codes_at, builder.mul(i, ir.Constant(i.type, 2 * bits))), codes, bits)
             return context.get_dummy_value()
 
@@ -343,9 +350,10 @@ def decode_rows_dither4(typingctx, codes_addr, count, table_addr, scale, root, o
 
 
 #: The codebooks' row encoders: ``encode_rows(row_addr, count, inv, table_addr,
-#: codes_addr)`` writes the codes of ``row[0 : 16·count] · inv``.
+#: codes_addr)`` writes the codes of ``row[0 : 16·count] · inv`` (the unsigned one with
+#: the floor: see :func:`_row_encoder`).
 encode_rows_dynamic8 = _row_encoder(8, 15, _decade_body(signed=True))
-encode_rows_udynamic8 = _row_encoder(8, 15, _decade_body(signed=False))
+encode_rows_udynamic8 = _row_encoder(8, 15, _decade_body(signed=False), floor=True)
 
 #: Each codebook's 16-wide encoder constants.
 ENCODER_CONSTANTS = {

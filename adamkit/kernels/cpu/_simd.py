@@ -30,6 +30,9 @@ FUSED4 = ISA == "avx512"
 #: rows before the block loop, instead of gathered in it: 4.7x faster per value than a
 #: gather on Zen 4.
 PLANES8 = ISA == "avx512" and _x512.HAS_VBMI
+#: Whether the 8-bit unsigned row encoder gives a value above 0 code 1 at least itself
+#: (AVX-512's does; with AVX2 a pass over the row after it finds the rows that need it).
+FLOORED8 = ISA == "avx512"
 
 if ISA == "avx512":
     from ._avx512_adam import adam_rows_4, adam_rows_8, adam_rows_8d
@@ -63,7 +66,7 @@ else:
     }
 
 __all__ = [
-    "FUSED4", "ISA", "LANES", "PLANES8", "SIMD", "adam_rows_4", "adam_rows_8", "adam_rows_8d", "decode_rows8",
-    "decode_rows8_planes", "decode_rows_dither4",
-    "encode_rows_dither4", "encode_rows_m8", "encode_rows_v8", "encoder_constants",
+    "FLOORED8", "FUSED4", "ISA", "LANES", "PLANES8", "SIMD", "adam_rows_4", "adam_rows_8", "adam_rows_8d",
+    "decode_rows8", "decode_rows8_planes", "decode_rows_dither4", "encode_rows_dither4", "encode_rows_m8",
+    "encode_rows_v8", "encoder_constants",
 ]  # fmt: skip

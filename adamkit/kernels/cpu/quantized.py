@@ -71,6 +71,7 @@ from ..registry import register
 from . import dense as nc
 from ._avx512_codes import plane_table
 from ._simd import (
+    FLOORED8,
     FUSED4,
     LANES,
     PLANES8,
@@ -283,16 +284,17 @@ def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows, h0, floor):
         encode_rows(row.ctypes.data, done // LANES, inv, book[3].ctypes.data, codes.ctypes.data, h0)
     for i in range(done, n):
         codes[i] = _encode(row[i] * inv, packed)
-    if floor and inv > 0:
+    start = done if FLOORED8 else 0  # the SIMD encoder floors its part itself (AVX-512)
+    if floor and inv > 0 and start < n:
         # only a row holding a value above 0 that may round to code 0 (below twice the
         # first nonzero code's value) pays the pass over the codes: reading codes just
         # stored cost ~8 % of the 8-bit step, this scan of the row ~2 %
         lim = np.float32(2.0) * _FLOOR_Y / inv
         low = False
-        for i in range(n):
+        for i in range(start, n):
             low |= (row[i] > np.float32(0.0)) & (row[i] < lim)
         if low:
-            for i in range(n):
+            for i in range(start, n):
                 codes[i] = max(codes[i], np.uint8(row[i] > np.float32(0.0)))
     _put_f32(absmax_at, absmax)
 

@@ -83,7 +83,8 @@ def test_avx2_stream_is_bit_identical_to_the_numba_loop(pkind: str, skind: str) 
 @pytest.mark.parametrize("name", ["dynamic8", "udynamic8"])
 def test_simd_encoders(name: str) -> None:
     """The 8-bit SIMD row encoders (AVX-512's and AVX2's decade encoders, the tables
-    looked up differently) equal their numpy model bit for bit."""
+    looked up differently) equal their numpy model bit for bit; AVX-512's unsigned one
+    also gives values above 0 code 1 at least (tiny ones, the model's code 0, included)."""
     from numba import njit
 
     from adamkit.kernels.cpu import _simd
@@ -95,19 +96,27 @@ def test_simd_encoders(name: str) -> None:
     def run(y, table, codes):
         encoder(y.ctypes.data, y.size // _simd.LANES, np.float32(1.0), table.ctypes.data, codes.ctypes.data)
 
+    def model(y):
+        codes = decade_encode(y, decade_tables(name))
+        floored = name == "udynamic8" and _simd.FLOORED8
+        return np.maximum(codes, (y > 0).astype(np.uint8)) if floored else codes
+
     y = encoder_probe(name)
     lanes = _simd.LANES  # the ISA in use: 8 with AVX2, 16 with AVX-512
     whole = y.size // (4 * lanes) * (4 * lanes)
     for size in (whole, whole - lanes):  # pairs of vectors (the AVX2 encoder's unit), and an odd vector
         codes = np.zeros(size, dtype=np.uint8)
         run(y[:size], _simd.encoder_constants[name](), codes)
-        np.testing.assert_array_equal(codes, decade_encode(y[:size], decade_tables(name)))
-    odd = np.array([np.nan, -np.nan, np.inf, -np.inf, 1.0000001, -1.0000001, 1.9, -0.0] * 2, dtype=np.float32)
+        np.testing.assert_array_equal(codes, model(y[:size]))
+    odd = [np.nan, -np.nan, np.inf, -np.inf, 1.0000001, -1.0000001, 1.9, -0.0, 1e-7, 3e-8, 1e-30, 1e-45, -1e-9, 0.0]
+    odd = np.array(odd * 2, dtype=np.float32)[:16]
     odd = odd if codebook(name).signed else np.abs(odd)
     codes = np.zeros(odd.size, dtype=np.uint8)
     run(odd, _simd.encoder_constants[name](), codes)
     with np.errstate(invalid="ignore"):
-        np.testing.assert_array_equal(codes, decade_encode(odd, decade_tables(name)))
+        np.testing.assert_array_equal(codes, model(odd))
+        if name == "udynamic8" and _simd.FLOORED8:  # the floor is exercised: the model's code 0 became 1
+            assert ((decade_encode(odd, decade_tables(name)) == 0) & (codes == 1)).sum() >= 3
 
 
 @pytest.mark.skipif(not adamkit.kernels.cpu._simd.PLANES8, reason="the CPU has no AVX512-VBMI")
