@@ -159,7 +159,9 @@ class _Rows:
     def __init__(self, builder: ir.IRBuilder, table_at: ir.Value, count: int) -> None:
         base = builder.inttoptr(table_at, _F16.as_pointer())
         self.builder = builder
-        self.rows = [builder.load(builder.gep(base, [ir.Constant(_I32, k)]), align=64) for k in range(count)]
+        # align=1: the tables are on cache lines (:func:`_table`), but a copy of one need
+        # not be, and these loads run once per call
+        self.rows = [builder.load(builder.gep(base, [ir.Constant(_I32, k)]), align=1) for k in range(count)]
 
     def f(self, k: int) -> ir.Value:
         return self.rows[k]
@@ -366,9 +368,33 @@ ENCODER_CONSTANTS = {
 
 
 # ------------------------------------------------------------------ 8-bit decode by bytes
-#: Whether the CPU has AVX512-VBMI (``vpermi2b``): then 8-bit codes decode 64 at a time
-#: from byte planes (:func:`decode_rows8_planes`), not by gathers.
-HAS_VBMI = HAS_AVX512 and bool(llvm_binding.get_host_cpu_features().get("avx512vbmi", False))
+#: LLVM's names of the x86 CPUs with AVX512-VBMI (for a target named by ``NUMBA_CPU_NAME``
+#: with an empty ``NUMBA_CPU_FEATURES``: its features are the CPU's own).
+_VBMI_CPUS = frozenset({
+    "cannonlake", "icelake-client", "icelake-server", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
+    "graniterapids", "graniterapids-d", "diamondrapids", "znver4", "znver5",
+})  # fmt: skip
+
+
+def _target_has_vbmi() -> bool:
+    """Whether numba compiles for a CPU with AVX512-VBMI: its features string
+    (``NUMBA_CPU_FEATURES``, else the host's), or where that is empty, the CPU named by
+    ``NUMBA_CPU_NAME``. A kernel with ``vpermi2b`` compiled for a target without it
+    aborts the process in LLVM (``Cannot select``), so any doubt means no."""
+    from numba.core import config
+
+    features = config.CPU_FEATURES
+    if features is None:
+        features = llvm_binding.get_host_cpu_features().flatten()
+    if features:
+        return "+avx512vbmi" in features.split(",")
+    return (config.CPU_NAME or llvm_binding.get_host_cpu_name()) in _VBMI_CPUS
+
+
+#: Whether 8-bit codes decode 64 at a time from byte planes (:func:`decode_rows8_planes`)
+#: instead of by gathers: the CPU has AVX512-VBMI (``vpermi2b``), and so has the target
+#: numba compiles for.
+HAS_VBMI = HAS_AVX512 and bool(llvm_binding.get_host_cpu_features().get("avx512vbmi", False)) and _target_has_vbmi()
 _B64 = ir.VectorType(_I8, 64)
 _W32 = ir.VectorType(ir.IntType(16), 32)
 
@@ -428,7 +454,7 @@ def decode_rows8_planes(typingctx, codes_addr, count, planes_addr, out_addr):  #
     def codegen(context, builder, signature, args):
         codes_at, count_v, planes_at, out_at = args
         base = builder.inttoptr(planes_at, _B64.as_pointer())
-        planes = [builder.load(builder.gep(base, [ir.Constant(_I32, k)]), align=64) for k in range(16)]
+        planes = [builder.load(builder.gep(base, [ir.Constant(_I32, k)]), align=1) for k in range(16)]  # see _Rows
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_B64, [_B64, _B64, _B64]), "llvm.x86.avx512.vpermi2var.qi.512"
         )

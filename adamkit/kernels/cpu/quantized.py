@@ -275,7 +275,10 @@ def _encode_block8(codes, absmax_at, row, n, top, book, encode_rows, h0, floor):
     ``codes``; store its absmax at ``absmax_at``. With SIMD a vector at a time by
     ``encode_rows`` (the codebook's decade encoder in ``_avx512_codes`` or
     ``_avx2_quant``), the rest from the packed table (:func:`adamkit.quant.encoder_table`).
-    ``floor`` (an unsigned map whose code 0 is 0): a value above 0 takes code 1 at least."""
+    ``floor`` (an unsigned map whose code 0 is 0): a value above 0 takes code 1 at least
+    (with AVX-512, :data:`FLOORED8`, the unsigned map's SIMD encoder does that itself for
+    its part of the row: it is the encoder of the maps that need it, so ``floor`` is True
+    wherever it runs)."""
     packed = book[1]
     absmax, inv = _scale(row, n, top)
     done = 0
@@ -386,7 +389,8 @@ def _q_chunks(
     """One algorithm on quantized state, over the work units this thread claims.
 
     ptrs: int64 [n, 2 + 2·keys]: param, grad, then (codes, absmax) per state key;
-    ``books``: (values, packed encoder table, root, encoder constants) per key.
+    ``books``: (values, packed encoder table, root, encoder constants, byte planes) per
+    key (:func:`_book_tables`).
     ``fused`` (Adam/AdamW's SIMD block loop, :func:`_fused8` or :func:`_fused4`, or :func:`_none`),
     ``update`` (the algorithm's block), ``decode_row`` and ``encode_block`` (the bit
     width's), ``encode_m`` and ``encode_v`` (the codebooks' row encoders) are functions
