@@ -443,16 +443,15 @@ def plane_table(values: np.ndarray) -> np.ndarray:
     return out
 
 
-@intrinsic
-def decode_rows8_planes(typingctx, codes_addr, count, planes_addr, out_addr):  # noqa: ARG001
-    """out[0 : 64·count] = values[codes] (float32 bits, exactly), 8-bit codes: per 64
-    codes, four ``vpermi2b`` pairs look each code's four bytes up in :func:`plane_table`'s
-    planes, a blend on the code's top bit picks the half, and two rounds of interleaving
-    put the bytes together. ~26 instructions per 64 values, where a 16-lane gather costs
-    ~20 cycles on Zen 4."""
+def _plane_decoder(scaled: bool):
+    """:func:`decode_rows8_planes` (``scaled`` False) or :func:`decode_rows8_planes_scaled`."""
 
     def codegen(context, builder, signature, args):
-        codes_at, count_v, planes_at, out_at = args
+        if scaled:
+            codes_at, count_v, planes_at, scale_v, root_v, out_at = args
+            scale = _broadcast(builder, scale_v)
+        else:
+            codes_at, count_v, planes_at, out_at = args
         base = builder.inttoptr(planes_at, _B64.as_pointer())
         planes = [builder.load(builder.gep(base, [ir.Constant(_I32, k)]), align=1) for k in range(16)]  # see _Rows
         fn = cgutils.get_or_insert_function(
@@ -479,10 +478,38 @@ def decode_rows8_planes(typingctx, codes_addr, count, planes_addr, out_addr):  #
                 w = _interleave(
                     builder, builder.bitcast(lo[s // 2], _W32), builder.bitcast(hi[s // 2], _W32), 8, bool(s % 2)
                 )
+                x = builder.bitcast(w, _F16)
+                if scaled:  # as decode_rows8: values[code] · scale, squared if root
+                    x = builder.fmul(x, scale)
+                    x = builder.select(root_v, builder.fmul(x, x), x)
                 dest = builder.add(
                     builder.add(out_at, builder.mul(i, ir.Constant(i.type, 256))), ir.Constant(i.type, 64 * s)
                 )
-                builder.store(builder.bitcast(w, _F16), builder.inttoptr(dest, _F16.as_pointer()), align=4)
+                builder.store(x, builder.inttoptr(dest, _F16.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+    if scaled:
+
+        @intrinsic
+        def decode_rows8_planes_scaled(typingctx, codes_addr, count, planes_addr, scale, root, out_addr):  # noqa: ARG001
+            i64 = types.int64
+            return types.void(i64, i64, i64, types.float32, types.boolean, i64), codegen
+
+        return decode_rows8_planes_scaled
+
+    @intrinsic
+    def decode_rows8_planes(typingctx, codes_addr, count, planes_addr, out_addr):  # noqa: ARG001
+        return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+    return decode_rows8_planes
+
+
+#: ``decode_rows8_planes(codes_addr, count, planes_addr, out_addr)``: out[0 : 64·count] =
+#: values[codes] (float32 bits, exactly), 8-bit codes: per 64 codes, four ``vpermi2b``
+#: pairs look each code's four bytes up in :func:`plane_table`'s planes, a blend on the
+#: code's top bit picks the half, and two rounds of interleaving put the bytes together.
+#: ~26 instructions per 64 values, where a 16-lane gather costs ~20 cycles on Zen 4.
+decode_rows8_planes = _plane_decoder(scaled=False)
+#: ``decode_rows8_planes_scaled(codes_addr, count, planes_addr, scale, root, out_addr)``:
+#: the same times ``scale``, squared if ``root``: :func:`decode_rows8`'s results.
+decode_rows8_planes_scaled = _plane_decoder(scaled=True)

@@ -40,6 +40,7 @@ if ISA == "avx512":
         ENCODER_CONSTANTS,
         decode_rows8,
         decode_rows8_planes,
+        decode_rows8_planes_scaled,
         decode_rows_dither4,
         encode_rows_dither4,
     )
@@ -58,7 +59,7 @@ else:
         encode_rows_v8,
     )
 
-    adam_rows_4 = adam_rows_8d = decode_rows8_planes = None  # see FUSED4 and PLANES8
+    adam_rows_4 = adam_rows_8d = decode_rows8_planes = decode_rows8_planes_scaled = None  # see FUSED4, PLANES8
     encoder_constants = {
         "dynamic8": lambda: _avx2.decade_constants8("dynamic8"),
         "udynamic8": lambda: _avx2.decade_constants8("udynamic8"),
@@ -67,6 +68,6 @@ else:
 
 __all__ = [
     "FLOORED8", "FUSED4", "ISA", "LANES", "PLANES8", "SIMD", "adam_rows_4", "adam_rows_8", "adam_rows_8d",
-    "decode_rows8", "decode_rows8_planes", "decode_rows_dither4", "encode_rows_dither4", "encode_rows_m8",
-    "encode_rows_v8", "encoder_constants",
+    "decode_rows8", "decode_rows8_planes", "decode_rows8_planes_scaled", "decode_rows_dither4",
+    "encode_rows_dither4", "encode_rows_m8", "encode_rows_v8", "encoder_constants",
 ]  # fmt: skip

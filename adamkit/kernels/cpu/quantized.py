@@ -81,6 +81,7 @@ from ._simd import (
     adam_rows_8d,
     decode_rows8,
     decode_rows8_planes,
+    decode_rows8_planes_scaled,
     decode_rows_dither4,
     encode_rows_dither4,
     encode_rows_m8,
@@ -516,12 +517,18 @@ def _none(p, g, mc, mscale, sc, sscale, n, rows, books, lr_t, inv, consts, skip,
 
 @njit(inline="always")
 def _decode_row8(row, codes, book, scale, n, root, h0):
-    """``row[:n]`` = the decoded 8-bit ``codes`` (a vector at a time with SIMD)."""
+    """``row[:n]`` = the decoded 8-bit ``codes`` (a vector at a time with SIMD; with
+    :data:`PLANES8`, 64 at a time from the byte planes first)."""
     vals = book[0]
+    planed = 0
+    if PLANES8:
+        planed = n & ~63
+        decode_rows8_planes_scaled(codes.ctypes.data, planed // 64, book[4].ctypes.data, scale, root, row.ctypes.data)
     done = 0
     if SIMD:
         done = n & ~(LANES - 1)
-        decode_rows8(codes.ctypes.data, done // LANES, vals.ctypes.data, scale, root, row.ctypes.data)
+        count = (done - planed) // LANES
+        decode_rows8(codes.ctypes.data + planed, count, vals.ctypes.data, scale, root, row.ctypes.data + 4 * planed)
     for i in range(done, n):
         row[i] = _decode(codes, i, vals, scale, 8, root)
 

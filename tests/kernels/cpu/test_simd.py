@@ -149,15 +149,27 @@ def test_byte_planes_follow_numbas_target(name, features, expected, monkeypatch)
 def test_byte_plane_decoder_is_a_table_lookup(name: str) -> None:
     """``decode_rows8_planes`` gives ``values[codes]`` bit for bit: every code at every
     position of a 64-code group (the byte order and the two rounds of interleaving), and
-    a run of random codes with NaN and subnormal bits planted in the table."""
+    a run of random codes with NaN and subnormal bits planted in the table; scaled (and
+    squared), ``decode_rows8``'s gathers bit for bit."""
     import numba
 
-    from adamkit.kernels.cpu._avx512_codes import decode_rows8_planes, plane_table
+    from adamkit.kernels.cpu._avx512_codes import (
+        decode_rows8,
+        decode_rows8_planes,
+        decode_rows8_planes_scaled,
+        plane_table,
+    )
     from adamkit.quant import encoder_table
 
     @numba.njit
     def run(codes, planes, out):
         decode_rows8_planes(codes.ctypes.data, codes.size // 64, planes.ctypes.data, out.ctypes.data)
+
+    @numba.njit
+    def scaled(codes, planes, values, scale, root, out, twin):
+        n = codes.size
+        decode_rows8_planes_scaled(codes.ctypes.data, n // 64, planes.ctypes.data, scale, root, out.ctypes.data)
+        decode_rows8(codes.ctypes.data, n // 16, values.ctypes.data, scale, root, twin.ctypes.data)
 
     values = np.ascontiguousarray(encoder_table(name)[2], dtype=np.float32)
     planted = values.copy()
@@ -169,6 +181,10 @@ def test_byte_plane_decoder_is_a_table_lookup(name: str) -> None:
         out = np.full(codes.size, np.nan, dtype=np.float32)
         run(codes, plane_table(table), out)
         np.testing.assert_array_equal(out.view(np.uint32), table[codes].view(np.uint32))
+        for scale, root in ((np.float32(0.37), False), (np.float32(3e-20), True)):  # the gathers' decode_rows8
+            twin = np.full(codes.size, np.nan, dtype=np.float32)
+            scaled(codes, plane_table(table), table, scale, root, out, twin)
+            np.testing.assert_array_equal(out.view(np.uint32), twin.view(np.uint32))
 
 
 @pytest.mark.skipif(not adamkit.kernels.cpu._simd.SIMD, reason="the CPU has neither AVX-512 nor AVX2")
