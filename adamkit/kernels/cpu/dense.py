@@ -211,8 +211,10 @@ class _BFloat(ir.Type):
 
 
 #: Whether this CPU converts float32 to bf16 in one instruction (AVX512-BF16's
-#: VCVTNEPS2BF16), which LLVM emits for ``fptrunc float to bfloat``.
-HW_BF16 = bool(llvm_binding.get_host_cpu_features().get("avx512bf16", False))
+#: VCVTNEPS2BF16), which LLVM emits for ``fptrunc float to bfloat``. Not where
+#: ``ADAMKIT_SIMD`` caps the SIMD below AVX-512: the AVX2 loop rounds in integers, and
+#: the two conversions differ on NaN payloads, so every element must take the same one.
+HW_BF16 = ISA == "avx512" and bool(llvm_binding.get_host_cpu_features().get("avx512bf16", False))
 
 
 @intrinsic
