@@ -184,6 +184,12 @@ def contenders() -> list[Contender]:
             _quant_state(8),
         ),
         Contender(
+            "adamkit 8-bit tapered",
+            lambda ps: adamkit.AdamW(ps, state_bits=8, quant_map="tapered"),
+            _quant_bytes(8),
+            _quant_state(8),
+        ),
+        Contender(
             "adamkit 4-bit",
             lambda ps: adamkit.AdamW(ps, state_bits=4),
             _quant_bytes(4),
@@ -445,6 +451,7 @@ def accuracy_contenders() -> dict[str, Callable[[list[torch.Tensor]], torch.opti
     """Low-bit AdamWs whose total update is compared with fp32 AdamW's."""
     out: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
         "adamkit 8-bit": lambda ps: adamkit.AdamW(ps, state_bits=8),
+        "adamkit 8-bit tapered": lambda ps: adamkit.AdamW(ps, state_bits=8, quant_map="tapered"),
         "adamkit 4-bit": lambda ps: adamkit.AdamW(ps, state_bits=4),
     }
     for c in _quant_peers():

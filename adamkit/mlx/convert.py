@@ -41,7 +41,7 @@ _TORCH_GROUP = {
     "adamax": ("maximize", "foreach", "capturable", "differentiable"),
     "nadam": ("maximize", "foreach", "capturable", "differentiable", "decoupled_weight_decay", "momentum_decay"),
 }
-_QUANT_META = ("quant_bits", "quant_block", "quant_dither")
+_QUANT_META = ("quant_bits", "quant_block", "quant_dither", "quant_map")
 
 
 def to_mx(t: torch.Tensor) -> mx.array:
@@ -141,6 +141,8 @@ def to_torch_state_dict(
                 entry[key] = dense.float() if state_bits == 32 and dense.dtype == torch.bfloat16 else dense
         if isinstance(fmt, QuantFormat) and state_bits is None:
             entry.update(quant_bits=fmt.bits, quant_block=fmt.block_key, quant_dither=int(fmt.dither))
+            if fmt.tapered:
+                entry["quant_map"] = 1
         for key in optimizer.spec.history:
             entry[key] = to_torch(mine[key]).reshape(())
         if any(tuple(v.shape) != torch_shape for k, v in entry.items() if k in keys):
@@ -246,7 +248,11 @@ def _converted(
     saved_fmt = None
     if "quant_bits" in entry:
         try:
-            saved_fmt = QuantFormat.from_key(*(int(entry[k]) for k in _QUANT_META if k in entry))
+            saved_fmt = QuantFormat.from_key(
+                int(entry["quant_bits"]),
+                int(entry["quant_block"]),
+                *(int(entry[k]) if k in entry else None for k in _QUANT_META[2:]),
+            )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: bad quantized-state format: {err}") from None
     target = optimizer.state_format(p)

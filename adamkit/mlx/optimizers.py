@@ -69,6 +69,7 @@ class AdamFamily(Optimizer):
         block_size: int | None = None,
         min_quant_size: int = 4096,
         nonfinite: str = "mask",
+        quant_map: str = "dynamic",
     ) -> None:
         super().__init__()
         if lr is not None:  # torch's name, for ported code
@@ -83,8 +84,14 @@ class AdamFamily(Optimizer):
         if state_bits not in STATE_BITS:
             raise ValueError(f"state_bits must be one of {STATE_BITS}, got {state_bits!r}")
         self.state_bits = state_bits
+        if quant_map not in ("dynamic", "tapered"):
+            raise ValueError(f"quant_map must be one of ('dynamic', 'tapered'), got {quant_map!r}")
         self.quant_format = (
-            QuantFormat(state_bits, block_size or DEFAULT_BLOCK[state_bits]) if state_bits in QUANT_BITS else None
+            QuantFormat(
+                state_bits, block_size or DEFAULT_BLOCK[state_bits], tapered=state_bits == 8 and quant_map == "tapered"
+            )
+            if state_bits in QUANT_BITS
+            else None
         )
         if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or min_quant_size < 0:
             raise ValueError(f"min_quant_size must be an int >= 0, got {min_quant_size!r}")
@@ -264,7 +271,7 @@ class AdamFamily(Optimizer):
         if record is None:
             return
         if not isinstance(record, mx.array) or record.shape != (3,):
-            raise ValueError(f"the state's quant_format must be an array of 3 (bits, block, dither), got {record!r}")
+            raise ValueError(f"the state's quant_format must be an array of 3 (bits, block, codes), got {record!r}")
         try:
             saved = tuple(int(x) for x in record.tolist())
         except (RuntimeError, ValueError):  # a placeholder inside mx.compile: checked when concrete
@@ -272,8 +279,9 @@ class AdamFamily(Optimizer):
         mine = tuple(int(x) for x in _format_record(self.quant_format).tolist()) if self.quant_format else None
         if saved != mine:
             raise ValueError(
-                f"the state holds quantized state of format (bits, block, dither) {saved}, this optimizer keeps "
-                f"{mine or f'{self.state_bits}-bit state'}: build the optimizer with that state_bits and block_size, "
+                f"the state holds quantized state of format (bits, block, codes) {saved}, this optimizer keeps "
+                f"{mine or f'{self.state_bits}-bit state'}: build the optimizer with that state_bits, block_size and "
+                "quant_map, "
                 "or convert the state (adamkit.mlx.to_torch_state_dict / load_torch_state_dict)"
             )
 
@@ -507,7 +515,9 @@ class AdamFamily(Optimizer):
 
 
 def _format_record(fmt: QuantFormat) -> mx.array:
-    return mx.array([fmt.bits, fmt.block_key, int(fmt.dither)], mx.int32)
+    """(bits, block, codes): codes 0 nearest (the dynamic maps), 1 dithered (4 bits), 2
+    the tapered maps (``quant_map="tapered"``)."""
+    return mx.array([fmt.bits, fmt.block_key, 2 if fmt.tapered else int(fmt.dither)], mx.int32)
 
 
 def _checked(name: str, value: Any, below: float = math.inf) -> float:
@@ -649,6 +659,8 @@ _ARGS = """
             incremented; ``skipped_steps`` counts them), ``"propagate"`` (torch's and
             MLX's behaviour) or ``"raise"`` (FloatingPointError, nothing changed; reads
             the gradients on the host, so not inside ``mx.compile``).
+        quant_map: 8-bit state's codebooks: ``"dynamic"`` (default, bitsandbytes'
+            maps) or ``"tapered"`` (as on the torch side).
 """
 
 
@@ -686,11 +698,12 @@ class Adam(AdamFamily):
         block_size: int | None = None,
         min_quant_size: int = 4096,
         nonfinite: str = "mask",
+        quant_map: str = "dynamic",
     ) -> None:
         super().__init__(
             learning_rate, betas, eps, weight_decay, lr=lr, amsgrad=amsgrad, maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay, state_bits=state_bits, block_size=block_size,
-            min_quant_size=min_quant_size, nonfinite=nonfinite,
+            min_quant_size=min_quant_size, nonfinite=nonfinite, quant_map=quant_map,
         )  # fmt: skip
 
 
@@ -720,11 +733,12 @@ class AdamW(Adam):
         block_size: int | None = None,
         min_quant_size: int = 4096,
         nonfinite: str = "mask",
+        quant_map: str = "dynamic",
     ) -> None:
         super().__init__(
             learning_rate, betas, eps, weight_decay, amsgrad, lr=lr, maximize=maximize,
             decoupled_weight_decay=True, state_bits=state_bits, block_size=block_size,
-            min_quant_size=min_quant_size, nonfinite=nonfinite,
+            min_quant_size=min_quant_size, nonfinite=nonfinite, quant_map=quant_map,
         )  # fmt: skip
 
 
@@ -754,10 +768,11 @@ class Adamax(AdamFamily):
         block_size: int | None = None,
         min_quant_size: int = 4096,
         nonfinite: str = "mask",
+        quant_map: str = "dynamic",
     ) -> None:
         super().__init__(
             learning_rate, betas, eps, weight_decay, lr=lr, maximize=maximize, state_bits=state_bits,
-            block_size=block_size, min_quant_size=min_quant_size, nonfinite=nonfinite,
+            block_size=block_size, min_quant_size=min_quant_size, nonfinite=nonfinite, quant_map=quant_map,
         )  # fmt: skip
 
 
@@ -791,9 +806,10 @@ class NAdam(AdamFamily):
         block_size: int | None = None,
         min_quant_size: int = 4096,
         nonfinite: str = "mask",
+        quant_map: str = "dynamic",
     ) -> None:
         super().__init__(
             learning_rate, betas, eps, weight_decay, lr=lr, maximize=maximize,
             decoupled_weight_decay=decoupled_weight_decay, momentum_decay=momentum_decay, state_bits=state_bits,
-            block_size=block_size, min_quant_size=min_quant_size, nonfinite=nonfinite,
+            block_size=block_size, min_quant_size=min_quant_size, nonfinite=nonfinite, quant_map=quant_map,
         )  # fmt: skip

@@ -38,6 +38,7 @@ IMPLEMENTATION_KEYS = (
     "stochastic_rounding",
     "block_size",
     "block_wise",
+    "quant_map",
     "min_quant_size",
     "paged",
 )
@@ -258,7 +259,9 @@ class _Checkpoints:
         if not any(k in saved for k in QUANT_META):
             return None
         try:
-            return QuantFormat.from_key(int(saved["quant_bits"]), int(saved["quant_block"]), saved.get("quant_dither"))
+            return QuantFormat.from_key(
+                int(saved["quant_bits"]), int(saved["quant_block"]), saved.get("quant_dither"), saved.get("quant_map")
+            )
         except (KeyError, TypeError, ValueError) as err:
             got = {k: saved.get(k) for k in QUANT_META}
             raise ValueError(f"{where}: bad quantized-state format {got}: {err}") from None

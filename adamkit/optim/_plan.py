@@ -172,8 +172,12 @@ def _rebuild_state(counter: Counter, items: list[tuple[Any, Any]]) -> TrackedSta
 
 def quant_meta(fmt: QuantFormat) -> dict[str, int]:
     """The state entries that name a quantized format (``quant_bits``, ``quant_block``,
-    ``quant_dither``)."""
-    return {"quant_bits": fmt.bits, "quant_block": fmt.block_key, "quant_dither": int(fmt.dither)}
+    ``quant_dither``, and ``quant_map`` 1 for the tapered maps: absent, the dynamic
+    maps, so that their checkpoints are as before)."""
+    meta = {"quant_bits": fmt.bits, "quant_block": fmt.block_key, "quant_dither": int(fmt.dither)}
+    if fmt.tapered:
+        meta["quant_map"] = 1
+    return meta
 
 
 def _columns(keys: tuple[str, ...], fmt: Any) -> list[tuple[str, torch.dtype, Callable[[Tensor], int] | None]]:

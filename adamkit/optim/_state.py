@@ -26,8 +26,8 @@ from ._sharded import is_sharded, like, local, quant_shape, rows_quantizable
 
 #: Per-parameter state entries of quantized state that are not tensors: the format
 #: (``quant_dither`` is absent from checkpoints of adamkit 0.1, whose 4-bit codes were
-#: nearest codes).
-QUANT_META = ("quant_bits", "quant_block", "quant_dither")
+#: nearest codes; ``quant_map`` is there only for the tapered maps, 1).
+QUANT_META = ("quant_bits", "quant_block", "quant_dither", "quant_map")
 
 #: A parameter's state format: a dtype (dense state) or a :class:`QuantFormat`.
 StateFormat = torch.dtype | QuantFormat
@@ -37,7 +37,12 @@ def quant_format_of(state: Mapping[str, Any]) -> QuantFormat | None:
     """The format of a parameter's quantized state, or None for dense state."""
     if "quant_bits" not in state:
         return None
-    return QuantFormat.from_key(int(state["quant_bits"]), int(state["quant_block"]), int(state.get("quant_dither", 0)))
+    return QuantFormat.from_key(
+        int(state["quant_bits"]),
+        int(state["quant_block"]),
+        int(state.get("quant_dither", 0)),
+        int(state.get("quant_map", 0)),
+    )
 
 
 def state_columns(keys: Iterable[str], fmt: StateFormat) -> list[str]:
@@ -94,7 +99,8 @@ class _State:
         bits = group["state_bits"]
         if bits in QUANT_BITS and p.is_floating_point() and p.numel() >= group.get("min_quant_size", 4096):
             block = group.get("block_size") or DEFAULT_BLOCK[bits]
-            fmt = QuantFormat(bits, block if group.get("block_wise", True) else None)
+            tapered = bits == 8 and group.get("quant_map", "dynamic") == "tapered"
+            fmt = QuantFormat(bits, block if group.get("block_wise", True) else None, tapered=tapered)
             if not is_sharded(p) or rows_quantizable(p, fmt.block_size, bool(fmt.dither)):
                 return fmt
         return self._state_dtype(p, group)

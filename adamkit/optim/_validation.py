@@ -32,6 +32,10 @@ from ._plan import TrackedState
 from ._sharded import is_sharded, local, quant_shape, rows_quantizable
 from ._state import _MOMENTS, EXTRA_STATE, QUANT_META, _expected_shape, quant_format_of
 
+#: ``quant_map``'s values: bitsandbytes' dynamic maps (the default) or the tapered maps
+#: (8-bit state; 4-bit state keeps its maps whatever it says).
+QUANT_MAPS = ("dynamic", "tapered")
+
 
 def _step_problem(step: Any, read: bool) -> str | None:
     """What makes a ``step`` entry unfit (None: nothing); its value is read only if ``read``."""
@@ -248,6 +252,8 @@ class _Validation:
         block = group.get("block_size")
         if block is not None:
             QuantFormat(group["state_bits"] if group["state_bits"] in QUANT_BITS else 8, block)  # raises if bad
+        if group.get("quant_map", "dynamic") not in QUANT_MAPS:
+            raise ValueError(f"quant_map must be one of {QUANT_MAPS}, got {group['quant_map']!r}{where}")
         if not isinstance(group.get("block_wise", True), bool):
             raise TypeError(f"block_wise must be a bool, got {group['block_wise']!r}{where}")
         if not isinstance(group.get("paged", False), bool):

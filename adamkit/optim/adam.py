@@ -72,6 +72,10 @@ _ARGS = """
         block_wise: False keeps one absmax per tensor (bitsandbytes'
             ``block_wise=False``): less accurate, and stepped by the reference (two
             passes), not the fused kernels.
+        quant_map: the codebooks of 8-bit state: ``"dynamic"`` (default,
+            bitsandbytes' dynamic maps) or ``"tapered"`` (float-like maps whose codes
+            are computed from a float's bits: more accurate, and a faster host step;
+            see docs/quantized-state.md). 4-bit state keeps its own maps.
         min_quant_size: tensors with fewer elements keep 32-bit state (default 4096,
             bitsandbytes' ``min_8bit_size``).
         percentile_clipping: bitsandbytes' adaptive clipping: each parameter keeps the
@@ -129,6 +133,7 @@ class Adam(AdamFamily):
         nonfinite: str = "mask",
         block_size: int | None = None,
         block_wise: bool = True,
+        quant_map: str = "dynamic",
         min_quant_size: int = 4096,
         percentile_clipping: int = 100,
         paged: bool = False,
@@ -151,6 +156,7 @@ class Adam(AdamFamily):
             stochastic_rounding=stochastic_rounding,
             block_size=block_size,
             block_wise=block_wise,
+            quant_map=quant_map,
             min_quant_size=min_quant_size,
             percentile_clipping=percentile_clipping,
             paged=paged,
@@ -210,6 +216,7 @@ class AdamW(Adam):
         nonfinite: str = "mask",
         block_size: int | None = None,
         block_wise: bool = True,
+        quant_map: str = "dynamic",
         min_quant_size: int = 4096,
         percentile_clipping: int = 100,
         paged: bool = False,
@@ -234,6 +241,7 @@ class AdamW(Adam):
             nonfinite=nonfinite,
             block_size=block_size,
             block_wise=block_wise,
+            quant_map=quant_map,
             min_quant_size=min_quant_size,
             percentile_clipping=percentile_clipping,
             paged=paged,

@@ -46,7 +46,7 @@ class Adamax(AdamFamily):
             :class:`adamkit.Adam`.
         nonfinite: ``"mask"`` (default), ``"skip"``, ``"propagate"`` or ``"raise"``;
             see :class:`adamkit.Adam`.
-        block_size, block_wise, min_quant_size, percentile_clipping, paged, paged_dir: quantized state
+        block_size, block_wise, quant_map, min_quant_size, percentile_clipping, paged, paged_dir: quantized state
             and clipping; see :class:`adamkit.Adam`.
 
     Example:
@@ -75,6 +75,7 @@ class Adamax(AdamFamily):
         nonfinite: str = "mask",
         block_size: int | None = None,
         block_wise: bool = True,
+        quant_map: str = "dynamic",
         min_quant_size: int = 4096,
         percentile_clipping: int = 100,
         paged: bool = False,
@@ -95,6 +96,7 @@ class Adamax(AdamFamily):
             stochastic_rounding=stochastic_rounding,
             block_size=block_size,
             block_wise=block_wise,
+            quant_map=quant_map,
             min_quant_size=min_quant_size,
             percentile_clipping=percentile_clipping,
             paged=paged,

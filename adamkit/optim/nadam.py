@@ -50,7 +50,7 @@ class NAdam(AdamFamily):
             NotImplementedError.
         differentiable: a step autograd records, as in torch; see :class:`adamkit.Adam`.
         fused, backend, state_bits, stochastic_rounding, nonfinite, block_size,
-        block_wise, min_quant_size, percentile_clipping, paged, paged_dir: see :class:`adamkit.Adam`.
+        block_wise, quant_map, min_quant_size, percentile_clipping, paged, paged_dir: see :class:`adamkit.Adam`.
 
     Example:
         >>> import torch, adamkit
@@ -80,6 +80,7 @@ class NAdam(AdamFamily):
         nonfinite: str = "mask",
         block_size: int | None = None,
         block_wise: bool = True,
+        quant_map: str = "dynamic",
         min_quant_size: int = 4096,
         percentile_clipping: int = 100,
         paged: bool = False,
@@ -102,6 +103,7 @@ class NAdam(AdamFamily):
             stochastic_rounding=stochastic_rounding,
             block_size=block_size,
             block_wise=block_wise,
+            quant_map=quant_map,
             min_quant_size=min_quant_size,
             percentile_clipping=percentile_clipping,
             paged=paged,

@@ -55,7 +55,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .codebooks import CODEBOOKS, DITHER_ALONG, ROLES, UNDITHERED4, Codebook, codebook, dither_phase, dither_tables
+from .codebooks import (
+    CODEBOOKS,
+    DITHER_ALONG,
+    ROLES,
+    TAPERED8,
+    UNDITHERED4,
+    Codebook,
+    codebook,
+    dither_phase,
+    dither_tables,
+)
 
 #: Valid ``state_bits`` of quantized state.
 QUANT_BITS = (8, 4)
@@ -76,20 +86,27 @@ class QuantFormat:
         dither: dithered codes (see the module docstring); default, and only, at 4 bits.
             ``False`` at 4 bits is adamkit 0.1's nearest-code 4-bit format, which
             checkpoints may hold: it is decoded and re-encoded when loaded.
+        tapered: the 8-bit tapered maps (``tapered8``, ``utapered8``:
+            :func:`~adamkit.quant.codebooks.tapered_map`) instead of bitsandbytes'
+            dynamic maps (``quant_map="tapered"``); 8 bits only.
     """
 
     bits: int
     block_size: int | None
     dither: bool | None = None
+    tapered: bool = False
 
     @staticmethod
-    def from_key(bits: int, block_key: int, dither: int | None = None) -> QuantFormat:
+    def from_key(bits: int, block_key: int, dither: int | None = None, tapered: int | None = None) -> QuantFormat:
         """The format a checkpoint names: ``block_key`` 0 means one block per tensor;
-        ``dither`` 0 or 1 (absent: a checkpoint from before dithering, nearest codes).
+        ``dither`` 0 or 1 (absent: a checkpoint from before dithering, nearest codes);
+        ``tapered`` (``quant_map``) 0 or 1 (absent: 0, the dynamic maps).
         Kept per key: every step asks for each tensor's format."""
         if dither not in (None, 0, 1):
             raise ValueError(f"quant_dither must be 0 or 1, got {dither!r}")
-        return _format(bits, block_key, bool(dither))
+        if tapered not in (None, 0, 1):
+            raise ValueError(f"quant_map must be 0 or 1, got {tapered!r}")
+        return _format(bits, block_key, bool(dither), bool(tapered))
 
     def __post_init__(self) -> None:
         if self.bits not in QUANT_BITS:
@@ -98,6 +115,8 @@ class QuantFormat:
             object.__setattr__(self, "dither", self.bits == 4)
         elif not isinstance(self.dither, bool) or (self.dither and self.bits != 4):
             raise ValueError(f"dither is a bool, True only at 4 bits; got {self.dither!r} at {self.bits} bits")
+        if not isinstance(self.tapered, bool) or (self.tapered and self.bits != 8):
+            raise ValueError(f"tapered is a bool, True only at 8 bits; got {self.tapered!r} at {self.bits} bits")
         if self.block_size is not None and (
             isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2
         ):
@@ -109,7 +128,10 @@ class QuantFormat:
         """The codebook of state ``key`` (see :data:`~adamkit.quant.CODEBOOKS`)."""
         from ..spec import BOOK_ROLES  # the key's role: each algorithm's spec names it
 
-        books = CODEBOOKS[self.bits] if self.dither or self.bits == 8 else UNDITHERED4
+        if self.tapered:
+            books = TAPERED8
+        else:
+            books = CODEBOOKS[self.bits] if self.dither or self.bits == 8 else UNDITHERED4
         return codebook(books[ROLES.index(BOOK_ROLES[key])])
 
     @property
@@ -131,8 +153,8 @@ class QuantFormat:
 
 
 @functools.lru_cache(maxsize=64)
-def _format(bits: int, block_key: int, dither: bool) -> QuantFormat:
-    return QuantFormat(bits, None if block_key == 0 else block_key, dither)
+def _format(bits: int, block_key: int, dither: bool, tapered: bool = False) -> QuantFormat:
+    return QuantFormat(bits, None if block_key == 0 else block_key, dither, tapered)
 
 
 def _blocked(x: Tensor, block: int) -> Tensor:

@@ -115,6 +115,46 @@ def geometric_map(bits: int = 4, lowest: float = 0.25) -> Tensor:
     return (lowest ** (1.0 - torch.arange(n, dtype=torch.float64) / (n - 1))).float()
 
 
+#: Mantissa bits of each binade of the tapered maps, from ``[1/2, 1)`` down (see
+#: :func:`tapered_map`): the first moment's (``tapered8``, 21 binades) and the second
+#: moment's (``utapered8``, 24 binades: a second moment spans twice the decades).
+TAPERED_BITS: dict[str, tuple[int, ...]] = {
+    "tapered8": (5, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0),
+    "utapered8": (5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 0, 0),
+}
+
+
+def _tapered_magnitudes(bits: tuple[int, ...]) -> list[float]:
+    """0, each binade's values from the lowest binade up, then 1."""
+    mags = [0.0]
+    for k in reversed(range(len(bits))):  # binade [2^-(k+1), 2^-k)
+        step = 2.0 ** -bits[k]
+        mags += [2.0 ** -(k + 1) * (1.0 + j * step) for j in range(2 ** bits[k])]
+    return mags + [1.0]
+
+
+def tapered_map(signed: bool) -> Tensor:
+    """An 8-bit tapered float map: 256 sorted float32 values (exact binary fractions).
+
+    Each binade ``[2^-(k+1), 2^-k)`` below 1 holds ``2^b[k]`` evenly spaced values
+    (``b`` = :data:`TAPERED_BITS`, from 5 bits in ``[1/2, 1)`` tapering to 0), like a
+    float whose mantissa shortens as its exponent falls, plus 0 and 1. Nearest codes
+    are then computed from a float32's bits (exponent: which binade; the top ``b[k]``
+    mantissa bits, rounded: where in it) with no search or table of values. Signed
+    (first moments): 127 magnitudes each side of 0, and -1 twice (code 0 is reached by
+    ``y = -1`` exactly, code 1 just above it, both decode to -1); unsigned: 256
+    magnitudes.
+    """
+    mags = torch.tensor(_tapered_magnitudes(TAPERED_BITS["tapered8" if signed else "utapered8"]))
+    if signed:
+        out = torch.cat([-mags[-1:], -mags.flip(0)[:-1], mags])
+    else:
+        out = mags
+    if out.numel() != 256:
+        raise AssertionError(f"a tapered map holds 256 values, not {out.numel()}")
+    return out.float()
+
+
 @dataclass(frozen=True)
 class Codebook:
     """A sorted float32 table of code values and what its encoders need.
@@ -161,6 +201,8 @@ _MAKERS = {
     "normal4_dither": lambda: normal_map(4),
     "sqrt_geo4_dither": lambda: geometric_map(4, 0.25),
     "geo4_dither": lambda: geometric_map(4, 0.25),
+    "tapered8": lambda: tapered_map(True),
+    "utapered8": lambda: tapered_map(False),
 }
 
 #: Codebook names per state bits: first moment, second moment (and its AMSGrad
@@ -175,6 +217,9 @@ ROLES = ("signed", "unsigned", "norm")
 #: The 4-bit codebooks of adamkit 0.1's checkpoints (nearest codes, no dither): such
 #: state is decoded with them and encoded again in the current format when loaded.
 UNDITHERED4 = ("normal4", "sqrt_linear4", "linear4")
+#: The 8-bit tapered maps (``quant_map="tapered"``), in the order of :data:`CODEBOOKS`'
+#: entries.
+TAPERED8 = ("tapered8", "utapered8", "utapered8")
 
 
 @cache
@@ -457,3 +502,83 @@ def decade_encode(y: np.ndarray, tables: DecadeTables) -> np.ndarray:
     up = 255 - (np.float32(128.0) - t).astype(np.int32)
     down = np.minimum(t + np.float32(1.0), np.float32(127.5)).astype(np.int32) ^ 0x7F
     return np.where(bits >> np.uint32(31) == 1, down, up).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ tapered tables
+@dataclass(frozen=True)
+class TaperedTables:
+    """A tapered map's encoder as integer operations on float32 bits (see
+    :func:`tapered_tables`). int32 arrays of 32 entries, indexed by a float's biased
+    exponent ``E`` modulo 32 (for ``E`` in ``[low, 127]``).
+
+    Attributes:
+        shift, bias, delta: the magnitude's index among the map's magnitudes (0: zero)
+            is ``((bits + bias[E]) >> shift[E]) + delta[E]``, ``bits`` those of ``|y|``
+            raised to ``low << 23`` at least; one more in ``bias`` rounds ties up.
+        low: the exponent below which every magnitude is 0 (the clamp).
+        top: the index of 1 (one more: just above 1; below zero, -1 itself).
+        signed: codes are ``128 ± index`` (below zero rounding ties to the larger
+            magnitude), else the index itself; at most 255.
+    """
+
+    shift: np.ndarray
+    bias: np.ndarray
+    delta: np.ndarray
+    low: int
+    top: int
+    signed: bool
+
+
+@cache
+def tapered_tables(name: str) -> TaperedTables:
+    """The bit-arithmetic encoder of a tapered map (``tapered8``, ``utapered8``).
+
+    In a binade ``[2^e, 2^(e+1))`` of ``b`` mantissa bits the values sit on the float32
+    grid of ``b`` bits, so adding half a step less one unit to the bits and shifting
+    right by ``23 - b`` rounds to the nearest one, ties down (the carry out of the
+    mantissa lands on the next binade's first value, ``2^(e+1)``: no special case
+    between binades of different widths), and ``delta`` turns ``E << b`` into the
+    binade's first index. Below the smallest value ``2^-n``: one binade rounds to it or
+    to 0 (midpoint ``2^-(n+1)``), every smaller magnitude is 0; in ``[1, 2)``: 1, or the
+    index above it past 1 (below zero: -1 exactly, code 0; above 1: clamped to code 255).
+    The codes are exactly the binary search's over the midpoints (ties to the lower
+    code), which are float32 numbers here.
+    """
+    book = codebook(name)
+    if name not in TAPERED_BITS:
+        raise ValueError(f"tapered tables describe the tapered maps, not {name!r}")
+    bits = TAPERED_BITS[name]
+    n = len(bits)
+    low = 127 - n - 2  # everything below 2^-(n+1) is zero
+    shift = np.zeros(32, dtype=np.int32)
+    bias = np.zeros(32, dtype=np.int32)
+    delta = np.zeros(32, dtype=np.int32)
+
+    def put(e: int, s: int, b: int, d: int) -> None:
+        shift[e & 31], bias[e & 31], delta[e & 31] = s, b, d
+
+    put(low, 31, (1 << 30) - 1, 0)  # bits < 2^30 here: (bits + bias) >> 31 is 0
+    put(low + 1, 23, (1 << 23) - 1, -(low + 1))  # 0, or 1 above 2^-(n+1)
+    first = 1
+    for k in reversed(range(n)):
+        e, b = 127 - (k + 1), bits[k]
+        put(e, 23 - b, (1 << (22 - b)) - 1 if b < 23 else 0, first - (e << b))
+        first += 1 << b
+    put(127, 23, (1 << 23) - 1, first - 127)  # 1, and the code above it past 1
+    return TaperedTables(shift, bias, delta, low, first, book.signed)
+
+
+def tapered_encode(y: np.ndarray, name: str) -> np.ndarray:
+    """The tapered encoder on float32 ``y`` in numpy: the model of the kernels' SIMD
+    code, operation for operation (uint8 codes; ``|y| <= 1`` up to rounding)."""
+    tab = tapered_tables(name)
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    bits = y.view(np.int32).astype(np.int64)
+    mag = np.maximum(bits & 0x7FFFFFFF, tab.low << 23)
+    e = (mag >> 23) & 31
+    if not tab.signed:
+        index = ((mag + tab.bias[e]) >> tab.shift[e]) + tab.delta[e]
+        return np.minimum(index, 255).astype(np.uint8)
+    neg = -(bits < 0).astype(np.int64)  # -1 below zero (-0.0 too), else 0
+    index = ((mag + tab.bias[e] - neg) >> tab.shift[e]) + tab.delta[e]
+    return np.minimum(128 + (index ^ neg) - neg, 255).astype(np.uint8)

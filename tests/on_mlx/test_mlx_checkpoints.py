@@ -247,7 +247,7 @@ def test_loading_another_format_is_refused():
     opt.apply_gradients({"w": mx.ones((300,))}, params)
     other = am.AdamW(0.01, state_bits=4, min_quant_size=0)
     other.state = tree_unflatten(tree_flatten(opt.state))
-    with pytest.raises(ValueError, match=r"format \(bits, block, dither\) \(8, 256, 0\)"):
+    with pytest.raises(ValueError, match=r"format \(bits, block, codes\) \(8, 256, 0\)"):
         other.apply_gradients({"w": mx.ones((300,))}, params)
     bad = dict(tree_flatten(opt.state))
     bad["w.exp_avg_absmax"] = mx.array([1.0, math.nan])
@@ -275,3 +275,28 @@ def test_adam_state_into_nadam_and_amsgrad_switched_on_before_export():
     opt.amsgrad = True
     sd = opt.to_torch_state_dict(["weight", "bias"], params)
     assert torch.equal(sd["state"][0]["max_exp_avg_sq"], torch.zeros(3, 5))
+
+
+def test_tapered_maps_cross_both_ways():
+    """``quant_map="tapered"``: adamkit's torch AdamW's tapered 8-bit state into
+    adamkit.mlx (codes cross exactly, ``quant_map`` 1 kept), 4 more steps in both alike;
+    and back to torch. An MLX optimizer with the dynamic maps refuses the tapered
+    state's format record."""
+    torch_params = {k: torch.nn.Parameter(v.clone()) for k, v in _start().items()}
+    opt_t = adamkit.AdamW(list(torch_params.values()), lr=0.01, state_bits=8, min_quant_size=0, quant_map="tapered")
+    for step in range(4):
+        _torch_step(opt_t, torch_params, step)
+    params = {k: _to_mlx_layout(k, p.detach()) for k, p in torch_params.items()}
+    opt_m = am.AdamW(0.01, state_bits=8, min_quant_size=0, quant_map="tapered")
+    opt_m.load_torch_state_dict(opt_t.state_dict(), NAMES, params)
+    assert torch.equal(tt(opt_m.state["w"]["exp_avg_codes"]), opt_t.state[torch_params["w"]]["exp_avg_codes"])
+    back = opt_m.to_torch_state_dict(NAMES, params)
+    assert all(s["quant_map"] == 1 for s in back["state"].values() if "quant_bits" in s)
+    _continue_both(8, opt_t, torch_params, opt_m, params)
+    assert opt_m.state["quant_format"].tolist() == [8, 256, 2]
+    with pytest.raises(ValueError, match="quant_map must be one of"):
+        am.AdamW(0.01, state_bits=8, quant_map="log")
+    dynamic = am.AdamW(0.01, state_bits=8, min_quant_size=0)
+    with pytest.raises(ValueError, match="format \\(bits, block, codes\\) \\(8, 256, 2\\)"):
+        dynamic.state = opt_m.state
+        dynamic.init(params)

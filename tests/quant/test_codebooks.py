@@ -11,10 +11,11 @@ import torch
 from quant_helpers import encoder_probe
 
 from adamkit.quant import CODEBOOKS, codebook, dither_tables, encoder_table
-from adamkit.quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS, UNDITHERED4
+from adamkit.quant.codebooks import _LOW_BITS, _ONE_BITS, TABLE_BITS, TAPERED8, TAPERED_BITS, UNDITHERED4
 
-#: The nearest-code codebooks (8-bit, adamkit 0.1's 4-bit ones, the 4-bit dynamic map).
-BOOKS = sorted(set(CODEBOOKS[8]) | set(UNDITHERED4) | {"dynamic4"})
+#: The nearest-code codebooks (8-bit, the tapered maps, adamkit 0.1's 4-bit ones, the
+#: 4-bit dynamic map).
+BOOKS = sorted(set(CODEBOOKS[8]) | set(TAPERED8) | set(UNDITHERED4) | {"dynamic4"})
 DITHERED = sorted(set(CODEBOOKS[4]))
 
 
@@ -110,3 +111,45 @@ def test_decade_encoder_model(name: str) -> None:
     assert off.sum() <= 2 * mids.size + 1e-4 * y.size  # the exact midpoints, and a few more
     with pytest.raises(ValueError):
         decade_tables("normal4")
+
+
+@pytest.mark.parametrize("name", ["tapered8", "utapered8"])
+def test_tapered_maps(name: str) -> None:
+    """The tapered maps: 256 sorted exact binary fractions in [-1, 1] (or [0, 1]), 0 and
+    1 among them; each binade below 1 holds 2^b evenly spaced values, b tapering from 5;
+    signed: symmetric, -1 twice (code 0 is y = -1 exactly)."""
+    book = codebook(name)
+    v = book.values.double()
+    assert v.numel() == 256 and bool((v[1:] >= v[:-1]).all())
+    assert float(v[-1]) == 1.0 and 0.0 in v.tolist()
+    bits = TAPERED_BITS[name]
+    mags = v[v > 0]
+    for k, b in enumerate(bits):
+        inside = mags[(mags >= 2.0 ** -(k + 1)) & (mags < 2.0**-k)]
+        assert inside.numel() == 2**b, (k, inside.numel())
+        steps = (inside * 2.0 ** (k + 1 + b)).round() - inside * 2.0 ** (k + 1 + b)
+        assert float(steps.abs().max()) == 0.0  # on the b-bit grid of the binade
+    assert float(mags.min()) == 2.0 ** -len(bits)
+    if book.signed:
+        assert v[0] == v[1] == -1.0 and book.zero_code == 128
+        assert torch.equal(-v[1:128].flip(0), v[129:])
+    else:
+        assert float(v[0]) == 0.0 and mags.numel() == 255
+    mids = book.midpoints.double()
+    assert torch.equal(mids, (v[:-1] + v[1:]) / 2)  # every midpoint a float32 number
+
+
+@pytest.mark.parametrize("name", ["tapered8", "utapered8"])
+def test_tapered_encoder_model(name: str) -> None:
+    """The tapered encoder's integer model (the SIMD path's) gives the binary search's
+    codes exactly: every midpoint and its neighbours, 0 and -0, +-1 and just past them,
+    magnitudes down to 1e-40."""
+    from adamkit.quant.codebooks import tapered_encode, tapered_tables
+
+    y = encoder_probe(name)
+    past = np.array([1.0000001, -1.0000001, 1.5, -1.5, -1.0, 1.0, 2.0**-25, -(2.0**-25), 2.0**-22, -(2.0**-22)])
+    y = np.concatenate([y, past if codebook(name).signed else np.abs(past)]).astype(np.float32)
+    mids = codebook(name).midpoints.numpy()
+    np.testing.assert_array_equal(tapered_encode(y, name), np.searchsorted(mids, y, side="left"))
+    with pytest.raises(ValueError, match="tapered"):
+        tapered_tables("dynamic8")

@@ -46,7 +46,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ...quant.codebooks import _DECADE_FLOOR_BITS, DITHER_ALONG, decade_tables, dither_tables
+from ...quant.codebooks import _DECADE_FLOOR_BITS, DITHER_ALONG, decade_tables, dither_tables, tapered_tables
 
 #: Whether the kernels use these paths: the CPU has AVX-512 and ``ADAMKIT_SIMD`` is
 #: ``auto`` (its default; ``avx2`` or ``none`` take the AVX2 or the portable scalar path, as
@@ -251,6 +251,41 @@ def _decade_body(signed: bool):
     return body
 
 
+def tapered_constants(name: str) -> np.ndarray:
+    """A tapered map's encoder table (see :func:`_tapered_body`)."""
+    tab = tapered_tables(name)
+    i32 = np.int32
+    return _table([
+        tab.shift[:16], tab.shift[16:], tab.bias[:16], tab.bias[16:], tab.delta[:16], tab.delta[16:],
+        i32(0x7FFFFFFF), i32(tab.low << 23), i32(128), i32(255),
+    ])  # fmt: skip
+
+
+def _tapered_body(signed: bool):
+    """8-bit tapered maps: :func:`adamkit.quant.codebooks.tapered_tables`' encoder, whose
+    numpy model is :func:`adamkit.quant.codebooks.tapered_encode` (same operations): the
+    exponent picks shift, bias and offset (three 32-entry ``vpermi2d``), an add, a
+    variable shift and an add give the magnitude's index; ~12 instructions per 16 codes.
+    Constants: :func:`tapered_constants`."""
+
+    def body(builder: ir.IRBuilder, k: _Rows, y: ir.Value) -> ir.Value:
+        two_i = _permutes(builder)[2]
+        bits = builder.bitcast(y, _I16)
+        mag = builder.and_(bits, k.i(6))
+        mag = builder.select(builder.icmp_signed("<", mag, k.i(7)), k.i(7), mag)
+        e = builder.lshr(mag, _splat(23))  # the permutes read its low 5 bits
+        shift, bias, delta = (builder.call(two_i, [k.i(r), e, k.i(r + 1)]) for r in (0, 2, 4))
+        if not signed:
+            index = builder.add(builder.lshr(builder.add(mag, bias), shift), delta)
+            return builder.select(builder.icmp_signed(">", index, k.i(9)), k.i(9), index)
+        neg = builder.ashr(bits, _splat(31))  # -1 below zero
+        index = builder.add(builder.lshr(builder.add(mag, builder.sub(bias, neg)), shift), delta)
+        code = builder.sub(builder.add(k.i(8), builder.xor(index, neg)), neg)
+        return builder.select(builder.icmp_signed(">", code, k.i(9)), k.i(9), code)
+
+    return body
+
+
 # ------------------------------------------------------------------ dithered 4-bit codes
 #: Rows of :func:`dither_constants`.
 _DL, _DRATE, _DOFF, _DUP, _DDOWN, _DT, _DF = 0, 1, 2, 3, 4, 5, 7  # thresholds and firsts: two rows each
@@ -356,11 +391,15 @@ def decode_rows_dither4(typingctx, codes_addr, count, table_addr, scale, root, o
 #: the floor: see :func:`_row_encoder`).
 encode_rows_dynamic8 = _row_encoder(8, 15, _decade_body(signed=True))
 encode_rows_udynamic8 = _row_encoder(8, 15, _decade_body(signed=False), floor=True)
+encode_rows_tapered8 = _row_encoder(8, 10, _tapered_body(signed=True))
+encode_rows_utapered8 = _row_encoder(8, 10, _tapered_body(signed=False), floor=True)
 
 #: Each codebook's 16-wide encoder constants.
 ENCODER_CONSTANTS = {
     "dynamic8": lambda: decade_constants("dynamic8"),
     "udynamic8": lambda: decade_constants("udynamic8"),
+    "tapered8": lambda: tapered_constants("tapered8"),
+    "utapered8": lambda: tapered_constants("utapered8"),
     "normal4_dither": lambda: dither_constants("normal4_dither"),
     "sqrt_geo4_dither": lambda: dither_constants("sqrt_geo4_dither"),
     "geo4_dither": lambda: dither_constants("geo4_dither"),

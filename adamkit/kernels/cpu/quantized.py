@@ -76,6 +76,7 @@ from ._simd import (
     LANES,
     PLANES8,
     SIMD,
+    TAPERED8,
     adam_rows_4,
     adam_rows_8,
     adam_rows_8d,
@@ -85,6 +86,8 @@ from ._simd import (
     decode_rows_dither4,
     encode_rows_dither4,
     encode_rows_m8,
+    encode_rows_tm8,
+    encode_rows_tv8,
     encode_rows_v8,
     encoder_constants,
 )
@@ -341,9 +344,47 @@ def _dither4(row_at, count, inv, table_at, codes_at, h0):
     encode_rows_dither4(row_at, count, inv, table_at, codes_at, h0)
 
 
+_F32_LIKE = np.empty(0, np.float32)
+_U8_LIKE = np.empty(0, np.uint8)
+_I32_LIKE = np.empty(0, np.int32)
+
+
+@njit(inline="always")
+def _packed8(row_at, count, inv, table_at, codes_at):
+    """Codes of ``row[0 : LANES·count] · inv`` from the packed search-free table at
+    ``table_at`` (:func:`adamkit.quant.encoder_table`: any 8-bit nearest codebook), an
+    element at a time: the tapered maps' row encoder without AVX-512."""
+    n = count * LANES
+    row = numba.carray(_view(row_at, _F32_LIKE), n)
+    codes = numba.carray(_view(codes_at, _U8_LIKE), n)
+    packed = numba.carray(_view(table_at, _I32_LIKE), 2 * _HALF)
+    for i in range(n):
+        codes[i] = _encode(row[i] * inv, packed)
+
+
+@njit(inline="always")
+def _tapered8(row_at, count, inv, table_at, codes_at, h0):
+    if TAPERED8:
+        encode_rows_tm8(row_at, count, inv, table_at, codes_at)
+    else:
+        _packed8(row_at, count, inv, table_at, codes_at)
+
+
+@njit(inline="always")
+def _utapered8(row_at, count, inv, table_at, codes_at, h0):
+    if TAPERED8:
+        encode_rows_tv8(row_at, count, inv, table_at, codes_at)
+    else:
+        _packed8(row_at, count, inv, table_at, codes_at)
+
+
 #: Codebooks (first moment, second moment / maximum / exp_inf) the kernels are compiled
-#: for, per state bits: ``_step`` checks the format's.
-KERNEL_CODEBOOKS = {8: ("dynamic8", ("udynamic8",)), 4: ("normal4_dither", ("sqrt_geo4_dither", "geo4_dither"))}
+#: for, per (state bits, tapered maps): ``_step`` checks the format's.
+KERNEL_CODEBOOKS = {
+    (8, False): ("dynamic8", ("udynamic8",)),
+    (8, True): ("tapered8", ("utapered8",)),
+    (4, False): ("normal4_dither", ("sqrt_geo4_dither", "geo4_dither")),
+}
 
 
 @njit(inline="always")
@@ -655,11 +696,12 @@ _J = dict(nogil=True, cache=True, error_model="numpy")
 
 
 @njit(inline="always")
-def _q8(a, fused, update, amsgrad, mask):
-    """:func:`_q_chunks` at 8 bits (``a``: its arguments up to ``phase``)."""
+def _q8(a, fused, update, amsgrad, mask, encode_m, encode_v):
+    """:func:`_q_chunks` at 8 bits (``a``: its arguments up to ``phase``), with the
+    codebooks' row encoders."""
     pt, ch, un, co, sc, sa, pl, cs, sr, se, bo, bl, si, ph = a
     return _q_chunks(pt, ch, un, co, sc, sa, pl, cs, sr, se, bo, bl, si, ph, 8, fused, update, _decode_row8,
-                     _encode_block8, _dynamic8, _udynamic8, amsgrad, mask, False)  # fmt: skip
+                     _encode_block8, encode_m, encode_v, amsgrad, mask, False)  # fmt: skip
 
 
 @njit(inline="always")
@@ -670,11 +712,13 @@ def _q4(a, fused, update, amsgrad, mask, root):
                      _encode_block4, _dither4, _dither4, amsgrad, mask, root)  # fmt: skip
 
 
-def _variant(rule: str, bits: int, amsgrad: bool, mask: bool) -> Callable[..., int]:
+def _variant(rule: str, bits: int, amsgrad: bool, mask: bool, tapered: bool = False) -> Callable[..., int]:
     """The compiled kernel of one variant: :func:`_q_chunks` with the rule's block
-    function, the bit width's codec and the codebooks' encoders. ``rule``, ``bits`` and
-    the flags are constants of the closure, so numba prunes the branches not taken before
-    typing (each variant holds only its own code) and caches each variant on its own."""
+    function, the bit width's codec and the codebooks' encoders (``tapered``: the 8-bit
+    tapered maps'). ``rule``, ``bits`` and the flags are constants of the closure, so
+    numba prunes the branches not taken before typing (each variant holds only its own
+    code) and caches each variant on its own."""
+    em, ev = (_tapered8, _utapered8) if tapered else (_dynamic8, _udynamic8)
 
     # the arguments of _q_chunks up to ``phase``, in short
     @njit(**_J)
@@ -682,29 +726,31 @@ def _variant(rule: str, bits: int, amsgrad: bool, mask: bool) -> Callable[..., i
         a = (pt, ch, un, co, sc, sa, pl, cs, sr, se, bo, bl, si, ph)
         if rule == "nadam":  # no SIMD block loop
             if bits == 8:
-                return _q8(a, _none, _q_block_nadam, False, mask)
+                return _q8(a, _none, _q_block_nadam, False, mask, em, ev)
             return _q4(a, _none, _q_block_nadam, False, mask, True)
         if rule == "adamax":  # the norm's codebook is no root one; no SIMD block loop
             if bits == 8:
-                return _q8(a, _none, _q_block_adamax, False, mask)
+                return _q8(a, _none, _q_block_adamax, False, mask, em, ev)
             return _q4(a, _none, _q_block_adamax, False, mask, False)
         if amsgrad:
             if bits == 8:
-                return _q8(a, _none, _q_block_adam, True, mask)
+                return _q8(a, _none, _q_block_adam, True, mask, em, ev)
             return _q4(a, _none, _q_block_adam, True, mask, True)
         if bits == 8:
-            return _q8(a, _fused8, _q_block_adam, False, mask)
+            return _q8(a, _fused8, _q_block_adam, False, mask, em, ev)
         return _q4(a, _fused4, _q_block_adam, False, mask, True)
 
-    kernel.__name__ = kernel.__qualname__ = f"_{rule}{'_amsgrad' if amsgrad else ''}{bits}{'_masked' if mask else ''}"
+    name = f"_{rule}{'_amsgrad' if amsgrad else ''}{bits}{'_tapered' if tapered else ''}{'_masked' if mask else ''}"
+    kernel.__name__ = kernel.__qualname__ = name
     return kernel
 
 
 _KERNELS = {
-    (rule, amsgrad, bits, mask): _variant(rule, bits, amsgrad, mask)
+    (rule, amsgrad, bits, mask, tapered): _variant(rule, bits, amsgrad, mask, tapered)
     for rule, amsgrad in (("adam", False), ("adam", True), ("adamax", False), ("nadam", False))
     for bits in QUANT_BITS
     for mask in (False, True)
+    for tapered in ((False, True) if bits == 8 else (False,))
 }
 
 #: Whether full blocks of Adam/AdamW without AMSGrad or stochastic rounding go through
@@ -779,10 +825,10 @@ def _step(
         return 0
     w = np.float32
     consts = rule_consts(s, maximize, w)
-    kernel = _KERNELS[rule, amsgrad, fmt.bits, mask_nonfinite]
+    kernel = _KERNELS[rule, amsgrad, fmt.bits, mask_nonfinite, fmt.tapered]
     books = _books(fmt, keys)
     names = tuple(fmt.codebook(k).name for k in keys)
-    first, second = KERNEL_CODEBOOKS[fmt.bits]
+    first, second = KERNEL_CODEBOOKS[fmt.bits, fmt.tapered]
     root = fmt.bits == 4 and BOOK_ROLES[keys[1]] == "unsigned"  # the kernels' constant root: see _variant
     if names[0] != first or any(n not in second for n in names[1:]) or books[1][2] != root:
         raise AssertionError(f"codebooks {names} do not match the compiled kernels")  # they fix encoders and root

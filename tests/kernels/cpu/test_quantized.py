@@ -169,3 +169,22 @@ def test_stochastic_rounding_bit_identical_to_reference(bits: int) -> None:
         torch.manual_seed(step)
         ref.step()
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("cls,kw", QCONFIGS, ids=QIDS)
+def test_tapered_kernels_match_reference(cls, kw) -> None:
+    """8-bit state in the tapered maps (``quant_map="tapered"``): the kernels step as the
+    reference, codes within one on rounding ties."""
+    quant_lockstep(cls, kw, 8, quant_map="tapered")
+
+
+@pytest.mark.parametrize("cls,kw", QCONFIGS[::2], ids=QIDS[::2])
+def test_tapered_kernels_mask_and_tiny_moments(cls, kw) -> None:
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        quant_lockstep(cls, kw, 8, bad=4097, quant_map="tapered")
+    quant_lockstep(cls, kw, 8, scales=tiny_and_subnormal, sizes=[4096, 70_001], quant_map="tapered")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tapered_kernels_half_params(dtype) -> None:
+    quant_lockstep(adamkit.AdamW, {}, 8, dtype, quant_map="tapered")

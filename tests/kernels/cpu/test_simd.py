@@ -119,6 +119,57 @@ def test_simd_encoders(name: str) -> None:
             assert ((decade_encode(odd, decade_tables(name)) == 0) & (codes == 1)).sum() >= 3
 
 
+@pytest.mark.parametrize("simd", [True, False], ids=["simd", "packed"])
+@pytest.mark.parametrize("name", ["tapered8", "utapered8"])
+def test_tapered_row_encoders(name: str, simd: bool) -> None:
+    """The tapered maps' row encoders, AVX-512's (shift, bias and offset from the
+    exponent) and the packed search-free table's (AVX2, portable), give the binary
+    search's codes bit for bit; the unsigned one with AVX-512 also gives values above 0
+    code 1 at least; non-finite and out-of-range inputs still get a code."""
+    from numba import njit
+
+    from adamkit.kernels.cpu import _simd
+    from adamkit.kernels.cpu import quantized as nq
+    from adamkit.quant.codebooks import encoder_table
+
+    if simd and not _simd.TAPERED8:
+        pytest.skip("the tapered SIMD encoder needs AVX-512")
+    encoder = _simd.encode_rows_tm8 if name == "tapered8" else _simd.encode_rows_tv8
+    table = _simd.encoder_constants[name]() if simd else encoder_table(name)[0]
+
+    if simd:
+
+        @njit
+        def run(y, table, codes):
+            encoder(y.ctypes.data, y.size // 16, np.float32(1.0), table.ctypes.data, codes.ctypes.data)
+
+    else:
+
+        @njit
+        def run(y, table, codes):
+            nq._packed8(y.ctypes.data, y.size // nq.LANES, np.float32(1.0), table.ctypes.data, codes.ctypes.data)
+
+    book = codebook(name)
+    y = encoder_probe(name)
+    y = y[: y.size // 64 * 64]
+    codes = np.zeros(y.size, dtype=np.uint8)
+    run(y, table, codes)
+    want = np.searchsorted(book.midpoints.numpy(), y, side="left")
+    if simd and not book.signed:  # the floor
+        want = np.maximum(want, (y > 0).astype(np.int64))
+    np.testing.assert_array_equal(codes, want)
+    odd = [np.nan, -np.nan, np.inf, -np.inf, 1.0000001, -1.0000001, 1.9, -0.0, 1e-7, 3e-8, 1e-30, 1e-45, -1e-9, 0.0]
+    odd = np.array(odd * 2, dtype=np.float32)[:16]
+    odd = odd if book.signed else np.abs(odd)
+    codes = np.full(odd.size, 77, dtype=np.uint8)
+    run(odd, table, codes)
+    finite = np.isfinite(odd) & (np.abs(odd) <= 1)
+    expect = np.searchsorted(book.midpoints.numpy(), odd[finite], side="left")
+    if not book.signed:
+        expect = np.maximum(expect, (odd[finite] > 0).astype(np.int64)) if simd else expect
+    np.testing.assert_array_equal(codes[finite], expect)
+
+
 @pytest.mark.parametrize(
     "name,features,expected",
     [
@@ -191,7 +242,13 @@ def test_byte_plane_decoder_is_a_table_lookup(name: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize(
-    "cls,kw", [(adamkit.AdamW, {}), (adamkit.Adam, dict(weight_decay=0.1, maximize=True, betas=(0.3, 0.99)))]
+    "cls,kw",
+    [
+        (adamkit.AdamW, {}),
+        (adamkit.Adam, dict(weight_decay=0.1, maximize=True, betas=(0.3, 0.99))),
+        (adamkit.AdamW, dict(quant_map="tapered")),
+    ],
+    ids=["AdamW", "Adam-max", "AdamW-tapered"],
 )
 def test_simd_blocks_equal_numba_loop(cls, kw, bits, dtype, monkeypatch) -> None:
     """Blocks through the SIMD block loop (``_avx512_adam`` or ``_avx2_quant``: decode,

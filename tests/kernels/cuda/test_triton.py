@@ -143,6 +143,14 @@ def test_triton_quantized_matches_reference(cls, kw, bits) -> None:
     quant_lockstep(cls, kw, bits, steps=4, sizes=QSIZES, backend="triton")
 
 
+@pytest.mark.parametrize("cls,kw", QCONFIGS[::2], ids=QIDS[::2])
+def test_triton_tapered_matches_reference(cls, kw) -> None:
+    """8-bit state in the tapered maps: the same codes (within one on ties), tiny moments too."""
+    quant_lockstep(cls, kw, 8, steps=3, sizes=QSIZES, backend="triton", quant_map="tapered")
+    quant_lockstep(cls, kw, 8, steps=2, sizes=[4097, 300], backend="triton", scales=tiny_and_subnormal,
+                   quant_map="tapered")  # fmt: skip
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("cls,kw", QCONFIGS[::2], ids=QIDS[::2])
 def test_triton_quantized_matches_reference_on_tiny_moments(cls, kw, bits) -> None:
@@ -192,7 +200,7 @@ def test_triton_quantized_masks_nonfinite_like_reference(bits) -> None:
     assert all(torch.isfinite(p).all() for p in params)
 
 
-@pytest.mark.parametrize("name", ["dynamic8", "udynamic8"])
+@pytest.mark.parametrize("name", ["dynamic8", "udynamic8", "tapered8", "utapered8"])
 def test_triton_8bit_encoder_equals_binary_search(name: str) -> None:
     """``_encode8`` (one load from the packed table) gives ``torch.searchsorted``'s code
     over the midpoints for random magnitudes over 18 decades, every midpoint and its
