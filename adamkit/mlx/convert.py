@@ -251,7 +251,7 @@ def _converted(
             saved_fmt = QuantFormat.from_key(
                 int(entry["quant_bits"]),
                 int(entry["quant_block"]),
-                *(int(entry[k]) if k in entry else None for k in _QUANT_META[2:]),
+                *(entry.get(k) for k in _QUANT_META[2:]),
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: bad quantized-state format: {err}") from None

@@ -38,10 +38,7 @@ def quant_format_of(state: Mapping[str, Any]) -> QuantFormat | None:
     if "quant_bits" not in state:
         return None
     return QuantFormat.from_key(
-        int(state["quant_bits"]),
-        int(state["quant_block"]),
-        int(state.get("quant_dither", 0)),
-        int(state.get("quant_map", 0)),
+        int(state["quant_bits"]), int(state["quant_block"]), state.get("quant_dither"), state.get("quant_map")
     )
 
 

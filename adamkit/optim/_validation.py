@@ -219,6 +219,9 @@ def check_hyperparameters(group: Mapping[str, Any], where: str = "", read_device
     wd = _as_float("weight_decay", group["weight_decay"], where)
     if not (0.0 <= wd < math.inf):
         raise ValueError(f"Invalid weight_decay value: {wd}{where}")
+    quant_map = group.get("quant_map", "dynamic")
+    if not isinstance(quant_map, str) or quant_map not in QUANT_MAPS:  # new state's format reads it
+        raise ValueError(f"quant_map must be one of {QUANT_MAPS}, got {quant_map!r}{where}")
 
 
 class _Validation:
@@ -252,8 +255,6 @@ class _Validation:
         block = group.get("block_size")
         if block is not None:
             QuantFormat(group["state_bits"] if group["state_bits"] in QUANT_BITS else 8, block)  # raises if bad
-        if group.get("quant_map", "dynamic") not in QUANT_MAPS:
-            raise ValueError(f"quant_map must be one of {QUANT_MAPS}, got {group['quant_map']!r}{where}")
         if not isinstance(group.get("block_wise", True), bool):
             raise TypeError(f"block_wise must be a bool, got {group['block_wise']!r}{where}")
         if not isinstance(group.get("paged", False), bool):

@@ -102,11 +102,7 @@ class QuantFormat:
         ``dither`` 0 or 1 (absent: a checkpoint from before dithering, nearest codes);
         ``tapered`` (``quant_map``) 0 or 1 (absent: 0, the dynamic maps).
         Kept per key: every step asks for each tensor's format."""
-        if dither not in (None, 0, 1):
-            raise ValueError(f"quant_dither must be 0 or 1, got {dither!r}")
-        if tapered not in (None, 0, 1):
-            raise ValueError(f"quant_map must be 0 or 1, got {tapered!r}")
-        return _format(bits, block_key, bool(dither), bool(tapered))
+        return _format(bits, block_key, _flag("quant_dither", dither), _flag("quant_map", tapered))
 
     def __post_init__(self) -> None:
         if self.bits not in QUANT_BITS:
@@ -150,6 +146,20 @@ class QuantFormat:
     def block_of(self, numel: int) -> int:
         """The block length for a tensor of ``numel`` elements."""
         return max(numel, 1) if self.block_size is None else self.block_size
+
+
+def _flag(name: str, value: object) -> bool:
+    """A checkpoint's 0/1 format entry (an int, bool, integral float or one-element
+    tensor; None: absent, 0) as a bool; ValueError for anything else."""
+    if value is None:
+        return False
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+        value = value.item()
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name} must be 0 or 1, got {value!r}")
 
 
 @functools.lru_cache(maxsize=64)

@@ -217,6 +217,9 @@ def test_load_rejects_bad_quantized_state() -> None:
         (lambda st: st.update(quant_bits=3), "bad quantized-state format"),
         (lambda st: st.update(quant_dither=1), "bad quantized-state format"),  # 8-bit codes are not dithered
         (lambda st: st.update(quant_map=2), "bad quantized-state format"),
+        (lambda st: st.update(quant_map=torch.tensor([1, 1])), "bad quantized-state format"),
+        (lambda st: st.update(quant_map=0.9), "bad quantized-state format"),
+        (lambda st: st.update(quant_dither=torch.tensor([])), "bad quantized-state format"),
         (lambda st: st.update(quant_bits=4, quant_map=1), "bad quantized-state format"),  # tapered: 8 bits only
         (lambda st: st.pop("exp_avg_sq_absmax"), "lacks"),
         (lambda st: st.update(exp_avg_absmax=st["exp_avg_absmax"].double()), "expected torch.float32"),
@@ -347,3 +350,17 @@ def test_tapered_maps_update_error() -> None:
     exact = _updates(None)
     err = {m: float((_updates(8, quant_map=m) - exact).norm() / exact.norm()) for m in ("dynamic", "tapered")}
     assert err["tapered"] < 0.85 * err["dynamic"], err
+
+
+def test_quant_map_set_between_steps_is_checked() -> None:
+    """A group's ``quant_map`` changed between steps is checked as the other options
+    are: ValueError, nothing changed."""
+    p = torch.randn(5000, requires_grad=True)
+    opt = adamkit.AdamW([p], state_bits=8, quant_map="tapered")
+    p.grad = torch.randn_like(p)
+    opt.step()
+    before = p.detach().clone()
+    opt.param_groups[0]["quant_map"] = "bogus"
+    with pytest.raises(ValueError, match="quant_map must be one of"):
+        opt.step()
+    assert torch.equal(p, before)

@@ -42,6 +42,7 @@ reference), so that a NaN under ``nonfinite="propagate"`` stays in its element.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 
@@ -66,7 +67,7 @@ from ...quant.codebooks import (
     encoder_table,
 )
 from ...spec import ALGORITHMS, BOOK_ROLES
-from .._tables import CHUNK, tables_for
+from .._tables import CHUNK, Tables, tables_for
 from ..registry import register
 from . import dense as nc
 from ._avx512_codes import plane_table
@@ -821,8 +822,26 @@ def _step(
     keys = ALGORITHMS[rule].state_keys(amsgrad)
     columns = [params, grads] + [state[f"{k}_{part}"] for k in keys for part in ("codes", "absmax")]
     tab = tables_for(columns, s, salts, fmt)
+    phase = dither_phase(int(s.step), s.first_index)
+    return _run(rule, amsgrad, tab, s, fmt, maximize, mask_nonfinite, sr_seed, phase)
+
+
+def _run(
+    rule: str,
+    amsgrad: bool,
+    tab: Tables,
+    s: StepScalars,
+    fmt: QuantFormat,
+    maximize: bool,
+    mask_nonfinite: bool,
+    sr_seed: int | None,
+    phase: int,
+) -> int:
+    """One kernel call over ``tab`` (every tensor's codes written at the step whose dither
+    term is ``phase``); returns the number of masked elements."""
     if tab.chunks.shape[0] == 0:
         return 0
+    keys = ALGORITHMS[rule].state_keys(amsgrad)
     w = np.float32
     consts = rule_consts(s, maximize, w)
     kernel = _KERNELS[rule, amsgrad, fmt.bits, mask_nonfinite, fmt.tapered]
@@ -832,15 +851,53 @@ def _step(
     root = fmt.bits == 4 and BOOK_ROLES[keys[1]] == "unsigned"  # the kernels' constant root: see _variant
     if names[0] != first or any(n not in second for n in names[1:]) or books[1][2] != root:
         raise AssertionError(f"codebooks {names} do not match the compiled kernels")  # they fix encoders and root
-    units = nc.unit_table(tab.chunks)
+    units = nc.unit_table(tab.chunks) if tab.units is None else tab.units
     counter = np.zeros(1, dtype=np.int64)
-    phase = dither_phase(int(s.step), s.first_index)
-    args = (tab.ptrs, tab.chunks, units, counter, tab.scal.astype(w), tab.salts, nc._LIKE[tab.param_dtype], consts,
+    # the kernels read three per-tensor scalars (step size, bias correction, NAdam's
+    # gradient step): a plan's table holds only the algorithm's (two for Adam)
+    scal = np.zeros((tab.scal.shape[0], 3), dtype=w)
+    scal[:, : min(3, tab.scal.shape[1])] = tab.scal[:, :3]
+    args = (tab.ptrs, tab.chunks, units, counter, scal, tab.salts, nc._LIKE[tab.param_dtype], consts,
             sr_seed is not None, sr_seed or 0, books, fmt.block_size, FUSED_BLOCKS, phase)  # fmt: skip
     return sum(nc.on_threads(kernel, args, units.size - 1))
 
 
-@register("adam", backend="numba", device_types=("cpu",), state_bits=QUANT_BITS, unsupported=unsupported)
+def _tables_kernel(rule: str) -> Callable[..., int]:
+    """The kernel of ``rule`` over a cached plan's tables (:class:`Tables`: the
+    optimizers' plans keep them across steps). The codes of each tensor are dithered
+    with its own step (``tab.steps``): tensors at different steps (some had no
+    gradient for a while) go in one call per step."""
+
+    def run(
+        tab: Tables, s: StepScalars, *, amsgrad: bool, maximize: bool, mask_nonfinite: bool,
+        sr_seed: int | None = None,
+    ) -> int:  # fmt: skip
+        fmt = tab.state_dtype
+        if not isinstance(fmt, QuantFormat) or tab.steps is None:
+            raise AssertionError("a quantized plan's tables name the format and each tensor's step")
+        if tab.chunks.shape[0] == 0:
+            return 0
+        steps = np.asarray(tab.steps)[tab.chunks[:, 0]].astype(np.int64)
+        if (steps == steps[0]).all():
+            return _run(rule, amsgrad, tab, s, fmt, maximize, mask_nonfinite, sr_seed, dither_phase(int(steps[0])))
+        total = 0
+        for step in np.unique(steps):
+            part = dataclasses.replace(tab, chunks=tab.chunks[steps == step], units=None)
+            total += _run(rule, amsgrad, part, s, fmt, maximize, mask_nonfinite, sr_seed, dither_phase(int(step)))
+        return total
+
+    run.__name__ = run.__qualname__ = f"{rule}_quantized_tables_"
+    return run
+
+
+@register(
+    "adam",
+    backend="numba",
+    device_types=("cpu",),
+    state_bits=QUANT_BITS,
+    unsupported=unsupported,
+    tables=_tables_kernel("adam"),
+)
 def adam_quantized_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -858,7 +915,14 @@ def adam_quantized_(
     return _step("adam", amsgrad, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts)
 
 
-@register("adamax", backend="numba", device_types=("cpu",), state_bits=QUANT_BITS, unsupported=unsupported)
+@register(
+    "adamax",
+    backend="numba",
+    device_types=("cpu",),
+    state_bits=QUANT_BITS,
+    unsupported=unsupported,
+    tables=_tables_kernel("adamax"),
+)
 def adamax_quantized_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -878,7 +942,14 @@ def adamax_quantized_(
     return _step("adamax", False, params, grads, state, s, fmt, maximize, mask_nonfinite, sr_seed, salts)
 
 
-@register("nadam", backend="numba", device_types=("cpu",), state_bits=QUANT_BITS, unsupported=unsupported)
+@register(
+    "nadam",
+    backend="numba",
+    device_types=("cpu",),
+    state_bits=QUANT_BITS,
+    unsupported=unsupported,
+    tables=_tables_kernel("nadam"),
+)
 def nadam_quantized_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],

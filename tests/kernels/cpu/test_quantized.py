@@ -188,3 +188,55 @@ def test_tapered_kernels_mask_and_tiny_moments(cls, kw) -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tapered_kernels_half_params(dtype) -> None:
     quant_lockstep(adamkit.AdamW, {}, 8, dtype, quant_map="tapered")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_groups_take_a_cached_plan(bits: int) -> None:
+    """A CPU group with quantized state steps through a cached plan (its tables built
+    once; the general path cost ~60 us per tensor per step): quantized and 32-bit
+    segments, state views of the plan's flat buffers."""
+    params = [torch.randn(n).requires_grad_() for n in (5000, 10, 300)]
+    opt = adamkit.AdamW(params, state_bits=bits)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    plan = opt._plans[0]
+    assert len(plan.segments) == 2  # quantized (5000) and 32-bit (the small ones)
+    st = opt.state[params[0]]
+    assert st["quant_bits"] == bits and st["exp_avg_codes"].numel() == 5000 * bits // 8
+    opt.step()
+    assert opt._plans[0] is plan
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_plan_steps_tensors_at_different_steps_like_reference(bits: int) -> None:
+    """Tensors of one plan at different steps (one had no gradient for two steps): each
+    is stepped, and its dithered codes written, at its own step, as the reference does."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(n, generator=gen).requires_grad_() for n in (4096, 8192, 5000)]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    fused = adamkit.AdamW(params, state_bits=bits, min_quant_size=0)
+    ref = adamkit.AdamW(twins, state_bits=bits, min_quant_size=0, backend="reference")
+    for step in range(5):
+        for i, (p, q) in enumerate(zip(params, twins)):
+            if i == 1 and step in (1, 2):
+                p.grad = q.grad = None
+                continue
+            g = torch.randn(p.shape, generator=gen) * 10.0 ** (i - 2)
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        ref.step()
+        assert fused._plans.get(0) is not None
+        for p, q in zip(params, twins):
+            torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
+            assert float(fused.state[p]["step"]) == float(ref.state[q]["step"])
+            for key in ("exp_avg_codes", "exp_avg_sq_codes"):
+                a, b = fused.state[p][key], ref.state[q][key]
+                fmt = QuantFormat(bits, None)
+                d = (unpack(a, fmt, p.numel()) - unpack(b, fmt, p.numel())).abs()
+                assert int(d.max()) <= (1 if bits == 8 else 0), key
+            with torch.no_grad():
+                q.copy_(p)
+            for key, value in fused.state[p].items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    ref.state[q][key].copy_(value)
