@@ -92,6 +92,7 @@ def contenders(device: torch.device) -> dict[str, Callable[[list[torch.Tensor]],
     out: dict[str, Callable[[list[torch.Tensor]], Any]] = {
         f"adamkit CPUOffload {bits}-bit": (lambda ps, b=bits: offload(ps, lr=1e-3, state_bits=b)) for bits in (32, 8, 4)
     }
+    out["adamkit CPUOffload 8-bit tapered"] = lambda ps: offload(ps, lr=1e-3, state_bits=8, quant_map="tapered")
     if device.type == "cuda":
         try:
             from torchao.optim import CPUOffloadOptimizer
