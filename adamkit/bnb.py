@@ -67,6 +67,9 @@ class GlobalOptimManager:
         self.index2config: dict[tuple[int, int], dict[str, Any]] = {}
         self.module_weight_config_triple: list[tuple[torch.nn.Module, str, dict[str, Any]]] = []
         self.uses_config_override = False
+        #: counts changes to the overrides: the optimizers' cached plans, which create
+        #: state in the formats the overrides decide, are rebuilt when it moves
+        self.version = getattr(self, "version", 0) + 1
 
     @classmethod
     def get_instance(cls) -> GlobalOptimManager:
@@ -103,6 +106,7 @@ class GlobalOptimManager:
                 "put such parameters in their own param group instead"
             )
         self.uses_config_override = True
+        self.version += 1
         for p in [parameters] if isinstance(parameters, Tensor) else parameters:
             self.pid2config.setdefault(id(p), {}).update(config)
 
@@ -112,6 +116,7 @@ class GlobalOptimManager:
         if unknown:
             raise ValueError(f"adamkit overrides {sorted(OVERRIDE_KEYS)} per parameter, not {unknown}")
         self.module_weight_config_triple.append((module, param_name, dict(config)))
+        self.version += 1
 
     def config_for(self, p: Tensor, position: tuple[int, int] | None) -> dict[str, Any]:
         """The adamkit group keys overridden for ``p`` (at (group, index) ``position``)."""

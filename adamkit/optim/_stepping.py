@@ -38,6 +38,18 @@ from ._sharded import is_sharded, local
 from ._state import _scalar_dtype, quant_format_of, state_columns
 from ._validation import check_hyperparameters, state_problem
 
+#: Group options that decide the format of new state (the plan creates state for
+#: parameters that have none yet, so a change rebuilds it).
+_FORMAT_OPTIONS = ("block_size", "block_wise", "quant_map", "min_quant_size", "paged")
+
+
+def _format_options(group: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The group's format options, and the version of GlobalOptimManager's overrides."""
+    from ..bnb import GlobalOptimManager
+
+    values = tuple(repr(group.get(k)) for k in _FORMAT_OPTIONS)
+    return (*values, GlobalOptimManager.get_instance().version)
+
 
 @dataclass
 class _Work:
@@ -296,7 +308,8 @@ class _Stepping:
         params = group["params"]
         keys = self._state_keys(group)
         capturable = bool(group.get("capturable"))
-        signature = (keys, group["backend"], group["fused"], group["state_bits"], _scalar_dtype(), capturable)
+        signature = (keys, group["backend"], group["fused"], group["state_bits"], _scalar_dtype(), capturable,
+                     *_format_options(group))  # fmt: skip
         if not isinstance(self.state, TrackedState):  # reassigned, e.g. ``opt.state = defaultdict(dict)``
             self.state = TrackedState(self.state)
         plan = self._plans.get(index)

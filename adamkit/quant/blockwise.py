@@ -52,6 +52,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -157,6 +158,8 @@ def _flag(name: str, value: object) -> bool:
         if value.numel() != 1 or value.is_complex():
             raise ValueError(f"{name} must be 0 or 1, got {value!r}")
         value = value.item()
+    if isinstance(value, np.generic) and value.size == 1 and np.isrealobj(value):
+        value = value.item()  # a numpy scalar (np.int64(1), np.bool_(True))
     if isinstance(value, (bool, int, float)) and value in (0, 1):
         return bool(value)
     raise ValueError(f"{name} must be 0 or 1, got {value!r}")

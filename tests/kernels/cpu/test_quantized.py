@@ -240,3 +240,41 @@ def test_plan_steps_tensors_at_different_steps_like_reference(bits: int) -> None
             for key, value in fused.state[p].items():
                 if isinstance(value, torch.Tensor) and key != "step":
                     ref.state[q][key].copy_(value)
+
+
+def test_plan_follows_format_options_changed_between_steps() -> None:
+    """A parameter that gets its first gradient after ``block_size``, ``quant_map`` or
+    ``min_quant_size`` changed, or after a GlobalOptimManager override, gets state in the
+    new format (a cached plan creates state for such parameters: it is rebuilt)."""
+    from adamkit.bnb import GlobalOptimManager
+
+    def fresh_state(change) -> dict:
+        a, b = torch.randn(8192, requires_grad=True), torch.randn(8192, requires_grad=True)
+        opt = adamkit.AdamW([a, b], state_bits=8)
+        a.grad = torch.randn_like(a)
+        opt.step()  # b has no gradient yet
+        change(opt, b)
+        b.grad = torch.randn_like(b)
+        opt.step()
+        return opt.state[b]
+
+    st = fresh_state(lambda o, b: o.param_groups[0].update(block_size=64, quant_map="tapered"))
+    assert st["quant_block"] == 64 and st["quant_map"] == 1 and st["exp_avg_absmax"].shape == (128,)
+    st = fresh_state(lambda o, b: o.param_groups[0].update(min_quant_size=10_000))
+    assert "quant_bits" not in st and st["exp_avg"].dtype == torch.float32
+    mng = GlobalOptimManager.get_instance()
+    try:
+        st = fresh_state(lambda o, b: mng.override_config(b, "optim_bits", 32))
+        assert "quant_bits" not in st and st["exp_avg"].dtype == torch.float32
+    finally:
+        mng.initialize()
+
+
+def test_format_flags_take_numpy_scalars() -> None:
+    import numpy as np
+
+    for value in (np.int64(1), np.bool_(True), np.float32(1.0), 1, True, torch.tensor(1)):
+        assert QuantFormat.from_key(8, 256, 0, value).tapered
+    for value in (np.int64(2), np.float32(0.5), "1", [1]):
+        with pytest.raises(ValueError, match="quant_map must be 0 or 1"):
+            QuantFormat.from_key(8, 256, 0, value)
