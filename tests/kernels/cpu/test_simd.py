@@ -425,8 +425,8 @@ for dtype in (getattr(torch, d) for d in dtypes):
     p, g = torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype)
     state = {k: [torch.zeros(n, dtype=dtype)] for k in ("exp_avg", "exp_avg_sq")}
     numba_cpu.adam_([p], [g], state, s, amsgrad=False, maximize=False, mask_nonfinite=True)
-    for bits in (8, 4):
-        fmt = QuantFormat(bits, 256 if bits == 8 else 128)
+    for bits, tapered in ((8, False), (8, True), (4, False)):
+        fmt = QuantFormat(bits, 256 if bits == 8 else 128, tapered=tapered)
         state = {}
         for key in ("exp_avg", "exp_avg_sq"):
             state[f"{key}_codes"] = [torch.zeros(fmt.code_bytes(n), dtype=torch.uint8)]
@@ -460,7 +460,7 @@ def test_avx512_kernels_compile_for_an_avx512_cpu(cpu: str, bf16: bool, dtypes: 
     done = subprocess.run([sys.executable, "-c", _AVX512_BUILD, str(int(bf16)), dtypes, str(int(vbmi))], env=env,
                           capture_output=True, text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"built {3 * len(dtypes.split(','))}" in done.stdout
+    assert f"built {4 * len(dtypes.split(','))}" in done.stdout
 
 
 @pytest.mark.heavy
